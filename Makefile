@@ -1,0 +1,53 @@
+# nanochat on Slurm. `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build installs fast from a local file here; on a GPU cluster use e.g. TORCH_SPEC=torch (CUDA build).
+TORCH_SPEC ?= torch==2.13.0
+PIPELINE ?= pipelines/smoke.yaml
+EXECUTOR ?= auto
+RUN ?=
+PYTEST_ARGS ?=
+STAMP := $(VENV)/.installed
+
+.PHONY: help setup pipeline test test-fast report bench slurm-up slurm-down clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
+	@echo "  variables: PIPELINE=$(PIPELINE) EXECUTOR=$(EXECUTOR) (auto|slurm|local) RUN=<run id> TORCH_SPEC=$(TORCH_SPEC)"
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test]"
+	@touch $(STAMP)
+
+setup: $(STAMP) ## bootstrap .venv (idempotent; fast when done)
+
+pipeline: setup ## run a pipeline (default: the CPU smoke pipeline; locally when no Slurm is found)
+	$(PY) -m jobs submit $(PIPELINE) --executor $(EXECUTOR) --wait
+
+test: setup ## run the test suite (brings up the local Slurm where it can; required when CI=true)
+	@if [ "$${CI:-}" = "true" ]; then bash sbatch/slurm_local.sh up; \
+	 else bash sbatch/slurm_local.sh up || echo "local Slurm not available: slurm tests will be skipped"; fi
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: setup ## the unit tests only (no Slurm, no slow tests)
+	$(PY) -m pytest -m "not slurm and not slow" $(PYTEST_ARGS)
+
+report: setup ## build the report of RUN=<run id> (or the latest run)
+	$(PY) -m jobs report $(if $(RUN),$(RUN),--latest)
+
+bench: setup ## benchmark each optimization against its baseline on this machine
+	$(PY) -m jobs bench all
+
+slurm-up: ## start a real single-node Slurm (with accounting) on localhost
+	bash sbatch/slurm_local.sh up
+
+slurm-down: ## stop the local Slurm
+	bash sbatch/slurm_local.sh down
+
+clean: ## remove the virtual environment and caches
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,234 @@
+"""
+Small shared utilities: the work directory, device and distributed setup, atomic writes,
+peak-FLOPs table. Nothing here knows about Slurm or pipelines.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+class ConfigError(ValueError):
+    """Bad user input (a missing file, an unknown key, a mismatched checkpoint).
+    Command lines turn it into one line on stderr and exit code 2."""
+
+
+def get_base_dir() -> Path:
+    """Where large artifacts live (data shards, tokenizer, checkpoints). On a cluster: a shared FS."""
+    d = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
+    Path(d).mkdir(parents=True, exist_ok=True)
+    return Path(d)
+
+
+def print0(*args, **kwargs):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+# -----------------------------------------------------------------------------
+# Atomic writes: write a temporary file in the same folder, fsync, then rename.
+# A crash leaves either the old file or the new one, never half of one.
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def atomic_write_text(path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def atomic_torch_save(obj, path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+# -----------------------------------------------------------------------------
+# Devices and torch.distributed
+
+def autodetect_device_type() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+@dataclass
+class DistInfo:
+    ddp: bool
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_master(self) -> bool:
+        return self.rank == 0
+
+
+def _env_rank_info():
+    """RANK/WORLD_SIZE from torchrun, or SLURM_PROCID/SLURM_NTASKS from srun."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"])
+    if "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        return int(os.environ["SLURM_PROCID"]), int(os.environ.get("SLURM_LOCALID", 0)), int(os.environ["SLURM_NTASKS"])
+    return 0, 0, 1
+
+
+def compute_init(device_type: str | None = None, seed: int = 42) -> DistInfo:
+    """Seed, pick the device, and join the process group if the environment describes one
+    (torchrun or Slurm). NCCL on CUDA, gloo on CPU."""
+    device_type = device_type or autodetect_device_type()
+    torch.manual_seed(seed)
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    rank, local_rank, world_size = _env_rank_info()
+    ddp = world_size > 1
+    if device_type == "cuda":
+        device = torch.device("cuda", local_rank if ddp else torch.cuda.current_device())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device(device_type)
+    if ddp and not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", _slurm_master_addr())
+        os.environ.setdefault("MASTER_PORT", str(29500 + int(os.environ.get("SLURM_JOB_ID", "0")) % 1000))
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
+                                **({"device_id": device} if device_type == "cuda" else {}))
+    return DistInfo(ddp=ddp, rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+
+
+def _slurm_master_addr() -> str:
+    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+    if nodelist:
+        try:
+            out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=10)
+            if out.returncode == 0 and out.stdout.strip():
+                return out.stdout.split()[0]
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    return "127.0.0.1"
+
+
+def compute_cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return device.type
+
+
+def device_total_memory(device: torch.device) -> int:
+    """Bytes of memory on the device; the host's RAM for CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 0
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak allocated memory on CUDA; peak resident set size of this process on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss * 1024 if sys.platform != "darwin" else rss
+
+
+# bf16 dense peak FLOP/s per device, by substring of the device name. No entry -> no MFU.
+PEAK_BF16_FLOPS = [
+    ("H200", 989e12),
+    ("H100", 989e12),   # SXM; the PCIe part is lower, matched first below
+    ("A100", 312e12),
+    ("A10G", 125e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+    ("V100", 125e12),
+    ("RTX 4090", 165e12),
+    ("RTX 3090", 71e12),
+]
+PEAK_BF16_FLOPS.insert(0, ("H100 PCIe", 756e12))
+
+# Memory bandwidth (bytes/s) for the decode roofline.
+PEAK_BANDWIDTH = [
+    ("H200", 4.8e12),
+    ("H100 PCIe", 2.0e12),
+    ("H100", 3.35e12),
+    ("A100", 2.0e12),
+    ("A10G", 0.6e12),
+    ("L4", 0.3e12),
+]
+
+
+def _lookup(table, name: str):
+    for key, value in table:
+        if key.lower() in name.lower():
+            return value
+    return None
+
+
+def peak_flops(name: str) -> float | None:
+    return _lookup(PEAK_BF16_FLOPS, name)
+
+
+def peak_bandwidth(name: str) -> float | None:
+    return _lookup(PEAK_BANDWIDTH, name)
+
+
+def git_commit(cwd: str | os.PathLike | None = None) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=cwd or os.path.dirname(os.path.abspath(__file__)))
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"

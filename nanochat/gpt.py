@@ -1,0 +1,227 @@
+"""
+The GPT model, nanochat's architecture:
+- rotary position embeddings, no learned positions
+- QK norm; parameter-free RMSNorm everywhere
+- relu^2 MLP; no biases in any linear layer
+- untied token embedding and lm_head
+- logit softcap
+- optional grouped-query attention (n_kv_head < n_head)
+Sizes derive from depth: width = 64 * depth (nanochat's aspect ratio).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    sequence_len: int = 1024
+    vocab_size: int = 65536
+    n_layer: int = 12
+    n_head: int = 6
+    n_kv_head: int = 6
+    n_embd: int = 768
+
+    @classmethod
+    def from_depth(cls, depth: int, vocab_size: int, sequence_len: int,
+                   head_dim: int | None = None, n_kv_head: int | None = None) -> "GPTConfig":
+        """nanochat's recipe: width = 64 * depth. Heads of 128 as nanochat uses on GPUs for wide models;
+        heads of 64 for the narrow models that run on a CPU (width < 1024), so they keep several heads."""
+        n_embd = depth * 64
+        if head_dim is None:
+            head_dim = 128 if n_embd >= 1024 else 64
+        n_head = max(1, n_embd // head_dim)
+        n_kv = n_head if n_kv_head is None else n_kv_head
+        if n_embd % n_head or n_head % n_kv:
+            raise ValueError(f"bad shape: n_embd={n_embd} n_head={n_head} n_kv_head={n_kv}")
+        return cls(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth,
+                   n_head=n_head, n_kv_head=n_kv, n_embd=n_embd)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def norm(x: torch.Tensor) -> torch.Tensor:
+    # parameter-free RMSNorm
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, T, H, D); cos/sin: (1, T, 1, D/2)
+    d = x.shape[3] // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    y1 = x1 * cos + x2 * sin
+    y2 = x1 * (-sin) + x2 * cos
+    return torch.cat([y1, y2], 3).to(x.dtype)
+
+
+def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) document ids -> (B, 1, T, T) boolean mask: causal, and no attention across documents.
+    Used for packed SFT rows; padding shares one id so no row of the mask is empty."""
+    T = doc_ids.size(1)
+    same = doc_ids[:, :, None] == doc_ids[:, None, :]
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+    return (same & causal).unsqueeze(1)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head = config.n_head
+        self.n_kv_head = config.n_kv_head
+        self.n_embd = config.n_embd
+        self.head_dim = config.n_embd // config.n_head
+        self.c_q = nn.Linear(self.n_embd, self.n_head * self.head_dim, bias=False)
+        self.c_k = nn.Linear(self.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_v = nn.Linear(self.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_proj = nn.Linear(self.n_embd, self.n_embd, bias=False)
+
+    def forward(self, x, cos_sin, kv_cache=None, attn_mask=None):
+        B, T, C = x.size()
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        cos, sin = cos_sin
+        q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
+        q, k = norm(q), norm(k)  # QK norm
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        enable_gqa = self.n_head != self.n_kv_head
+        if kv_cache is not None:
+            # The cache stores k, v and returns everything attended to so far, plus the mask to use.
+            k, v, cache_mask = kv_cache.insert_kv(self.layer_idx, k, v)
+            if cache_mask is None:
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=(q.size(2) == k.size(2)), enable_gqa=enable_gqa)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache_mask, enable_gqa=enable_gqa)
+        elif attn_mask is not None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=enable_gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=enable_gqa)
+        y = y.transpose(1, 2).contiguous().view(B, T, -1)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos_sin, kv_cache=None, attn_mask=None):
+        x = x + self.attn(norm(x), cos_sin, kv_cache, attn_mask)
+        x = x + self.mlp(norm(x))
+        return x
+
+
+class GPT(nn.Module):
+    softcap = 15.0
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict({
+            "wte": nn.Embedding(config.vocab_size, config.n_embd),
+            "h": nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+        })
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Rotary tables cover 10x the training length so generation can run past it.
+        self.rotary_seq_len = config.sequence_len * 10
+        head_dim = config.n_embd // config.n_head
+        cos, sin = self._precompute_rotary(self.rotary_seq_len, head_dim)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def init_weights(self) -> "GPT":
+        """nanochat's init: zero output projections and a tiny lm_head, so every block starts as
+        the identity and the first loss is close to ln(vocab)."""
+        torch.nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
+        torch.nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
+        for block in self.transformer.h:
+            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
+                fan_out, fan_in = lin.weight.shape
+                std = 1.0 / math.sqrt(fan_in) * min(1.0, math.sqrt(fan_out / fan_in))
+                torch.nn.init.normal_(lin.weight, mean=0.0, std=std)
+            torch.nn.init.zeros_(block.attn.c_proj.weight)
+            torch.nn.init.zeros_(block.mlp.c_proj.weight)
+        head_dim = self.config.n_embd // self.config.n_head
+        cos, sin = self._precompute_rotary(self.rotary_seq_len, head_dim, device=self.cos.device)
+        self.cos, self.sin = cos, sin
+        return self
+
+    @staticmethod
+    def _precompute_rotary(seq_len, head_dim, base=10000, device=None):
+        channel_range = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device)
+        inv_freq = 1.0 / (base ** (channel_range / head_dim))
+        t = torch.arange(seq_len, dtype=torch.float32, device=device)
+        freqs = torch.outer(t, inv_freq)
+        cos, sin = freqs.cos(), freqs.sin()
+        return cos[None, :, None, :], sin[None, :, None, :]  # (1, T, 1, D/2)
+
+    def get_device(self) -> torch.device:
+        return self.transformer.wte.weight.device
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def estimate_flops(self) -> float:
+        """Training FLOPs per token: 6 x (params - embedding) for the matmuls, plus attention's
+        12 * layers * heads * head_dim * seq_len (forward QK^T and AV, times 3 for backward)."""
+        nparams = self.num_params()
+        nparams_embedding = self.transformer.wte.weight.numel()
+        c = self.config
+        l, h, q, t = c.n_layer, c.n_head, c.n_embd // c.n_head, c.sequence_len
+        return 6 * (nparams - nparams_embedding) + 12 * l * h * q * t
+
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", doc_ids=None, pos_offset=None):
+        """idx: (B, T) token ids. targets: (B, T) with -1 where no loss is taken.
+        doc_ids: (B, T) for packed rows (attention stays within a document).
+        kv_cache: an object with insert_kv(layer, k, v) -> (k, v, mask) and a position (see engine.py).
+        Returns the loss when targets are given, else logits (B, T, vocab) in float32."""
+        B, T = idx.size()
+        if kv_cache is not None:
+            cos, sin = kv_cache.rotary(self.cos, self.sin, T)
+        else:
+            start = 0 if pos_offset is None else pos_offset
+            if start + T > self.cos.size(1):
+                raise ValueError(f"sequence of {start + T} tokens is longer than the rotary table ({self.cos.size(1)})")
+            cos, sin = self.cos[:, start:start + T], self.sin[:, start:start + T]
+        dtype = self.transformer.wte.weight.dtype
+        cos_sin = (cos.to(dtype) if dtype == torch.bfloat16 else cos, sin.to(dtype) if dtype == torch.bfloat16 else sin)
+        attn_mask = document_causal_mask(doc_ids) if doc_ids is not None else None
+
+        x = self.transformer.wte(idx)
+        x = norm(x)
+        for block in self.transformer.h:
+            x = block(x, cos_sin, kv_cache, attn_mask)
+        x = norm(x)
+        logits = self.lm_head(x).float()
+        logits = self.softcap * torch.tanh(logits / self.softcap)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
+                               ignore_index=-1, reduction=loss_reduction)
+
+
+def build_model(config: GPTConfig, device: torch.device | str = "cpu") -> GPT:
+    """Build on the meta device, then materialize on `device` and initialize (no double init cost)."""
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    model.init_weights()
+    return model
