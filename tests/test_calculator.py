@@ -1,0 +1,95 @@
+"""The calculator evaluates arithmetic and letter counts, and refuses everything else quickly."""
+import time
+
+import pytest
+
+from nanochat.calculator import MAX_EXPR_CHARS, CalculatorError, evaluate, use_calculator
+
+
+@pytest.mark.parametrize("expr, value", [
+    ("1 + 2 * 3", 7),
+    ("(1 + 2) * 3", 9),
+    ("10 / 4", 2.5),
+    ("7 // 2", 3),
+    ("7 % 4", 3),
+    ("-3 + +5", 2),
+    ("2 ** 10", 1024),
+    ("2 ** -1", 0.5),
+    ("1,234 * 2", 2468),          # thousands separators are stripped, as nanochat does
+    ("0.1 * 3", 0.1 * 3),
+    ("'strawberry'.count('r')", 3),
+    ('"a,b,c".count(",")', 2),    # commas inside strings are kept
+])
+def test_arithmetic_and_letter_counting(expr, value):
+    assert evaluate(expr) == value
+
+
+def test_use_calculator_formats_like_python_str():
+    assert use_calculator("48 / 2") == "24.0"
+    assert use_calculator("6 * 7") == "42"
+    assert use_calculator("1 / 0") is None
+
+
+HOSTILE = [
+    "9 ** 9 ** 9",                                  # right-associative power chain
+    "2 ** 2 ** 2 ** 2 ** 2 ** 2",
+    "10 ** 1000",
+    "1.5 ** 100000",
+    "1 ** 10 ** 50",                                # small value, enormous exponent
+    "9" * 200,                                      # a literal far beyond the size cap
+    "99999999999999999999 ** 6 * 99999999999999999999 ** 6",
+    "(10 ** 60) * (10 ** 60)",
+    "1e308 * 10",                                   # float overflow to inf
+    "'a' * 10 ** 9",                                # string arithmetic is not numeric
+    "'ab' + 'cd'",
+    "__import__('os').system('echo pwned')",
+    "open('/etc/passwd').read()",
+    "x + 1",                                        # names
+    "True + 1",                                     # bools are not numbers here
+    "().__class__.__bases__[0].__subclasses__()",  # dunder walk
+    "'abc'.__class__",
+    "'abc'.upper()",
+    "'abc'.count(x)",
+    "'abc'.count('a', 0)",
+    "[1, 2, 3]",
+    "[x for x in range(10 ** 9)]",
+    "lambda: 1",
+    "1 if 1 else 2",
+    "1j * 2",
+    "(" * 300 + "1" + ")" * 300,                    # deep nesting
+    "((((((((((((((((((((((((((((((((((((((((((((((((((2" + "**2)" * 50,  # nested power chain
+    "-" * 250 + "1",                                # long unary chain
+    "1+" * 120 + "1",                               # long expression, too many nodes
+    "1 + 1" * 1000,                                 # longer than the cap
+    "'" + "a" * 10000 + "'.count('a')",
+    "",
+    "   ",
+    "2 ** 0.5 ** -1000",
+    "(-8) ** 0.5",
+    "0 ** -1",
+]
+
+
+@pytest.mark.parametrize("expr", HOSTILE)
+def test_hostile_input_is_refused_quickly(expr, capfd):
+    t0 = time.perf_counter()
+    with pytest.raises(CalculatorError):
+        evaluate(expr)
+    assert use_calculator(expr) is None
+    # "quickly" is structural (caps), so a generous bound here only catches a hang
+    assert time.perf_counter() - t0 < 5.0
+    out, err = capfd.readouterr()
+    assert "pwned" not in out + err
+
+
+def test_length_cap_is_applied_before_parsing():
+    expr = "1" + "+1" * MAX_EXPR_CHARS
+    with pytest.raises(CalculatorError, match="longer than"):
+        evaluate(expr)
+
+
+def test_values_just_under_the_caps_are_computed():
+    assert evaluate("10 ** 100") == 10 ** 100
+    assert evaluate("2 ** 300") == 2 ** 300
+    assert evaluate("0.5 ** 5000") == 0.5 ** 5000
+    assert evaluate("(" * 120 + "1" + ")" * 120) == 1
