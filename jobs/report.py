@@ -1,0 +1,823 @@
+"""
+The report: turn one run (or several) into tables and plots a person can read at a glance.
+
+    python -m jobs report RUN [RUN ...] [--baseline RUN] [--json] [--price-per-gpu-hour X]
+
+Inputs, per run folder (results/<run>/):
+- rows/*.json     one result row per job (jobs/rows.py). Missing, partial and corrupt files are
+                  listed in the report, never fatal.
+- run.json        written by the orchestration (stages: {name: {job_id, out_dir, kind, ...}});
+                  optional. It tells which stages should have a row, and where their out_dir is.
+- metrics/<stage>.csv  the per-step metrics of each training stage, copied there by the stage entry
+                  (preferred: the results folder is then self-contained); for a stage without one,
+                  <out_dir>/metrics.csv from run.json is read instead.
+Slurm's own view (sacct: state, elapsed, exit code) is joined per job where Slurm ran it.
+
+Outputs, into the run folder: report.csv (results/README.md documents every column), summary.md,
+loss.png, throughput.png, batch_size.png. With several runs, each run folder gets its own report
+and the comparison against the baseline run goes into results/compare/<baseline>_vs_<runs>/.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pandas as pd
+from matplotlib.figure import Figure  # the object API: no pyplot, no global figure state
+
+from jobs.rows import RESULT_COLUMNS
+from jobs.sacct import SacctResult, is_slurm_job_id, query_sacct
+from nanochat.common import ConfigError, atomic_write_bytes, atomic_write_text
+
+# A list price for renting one A100/H100-class GPU for an hour, in dollars; --price-per-gpu-hour
+# sets the one that applies to you. It only scales the cost column; GPU-hours are measured.
+DEFAULT_PRICE_PER_GPU_HOUR = 2.0
+
+# Columns the report adds to each result row. report.csv = RESULT_COLUMNS + REPORT_COLUMNS.
+REPORT_COLUMNS: dict[str, tuple[str, str]] = {
+    "row_file": ("string", "the row's JSON file, relative to the run folder"),
+    "row_problem": ("string", "what was wrong with the row file (missing keys, unreadable values); empty when complete"),
+    "sacct_state": ("string", "job state according to Slurm accounting (sacct), empty where Slurm did not run the job or sacct was unavailable"),
+    "sacct_elapsed_s": ("Int64", "elapsed seconds according to sacct (ElapsedRaw)"),
+    "sacct_exit_code": ("Int64", "exit status according to sacct (before the ':' of ExitCode)"),
+    "sacct_signal": ("Int64", "signal that ended the job according to sacct (after the ':' of ExitCode), 0 if none"),
+    "gpus": ("Int64", "GPUs the job held: world_size on a GPU, 0 on cpu/mps, empty when the device is unknown"),
+    "gpu_hours": ("float64", "wall_time_s x gpus / 3600 (sacct_elapsed_s stands in when the row has no wall time)"),
+    "cost": ("float64", "gpu_hours x the price per GPU-hour (--price-per-gpu-hour, default 2.0 $/GPU-h)"),
+}
+ALL_COLUMNS: dict[str, tuple[str, str]] = {**RESULT_COLUMNS, **REPORT_COLUMNS}
+
+# Columns every metrics CSV has (written by the training loops, one line per optimizer step).
+METRICS_COLUMNS = ["step", "loss", "lr", "tokens_per_s", "mfu", "peak_memory_bytes", "elapsed_s", "val_bpb"]
+
+# The figures compared between runs, per (stage, variant).
+FIGURE_METRICS = ["tokens_per_s", "real_tokens_per_s", "mfu", "device_batch_size", "final_loss", "val_bpb",
+                  "wall_time_s", "gpu_hours"]
+
+NOT_MEASURED = "not measured in this run"
+
+
+@dataclass
+class Problem:
+    run_id: str
+    path: str     # relative to the run folder where possible
+    kind: str     # missing | corrupt | partial
+    detail: str
+
+
+@dataclass
+class RunData:
+    run_id: str
+    folder: Path
+    info: dict                           # run.json, {} when absent
+    rows: pd.DataFrame                   # ALL_COLUMNS, typed
+    metrics: dict[str, pd.DataFrame]     # stage -> per-step metrics
+    problems: list[Problem]
+    sacct: SacctResult
+
+
+# -----------------------------------------------------------------------------
+# Finding runs
+
+def _is_run_folder(p: Path) -> bool:
+    return p.is_dir() and ((p / "rows").is_dir() or (p / "run.json").is_file())
+
+
+def resolve_run(name: str | Path, results_dir: str | Path) -> Path:
+    """RUN is a run id under results_dir, or a path to a run folder."""
+    results_dir = Path(results_dir)
+    for candidate in (results_dir / str(name), Path(name)):
+        if candidate.is_dir():
+            return candidate
+    raise ConfigError(f"{name}: no such run (not a folder under {results_dir}, nor a path)")
+
+
+def latest_run(results_dir: str | Path) -> Path:
+    """The run folder whose run.json (or rows/) changed last; reference and compare are not runs."""
+    results_dir = Path(results_dir)
+    runs = [p for p in results_dir.iterdir() if p.name not in ("reference", "compare") and _is_run_folder(p)] \
+        if results_dir.is_dir() else []
+    if not runs:
+        raise ConfigError(f"{results_dir}: no runs found (--latest)")
+
+    def changed(p: Path) -> float:
+        marks = [p / "run.json", p / "rows"]
+        return max(m.stat().st_mtime for m in marks if m.exists())
+    return max(runs, key=changed)
+
+
+# -----------------------------------------------------------------------------
+# Reading rows: normalise each JSON object to the typed columns, noting what was wrong
+
+def _normalise_value(value, dtype: str):
+    """(value in the column's Python type, or None; True when the value could not be read)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None, False
+    try:
+        if dtype == "Int64":
+            if isinstance(value, bool):
+                return int(value), False
+            f = float(value)
+            return (int(round(f)), False) if math.isfinite(f) else (None, True)
+        if dtype == "float64":
+            if isinstance(value, bool):
+                return float(value), False
+            return float(value), False
+        if dtype == "boolean":
+            if isinstance(value, bool):
+                return value, False
+            text = str(value).strip().lower()
+            if text in ("true", "1", "yes", "on"):
+                return True, False
+            if text in ("false", "0", "no", "off"):
+                return False, False
+            return None, True
+        if isinstance(value, (dict, list)):
+            return json.dumps(value, sort_keys=True, default=str), False
+        return str(value), False
+    except (TypeError, ValueError):
+        return None, True
+
+
+def normalise_row(raw: dict, run_id: str, row_file: str) -> tuple[dict, list[str]]:
+    """One report line from one row object, and the list of what was wrong with it."""
+    issues = []
+    missing = [k for k in RESULT_COLUMNS if k not in raw]
+    if missing:
+        issues.append("missing keys: " + ", ".join(missing))
+    row = {}
+    for col, (dtype, _) in RESULT_COLUMNS.items():
+        value, bad = _normalise_value(raw.get(col), dtype)
+        if bad:
+            issues.append(f"unreadable {col}={raw.get(col)!r}")
+        row[col] = value
+    # Keys the schema does not know stay visible: they are folded into `extra`.
+    unknown = {k: v for k, v in raw.items() if k not in RESULT_COLUMNS}
+    if unknown:
+        extra = _extra(row)
+        extra.update(unknown)
+        row["extra"] = json.dumps(extra, sort_keys=True, default=str)
+    if not row["run_id"]:
+        row["run_id"] = run_id
+    if not row["stage"]:
+        # rows/<stage>__<job>.json: the file name still says which stage it was.
+        row["stage"] = Path(row_file).name.split("__")[0].removesuffix(".json")
+    row["row_file"] = row_file
+    row["row_problem"] = "; ".join(issues) or None
+    return row, issues
+
+
+def _extra(row: dict) -> dict:
+    try:
+        extra = json.loads(row.get("extra") or "{}")
+    except (TypeError, ValueError):
+        return {}
+    return extra if isinstance(extra, dict) else {}
+
+
+def read_rows(folder: Path, run_id: str) -> tuple[list[dict], list[Problem]]:
+    rows, problems = [], []
+    rows_dir = folder / "rows"
+    if not rows_dir.is_dir():
+        return rows, [Problem(run_id, "rows/", "missing", "no rows/ folder: no job wrote a result row")]
+    for path in sorted(rows_dir.glob("*.json")):
+        rel = str(path.relative_to(folder))
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            detail = "empty file" if path.stat().st_size == 0 else f"not valid JSON ({e})"
+            problems.append(Problem(run_id, rel, "corrupt", detail))
+            continue
+        if not isinstance(raw, dict):
+            problems.append(Problem(run_id, rel, "corrupt", f"a JSON {type(raw).__name__}, not an object"))
+            continue
+        row, issues = normalise_row(raw, run_id, rel)
+        if issues:
+            problems.append(Problem(run_id, rel, "partial", "; ".join(issues)))
+        rows.append(row)
+    return rows, problems
+
+
+def run_stages(info: dict) -> dict[str, dict]:
+    """run.json's stages as {name: entry}; a list of {name: ...} entries is accepted too."""
+    stages = info.get("stages") or {}
+    if isinstance(stages, list):
+        stages = {s.get("name", str(i)): s for i, s in enumerate(stages) if isinstance(s, dict)}
+    return {name: entry for name, entry in stages.items() if isinstance(entry, dict)}
+
+
+def _job_ids(entry: dict) -> list[str]:
+    ids = entry.get("job_ids", entry.get("job_id"))
+    if ids is None:
+        return []
+    return [str(j) for j in (ids if isinstance(ids, list) else [ids])]
+
+
+def rows_frame(rows: list[dict]) -> pd.DataFrame:
+    """The typed table: one line per row, ALL_COLUMNS in order, dtypes from the schema."""
+    df = pd.DataFrame({col: [r.get(col) for r in rows] for col in ALL_COLUMNS})
+    return df.astype({col: dtype for col, (dtype, _) in ALL_COLUMNS.items()})
+
+
+def join_sacct(df: pd.DataFrame, sacct: SacctResult, price_per_gpu_hour: float) -> pd.DataFrame:
+    """Fill the sacct_* columns and the derived gpus / gpu_hours / cost."""
+    df = df.copy()
+    for col, attr in (("sacct_state", "state"), ("sacct_elapsed_s", "elapsed_s"),
+                      ("sacct_exit_code", "exit_code"), ("sacct_signal", "signal")):
+        values = [getattr(sacct.jobs[j], attr) if isinstance(j, str) and j in sacct.jobs else None
+                  for j in df["job_id"].astype(object).where(df["job_id"].notna(), None)]
+        df[col] = pd.array(values, dtype=ALL_COLUMNS[col][0])
+    device = df["device_name"].astype(object).where(df["device_name"].notna(), None)
+    world = df["world_size"].astype(object).where(df["world_size"].notna(), None)
+    gpus = []
+    for name, ws in zip(device, world):
+        if name is None:
+            gpus.append(None)
+        elif name.strip().lower() in ("cpu", "mps", ""):
+            gpus.append(0)
+        else:
+            gpus.append(int(ws) if ws is not None else 1)
+    df["gpus"] = pd.array(gpus, dtype="Int64")
+    seconds = df["wall_time_s"].fillna(df["sacct_elapsed_s"].astype("float64"))
+    df["gpu_hours"] = (seconds * df["gpus"].astype("float64") / 3600.0).astype("float64")
+    df["cost"] = (df["gpu_hours"] * price_per_gpu_hour).astype("float64")
+    return df
+
+
+# -----------------------------------------------------------------------------
+# Metrics CSVs
+
+def find_metrics(folder: Path, info: dict) -> dict[str, Path]:
+    """stage -> metrics CSV: results/<run>/metrics/<stage>.csv first, then <out_dir>/metrics.csv."""
+    found = {p.stem: p for p in sorted((folder / "metrics").glob("*.csv"))}
+    for name, entry in run_stages(info).items():
+        out_dir = entry.get("out_dir")
+        if name not in found and out_dir and (Path(out_dir) / "metrics.csv").is_file():
+            found[name] = Path(out_dir) / "metrics.csv"
+    return found
+
+
+def read_metrics(path: Path, run_id: str, folder: Path) -> tuple[pd.DataFrame | None, list[Problem]]:
+    rel = str(path.relative_to(folder)) if path.is_relative_to(folder) else str(path)
+    try:
+        # A job killed mid-write leaves a short last line: skip it rather than lose the file.
+        df = pd.read_csv(path, on_bad_lines="skip")
+    except (OSError, UnicodeDecodeError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        return None, [Problem(run_id, rel, "corrupt", f"unreadable metrics CSV ({type(e).__name__}: {e})".splitlines()[0])]
+    problems = []
+    missing = [c for c in METRICS_COLUMNS if c not in df.columns]
+    if "step" not in df.columns:
+        return None, [Problem(run_id, rel, "corrupt", "metrics CSV has no step column")]
+    if missing:
+        problems.append(Problem(run_id, rel, "partial", "missing columns: " + ", ".join(missing)))
+    for col in df.columns:
+        df[col] = pd.to_numeric(df[col], errors="coerce")
+    n = len(df)
+    df = df.dropna(subset=["step"]).sort_values("step").reset_index(drop=True)
+    if len(df) < n:
+        problems.append(Problem(run_id, rel, "partial", f"{n - len(df)} line(s) without a readable step dropped"))
+    return df, problems
+
+
+# -----------------------------------------------------------------------------
+# Loading one run
+
+def load_run(folder: Path, price_per_gpu_hour: float = DEFAULT_PRICE_PER_GPU_HOUR,
+             use_sacct: bool = True) -> RunData:
+    folder = Path(folder)
+    info, problems = {}, []
+    if (folder / "run.json").is_file():
+        try:
+            info = json.loads((folder / "run.json").read_text(encoding="utf-8"))
+            if not isinstance(info, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            problems.append(Problem(folder.name, "run.json", "corrupt", f"{e}".splitlines()[0]))
+            info = {}
+    run_id = str(info.get("run_id") or folder.name)
+    rows, row_problems = read_rows(folder, run_id)
+    problems += row_problems
+
+    # Stages the orchestration launched but that left no row: the job died before writing it.
+    stages = run_stages(info)
+    have_stage = {r["stage"] for r in rows}
+    have_job = {r["job_id"] for r in rows}
+    missing_jobs = {}
+    for name, entry in stages.items():
+        ids = _job_ids(entry)
+        if name in have_stage or any(j in have_job for j in ids):
+            continue
+        missing_jobs[name] = ids
+
+    job_ids = [r["job_id"] for r in rows if r["job_id"]] + [j for ids in missing_jobs.values() for j in ids]
+    sacct = query_sacct(job_ids) if use_sacct else SacctResult(False, "sacct not asked (--no-sacct)")
+    for name, ids in missing_jobs.items():
+        said = [f"job {j}: sacct {sacct.jobs[j].state} exit {sacct.jobs[j].exit_code}" for j in ids if j in sacct.jobs]
+        detail = f"stage {name} (job {', '.join(ids) or '?'}) wrote no row" + (f" ({'; '.join(said)})" if said else "")
+        problems.append(Problem(run_id, f"rows/{name}__*.json", "missing", detail))
+
+    df = join_sacct(rows_frame(rows), sacct, price_per_gpu_hour)
+    df = df.sort_values(["stage", "variant", "array_task", "job_id"], na_position="first", kind="stable")
+    df = df.reset_index(drop=True)
+
+    metrics = {}
+    for stage, path in find_metrics(folder, info).items():
+        m, m_problems = read_metrics(path, run_id, folder)
+        problems += m_problems
+        if m is not None:
+            metrics[stage] = m
+    return RunData(run_id, folder, info, df, metrics, problems, sacct)
+
+
+# -----------------------------------------------------------------------------
+# The four optimizations: baseline and optimized figure from the same run, as a ratio
+
+@dataclass
+class Optimization:
+    name: str               # which optimization
+    metric: str             # which figure
+    baseline_label: str
+    optimized_label: str
+    baseline: float | None = None
+    optimized: float | None = None
+    n_baseline: int = 0     # rows averaged on each side
+    n_optimized: int = 0
+    note: str = ""          # "not measured in this run" and why, when a side is missing
+
+    @property
+    def ratio(self) -> float | None:
+        if self.baseline is None or self.optimized is None or self.baseline == 0:
+            return None
+        return self.optimized / self.baseline
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "ratio": self.ratio}
+
+
+# (optimization, row kind, metric, baseline variant, optimized variant). Rows of kind "bench"
+# (the bench commands) count as well: the variant names tell the comparisons apart.
+OPTIMIZATION_PAIRS = [
+    ("auto batch size", "base_train", "tokens_per_s", "baseline", "auto"),
+    ("auto batch size", "base_train", "mfu", "baseline", "auto"),
+    ("KV cache", "inference_bench", "tokens_per_s", "naive", "kv-eager"),
+    ("KV cache", "inference_bench", "tokens_per_s", "naive", "kv-captured"),
+    ("compile for SFT", "sft", "real_tokens_per_s", "eager-dynamic", "compile-pad"),
+    ("compile for SFT", "sft", "real_tokens_per_s", "eager-dynamic", "compile-pack"),
+]
+
+
+def _completed(df: pd.DataFrame) -> pd.DataFrame:
+    return df[df["state"].fillna("") == "COMPLETED"]
+
+
+def _side(df: pd.DataFrame, kind: str, variant: str, metric: str) -> tuple[float | None, int, str]:
+    """Mean of `metric` over the COMPLETED rows of this kind and variant; (value, n, why-not)."""
+    rows = df[df["kind"].isin([kind, "bench"]) & (df["variant"] == variant).fillna(False)]
+    if rows.empty:
+        return None, 0, f"no {variant} row"
+    done = _completed(rows)[metric].dropna()
+    if done.empty:
+        states = ", ".join(sorted(set(rows["state"].fillna("no state"))))
+        return None, 0, f"{variant} rows not completed or without {metric} ({states})"
+    return float(done.mean()), int(len(done)), ""
+
+
+def _first_token_rows(df: pd.DataFrame) -> list[tuple[str, dict]]:
+    rows = df[df["kind"].isin(["inference_bench", "bench"])]
+    rows = _completed(rows)
+    return [(v if isinstance(v, str) else "", _extra({"extra": e}))
+            for v, e in zip(rows["variant"].astype(object), rows["extra"].astype(object))]
+
+
+def first_token_comparison(df: pd.DataFrame) -> Optimization:
+    """Multi-sample generation: how many distinct first tokens N samples got. The broadcast
+    baseline (one first token sampled and copied to every sample) comes from rows of variant
+    "broadcast", or from an extra field first_token_distinct_broadcast next to the measured one."""
+    opt = Optimization("independent first token", "first_token_distinct", "broadcast", "independent")
+    independent, broadcast = [], []
+    for variant, extra in _first_token_rows(df):
+        value = extra.get("first_token_distinct")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            (broadcast if variant == "broadcast" else independent).append(float(value))
+        value = extra.get("first_token_distinct_broadcast")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            broadcast.append(float(value))
+    if independent:
+        opt.optimized, opt.n_optimized = sum(independent) / len(independent), len(independent)
+    if broadcast:
+        opt.baseline, opt.n_baseline = sum(broadcast) / len(broadcast), len(broadcast)
+    if not independent:
+        opt.note = f"{NOT_MEASURED}: no inference row with first_token_distinct"
+    elif not broadcast:
+        opt.note = f"{NOT_MEASURED}: no broadcast baseline"
+    return opt
+
+
+def optimizations(df: pd.DataFrame) -> list[Optimization]:
+    out = []
+    for name, kind, metric, base, opt in OPTIMIZATION_PAIRS:
+        o = Optimization(name, metric, base, opt)
+        o.baseline, o.n_baseline, why_b = _side(df, kind, base, metric)
+        o.optimized, o.n_optimized, why_o = _side(df, kind, opt, metric)
+        if o.baseline is None or o.optimized is None:
+            o.note = f"{NOT_MEASURED}: " + "; ".join(w for w in (why_b, why_o) if w)
+        out.append(o)
+    out.append(first_token_comparison(df))
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Figures per (stage, variant), and the comparison of runs against a baseline run
+
+def run_figures(df: pd.DataFrame) -> dict[tuple[str, str, str], float]:
+    """(stage, variant, metric) -> mean over COMPLETED rows; plus ("(run)", "", ...) totals."""
+    figures = {}
+    done = _completed(df)
+    for (stage, variant), group in done.groupby([done["stage"].fillna(""), done["variant"].fillna("")]):
+        for metric in FIGURE_METRICS:
+            values = group[metric].dropna()
+            if not values.empty:
+                figures[(stage, variant, metric)] = float(values.astype("float64").mean())
+    for metric in ("gpu_hours", "cost"):
+        values = df[metric].dropna()
+        if not values.empty:
+            figures[("(run)", "", metric)] = float(values.sum())
+    return figures
+
+
+def compare_runs(runs: list[RunData], baseline: RunData) -> list[dict]:
+    """One line per (run, stage, variant, metric) present in either the run or the baseline:
+    both values and the ratio run / baseline (None where a side was not measured)."""
+    base = run_figures(baseline.rows)
+    lines = []
+    for run in runs:
+        if run is baseline:
+            continue
+        figs = run_figures(run.rows)
+        for key in sorted(set(base) | set(figs)):
+            b, v = base.get(key), figs.get(key)
+            lines.append({"run_id": run.run_id, "baseline_run_id": baseline.run_id, "stage": key[0],
+                          "variant": key[1], "metric": key[2], "baseline": b, "value": v,
+                          "ratio": v / b if b not in (None, 0) and v is not None else None})
+    return lines
+
+
+# -----------------------------------------------------------------------------
+# Plots (matplotlib's object API, PNG through Agg). Each builder returns the Figure so that
+# callers (and tests) can look at its Axes before it is saved.
+
+def loss_figure(curves: dict[str, pd.DataFrame]) -> Figure:
+    """Training loss against step, one line per stage (label = stage, or run/stage); validation
+    bits per byte on a second panel where the CSVs have eval steps."""
+    fig = Figure(figsize=(9, 4.5))
+    ax_loss, ax_val = fig.subplots(1, 2)
+    for label, m in curves.items():
+        if "loss" in m and m["loss"].notna().any():
+            d = m.dropna(subset=["loss"])
+            ax_loss.plot(d["step"], d["loss"], label=label)
+        if "val_bpb" in m and m["val_bpb"].notna().any():
+            d = m.dropna(subset=["val_bpb"])
+            ax_val.plot(d["step"], d["val_bpb"], marker="o", label=label)
+    ax_loss.set(title="training loss", xlabel="step", ylabel="loss")
+    ax_val.set(title="validation", xlabel="step", ylabel="bits per byte")
+    for ax in (ax_loss, ax_val):
+        if ax.lines:
+            ax.legend(fontsize="small")
+        else:
+            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
+    return fig
+
+
+def throughput_figure(curves: dict[str, pd.DataFrame]) -> Figure:
+    """Tokens per second against step, one line per stage (or run/stage)."""
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
+    for label, m in curves.items():
+        if "tokens_per_s" in m and m["tokens_per_s"].notna().any():
+            d = m.dropna(subset=["tokens_per_s"])
+            ax.plot(d["step"], d["tokens_per_s"], label=label)
+    ax.set(title="throughput", xlabel="step", ylabel="tokens/s (all ranks)")
+    if ax.lines:
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def run_throughput_figure(runs: list[RunData]) -> Figure:
+    """Bars: tokens/s of each stage/variant (mean of COMPLETED rows), one bar series per run."""
+    per_run = {run.run_id: {(s, v): x for (s, v, m), x in run_figures(run.rows).items() if m == "tokens_per_s"}
+               for run in runs}
+    keys = sorted({k for figs in per_run.values() for k in figs})
+    fig = Figure(figsize=(max(6, 1.2 * len(keys) + 2), 4.5))
+    ax = fig.subplots()
+    width = 0.8 / max(1, len(per_run))
+    for i, (run_id, figs) in enumerate(per_run.items()):
+        xs = [j + i * width for j in range(len(keys))]
+        ax.bar(xs, [figs.get(k, 0.0) for k in keys], width=width, label=run_id)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))])
+    ax.set_xticklabels([f"{s}\n{v}" if v else s for s, v in keys], fontsize="small")
+    ax.set(title="throughput per run", ylabel="tokens/s (all ranks)")
+    if keys:
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def batch_size_figure(df: pd.DataFrame) -> Figure:
+    """Device batch size per stage: the one found (probe or cache) next to the default (config)."""
+    rows = df.dropna(subset=["device_batch_size"])
+    labels = []
+    found, default = {}, {}
+    for _, r in rows.iterrows():
+        # One x position per stage: its variants differ in where the batch size came from.
+        key = r["stage"]
+        if key not in labels:
+            labels.append(key)
+        target = found if r["batch_size_source"] in ("probe", "cache") else default
+        target.setdefault(key, int(r["device_batch_size"]))
+    fig = Figure(figsize=(max(6, 1.0 * len(labels) + 2), 4.5))
+    ax = fig.subplots()
+    xs = range(len(labels))
+    ax.bar([x - 0.2 for x in xs], [default.get(k, 0) for k in labels], width=0.4, label="default (config)")
+    ax.bar([x + 0.2 for x in xs], [found.get(k, 0) for k in labels], width=0.4, label="found (probe/cache)")
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels(labels, fontsize="small")
+    ax.set(title="device batch size: found vs default", ylabel="rows per device step")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def save_png(fig: Figure, path: Path) -> Path:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+# -----------------------------------------------------------------------------
+# summary.md
+
+def _fmt(x, digits: int = 4) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)) or x is pd.NA:
+        return ""
+    if isinstance(x, float):
+        if x != 0 and (abs(x) >= 1e5 or abs(x) < 1e-3):
+            return f"{x:.3e}"
+        return f"{x:.{digits}g}"
+    return str(x)
+
+
+def _ratio(x) -> str:
+    return "" if x is None else f"{x:.2f}x"
+
+
+def md_table(header: list[str], lines: list[list]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for line in lines:
+        out.append("| " + " | ".join(_fmt(v).replace("|", "/").replace("\n", " ") for v in line) + " |")
+    return "\n".join(out)
+
+
+STAGE_TABLE_COLUMNS = ["variant", "job_id", "state", "sacct_state", "device_name", "world_size",
+                       "device_batch_size", "batch_size_source", "grad_accum_steps", "steps", "tokens_per_s",
+                       "real_tokens_per_s", "mfu", "peak_memory_bytes", "final_loss", "val_bpb", "wall_time_s",
+                       "gpu_hours", "cost"]
+
+
+def _cell(v):
+    return None if v is pd.NA or (isinstance(v, float) and math.isnan(v)) else v
+
+
+def optimizations_md(opts: list[Optimization]) -> str:
+    lines = []
+    for o in opts:
+        lines.append([o.name, o.metric, f"{o.baseline_label} (n={o.n_baseline})", o.baseline,
+                      f"{o.optimized_label} (n={o.n_optimized})", o.optimized,
+                      _ratio(o.ratio) if o.ratio is not None else o.note])
+    return md_table(["optimization", "figure", "baseline", "value", "optimized", "value", "ratio"], lines)
+
+
+def run_summary_md(run: RunData, price: float, plots: list[str]) -> str:
+    df = run.rows
+    info = run.info
+    parts = [f"# Run {run.run_id}", ""]
+    for key in ("spec", "git_commit", "executor", "created_at"):
+        if info.get(key):
+            parts.append(f"- {key}: {info[key]}")
+    states = df["state"].fillna("(none)").value_counts().to_dict()
+    parts.append(f"- rows: {len(df)} ({', '.join(f'{k} {v}' for k, v in states.items()) or 'none'})")
+    parts.append("- sacct: " + ("joined" if run.sacct.available else f"not joined ({run.sacct.reason})"))
+    gpu_h = df["gpu_hours"].dropna().sum()
+    cost = df["cost"].dropna().sum()
+    parts.append(f"- GPU-hours: {_fmt(float(gpu_h))} (wall_time_s x gpus / 3600; gpus = 0 on cpu); "
+                 f"cost: ${float(cost):.2f} at ${price:g}/GPU-hour")
+    parts += ["", "## Optimizations: baseline vs optimized, measured in this run", "",
+              optimizations_md(optimizations(df)), ""]
+    for stage, group in df.groupby(df["stage"].fillna("(no stage)"), sort=True):
+        kind = group["kind"].dropna()
+        parts += [f"## Stage {stage}" + (f" ({kind.iloc[0]})" if not kind.empty else ""), ""]
+        parts.append(md_table(STAGE_TABLE_COLUMNS,
+                              [[_cell(r[c]) for c in STAGE_TABLE_COLUMNS] for _, r in group.iterrows()]))
+        errors = group["error"].dropna()
+        for job, err in zip(group.loc[errors.index, "job_id"], errors):
+            parts.append(f"\n- error in {job}: {err}")
+        parts.append("")
+    parts += problems_md(run.problems)
+    if plots:
+        parts += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
+    return "\n".join(parts)
+
+
+def problems_md(problems: list[Problem]) -> list[str]:
+    if not problems:
+        return ["## Problems", "", "None: every row and metrics file was read.", ""]
+    return ["## Problems (not fatal: the rest of the report stands)", "",
+            md_table(["run", "file", "problem", "detail"], [[p.run_id, p.path, p.kind, p.detail] for p in problems]),
+            ""]
+
+
+def comparison_md(runs: list[RunData], baseline: RunData, lines: list[dict], plots: list[str]) -> str:
+    parts = [f"# Comparison against baseline run {baseline.run_id}", "",
+             "Runs: " + ", ".join(r.run_id for r in runs), "",
+             "Figures are means over each (stage, variant)'s COMPLETED rows; ratio = run / baseline.", ""]
+    parts += ["## Optimizations per run", ""]
+    opt_lines = []
+    for run in runs:
+        for o in optimizations(run.rows):
+            opt_lines.append([run.run_id, o.name, o.metric, f"{o.optimized_label} / {o.baseline_label}",
+                              _ratio(o.ratio) if o.ratio is not None else o.note])
+    parts += [md_table(["run", "optimization", "figure", "pair", "ratio"], opt_lines), ""]
+    parts += ["## Figures against the baseline", ""]
+    parts.append(md_table(["run", "stage", "variant", "figure", "baseline", "value", "ratio"],
+                          [[l["run_id"], l["stage"], l["variant"], l["metric"], l["baseline"], l["value"],
+                            _ratio(l["ratio"]) if l["ratio"] is not None else NOT_MEASURED]
+                           for l in lines]))
+    parts.append("")
+    parts += problems_md([p for r in runs for p in r.problems])
+    if plots:
+        parts += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
+    return "\n".join(parts)
+
+
+# -----------------------------------------------------------------------------
+# Writing
+
+def write_report_csv(df: pd.DataFrame, path: Path) -> Path:
+    atomic_write_text(path, df.to_csv(index=False))
+    return path
+
+
+def read_report_csv(path: str | Path) -> pd.DataFrame:
+    """report.csv with the documented dtypes (the inverse of write_report_csv)."""
+    dtypes = {col: dtype for col, (dtype, _) in ALL_COLUMNS.items()}
+    return pd.read_csv(path, dtype=dtypes, keep_default_na=True)
+
+
+def write_run_outputs(run: RunData, out_dir: Path, price: float) -> dict:
+    """report.csv, plots and summary.md of one run into out_dir; returns {name: path}."""
+    files = {"report_csv": write_report_csv(run.rows, out_dir / "report.csv")}
+    plots = []
+    if run.metrics:
+        plots.append(save_png(loss_figure(run.metrics), out_dir / "loss.png"))
+        plots.append(save_png(throughput_figure(run.metrics), out_dir / "throughput.png"))
+    if run.rows["device_batch_size"].notna().any():
+        plots.append(save_png(batch_size_figure(run.rows), out_dir / "batch_size.png"))
+    summary = run_summary_md(run, price, [p.name for p in plots])
+    files["summary_md"] = out_dir / "summary.md"
+    atomic_write_text(files["summary_md"], summary)
+    files.update({p.stem + "_png": p for p in plots})
+    return files
+
+
+def _compare_dir(results_dir: Path, baseline: RunData, runs: list[RunData]) -> Path:
+    others = [r.run_id for r in runs if r is not baseline]
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{baseline.run_id}_vs_{'_'.join(others)}")[:150]
+    return results_dir / "compare" / name
+
+
+@dataclass
+class Report:
+    runs: list[RunData]
+    files: dict[str, dict[str, Path]]        # run_id (or "compare") -> {name: path}
+    baseline: str | None = None
+    comparison: list[dict] = field(default_factory=list)
+    price_per_gpu_hour: float = DEFAULT_PRICE_PER_GPU_HOUR
+
+    @property
+    def problems(self) -> list[Problem]:
+        return [p for r in self.runs for p in r.problems]
+
+    def to_json(self) -> dict:
+        return {
+            "runs": {r.run_id: {
+                "folder": str(r.folder),
+                "rows": int(len(r.rows)),
+                "states": {str(k): int(v) for k, v in r.rows["state"].fillna("(none)").value_counts().items()},
+                "sacct": r.sacct.reason or "joined",
+                "gpu_hours": float(r.rows["gpu_hours"].dropna().sum()),
+                "cost": float(r.rows["cost"].dropna().sum()),
+                "optimizations": [o.to_dict() for o in optimizations(r.rows)],
+            } for r in self.runs},
+            "price_per_gpu_hour": self.price_per_gpu_hour,
+            "baseline": self.baseline,
+            "comparison": self.comparison,
+            "problems": [asdict(p) for p in self.problems],
+            "files": {k: {n: str(p) for n, p in v.items()} for k, v in self.files.items()},
+        }
+
+
+def build_report(runs: list[str | Path], results_dir: str | Path = "results", baseline: str | Path | None = None,
+                 price_per_gpu_hour: float = DEFAULT_PRICE_PER_GPU_HOUR, use_sacct: bool = True,
+                 out_dir: str | Path | None = None) -> Report:
+    """Read each run, write its report into its folder; with several runs (or a baseline), also
+    compare each run against the baseline run (the first RUN when none is named) into out_dir
+    (default results/compare/<baseline>_vs_<runs>/)."""
+    results_dir = Path(results_dir)
+    if price_per_gpu_hour < 0 or not math.isfinite(price_per_gpu_hour):
+        raise ConfigError(f"--price-per-gpu-hour: must be a finite number >= 0, got {price_per_gpu_hour}")
+    folders = [resolve_run(r, results_dir) for r in runs]
+    base_folder = resolve_run(baseline, results_dir) if baseline is not None else None
+    if base_folder is not None and all(f.resolve() != base_folder.resolve() for f in folders):
+        folders.insert(0, base_folder)
+    if not folders:
+        raise ConfigError("report: name at least one RUN (or --latest)")
+    loaded = [load_run(f, price_per_gpu_hour, use_sacct) for f in folders]
+
+    files = {}
+    for run in loaded:
+        files[run.run_id] = write_run_outputs(run, run.folder, price_per_gpu_hour)
+    report = Report(loaded, files, price_per_gpu_hour=price_per_gpu_hour)
+    if len(loaded) > 1:
+        base = loaded[0] if base_folder is None else \
+            next(r for r in loaded if r.folder.resolve() == base_folder.resolve())
+        report.baseline = base.run_id
+        report.comparison = compare_runs(loaded, base)
+        cdir = Path(out_dir) if out_dir else _compare_dir(results_dir, base, loaded)
+        combined = pd.concat([r.rows for r in loaded], ignore_index=True)
+        cfiles = {"report_csv": write_report_csv(combined, cdir / "report.csv")}
+        curves = {f"{r.run_id}/{stage}": m for r in loaded for stage, m in r.metrics.items()}
+        plots = [save_png(run_throughput_figure(loaded), cdir / "throughput_by_run.png")]
+        if curves:
+            plots += [save_png(loss_figure(curves), cdir / "loss.png"),
+                      save_png(throughput_figure(curves), cdir / "throughput.png")]
+        cfiles["comparison_csv"] = cdir / "comparison.csv"
+        atomic_write_text(cfiles["comparison_csv"], pd.DataFrame(
+            report.comparison, columns=["run_id", "baseline_run_id", "stage", "variant", "metric", "baseline",
+                                        "value", "ratio"]).to_csv(index=False))
+        cfiles["summary_md"] = cdir / "summary.md"
+        atomic_write_text(cfiles["summary_md"], comparison_md(loaded, base, report.comparison, [p.name for p in plots]))
+        cfiles.update({p.stem + "_png": p for p in plots})
+        files["compare"] = cfiles
+    return report
+
+
+# -----------------------------------------------------------------------------
+# Command line: python -m jobs report
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("runs", nargs="*", metavar="RUN", help="run id under --results-dir, or a path to a run folder")
+    parser.add_argument("--latest", action="store_true", help="report the most recent run under --results-dir")
+    parser.add_argument("--baseline", metavar="RUN", help="compare every RUN against this run (ratios)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    parser.add_argument("--price-per-gpu-hour", type=float, default=DEFAULT_PRICE_PER_GPU_HOUR, metavar="X",
+                        help=f"dollars per GPU-hour for the cost column (default {DEFAULT_PRICE_PER_GPU_HOUR})")
+    parser.add_argument("--results-dir", default="results", metavar="DIR", help="where runs live (default results)")
+    parser.add_argument("--out", metavar="DIR", help="folder for the comparison of several runs "
+                        "(default <results-dir>/compare/<baseline>_vs_<runs>)")
+    parser.add_argument("--no-sacct", action="store_true", help="do not ask Slurm accounting")
+
+
+def run(args: argparse.Namespace) -> int:
+    runs = list(args.runs)
+    if args.latest:
+        runs.append(latest_run(args.results_dir))
+    if not runs and not args.baseline:
+        raise ConfigError("report: name a RUN, or pass --latest")
+    report = build_report(runs, args.results_dir, baseline=args.baseline,
+                          price_per_gpu_hour=args.price_per_gpu_hour, use_sacct=not args.no_sacct,
+                          out_dir=args.out)
+    for run_id, files in report.files.items():
+        print(f"{run_id}: {files['summary_md']}")
+    for p in report.problems:
+        print(f"problem: {p.run_id} {p.path}: {p.kind}: {p.detail}")
+    if args.json:
+        print(json.dumps(report.to_json(), default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+    _parser = argparse.ArgumentParser(prog="python -m jobs.report", description=__doc__.split("\n\n")[0])
+    add_arguments(_parser)
+    try:
+        sys.exit(run(_parser.parse_args()))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,378 @@
+"""The report: rows -> report.csv, summary.md, plots; missing/corrupt files; comparison of runs."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from jobs import report as rp
+from jobs.rows import RESULT_COLUMNS, make_row, write_row
+from jobs.sacct import is_slurm_job_id, parse_sacct, query_sacct
+
+REPO = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# -----------------------------------------------------------------------------
+# Fixtures: realistic rows (jobs.rows.make_row/write_row) and metrics CSVs of a small CPU run
+
+def common(run_id, stage, kind, variant, job_id, **kw):
+    fields = dict(run_id=run_id, stage=stage, kind=kind, variant=variant, job_id=job_id, state="COMPLETED",
+                  device_name="cpu", world_size=1, depth=2, n_params=1_054_720, seq_len=128,
+                  git_commit="abc123", started_at="2026-11-24T20:00:00Z")
+    fields.update(kw)
+    return make_row(**fields)
+
+
+def write_metrics(path: Path, steps: int, loss0: float, tps: float, eval_every: int = 5):
+    lines = ["step,loss,lr,tokens_per_s,mfu,peak_memory_bytes,elapsed_s,val_bpb"]
+    for s in range(steps):
+        val = f"{2.5 - 0.05 * s:.4f}" if s % eval_every == 0 else ""
+        lines.append(f"{s},{loss0 * 0.97 ** s:.4f},1.0,{tps + s:.1f},,{300_000_000 + s},{0.5 * (s + 1):.2f},{val}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+
+
+def make_run(results: Path, run_id: str, speed: float = 1.0, gpu: bool = False) -> Path:
+    """A run like the smoke pipeline plus the benchmark variants, with figures scaled by `speed`."""
+    folder = results / run_id
+    dev = dict(device_name="NVIDIA A100-SXM4-80GB", world_size=2) if gpu else {}
+    rows = [
+        common(run_id, "probe", "probe", None, "local:101", device_batch_size=16, batch_size_source="probe",
+               wall_time_s=12.0, **dev),
+        common(run_id, "base", "base_train", "baseline", "local:102", device_batch_size=4,
+               batch_size_source="config", grad_accum_steps=4, total_batch_size=2048, steps=20,
+               tokens_per_s=1000.0 * speed, real_tokens_per_s=1000.0 * speed, mfu=10.0 * speed,
+               peak_memory_bytes=300_000_000, final_loss=6.1, val_bpb=2.3, wall_time_s=40.0, compile=False,
+               num_compiles=0, **dev),
+        common(run_id, "base_auto", "base_train", "auto", "local:103", device_batch_size=16,
+               batch_size_source="probe", grad_accum_steps=1, total_batch_size=2048, steps=20,
+               tokens_per_s=1500.0 * speed, real_tokens_per_s=1500.0 * speed, mfu=15.0 * speed,
+               peak_memory_bytes=900_000_000, final_loss=6.0, val_bpb=2.25, wall_time_s=30.0, compile=False,
+               num_compiles=0, **dev),
+        common(run_id, "sft_bench", "sft", "eager-dynamic", "local:104", tokens_per_s=800.0 * speed,
+               real_tokens_per_s=500.0 * speed, padding_fraction=0.375, compile=False, num_compiles=0,
+               wall_time_s=20.0, **dev),
+        common(run_id, "sft_bench", "sft", "compile-pad", "local:105", tokens_per_s=1200.0 * speed,
+               real_tokens_per_s=750.0 * speed, padding_fraction=0.375, compile=True, num_compiles=1,
+               wall_time_s=25.0, **dev),
+        common(run_id, "sft_bench", "sft", "compile-pack", "local:106", tokens_per_s=1200.0 * speed,
+               real_tokens_per_s=1150.0 * speed, padding_fraction=0.04, compile=True, num_compiles=1,
+               wall_time_s=25.0, **dev),
+        common(run_id, "infer", "inference_bench", "naive", "local:107", tokens_per_s=50.0 * speed,
+               wall_time_s=5.0, extra={"ttft_s": 0.02}, **dev),
+        common(run_id, "infer", "inference_bench", "kv-eager", "local:108", tokens_per_s=400.0 * speed,
+               wall_time_s=2.0, first_token_distinct=6, first_token_distinct_broadcast=1, num_samples=8, **dev),
+    ]
+    for r in rows:
+        write_row(folder, r)
+    write_metrics(folder / "metrics" / "base.csv", 20, 7.0, 1000.0 * speed)
+    write_metrics(folder / "metrics" / "base_auto.csv", 20, 7.0, 1500.0 * speed)
+    info = {"run_id": run_id, "spec": "pipelines/smoke.yaml", "git_commit": "abc123", "executor": "local",
+            "stages": {r["stage"]: {"job_id": r["job_id"], "kind": r["kind"], "out_dir": str(folder / r["stage"])}
+                       for r in rows}}
+    (folder / "run.json").write_text(json.dumps(info))
+    return folder
+
+
+def report_args(*argv) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    rp.add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+# -----------------------------------------------------------------------------
+
+def test_report_of_a_run_writes_csv_summary_and_plots(tmp_path, capsys):
+    make_run(tmp_path, "r1")
+    assert rp.run(report_args("r1", "--results-dir", str(tmp_path), "--json", "--no-sacct")) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    folder = tmp_path / "r1"
+    for name in ("report.csv", "summary.md", "loss.png", "throughput.png", "batch_size.png"):
+        assert (folder / name).is_file(), name
+    for png in folder.glob("*.png"):
+        assert png.read_bytes()[:8] == PNG_MAGIC
+
+    df = rp.read_report_csv(folder / "report.csv")
+    assert len(df) == 8 and out["runs"]["r1"]["rows"] == 8
+    assert out["problems"] == []
+    # CPU: no GPUs held, so no GPU-hours and no cost.
+    assert (df["gpus"] == 0).all() and (df["gpu_hours"] == 0).all() and (df["cost"] == 0).all()
+
+    opts = {(o["name"], o["metric"], o["optimized_label"]): o for o in out["runs"]["r1"]["optimizations"]}
+    assert opts[("auto batch size", "tokens_per_s", "auto")]["ratio"] == pytest.approx(1.5)
+    assert opts[("auto batch size", "mfu", "auto")]["ratio"] == pytest.approx(1.5)
+    assert opts[("KV cache", "tokens_per_s", "kv-eager")]["ratio"] == pytest.approx(8.0)
+    assert opts[("compile for SFT", "real_tokens_per_s", "compile-pad")]["ratio"] == pytest.approx(1.5)
+    assert opts[("compile for SFT", "real_tokens_per_s", "compile-pack")]["ratio"] == pytest.approx(2.3)
+    first = opts[("independent first token", "first_token_distinct", "independent")]
+    assert (first["baseline"], first["optimized"], first["ratio"]) == (1.0, 6.0, 6.0)
+    # kv-captured is CUDA-only: a CPU run must say so rather than show a number.
+    captured = opts[("KV cache", "tokens_per_s", "kv-captured")]
+    assert captured["ratio"] is None and captured["note"].startswith(rp.NOT_MEASURED)
+
+    summary = (folder / "summary.md").read_text()
+    assert "## Stage base (base_train)" in summary and "## Stage sft_bench (sft)" in summary
+    assert "1.50x" in summary and "8.00x" in summary and "2.30x" in summary
+    assert "| KV cache | tokens_per_s | naive (n=1) | 50 | kv-captured (n=0) |  | not measured in this run" in summary
+    assert "None: every row and metrics file was read." in summary
+
+
+def test_report_csv_round_trips_with_documented_dtypes(tmp_path):
+    make_run(tmp_path, "r1", gpu=True)
+    rep = rp.build_report(["r1"], tmp_path, price_per_gpu_hour=3.0, use_sacct=False)
+    written = rep.runs[0].rows
+    back = rp.read_report_csv(tmp_path / "r1" / "report.csv")
+    assert list(back.columns) == list(rp.ALL_COLUMNS)
+    for col, (dtype, _) in rp.ALL_COLUMNS.items():
+        assert str(back[col].dtype) == pd.api.types.pandas_dtype(dtype).name, col
+    pd.testing.assert_frame_equal(back, written, check_exact=False, rtol=1e-12)
+    # GPU-hours: wall_time_s x world_size / 3600 on a GPU, cost at the given price.
+    base = back[back["stage"] == "base"].iloc[0]
+    assert base["gpus"] == 2
+    assert base["gpu_hours"] == pytest.approx(40.0 * 2 / 3600)
+    assert base["cost"] == pytest.approx(40.0 * 2 / 3600 * 3.0)
+    assert bool(back.loc[back["variant"] == "compile-pack", "compile"].iloc[0]) is True
+
+
+def test_missing_partial_and_corrupt_files_are_listed_not_fatal(tmp_path, capsys):
+    folder = make_run(tmp_path, "r2")
+    rows = folder / "rows"
+    (rows / "mid__local-201.json").write_text('{"run_id": "r2", "stage": "mid", "state": "COMPL')  # cut short
+    (rows / "sft__local-202.json").write_text("")
+    (rows / "odd__local-203.json").write_text("[1, 2, 3]")
+    # A partial row: an older writer that knew only a few columns, one of them unreadable.
+    (rows / "chat__local-204.json").write_text(json.dumps(
+        {"run_id": "r2", "stage": "chat", "state": "FAILED", "error": "CUDA error: device-side assert",
+         "tokens_per_s": "fast", "wall_time_s": 3.5, "temperature": 0.8}))
+    # A stage the orchestration launched that never wrote a row.
+    info = json.loads((folder / "run.json").read_text())
+    info["stages"]["tokenizer"] = {"job_id": "local:99", "kind": "tokenizer", "out_dir": str(folder / "tok")}
+    (folder / "run.json").write_text(json.dumps(info))
+    # A metrics CSV whose writer was killed mid-line, and one that is not a CSV at all.
+    with open(folder / "metrics" / "base.csv", "a") as f:
+        f.write("20,3.1")
+    (folder / "metrics" / "sft.csv").write_bytes(b"\xff\xfe\x00garbage")
+
+    assert rp.run(report_args("r2", "--results-dir", str(tmp_path), "--json", "--no-sacct")) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    problems = {(p["path"], p["kind"]) for p in out["problems"]}
+    assert ("rows/mid__local-201.json", "corrupt") in problems
+    assert ("rows/sft__local-202.json", "corrupt") in problems
+    assert ("rows/odd__local-203.json", "corrupt") in problems
+    assert ("rows/chat__local-204.json", "partial") in problems
+    assert ("rows/tokenizer__*.json", "missing") in problems
+    assert ("metrics/sft.csv", "corrupt") in problems
+    partial = next(p for p in out["problems"] if p["path"] == "rows/chat__local-204.json")
+    assert "unreadable tokens_per_s='fast'" in partial["detail"] and "missing keys:" in partial["detail"]
+
+    # The rest still stands: 8 good rows + the partial one, their ratios, the plots.
+    df = rp.read_report_csv(folder / "report.csv")
+    assert len(df) == 9
+    chat = df[df["stage"] == "chat"].iloc[0]
+    assert chat["state"] == "FAILED" and pd.isna(chat["tokens_per_s"]) and chat["wall_time_s"] == 3.5
+    assert json.loads(chat["extra"]) == {"temperature": 0.8}
+    assert (folder / "loss.png").read_bytes()[:8] == PNG_MAGIC
+    summary = (folder / "summary.md").read_text()
+    assert "## Problems (not fatal" in summary
+    assert "stage tokenizer (job local:99) wrote no row" in summary
+    assert "error in None" not in summary and "CUDA error: device-side assert" in summary
+    auto = next(o for o in out["runs"]["r2"]["optimizations"] if o["metric"] == "tokens_per_s" and o["optimized_label"] == "auto")
+    assert auto["ratio"] == pytest.approx(1.5)
+
+
+def test_failed_baseline_is_not_measured(tmp_path):
+    folder = make_run(tmp_path, "r3")
+    row = json.loads((folder / "rows" / "base__local-102.json").read_text())
+    row.update(state="OOM", error="CUDA out of memory", tokens_per_s=None, mfu=None)
+    (folder / "rows" / "base__local-102.json").write_text(json.dumps(row))
+    run = rp.load_run(folder, use_sacct=False)
+    auto = [o for o in rp.optimizations(run.rows) if o.name == "auto batch size"]
+    assert all(o.ratio is None and rp.NOT_MEASURED in o.note and "OOM" in o.note for o in auto)
+
+
+def test_comparison_of_two_runs_against_a_baseline(tmp_path, capsys):
+    make_run(tmp_path, "old", speed=1.0)
+    make_run(tmp_path, "new", speed=1.25)
+    code = rp.run(report_args("new", "--baseline", "old", "--results-dir", str(tmp_path), "--json", "--no-sacct"))
+    assert code == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["baseline"] == "old"
+    lines = {(l["run_id"], l["stage"], l["variant"], l["metric"]): l for l in out["comparison"]}
+    for key in [("new", "base", "baseline", "tokens_per_s"), ("new", "base_auto", "auto", "mfu"),
+                ("new", "sft_bench", "compile-pack", "real_tokens_per_s"), ("new", "infer", "kv-eager", "tokens_per_s")]:
+        assert lines[key]["ratio"] == pytest.approx(1.25), key
+    assert lines[("new", "base", "baseline", "final_loss")]["ratio"] == pytest.approx(1.0)
+    assert all(l["run_id"] == "new" and l["baseline_run_id"] == "old" for l in out["comparison"])
+    # Each run keeps its own report; the comparison has its own folder.
+    cmp_dir = tmp_path / "compare" / "old_vs_new"
+    for name in ("summary.md", "report.csv", "comparison.csv", "throughput_by_run.png", "loss.png"):
+        assert (cmp_dir / name).is_file(), name
+    assert (tmp_path / "old" / "summary.md").is_file() and (tmp_path / "new" / "summary.md").is_file()
+    combined = rp.read_report_csv(cmp_dir / "report.csv")
+    assert sorted(combined["run_id"].unique()) == ["new", "old"]
+    summary = (cmp_dir / "summary.md").read_text()
+    assert "# Comparison against baseline run old" in summary
+    assert "| new | base | baseline | tokens_per_s | 1000 | 1250 | 1.25x |" in summary
+
+
+def test_a_figure_only_one_run_measured_is_not_a_ratio(tmp_path):
+    make_run(tmp_path, "a")
+    make_run(tmp_path, "b", speed=2.0)
+    os.remove(tmp_path / "b" / "rows" / "infer__local-108.json")
+    rep = rp.build_report(["a", "b"], tmp_path, use_sacct=False)
+    assert rep.baseline == "a"  # the first RUN when no --baseline is named
+    line = next(l for l in rep.comparison if (l["stage"], l["variant"], l["metric"]) == ("infer", "kv-eager", "tokens_per_s"))
+    assert line["value"] is None and line["ratio"] is None and line["baseline"] == 400.0
+
+
+def test_figures_carry_the_expected_series(tmp_path):
+    folder = make_run(tmp_path, "r4")
+    run = rp.load_run(folder, use_sacct=False)
+    assert set(run.metrics) == {"base", "base_auto"}
+    fig = rp.loss_figure(run.metrics)
+    loss_ax, val_ax = fig.axes
+    assert [l.get_label() for l in loss_ax.get_lines()] == ["base", "base_auto"]
+    assert [l.get_label() for l in val_ax.get_lines()] == ["base", "base_auto"]
+    assert len(loss_ax.get_lines()[0].get_xdata()) == 20 and len(val_ax.get_lines()[0].get_xdata()) == 4
+
+    ax = rp.throughput_figure(run.metrics).axes[0]
+    assert list(ax.get_lines()[1].get_ydata()[:2]) == [1500.0, 1501.0]
+
+    ax = rp.batch_size_figure(run.rows).axes[0]
+    default, found = ax.containers
+    assert (default.get_label(), found.get_label()) == ("default (config)", "found (probe/cache)")
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    heights = {lab: (d.get_height(), f.get_height()) for lab, d, f in zip(labels, default, found)}
+    assert heights["base"] == (4, 0) and heights["base_auto"] == (0, 16) and heights["probe"] == (0, 16)
+
+    path = rp.save_png(fig, tmp_path / "x.png")
+    assert path.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_metrics_found_through_run_json_out_dir(tmp_path):
+    folder = make_run(tmp_path, "r5")
+    (folder / "base").mkdir()
+    shutil.move(folder / "metrics" / "base.csv", folder / "base" / "metrics.csv")
+    run = rp.load_run(folder, use_sacct=False)
+    assert set(run.metrics) == {"base", "base_auto"}
+    assert run.metrics["base"]["loss"].iloc[0] == 7.0
+
+
+def test_bad_input_is_a_config_error(tmp_path):
+    with pytest.raises(rp.ConfigError, match="nope: no such run"):
+        rp.build_report(["nope"], tmp_path)
+    with pytest.raises(rp.ConfigError, match="no runs found"):
+        rp.run(report_args("--latest", "--results-dir", str(tmp_path)))
+    make_run(tmp_path, "r6")
+    with pytest.raises(rp.ConfigError, match="--price-per-gpu-hour"):
+        rp.build_report(["r6"], tmp_path, price_per_gpu_hour=-1.0)
+
+
+def test_latest_picks_the_newest_run(tmp_path, capsys):
+    make_run(tmp_path, "older")
+    past = time.time() - 100
+    for p in [tmp_path / "older" / "run.json", tmp_path / "older" / "rows"]:
+        os.utime(p, (past, past))
+    make_run(tmp_path, "newer")
+    assert rp.run(report_args("--latest", "--results-dir", str(tmp_path), "--json", "--no-sacct")) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert list(out["runs"]) == ["newer"]
+
+
+def test_sacct_state_is_joined_for_slurm_job_ids():
+    text = ("4101|COMPLETED|65|0:0\n4101.batch|COMPLETED|65|0:0\n4102_3|CANCELLED by 0|7|0:15\n"
+            "4103|OUT_OF_MEMORY|12|0:125\n")
+    jobs = parse_sacct(text)
+    assert set(jobs) == {"4101", "4102_3", "4103"}
+    assert (jobs["4102_3"].state, jobs["4102_3"].elapsed_s, jobs["4102_3"].signal) == ("CANCELLED", 7, 15)
+    assert is_slurm_job_id("4102_3") and is_slurm_job_id("4101") and not is_slurm_job_id("local:12")
+    rows = [make_row(run_id="s", stage="base", state="COMPLETED", job_id="4101", device_name="NVIDIA H100 80GB HBM3",
+                     world_size=8),
+            make_row(run_id="s", stage="sweep", state=None, job_id="4102_3", device_name="cpu"),
+            make_row(run_id="s", stage="sft", state="FAILED", job_id="4103", device_name=None)]
+    df = rp.join_sacct(rp.rows_frame(rows), rp.SacctResult(True, "", jobs), price_per_gpu_hour=2.0)
+    assert list(df["sacct_state"]) == ["COMPLETED", "CANCELLED", "OUT_OF_MEMORY"]
+    assert list(df["sacct_exit_code"]) == [0, 0, 0] and list(df["sacct_signal"]) == [0, 15, 125]
+    # No wall time in the row: sacct's elapsed time stands in for the GPU-hours.
+    assert df["gpu_hours"].iloc[0] == pytest.approx(65 * 8 / 3600) and df["cost"].iloc[0] == pytest.approx(65 * 8 / 1800)
+    assert df["gpus"].iloc[1] == 0 and pd.isna(df["gpus"].iloc[2])
+
+
+def test_sacct_missing_is_not_fatal(tmp_path, monkeypatch):
+    # A PATH without sacct: the real lookup fails, and the answer says why.
+    monkeypatch.setenv("PATH", str(tmp_path))
+    res = query_sacct(["123", "124_1", "local:5"])
+    assert not res.available and "not found" in res.reason
+    assert not query_sacct(["local:5"]).available
+
+
+def test_results_readme_documents_every_column():
+    text = (REPO / "results" / "README.md").read_text()
+    for col, (dtype, _) in rp.ALL_COLUMNS.items():
+        assert f"| `{col}` | {dtype} |" in text, col
+
+
+def _slurm_works() -> bool:
+    if shutil.which("sbatch") is None or shutil.which("sacct") is None:
+        return False
+    probe = subprocess.run(["sacct", "-n", "-X", "-j", "1"], capture_output=True, text=True, timeout=30)
+    return probe.returncode == 0
+
+
+@pytest.mark.slurm
+def test_sacct_on_the_local_slurm(tmp_path):
+    if not _slurm_works():
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI=true but the local Slurm with accounting is not up")
+        pytest.skip("no local Slurm with accounting (make slurm-up)")
+    out = subprocess.run(["sbatch", "--parsable", "--array=0-1", "-o", str(tmp_path / "%A_%a.out"),
+                          "--wrap", 'sleep 1; test "$SLURM_ARRAY_TASK_ID" = 0'],
+                         capture_output=True, text=True, timeout=60, check=True)
+    job = out.stdout.strip().split(";")[0]
+    ids = [f"{job}_0", f"{job}_1"]
+    deadline = time.time() + 240
+    while True:
+        res = query_sacct(ids)
+        assert res.available, res.reason
+        states = {j: res.jobs[j].state for j in ids if j in res.jobs}
+        if len(states) == 2 and all(s in ("COMPLETED", "FAILED") for s in states.values()):
+            break
+        assert time.time() < deadline, states
+        time.sleep(3)
+    assert states == {f"{job}_0": "COMPLETED", f"{job}_1": "FAILED"}
+    assert res.jobs[f"{job}_1"].exit_code == 1 and res.jobs[f"{job}_0"].elapsed_s >= 1
+
+
+@pytest.mark.slow
+def test_report_of_a_real_smoke_run(tmp_path):
+    """The smoke pipeline's real rows, end to end (needs the pipeline: jobs/stages.py)."""
+    if not (REPO / "jobs" / "stages.py").is_file() or not (REPO / "pipelines" / "smoke.yaml").is_file():
+        pytest.skip("the smoke pipeline is not in the tree yet")
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(tmp_path / "base"))
+    results = tmp_path / "results"
+    cmd = [sys.executable, "-m", "jobs", "submit", "pipelines/smoke.yaml", "--executor", "local", "--wait",
+           "--results-dir", str(results)]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = subprocess.run([sys.executable, "-m", "jobs", "report", "--latest", "--results-dir", str(results),
+                           "--json"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    (run_id, info), = out["runs"].items()
+    folder = Path(info["folder"])
+    df = rp.read_report_csv(folder / "report.csv")
+    assert len(df) >= 1 and info["rows"] == len(df)
+    assert set(df["state"].dropna()) <= {"COMPLETED", "FAILED", "PREEMPTED", "OOM"}
+    assert df["wall_time_s"].notna().all() and (df["gpus"].fillna(0) == 0).all()
+    assert (folder / "summary.md").read_text().startswith(f"# Run {run_id}")
+    for png in folder.glob("*.png"):
+        assert png.read_bytes()[:8] == PNG_MAGIC
