@@ -1,0 +1,62 @@
+"""
+`python -m jobs bench train|sft|inference|batch|all [options]`: each optimization against its
+baseline on this machine. Dispatches to jobs.bench_train, jobs.bench_sft, jobs.bench_inference and
+jobs.bench_batch (each has add_arguments(parser) and run(args) -> int); `all` runs them in turn with
+their defaults and fails if any fails.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+BENCHES = {
+    "train": ("jobs.bench_train", "automatic device batch size vs a fixed one (base training throughput)"),
+    "sft": ("jobs.bench_sft", "SFT: eager dynamic shapes vs compiled fixed shapes (packing)"),
+    "inference": ("jobs.bench_inference", "generation with and without the KV cache"),
+    "batch": ("jobs.bench_batch", "multi-sample generation: independent first-token sampling"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="bench", required=True, metavar="WHICH")
+    for name, (module_name, help_text) in BENCHES.items():
+        p = sub.add_parser(name, help=help_text)
+        p.set_defaults(bench_module=module_name)
+        try:
+            importlib.import_module(module_name).add_arguments(p)
+        except ImportError as e:
+            p.set_defaults(bench_missing=str(e))
+    p = sub.add_parser("all", help="every benchmark in turn, with its defaults")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+
+
+def _run_one(name: str, argv: list[str]) -> int:
+    module_name, help_text = BENCHES[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        print(f"bench {name}: not available ({e})", file=sys.stderr)
+        return 2
+    p = argparse.ArgumentParser(prog=f"python -m jobs bench {name}", description=help_text)
+    module.add_arguments(p)
+    return int(module.run(p.parse_args(argv)) or 0)
+
+
+def run(args) -> int:
+    if args.bench != "all":
+        if getattr(args, "bench_missing", None):
+            print(f"bench {args.bench}: not available ({args.bench_missing})", file=sys.stderr)
+            return 2
+        return int(importlib.import_module(args.bench_module).run(args) or 0)
+    worst = 0
+    results = {}
+    for name in BENCHES:
+        print(f"== bench {name} ==", flush=True)
+        rc = _run_one(name, ["--json"] if args.json else [])
+        results[name] = rc
+        worst = max(worst, rc)
+    if args.json:
+        import json
+        print(json.dumps({"bench": "all", "exit_codes": results}, sort_keys=True))
+    return worst

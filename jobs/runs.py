@@ -1,0 +1,272 @@
+"""
+Run folders and their bookkeeping: create, status, wait, cancel, resume.
+
+A run folder is results/<run_id>/ (or $NANOCHAT_RESULTS_DIR/<run_id>/, or the spec's results_dir):
+    resolved.yaml     the spec after --set overrides (what the stages read)
+    run.json          run id, pipeline, git commit, work directory, executor, creation time
+    jobs.json         per stage: job id (Slurm) or pids/state (local), log path, earlier job ids
+    markers/<stage>[.<task>].done   written by the stage entry on success (rank 0)
+    rows/*.json       one result row per job (jobs/rows.py)
+    logs/             local runs' stage logs (Slurm logs live in the submitit folder, see jobs.json)
+Big artifacts go to <workdir>/<run_id>/<stage>/ (workdir = NANOCHAT_BASE_DIR, default ~/.cache/nanochat).
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import yaml
+
+from jobs.spec import REPO_ROOT, Pipeline
+from jobs.stages import load_run_pipeline, marker_path, read_json
+from jobs.submit import _kill_group, _update_jobs, missing_tasks, stage_completed
+from nanochat.common import ConfigError, atomic_write_json, atomic_write_text, get_base_dir, git_commit
+
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL",
+            "DEADLINE", "PREEMPTED", "SKIPPED"}
+ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED",
+          "REQUEUE_HOLD", "REQUEUE_FED", "STAGE_OUT", "SIGNALING"}
+
+
+def results_root(pipeline: Pipeline | None = None) -> Path:
+    """Spec key results_dir, else $NANOCHAT_RESULTS_DIR, else <repo>/results."""
+    if pipeline is not None and pipeline.results_dir:
+        p = Path(pipeline.results_dir)
+        return p if p.is_absolute() else REPO_ROOT / p
+    env = os.environ.get("NANOCHAT_RESULTS_DIR")
+    return Path(env) if env else REPO_ROOT / "results"
+
+
+def new_run_id(pipeline: Pipeline) -> str:
+    return f"{pipeline.name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(2)}"
+
+
+def create_run(pipeline: Pipeline, run_id: str | None, executor: str, overrides: list[str]) -> tuple[dict, Path]:
+    run_id = run_id or new_run_id(pipeline)
+    if not run_id.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        raise ConfigError(f"--run-id {run_id!r}: use letters, digits, '-', '_' and '.' only")
+    run_dir = (results_root(pipeline) / run_id).resolve()
+    if (run_dir / "run.json").exists():
+        raise ConfigError(f"--run-id {run_id}: {run_dir} already exists (use `resume {run_id}`)")
+    run = {
+        "run_id": run_id,
+        "pipeline": pipeline.name,
+        "spec_path": pipeline.source,
+        "overrides": list(overrides),
+        "git_commit": git_commit(REPO_ROOT),
+        "workdir": str(get_base_dir().resolve()),
+        "results_dir": str(run_dir),
+        "executor": executor,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "stages": list(pipeline.stages),
+    }
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "resolved.yaml", yaml.safe_dump(pipeline.raw, sort_keys=False))
+    atomic_write_json(run_dir / "run.json", run)
+    return run, run_dir
+
+
+def find_run(ref: str) -> Path:
+    """A run folder path, or a run id under the results root."""
+    p = Path(ref)
+    if (p / "run.json").exists():
+        return p.resolve()
+    q = results_root() / ref
+    if (q / "run.json").exists():
+        return q.resolve()
+    raise ConfigError(f"{ref}: no such run (looked for {p}/run.json and {q}/run.json)")
+
+
+def load_run(run_dir: Path) -> tuple[dict, Pipeline, dict]:
+    run = read_json(run_dir / "run.json")
+    if run is None:
+        raise ConfigError(f"{run_dir}/run.json: missing or unreadable")
+    return run, load_run_pipeline(run_dir), read_json(run_dir / "jobs.json", {"stages": {}})
+
+
+# -----------------------------------------------------------------------------
+# Slurm accounting
+
+def slurm_job_states(job_ids: list[str]) -> dict[str, dict]:
+    """{job id (array tasks as A_T): {state, elapsed, start, end, exit_code}} from sacct, with
+    squeue filling in jobs accounting has not recorded yet."""
+    ids = sorted({j.split("_")[0] for j in job_ids if j})
+    out: dict[str, dict] = {}
+    if not ids:
+        return out
+    try:
+        res = subprocess.run(["sacct", "-X", "-n", "-P", "-j", ",".join(ids),
+                              "--format=JobID,State,Elapsed,Start,End,ExitCode"],
+                             capture_output=True, text=True, timeout=30)
+        for line in res.stdout.splitlines():
+            parts = line.split("|")
+            if len(parts) < 6:
+                continue
+            jid, st, elapsed, start, end, code = parts[:6]
+            out[jid] = {"state": st.split()[0] if st else "UNKNOWN", "elapsed": elapsed, "start": start,
+                        "end": end, "exit_code": code}
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    try:
+        res = subprocess.run(["squeue", "-h", "-j", ",".join(ids), "-o", "%i|%T|%M"],
+                             capture_output=True, text=True, timeout=30)
+        for line in res.stdout.splitlines():
+            parts = line.strip().split("|")
+            if len(parts) == 3:
+                out[parts[0]] = {**out.get(parts[0], {}), "state": parts[1], "elapsed": parts[2]}
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return out
+
+
+def _aggregate(states: list[str]) -> str:
+    if not states:
+        return "UNKNOWN"
+    if all(s == "COMPLETED" for s in states):
+        return "COMPLETED"
+    for s in ("RUNNING", "REQUEUED", "COMPLETING", "CONFIGURING"):
+        if s in states:
+            return "RUNNING" if s != "REQUEUED" else "REQUEUED"
+    if "PENDING" in states:
+        return "PENDING"
+    for s in ("FAILED", "OUT_OF_MEMORY", "TIMEOUT", "NODE_FAIL", "CANCELLED"):
+        if s in states:
+            return s
+    return states[0]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def run_status(run_dir: Path) -> dict:
+    """Each stage's state, elapsed time, job id and log path."""
+    run, pipeline, jobs = load_run(run_dir)
+    executor = jobs.get("executor", run.get("executor"))
+    recs = jobs.get("stages", {})
+    sacct = {}
+    if executor == "slurm":
+        ids = []
+        for rec in recs.values():
+            ids += rec.get("task_job_ids") or [rec.get("job_id")]
+        sacct = slurm_job_states(ids)
+    stages = {}
+    for name, stage in pipeline.stages.items():
+        rec = recs.get(name, {})
+        info = {"stage": name, "kind": stage.kind, "job_id": rec.get("job_id"), "log": rec.get("log"),
+                "depends_on": stage.depends_on, "state": "NOT_SUBMITTED", "elapsed": None}
+        if executor == "slurm" and rec.get("job_id"):
+            ids = rec.get("task_job_ids") or [rec["job_id"]]
+            found = [sacct[i] for i in ids if i in sacct]
+            if not found and rec["job_id"] in sacct:  # a pending array shows as A_[0-7]
+                found = [sacct[rec["job_id"]]]
+            pend = [v for k, v in sacct.items() if k.startswith(rec["job_id"] + "_[")]
+            states = [f["state"] for f in found + pend]
+            info["state"] = _aggregate(states) if states else "UNKNOWN"
+            info["elapsed"] = found[0].get("elapsed") if found else None
+            info["start"] = found[0].get("start") if found else None
+            info["end"] = found[-1].get("end") if found else None
+            info["tasks"] = {i: sacct[i]["state"] for i in ids if i in sacct} if rec.get("task_job_ids") else None
+        elif executor == "local" and rec:
+            st = rec.get("state", "UNKNOWN")
+            if st == "RUNNING" and not any(_pid_alive(p) for p in rec.get("pids", [])):
+                st = "FAILED"  # the runner died with it
+            info["state"] = st
+            if rec.get("started_at"):
+                info["elapsed"] = round((rec.get("ended_at") or time.time()) - rec["started_at"], 1)
+            info["job_id"] = "local:" + ",".join(str(p) for p in rec.get("pids", [])) if rec.get("pids") else None
+        if stage_completed(run_dir, pipeline, name):
+            # the marker is the truth about success (a resumed run keeps earlier stages' outputs)
+            info["state"] = "COMPLETED"
+        stages[name] = info
+    states = [s["state"] for s in stages.values()]
+    overall = ("COMPLETED" if all(s == "COMPLETED" for s in states)
+               else "RUNNING" if any(s in ACTIVE or s == "UNKNOWN" for s in states)
+               else "FAILED")
+    return {"run_id": run["run_id"], "run_dir": str(run_dir), "executor": executor, "state": overall,
+            "stages": stages}
+
+
+def format_status(status: dict) -> str:
+    lines = [f"run {status['run_id']} ({status['executor']}): {status['state']}   {status['run_dir']}"]
+    lines.append(f"  {'stage':<18} {'state':<14} {'elapsed':>10}  {'job id':<14} log")
+    for s in status["stages"].values():
+        lines.append(f"  {s['stage']:<18} {s['state']:<14} {str(s['elapsed'] or '-'):>10}  "
+                     f"{str(s['job_id'] or '-'):<14} {s['log'] or '-'}")
+    return "\n".join(lines)
+
+
+def wait_for_run(run_dir: Path, poll_s: float = 5.0, progress=print, timeout_s: float | None = None) -> dict:
+    """Follow a Slurm run until every stage is finished (sacct), printing each change."""
+    seen: dict[str, str] = {}
+    t0 = time.time()
+    while True:
+        status = run_status(run_dir)
+        for name, s in status["stages"].items():
+            if seen.get(name) != s["state"]:
+                seen[name] = s["state"]
+                progress(f"[{time.time() - t0:7.1f}s] {name}: {s['state']} (job {s['job_id']})")
+        if all(s["state"] in TERMINAL or s["state"] == "NOT_SUBMITTED" for s in status["stages"].values()):
+            return status
+        if timeout_s is not None and time.time() - t0 > timeout_s:
+            return status
+        time.sleep(poll_s)
+
+
+def cancel_run(run_dir: Path) -> list[str]:
+    """scancel the run's Slurm jobs, or stop its local processes. Returns what was cancelled."""
+    run, pipeline, jobs = load_run(run_dir)
+    executor = jobs.get("executor", run.get("executor"))
+    done = []
+    if executor == "slurm":
+        ids = [rec["job_id"] for name, rec in jobs.get("stages", {}).items()
+               if rec.get("job_id") and not stage_completed(run_dir, pipeline, name)]
+        if ids:
+            subprocess.run(["scancel", *ids], capture_output=True, text=True, timeout=60)
+            done = ids
+    else:
+        atomic_write_text(run_dir / "cancel_requested", time.strftime("%Y-%m-%dT%H:%M:%SZ\n", time.gmtime()))
+        for name, rec in jobs.get("stages", {}).items():
+            if rec.get("state") == "RUNNING":
+                for pid in rec.get("pids", []):
+                    if _pid_alive(pid):
+                        _kill_group(pid, signal.SIGTERM)
+                        done.append(f"local:{pid}")
+    return done
+
+
+def resume_plan(run_dir: Path) -> tuple[dict, Pipeline, list[str], dict[str, list[int]]]:
+    """What resume would run: every stage not completed (with its still-missing array tasks).
+    Refuses while any of the run's jobs is still active."""
+    run, pipeline, _ = load_run(run_dir)
+    status = run_status(run_dir)
+    active = [n for n, s in status["stages"].items() if s["state"] in ACTIVE]
+    if active:
+        raise ConfigError(f"{run_dir}: stage {active[0]} is still {status['stages'][active[0]]['state']}; "
+                          f"wait for it or `cancel` the run first")
+    todo = [n for n in pipeline.stages if not stage_completed(run_dir, pipeline, n)]
+    tasks = {n: missing_tasks(run_dir, pipeline, n) for n in todo if pipeline.stages[n].variants}
+    return run, pipeline, todo, tasks
+
+
+def clear_cancel_flag(run_dir: Path) -> None:
+    try:
+        (run_dir / "cancel_requested").unlink()
+    except FileNotFoundError:
+        pass
+
+
+def latest_run() -> Path | None:
+    root = results_root()
+    runs = [p for p in root.glob("*/run.json")] if root.exists() else []
+    return max(runs, key=lambda p: p.stat().st_mtime).parent if runs else None

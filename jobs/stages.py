@@ -1,0 +1,292 @@
+"""
+Stage entry points: what runs on the node (a Slurm job through submitit, or a local process through
+`python -m jobs stage-run RUN_DIR STAGE`). One entry reads the run folder, builds the recipe's config
+from the resolved spec, runs the recipe and always writes one result row per task, also on failure
+(state FAILED, then the error is re-raised so Slurm and the local runner see the failure).
+
+Preemption and time limits: Slurm sends USR2 `signal_delay_s` before the limit (sbatch --signal,
+set through submitit). The handler only sets a flag; the recipe polls should_stop() after each
+optimizer step, checkpoints and returns state PREEMPTED; rank 0 then requeues the job
+(`scontrol requeue`), and the restarted job (SLURM_RESTART_COUNT + 1) resumes from the checkpoint.
+Requeues are capped by resources.max_requeues.
+
+Also here: the built-in `noop` stage kind, a stand-in that exercises all of that without a model.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+RUN_FILES = ("resolved.yaml", "run.json", "jobs.json")
+
+
+# -----------------------------------------------------------------------------
+# The built-in noop kind
+
+@dataclass
+class NoopConfig:
+    seconds: float = 0.0          # total time to spend (spread over the steps)
+    fail: bool = False            # raise an error (to test failure handling)
+    steps: int = 0                # "training" steps; each updates a small deterministic state
+    checkpointable: bool = False  # save the state after every step and resume from it
+    all_reduce: bool = False      # join torch.distributed (gloo) and all-reduce the ranks' ids
+    base_dir: str = ""
+    out_dir: str = ""
+    init_from: str = ""
+    device_type: str = ""
+
+
+def _noop_step(weights: list[float], step: int) -> list[float]:
+    # Arbitrary but exactly reproducible arithmetic: equal weights mean the same steps in the same order.
+    return [w * 0.999 + math.sin(step * (i + 1)) * 1e-3 for i, w in enumerate(weights)]
+
+
+def run_noop(cfg: NoopConfig, should_stop=None) -> dict:
+    if cfg.fail:
+        raise RuntimeError("noop stage asked to fail (args.fail: true)")
+    out = Path(cfg.out_dir) if cfg.out_dir else None
+    ckpt = out / "checkpoints" / "noop_state.json" if out else None
+    state = {"step": 0, "weights": [float(i) for i in range(8)]}
+    resumed_from = None
+    if cfg.checkpointable and ckpt is not None and ckpt.exists():
+        state = json.loads(ckpt.read_text())
+        resumed_from = state["step"]
+    result: dict = {"kind": "noop", "steps": 0}
+    if cfg.all_reduce:
+        import torch
+        import torch.distributed as dist
+        from nanochat.common import compute_init
+        info = compute_init("cpu")
+        t = torch.tensor([float(info.rank + 1)])
+        if info.ddp:
+            dist.all_reduce(t)
+        result.update(world_size=info.world_size, all_reduce_sum=float(t.item()))
+        from nanochat.common import compute_cleanup
+        compute_cleanup()
+    from nanochat.common import atomic_write_json
+    per_step = cfg.seconds / cfg.steps if cfg.steps else 0.0
+    if not cfg.steps:
+        time.sleep(cfg.seconds)
+    while state["step"] < cfg.steps:
+        time.sleep(per_step)
+        state["weights"] = _noop_step(state["weights"], state["step"])
+        state["step"] += 1
+        result["steps"] += 1
+        if cfg.checkpointable and ckpt is not None:
+            atomic_write_json(ckpt, state)
+        if should_stop is not None and should_stop() and state["step"] < cfg.steps:
+            result.update(state="PREEMPTED", resumed_from_step=resumed_from, stopped_at_step=state["step"])
+            return result
+    if out is not None:
+        atomic_write_json(out / "final.json", state)
+    result.update(state="COMPLETED", resumed_from_step=resumed_from, final_step=state["step"])
+    return result
+
+
+# -----------------------------------------------------------------------------
+# Run folder helpers shared with jobs.runs (kept here so a node needs only this module)
+
+def read_json(path: Path, default=None):
+    try:
+        return json.loads(Path(path).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return default
+
+
+def marker_path(run_dir: Path, stage: str, task: int | None = None) -> Path:
+    suffix = "" if task is None else f".{task}"
+    return Path(run_dir) / "markers" / f"{stage}{suffix}.done"
+
+
+def stage_out_dir(run: dict, stage: str) -> Path:
+    return Path(run["workdir"]) / run["run_id"] / stage
+
+
+def load_run_pipeline(run_dir: Path):
+    from jobs.spec import parse_pipeline
+    import yaml
+    raw = yaml.safe_load((Path(run_dir) / "resolved.yaml").read_text())
+    return parse_pipeline(raw, str(Path(run_dir) / "resolved.yaml"), check_args=False)
+
+
+def build_config(run: dict, pipeline, stage_name: str, task: int | None):
+    """The recipe's config object: merged args (+ the variant's), with the jobs-filled fields."""
+    from jobs.spec import config_class
+    stage = pipeline.stages[stage_name]
+    cls = config_class(stage.kind)
+    known = {f.name for f in fields(cls)}
+    args = {k: v for k, v in stage.args.items() if k in known}
+    variant = None
+    if stage.variants:
+        variant = stage.variants[task or 0]
+        args.update(variant.args)
+    init_from = args.get("init_from")
+    if isinstance(init_from, str) and init_from in pipeline.stages:
+        # a stage name means "that stage's checkpoints" (docs/CONTRACTS.md)
+        args["init_from"] = str(stage_out_dir(run, init_from) / "checkpoints")
+    out_dir = stage_out_dir(run, stage_name)
+    if variant is not None:
+        out_dir = out_dir / variant.name
+    if "base_dir" in known:
+        args["base_dir"] = run["workdir"]
+    if "out_dir" in known:
+        args["out_dir"] = str(out_dir)
+    return cls(**args), variant
+
+
+# -----------------------------------------------------------------------------
+# Preemption: USR2 sets a flag the recipe reads through should_stop()
+
+_stop_requested = False
+
+
+def _on_usr2(signum, frame):
+    global _stop_requested
+    _stop_requested = True
+    print(f"[stage] caught signal {signum}: will checkpoint at the next step and requeue", flush=True)
+
+
+def should_stop() -> bool:
+    return _stop_requested
+
+
+def install_preemption_handler() -> None:
+    # Replaces submitit's own USR2 handler (which would interrupt the step in progress):
+    # we want the recipe to reach a step boundary and save a consistent checkpoint.
+    signal.signal(signal.SIGUSR2, _on_usr2)
+
+
+def _rank() -> int:
+    for key in ("RANK", "SLURM_PROCID"):
+        if key in os.environ:
+            return int(os.environ[key])
+    return 0
+
+
+def _requeue_self() -> None:
+    job = os.environ.get("SLURM_JOB_ID")
+    if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    subprocess.run(["scontrol", "requeue", job], check=True, timeout=60)
+
+
+# -----------------------------------------------------------------------------
+# The entry point
+
+def run_stage(run_dir: str | os.PathLike, stage_name: str, task: int | None = None) -> dict:
+    """Run one stage (one task of it, for an array) on this machine. Returns the row written.
+    Raises on failure after writing a FAILED row."""
+    from jobs.rows import make_row, utc_now, write_row
+    run_dir = Path(run_dir).resolve()
+    run = read_json(run_dir / "run.json")
+    if run is None:
+        from nanochat.common import ConfigError
+        raise ConfigError(f"{run_dir}: not a run folder (no run.json)")
+    started_at, t0 = utc_now(), time.time()
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+    rank = _rank()
+    base = dict(run_id=run["run_id"], stage=stage_name, git_commit=run.get("git_commit"),
+                started_at=started_at, requeues=restarts)
+    pipeline = kind = variant = None
+    try:
+        pipeline = load_run_pipeline(run_dir)
+        if stage_name not in pipeline.stages:
+            raise KeyError(f"no stage {stage_name!r} in {run_dir / 'resolved.yaml'}")
+        stage = pipeline.stages[stage_name]
+        kind = stage.kind
+        if stage.variants and (task is None or not 0 <= task < len(stage.variants)):
+            raise ValueError(f"stage {stage_name} is an array of {len(stage.variants)}: give a task index")
+        cfg, variant = build_config(run, pipeline, stage_name, task)
+        if "SLURM_JOB_ID" in os.environ:
+            install_preemption_handler()
+        module = importlib.import_module(__name__ if kind == "noop" else _module_of(kind))
+        recipe = run_noop if kind == "noop" else module.run
+        print(f"[stage] {run['run_id']}/{stage_name}{'' if task is None else f'[{task}]'} kind={kind} "
+              f"rank={rank} restarts={restarts}", flush=True)
+        result = recipe(cfg, should_stop=should_stop)
+    except BaseException as e:
+        if rank == 0:
+            row = make_row(**base, kind=kind, variant=variant.name if variant else None, state="FAILED",
+                           error=_one_line(e), wall_time_s=time.time() - t0)
+            write_row(run_dir, row)
+        traceback.print_exc()
+        raise
+
+    results = result if isinstance(result, list) else [result or {}]
+    preempted = any((r or {}).get("state") == "PREEMPTED" for r in results)
+    rows = []
+    if rank == 0:
+        for i, r in enumerate(results):
+            r = dict(r or {})
+            r.setdefault("state", "COMPLETED")
+            fields_ = {**base, "kind": kind, "variant": variant.name if variant else None, **r}
+            fields_.setdefault("wall_time_s", time.time() - t0)
+            row = make_row(**fields_)
+            if len(results) > 1 and not (variant or r.get("variant")):
+                row["variant"] = str(i)
+            if len(results) > 1:
+                # one file per variant row: the row path is keyed by stage and job id
+                row_stage = f"{stage_name}.{row['variant']}"
+                from jobs.rows import row_path
+                from nanochat.common import atomic_write_json
+                atomic_write_json(row_path(run_dir, row_stage, row["job_id"]), row)
+            else:
+                write_row(run_dir, row)
+            rows.append(row)
+    if preempted:
+        if rank == 0:
+            limit = pipeline.stages[stage_name].resources.max_requeues
+            if "SLURM_JOB_ID" not in os.environ:
+                raise RuntimeError("stage stopped early (PREEMPTED) outside Slurm: run `resume` to finish it")
+            if restarts >= limit:
+                raise RuntimeError(f"stage preempted/timed out after {restarts} requeues (max_requeues={limit})")
+            print(f"[stage] checkpoint saved; requeueing (restart {restarts + 1} of at most {limit})", flush=True)
+            _requeue_self()
+        # Slurm kills this job now; wait for it rather than report a result.
+        time.sleep(600)
+        raise RuntimeError("requeue requested but the job was not stopped")
+    if rank == 0:
+        from nanochat.common import atomic_write_json
+        atomic_write_json(marker_path(run_dir, stage_name, task if stage_name and pipeline.stages[stage_name].variants else None),
+                          {"stage": stage_name, "task": task, "finished_at": rows[-1]["finished_at"] if rows else None,
+                           "job_id": rows[-1]["job_id"] if rows else None})
+    return rows[-1] if rows else {}
+
+
+def _module_of(kind: str) -> str:
+    from jobs.spec import KINDS
+    return KINDS[kind][0]
+
+
+def _one_line(e: BaseException) -> str:
+    text = f"{type(e).__name__}: {e}".strip().splitlines()
+    return text[0][:500] if text else type(e).__name__
+
+
+class StageEntry:
+    """The callable submitit pickles and runs on the node (a plain object: picklable, no state)."""
+
+    def __init__(self, run_dir: str, stage: str):
+        self.run_dir = str(run_dir)
+        self.stage = stage
+
+    def __call__(self, task: int | None = None) -> dict:
+        return run_stage(self.run_dir, self.stage, task)
+
+
+def main_stage_run(run_dir: str, stage: str, task: int | None) -> int:
+    """`python -m jobs stage-run RUN_DIR STAGE [--task I]` (what the local runner starts)."""
+    try:
+        run_stage(run_dir, stage, task)
+    except Exception:
+        return 1
+    return 0

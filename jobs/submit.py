@@ -1,0 +1,252 @@
+"""
+Submission: every stage of a run to Slurm at once through submitit (dependencies afterok, so a
+failed stage cancels its dependants), or the same stages as local processes in dependency order.
+
+Slurm: one SlurmExecutor per stage; a stage with variants becomes a job array (map_array). The
+command returns as soon as sbatch has accepted everything; the jobs run whether or not the user
+stays logged in. If any sbatch call fails, what was already submitted for this run is cancelled,
+so a half-submitted run never lingers.
+
+Local: `python -m jobs stage-run RUN_DIR STAGE [--task I]` child processes (each in its own process
+group, so cancel can stop the whole tree), at most max_parallel at once, in dependency order; a
+failed stage marks its dependants CANCELLED, as Slurm's kill-on-invalid-dep does.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from jobs.stages import StageEntry, marker_path, read_json
+from nanochat.common import ConfigError, atomic_write_json
+
+
+def slurm_available() -> bool:
+    """sbatch on PATH and sinfo answers (a controller is reachable)."""
+    if not shutil.which("sbatch") or not shutil.which("sinfo"):
+        return False
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return out.returncode == 0
+
+
+def choose_executor(name: str) -> str:
+    if name == "auto":
+        return "slurm" if slurm_available() else "local"
+    if name == "slurm" and not slurm_available():
+        raise ConfigError("--executor slurm: no Slurm here (sbatch not on PATH or sinfo does not answer)")
+    return name
+
+
+def _update_jobs(run_dir: Path, update) -> dict:
+    """Read-modify-write jobs.json under a file lock (the local runner and cancel both write it)."""
+    from filelock import FileLock
+    path = Path(run_dir) / "jobs.json"
+    with FileLock(str(path) + ".lock"):
+        data = read_json(path, {"stages": {}})
+        update(data)
+        atomic_write_json(path, data)
+    return data
+
+
+# -----------------------------------------------------------------------------
+# Slurm
+
+def _slurm_parameters(pipeline, stage, dependency_ids: list[str]) -> dict:
+    import submitit  # noqa: F401  (imported here: keeps `python -m jobs --help` fast)
+    r = stage.resources
+    c = pipeline.cluster
+    params = dict(
+        job_name=f"{pipeline.name}.{stage.name}",
+        nodes=r.nodes,
+        ntasks_per_node=r.tasks_per_node,
+        cpus_per_task=r.cpus_per_task,
+        time=r.time_min,
+        signal_delay_s=r.signal_delay_s,
+        setup=list(c.setup),
+        # a requeued job resumes from its checkpoint; arrays run all their tasks at once
+        additional_parameters={"requeue": True},
+    )
+    if r.gpus_per_node:
+        params["gpus_per_node"] = r.gpus_per_node
+    if r.mem_gb:
+        params["mem"] = f"{int(r.mem_gb)}GB" if r.mem_gb == int(r.mem_gb) else f"{int(r.mem_gb * 1024)}MB"
+    for key in ("partition", "account", "qos", "constraint"):
+        if getattr(c, key):
+            params[key] = getattr(c, key)
+    if dependency_ids:
+        params["additional_parameters"].update({"dependency": "afterok:" + ":".join(dependency_ids),
+                                                "kill-on-invalid-dep": "yes"})
+    return params
+
+
+def submit_slurm(run: dict, run_dir: Path, pipeline, todo: list[str], tasks: dict[str, list[int]] | None = None) -> dict:
+    """Submit the stages in `todo` (dependency order). Dependencies on stages outside `todo` are
+    dropped (they completed earlier: resume). Returns {stage: job record} and records jobs.json."""
+    import submitit
+    tasks = tasks or {}
+    records: dict[str, dict] = {}
+    submitted: list[str] = []
+    try:
+        for name in todo:
+            stage = pipeline.stages[name]
+            deps = [records[d]["job_id"].split("_")[0] for d in stage.depends_on if d in records]
+            folder = Path(run["workdir"]) / run["run_id"] / "submitit" / name
+            ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=stage.resources.max_requeues)
+            ex.update_parameters(**_slurm_parameters(pipeline, stage, deps))
+            entry = StageEntry(str(run_dir), name)
+            if stage.variants:
+                idx = tasks.get(name) or list(range(len(stage.variants)))
+                ex.update_parameters(array_parallelism=len(idx))
+                jobs = ex.map_array(entry, idx)
+                array_id = jobs[0].job_id.split("_")[0]
+                submitted.append(array_id)
+                records[name] = {"job_id": array_id, "tasks": idx,
+                                 "task_job_ids": [j.job_id for j in jobs],
+                                 "log": str(jobs[0].paths.stdout).replace(f"{jobs[0].job_id}", f"{array_id}_%a")}
+            else:
+                job = ex.submit(entry)
+                submitted.append(job.job_id)
+                records[name] = {"job_id": job.job_id, "log": str(job.paths.stdout)}
+            records[name].update(executor="slurm", submitted_at=time.time(), depends_on_jobs=deps)
+    except Exception as e:
+        if submitted:
+            subprocess.run(["scancel", *submitted], capture_output=True, timeout=60)
+        raise RuntimeError(f"sbatch failed for stage {name!r}: {str(e).strip().splitlines()[-1] if str(e).strip() else e}"
+                           f"; cancelled the {len(submitted)} job(s) already submitted") from e
+    _record(run_dir, "slurm", records)
+    return records
+
+
+def _record(run_dir: Path, executor: str, records: dict) -> None:
+    def update(data):
+        data["executor"] = executor
+        stages = data.setdefault("stages", {})
+        for name, rec in records.items():
+            old = stages.get(name)
+            if old and old.get("job_id"):
+                rec["previous_job_ids"] = old.get("previous_job_ids", []) + [old["job_id"]]
+            stages[name] = rec
+    _update_jobs(run_dir, update)
+
+
+# -----------------------------------------------------------------------------
+# Local
+
+def _stage_command(run_dir: Path, name: str, task: int | None) -> list[str]:
+    cmd = [sys.executable, "-m", "jobs", "stage-run", str(run_dir), name]
+    return cmd + (["--task", str(task)] if task is not None else [])
+
+
+def run_local(run: dict, run_dir: Path, pipeline, todo: list[str], max_parallel: int = 1,
+              tasks: dict[str, list[int]] | None = None, progress=print) -> dict[str, str]:
+    """Run the stages in `todo` here, in dependency order, at most max_parallel processes at once.
+    Blocks until done. Returns {stage: final state}."""
+    tasks = tasks or {}
+    run_dir = Path(run_dir)
+    log_dir = run_dir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, NANOCHAT_BASE_DIR=run["workdir"], PYTHONUNBUFFERED="1")
+    # the child must import this checkout's jobs/ and nanochat/ whatever the cwd
+    repo = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    state: dict[str, str] = {n: "PENDING" for n in todo}
+    pending_tasks = {n: list(tasks.get(n) or (range(len(pipeline.stages[n].variants)) if pipeline.stages[n].variants else [None]))
+                     for n in todo}
+    running: dict[tuple[str, int | None], tuple[subprocess.Popen, float, object]] = {}
+    task_failed: dict[str, bool] = {n: False for n in todo}
+    t_start = time.time()
+    records = {n: {"executor": "local", "state": "PENDING",
+                   "log": str(log_dir / (f"{n}.log" if pipeline.stages[n].variants == [] else f"{n}.<task>.log")),
+                   "tasks": [t for t in pending_tasks[n] if t is not None] or None} for n in todo}
+    _record(run_dir, "local", records)
+    _update_jobs(run_dir, lambda d: d.update(driver_pid=os.getpid()))
+
+    def set_state(name, st, **extra):
+        state[name] = st
+        def update(data):
+            rec = data["stages"].setdefault(name, {})
+            rec.update(state=st, **extra)
+        _update_jobs(run_dir, update)
+        progress(f"[{time.time() - t_start:7.1f}s] {name}: {st}" + (f" ({extra['note']})" if extra.get("note") else ""))
+
+    cancelled = lambda: (run_dir / "cancel_requested").exists()
+    try:
+        while True:
+            # reap finished processes
+            for key, (proc, t0, fh) in list(running.items()):
+                rc = proc.poll()
+                if rc is None:
+                    continue
+                fh.close()
+                del running[key]
+                name, _ = key
+                if rc != 0:
+                    task_failed[name] = True
+                if not pending_tasks[name] and not any(k[0] == name for k in running):
+                    if task_failed[name]:
+                        set_state(name, "CANCELLED" if cancelled() else "FAILED", ended_at=time.time(),
+                                  note=f"exit {rc}, log {log_dir / (name + '.log')}")
+                    else:
+                        set_state(name, "COMPLETED", ended_at=time.time(), note=f"{time.time() - t0:.1f}s")
+            # dependants of failed stages will never run
+            for name in todo:
+                if state[name] == "PENDING":
+                    deps = [d for d in pipeline.stages[name].depends_on if d in state]
+                    if cancelled() or any(state[d] in ("FAILED", "CANCELLED") for d in deps):
+                        pending_tasks[name] = []
+                        set_state(name, "CANCELLED", note="a dependency did not complete" if not cancelled() else "cancel requested")
+            # start what is ready, within the cap
+            for name in todo:
+                if state[name] not in ("PENDING", "RUNNING") or not pending_tasks[name]:
+                    continue
+                deps = [d for d in pipeline.stages[name].depends_on if d in state]
+                if not all(state[d] == "COMPLETED" for d in deps):
+                    continue
+                while pending_tasks[name] and len(running) < max_parallel:
+                    task = pending_tasks[name].pop(0)
+                    log_path = log_dir / (f"{name}.log" if task is None else f"{name}.{task}.log")
+                    fh = open(log_path, "ab")
+                    proc = subprocess.Popen(_stage_command(run_dir, name, task), stdout=fh, stderr=subprocess.STDOUT,
+                                            env=env, start_new_session=True)
+                    running[(name, task)] = (proc, time.time(), fh)
+                    if state[name] != "RUNNING":
+                        set_state(name, "RUNNING", started_at=time.time(), pids=[proc.pid], note=f"pid {proc.pid}, log {log_path}")
+                    else:
+                        _update_jobs(run_dir, lambda d, n=name, p=proc.pid: d["stages"][n].setdefault("pids", []).append(p))
+            if not running and all(s not in ("PENDING", "RUNNING") for s in state.values()):
+                break
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        for proc, _, _ in running.values():
+            _kill_group(proc.pid)
+        for name in todo:
+            if state[name] in ("PENDING", "RUNNING"):
+                set_state(name, "CANCELLED", note="interrupted")
+        raise
+    return state
+
+
+def _kill_group(pid: int, sig=signal.SIGTERM) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def stage_completed(run_dir: Path, pipeline, name: str) -> bool:
+    stage = pipeline.stages[name]
+    if stage.variants:
+        return all(marker_path(run_dir, name, i).exists() for i in range(len(stage.variants)))
+    return marker_path(run_dir, name).exists()
+
+
+def missing_tasks(run_dir: Path, pipeline, name: str) -> list[int]:
+    stage = pipeline.stages[name]
+    return [i for i in range(len(stage.variants)) if not marker_path(run_dir, name, i).exists()]
