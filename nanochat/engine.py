@@ -1,0 +1,378 @@
+"""
+Inference: KV cache, sampling, multi-sample generation with tool use, and a captured decode step.
+
+How a generation runs (Engine.generate):
+1. Prefill: the prompt goes through the model once, at batch 1, into a KV cache preallocated for
+   prompt + new tokens.
+2. The cache is copied to N rows (one per sample) and every row samples its own first token from
+   the prefill logits. (nanochat once sampled one token and broadcast it: N "samples" that all
+   started the same way.)
+3. Decode: one token per row per step, reading and extending the cache. Rows move in lockstep: a
+   token forced in by the calculator also takes a step.
+
+Two caches share one class:
+- dynamic (eager): a host-side position; each layer writes its new K/V at [pos, pos+T) and attends
+  to the slice [0, pos+T). Cheapest on a CPU: attention touches only the filled part.
+- static: positions live in a device tensor (one per row), K/V are scattered in at those positions
+  and attention covers the whole buffer under a mask. Every tensor keeps its shape and address from
+  step to step, so the step can be captured as a CUDA graph and replayed (DecodeStep). On a CPU the
+  same step runs eagerly, which is how the tests exercise it.
+Going past the preallocated length raises KVCacheOverflow; it never reallocates behind the
+caller's back (nanochat's in-place resize_ scrambled the cache's layout).
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from nanochat.calculator import use_calculator
+
+
+class KVCacheOverflow(RuntimeError):
+    """More tokens were inserted than the cache was allocated for."""
+
+
+class KVCache:
+    def __init__(self, batch_size: int, num_layers: int, num_kv_heads: int, head_dim: int, max_len: int,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, static: bool = False):
+        shape = (num_layers, batch_size, num_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.batch_size, self.num_layers, self.max_len = batch_size, num_layers, max_len
+        self.static = static
+        # Host-side count of positions filled (all rows alike). The dynamic path slices with it;
+        # both paths check overflow with it, so the check never reads the device.
+        self.pos = 0
+        # Per-row positions on the device: what a static (captured) step reads and advances.
+        self.positions = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self._arange = torch.arange(max_len, device=device)
+        self._mask = None
+
+    @classmethod
+    def for_model(cls, model, batch_size: int, max_len: int, static: bool = False) -> "KVCache":
+        c = model.config
+        weight = model.transformer.wte.weight
+        return cls(batch_size, c.n_layer, c.n_kv_head, c.n_embd // c.n_head, max_len,
+                   device=weight.device, dtype=weight.dtype, static=static)
+
+    def reset(self) -> None:
+        self.pos = 0
+        self.positions.zero_()
+
+    def room(self) -> int:
+        return self.max_len - self.pos
+
+    def check_room(self, num_tokens: int) -> None:
+        if self.pos + num_tokens > self.max_len:
+            raise KVCacheOverflow(
+                f"KV cache overflow: {self.pos} positions filled, {num_tokens} more requested, "
+                f"{self.max_len} allocated (allocate prompt length + max new tokens)")
+
+    def load_prefix(self, other: "KVCache") -> None:
+        """Copy a (batch 1) prefilled cache into every row of this one: the prompt is computed once."""
+        n = other.pos
+        if other.batch_size != 1 and other.batch_size != self.batch_size:
+            raise ValueError(f"cannot copy a cache of {other.batch_size} rows into {self.batch_size}")
+        if n > self.max_len:
+            raise KVCacheOverflow(f"KV cache overflow: prefix of {n} positions, {self.max_len} allocated")
+        self.k[:, :, :, :n] = other.k[:, :, :, :n]   # broadcasts 1 row to all rows
+        self.v[:, :, :, :n] = other.v[:, :, :, :n]
+        self.pos = n
+        self.positions.fill_(n)
+
+    # -- the two hooks GPT.forward calls ---------------------------------------------------
+    def rotary(self, cos: torch.Tensor, sin: torch.Tensor, T: int):
+        """cos/sin for the T positions about to be inserted (tables are (1, L, 1, D/2))."""
+        self.check_room(T)
+        if self.pos + T > cos.size(1):
+            raise KVCacheOverflow(f"position {self.pos + T} is past the rotary table ({cos.size(1)})")
+        if not self.static:
+            return cos[:, self.pos:self.pos + T], sin[:, self.pos:self.pos + T]
+        idx = self.positions[:, None] + self._arange[:T][None, :]          # (B, T), on device
+        return cos[0, idx], sin[0, idx]                                     # (B, T, 1, D/2)
+
+    def insert_kv(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
+        """Store this step's k, v (B, H, T, D) for a layer; return the keys/values to attend to and
+        the attention mask (None: plain causal / attend to everything returned)."""
+        B, H, T, D = k.shape
+        if not self.static:
+            p = self.pos
+            self.k[layer_idx, :, :, p:p + T] = k
+            self.v[layer_idx, :, :, p:p + T] = v
+            mask = None
+            if T > 1 and p > 0:
+                # a chunk after a prefix: query t sees keys [0, p + t]
+                mask = self._arange[:p + T][None, :] <= (p + self._arange[:T])[:, None]
+            if layer_idx == self.num_layers - 1:
+                self.pos += T
+            return self.k[layer_idx, :, :, :p + T], self.v[layer_idx, :, :, :p + T], mask
+        # static: scatter at each row's own position; attend over the whole buffer under a mask
+        if layer_idx == 0:
+            query_pos = self.positions[:, None] + self._arange[:T][None, :]               # (B, T)
+            self._mask = (self._arange[None, None, :] <= query_pos[:, :, None]).unsqueeze(1)  # (B, 1, T, L)
+        index = (self.positions[:, None] + self._arange[:T][None, :]).view(B, 1, T, 1).expand(B, H, T, D)
+        self.k[layer_idx].scatter_(2, index, k)
+        self.v[layer_idx].scatter_(2, index, v)
+        if layer_idx == self.num_layers - 1:
+            # device-side only; the owner advances self.pos (a replayed graph runs no Python)
+            self.positions += T
+        return self.k[layer_idx], self.v[layer_idx], self._mask
+
+
+# -----------------------------------------------------------------------------
+# Sampling
+
+def sample_next_token(logits: torch.Tensor, generator: torch.Generator | None = None, temperature: float = 1.0,
+                      top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """logits (B, V) -> token ids (B, 1). Each row is drawn independently. temperature 0 = greedy."""
+    if temperature == 0.0:
+        return torch.argmax(logits, dim=-1, keepdim=True)
+    logits = logits / temperature
+    index = None
+    if top_k is not None and top_k > 0 and top_k < logits.size(-1):
+        logits, index = torch.topk(logits, top_k, dim=-1)
+    probs = F.softmax(logits, dim=-1)
+    if top_p is not None and 0.0 < top_p < 1.0:
+        # nucleus: keep the smallest set of most likely tokens whose mass reaches top_p
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+        before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+        sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)
+        choice = torch.multinomial(sorted_probs, 1, generator=generator)
+        choice = order.gather(-1, choice)
+    else:
+        choice = torch.multinomial(probs, 1, generator=generator)
+    return choice if index is None else index.gather(-1, choice)
+
+
+# -----------------------------------------------------------------------------
+# The decode step over a static cache, captured as a CUDA graph where CUDA is present
+
+class DecodeStep:
+    """One token per row through the model over a static cache of fixed (batch, max_len).
+    With capture=True (CUDA only) the step is recorded once as a CUDA graph and replayed: a small
+    model's decode is otherwise bound by kernel launches, not by the GPU. Without capture the very
+    same step runs eagerly (the CPU path, and what the tests run)."""
+
+    def __init__(self, model, batch_size: int, max_len: int, capture: bool = False):
+        self.model = model
+        self.cache = KVCache.for_model(model, batch_size, max_len, static=True)
+        device = self.cache.k.device
+        self.tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+        self.graph = None
+        self.logits = None
+        if capture:
+            if device.type != "cuda":
+                raise ValueError("CUDA graph capture needs a CUDA device")
+            self._capture()
+
+    def _forward(self) -> torch.Tensor:
+        return self.model(self.tokens, kv_cache=self.cache)[:, -1]
+
+    @torch.inference_mode()
+    def _capture(self) -> None:
+        # Warm up on a side stream (cuBLAS workspaces, kernel selection) as torch.cuda.graphs
+        # recommends; this writes junk at positions 0..2, which reset() and load_prefix() discard.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self._forward()
+        torch.cuda.current_stream().wait_stream(side)
+        self.cache.reset()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._forward()     # recorded, not run: positions are not advanced
+        self.cache.reset()
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, 1) -> logits (B, V). With a graph the result lives in a static buffer that the
+        next call overwrites: consume it (sample) before stepping again."""
+        self.cache.check_room(1)
+        if self.graph is None:
+            logits = self.model(tokens, kv_cache=self.cache)[:, -1]
+        else:
+            self.tokens.copy_(tokens)
+            self.graph.replay()
+            logits = self.logits
+        self.cache.pos += 1
+        return logits
+
+
+# -----------------------------------------------------------------------------
+# The engine
+
+@dataclass
+class _RowState:
+    """Per-sample bookkeeping for tool use and stopping."""
+    forced: deque = field(default_factory=deque)   # tokens to force in next (calculator output)
+    in_python: bool = False
+    python_tokens: list = field(default_factory=list)
+    done: bool = False
+
+
+def _model_max_len(model) -> int:
+    return model.cos.size(1)
+
+
+class Engine:
+    """Generation over a GPT with a KV cache. decode: "eager" (dynamic cache), "static" (the
+    capturable step, run eagerly) or "graph" (static step captured as a CUDA graph; CUDA only).
+    "auto" picks graph on CUDA and eager elsewhere."""
+
+    def __init__(self, model, tokenizer=None, decode: str = "auto"):
+        if decode not in ("auto", "eager", "static", "graph"):
+            raise ValueError(f"decode must be auto, eager, static or graph, got {decode!r}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = model.get_device()
+        if decode == "auto":
+            decode = "graph" if self.device.type == "cuda" else "eager"
+        if decode == "graph" and self.device.type != "cuda":
+            raise ValueError("decode='graph' needs a CUDA device")
+        self.decode = decode
+        self._steps: dict[tuple[int, int], DecodeStep] = {}   # captured graphs, reused across calls
+        self._special = {}
+        if tokenizer is not None:
+            for name in ("<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>",
+                         "<|assistant_end|>"):
+                self._special[name] = tokenizer.encode_special(name)
+            self._special["<|bos|>"] = tokenizer.get_bos_token_id()
+
+    def _decode_step(self, batch_size: int, max_len: int) -> DecodeStep:
+        key = (batch_size, max_len)
+        step = self._steps.get(key)
+        if step is None:
+            step = DecodeStep(self.model, batch_size, max_len, capture=(self.decode == "graph"))
+            if self.decode == "graph":
+                self._steps[key] = step   # capture once per shape; eager static steps are cheap to rebuild
+        return step
+
+    @torch.inference_mode()
+    def generate(self, tokens: list[int], num_samples: int = 1, max_tokens: int | None = None,
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                 seed: int = 42, use_tools: bool = True, stop_at_end: bool = True,
+                 ) -> Iterator[tuple[list[int], list[int]]]:
+        """Yield, per step, (token of each row, mask of each row): mask 1 for sampled tokens, 0 for
+        tokens forced in by the calculator. Rows that finished (<|assistant_end|> or <|bos|>) keep
+        being yielded until all have finished (when stop_at_end), as in nanochat."""
+        if not tokens or not all(isinstance(t, int) for t in tokens):
+            raise ValueError("tokens must be a non-empty list of ints")
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if max_tokens is None:
+            max_tokens = self.model.config.sequence_len - len(tokens)
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1 (prompt of {len(tokens)} tokens)")
+        total = len(tokens) + max_tokens
+        if total > _model_max_len(self.model):
+            raise ValueError(f"prompt + max_tokens = {total} is past the model's rotary table ({_model_max_len(self.model)})")
+        tools = use_tools and self.tokenizer is not None
+        stopping = stop_at_end and self.tokenizer is not None
+        device = self.device
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed)
+
+        # 1. prefill once, at batch 1
+        prefill = KVCache.for_model(self.model, 1, total)
+        ids = torch.tensor([tokens], dtype=torch.long, device=device)
+        logits = self.model(ids, kv_cache=prefill)[:, -1]            # (1, V)
+
+        # 2. decode state: the same cache when one sample decodes eagerly, else a copy per row
+        if self.decode == "eager":
+            if num_samples == 1:
+                cache = prefill
+            else:
+                cache = KVCache.for_model(self.model, num_samples, total)
+                cache.load_prefix(prefill)
+
+            def step(x):
+                return self.model(x, kv_cache=cache)[:, -1]
+        else:
+            step = self._decode_step(num_samples, total)
+            step.cache.load_prefix(prefill)
+        del prefill
+
+        # every row draws its own first token from the prefill logits
+        sampled = sample_next_token(logits.expand(num_samples, -1), generator, temperature, top_k, top_p)
+        rows = [_RowState() for _ in range(num_samples)] if (tools or stopping) else None
+        sp = self._special
+        for i in range(max_tokens):
+            chosen = sampled.view(-1).tolist()       # the one host read per step (streaming needs it)
+            masks = [1] * num_samples
+            forced_any = False
+            if rows is not None:
+                for r, row in enumerate(rows):
+                    if row.forced:
+                        chosen[r] = row.forced.popleft()
+                        masks[r] = 0
+                        forced_any = True
+                    token = chosen[r]
+                    if stopping and token in (sp["<|assistant_end|>"], sp["<|bos|>"]):
+                        row.done = True
+                    if tools:
+                        if token == sp["<|python_start|>"]:
+                            row.in_python, row.python_tokens = True, []
+                        elif token == sp["<|python_end|>"] and row.in_python:
+                            row.in_python = False
+                            result = use_calculator(self.tokenizer.decode(row.python_tokens))
+                            if result is not None:
+                                row.forced.append(sp["<|output_start|>"])
+                                row.forced.extend(self.tokenizer.encode(result))
+                                row.forced.append(sp["<|output_end|>"])
+                        elif row.in_python:
+                            row.python_tokens.append(token)
+            yield chosen, masks
+            if i == max_tokens - 1 or (stopping and all(row.done for row in rows)):
+                break
+            x = torch.tensor(chosen, dtype=torch.long, device=device).view(-1, 1) if forced_any else sampled
+            logits = step(x)
+            sampled = sample_next_token(logits, generator, temperature, top_k, top_p)
+
+    def generate_batch(self, tokens: list[int], num_samples: int = 1, **kwargs) -> tuple[list[list[int]], list[list[int]]]:
+        """All samples, each the prompt plus what was generated up to (not including) its end token."""
+        results = [list(tokens) for _ in range(num_samples)]
+        masks = [[0] * len(tokens) for _ in range(num_samples)]
+        done = [False] * num_samples
+        ends = {self._special.get("<|assistant_end|>"), self._special.get("<|bos|>")} - {None}
+        for column, mask_column in self.generate(tokens, num_samples=num_samples, **kwargs):
+            for r, (token, m) in enumerate(zip(column, mask_column)):
+                if done[r]:
+                    continue
+                if token in ends:
+                    done[r] = True
+                else:
+                    results[r].append(token)
+                    masks[r].append(m)
+            if all(done):
+                break
+        return results, masks
+
+
+# -----------------------------------------------------------------------------
+# The baseline: no cache at all
+
+@torch.inference_mode()
+def generate_naive(model, tokens: list[int], max_tokens: int, num_samples: int = 1, temperature: float = 0.0,
+                   top_k: int | None = None, seed: int = 42) -> list[list[int]]:
+    """The original O(T^2) generate: a full forward over the whole sequence for every new token.
+    Returns the new tokens of each row (no tools, no stopping): the reference the cache must match."""
+    device = model.get_device()
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    ids = torch.tensor([tokens] * num_samples, dtype=torch.long, device=device)
+    for _ in range(max_tokens):
+        logits = model(ids)[:, -1]
+        ids = torch.cat([ids, sample_next_token(logits, generator, temperature, top_k)], dim=1)
+    return ids[:, len(tokens):].tolist()
+
+
+def prepare_for_inference(model):
+    """eval mode; bf16 weights on CUDA (decode is bound by reading weights: half the bytes)."""
+    model.eval()
+    if model.get_device().type == "cuda":
+        model.to(torch.bfloat16)
+    return model

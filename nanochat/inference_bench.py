@@ -1,0 +1,235 @@
+"""
+Inference benchmark (stage kind inference_bench): the same prompt decoded by
+- naive:     no cache; a full forward over the whole sequence for every new token (O(T^2))
+- kv-eager:  the KV cache, eager decode
+- kv-static: the static-cache decode step run eagerly (CPU only: the CUDA-graph code path, uncaptured)
+- kv-graph:  the static-cache decode step captured as a CUDA graph (CUDA only; skipped elsewhere)
+One result row per variant: tokens/s, time to first token, time per output token, memory-bandwidth
+use against the roofline, whether its greedy output equals the naive one, and the speedup over
+naive measured in this same run. Without init_from the model is freshly built from `depth` with
+random weights: enough for speed, and the rows say so.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from nanochat.common import (ConfigError, autodetect_device_type, device_name, git_commit, peak_bandwidth,
+                             peak_memory_bytes, synchronize)
+from nanochat.engine import Engine, generate_naive, prepare_for_inference
+from nanochat.gpt import GPTConfig, build_model
+
+
+@dataclass
+class InferenceBenchConfig:
+    base_dir: str = ""
+    out_dir: str = ""
+    init_from: str = ""          # checkpoint folder; "" -> a fresh random model of `depth`
+    device_type: str = ""        # "" = auto
+    depth: int = 8
+    vocab_size: int = 65536      # fresh model only (nanochat's vocabulary size)
+    prompt_len: int = 50
+    new_tokens: int = 100
+    num_samples: int = 1         # rows decoded together in the timed runs
+    diversity_samples: int = 16  # samples drawn at temperature 1 to count distinct first tokens
+    seed: int = 42
+
+    def validate(self) -> None:
+        for key in ("depth", "vocab_size", "prompt_len", "new_tokens", "num_samples", "diversity_samples"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"inference_bench: {key} must be a positive integer, got {value!r}")
+        if self.new_tokens < 2:
+            raise ConfigError("inference_bench: new_tokens must be at least 2 (time per output token needs two)")
+        if self.device_type not in ("", "cpu", "cuda", "mps"):
+            raise ConfigError(f"inference_bench: device_type must be cpu, cuda, mps or empty, got {self.device_type!r}")
+
+
+def randomize_weights(model, seed: int = 0) -> None:
+    """nanochat's init zeroes every output projection, so a fresh model ignores attention entirely and
+    a KV-cache bug could not change its output. For benchmarking untrained models, give every
+    matrix a scaled normal init so attention matters and logits are O(1) (greedy ties are unlikely)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            std = 1.0 if "wte" in name else 1.0 / math.sqrt(p.size(1))
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def _load(cfg: InferenceBenchConfig, device: torch.device):
+    """(model, tokenizer or None, description of the weights)."""
+    if cfg.init_from:
+        from nanochat.checkpoint import load_model
+        model, tokenizer, _meta = load_model(cfg.init_from, device)
+        return model, tokenizer, f"checkpoint {cfg.init_from}"
+    seq = max(1024, cfg.prompt_len + cfg.new_tokens)
+    model = build_model(GPTConfig.from_depth(cfg.depth, cfg.vocab_size, seq), device=device)
+    randomize_weights(model, cfg.seed)
+    return model, None, "random (no checkpoint: speed only, outputs meaningless)"
+
+
+def _decode_bytes_per_step(model, num_samples: int, context: float) -> float:
+    """Bytes a decode step must read at the least: every weight once (the embedding only for the rows'
+    tokens) plus the K and V of the context for each row."""
+    c = model.config
+    elem = model.transformer.wte.weight.element_size()
+    weights = (model.num_params() - model.transformer.wte.weight.numel() + num_samples * c.n_embd) * elem
+    head_dim = c.n_embd // c.n_head
+    kv = 2 * c.n_layer * c.n_kv_head * head_dim * context * num_samples * elem
+    return weights + kv
+
+
+def _timed_engine_run(engine: Engine, prompt: list[int], cfg: InferenceBenchConfig, device) -> dict:
+    outputs = [[] for _ in range(cfg.num_samples)]
+    synchronize(device)
+    t0 = time.perf_counter()
+    t_first = None
+    for column, _ in engine.generate(prompt, num_samples=cfg.num_samples, max_tokens=cfg.new_tokens,
+                                     temperature=0.0, use_tools=False, stop_at_end=False):
+        if t_first is None:
+            t_first = time.perf_counter()   # the tokens are on the host: no sync needed
+        for r, token in enumerate(column):
+            outputs[r].append(token)
+    t_end = time.perf_counter()
+    return {"outputs": outputs, "ttft": t_first - t0, "total": t_end - t0}
+
+
+def _timed_naive_run(model, prompt: list[int], cfg: InferenceBenchConfig, device) -> dict:
+    synchronize(device)
+    t0 = time.perf_counter()
+    generate_naive(model, prompt, 1, num_samples=cfg.num_samples)
+    ttft = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    outputs = generate_naive(model, prompt, cfg.new_tokens, num_samples=cfg.num_samples)
+    total = time.perf_counter() - t0
+    return {"outputs": outputs, "ttft": ttft, "total": total}
+
+
+def _warm_up(engine: Engine, prompt: list[int], cfg: InferenceBenchConfig) -> None:
+    # Same shapes as the timed run (a captured graph is keyed by them); stop after a few steps.
+    gen = engine.generate(prompt, num_samples=cfg.num_samples, max_tokens=cfg.new_tokens,
+                          temperature=0.0, use_tools=False, stop_at_end=False)
+    for i, _ in enumerate(gen):
+        if i >= 3:
+            break
+    gen.close()
+
+
+def _first_mismatch(a: list[list[int]], b: list[list[int]]) -> int | None:
+    for row_a, row_b in zip(a, b):
+        for i, (x, y) in enumerate(zip(row_a, row_b)):
+            if x != y:
+                return i
+    return None
+
+
+def run(cfg: InferenceBenchConfig, should_stop=None) -> list[dict]:
+    cfg.validate()
+    device = torch.device(cfg.device_type or autodetect_device_type())
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    model, _tokenizer, weights = _load(cfg, device)
+    prepare_for_inference(model)
+    total_len = cfg.prompt_len + cfg.new_tokens
+    if total_len > model.cos.size(1):
+        raise ConfigError(f"inference_bench: prompt_len + new_tokens = {total_len} is past the model's "
+                          f"rotary table ({model.cos.size(1)})")
+    g = torch.Generator().manual_seed(cfg.seed)
+    vocab = model.config.vocab_size
+    # ordinary tokens only (the last ids are the tokenizer's special tokens)
+    prompt = torch.randint(0, max(1, vocab - 16), (cfg.prompt_len,), generator=g).tolist()
+    name = device_name(device)
+    bandwidth_peak = peak_bandwidth(name) if device.type == "cuda" else None
+    bytes_per_step = _decode_bytes_per_step(model, cfg.num_samples, cfg.prompt_len + cfg.new_tokens / 2)
+    common = {
+        "kind": "inference_bench", "device_name": name, "world_size": 1, "depth": model.config.n_layer,
+        "n_params": model.num_params(), "seq_len": total_len, "device_batch_size": cfg.num_samples,
+        "batch_size_source": "config", "compile": False, "git_commit": git_commit(),
+        "prompt_len": cfg.prompt_len, "new_tokens": cfg.new_tokens, "num_samples": cfg.num_samples,
+        "weights": weights, "weights_dtype": str(model.transformer.wte.weight.dtype).replace("torch.", ""),
+    }
+
+    variants = ["naive", "kv-eager"]
+    variants.append("kv-graph" if device.type == "cuda" else "kv-static")
+    if device.type != "cuda":
+        variants.append("kv-graph")
+    rows: list[dict] = []
+    measured: dict[str, dict] = {}
+    for variant in variants:
+        if should_stop is not None and should_stop():
+            break
+        row = dict(common, variant=variant)
+        if variant == "kv-graph" and device.type != "cuda":
+            row.update(state="SKIPPED", skip_reason="CUDA graph capture needs a CUDA device (running on "
+                       f"{device.type}); kv-static runs the same decode step uncaptured")
+            rows.append(row)
+            continue
+        t_start = time.perf_counter()
+        if variant == "naive":
+            generate_naive(model, prompt, 2, num_samples=cfg.num_samples)   # warm-up
+            result = _timed_naive_run(model, prompt, cfg, device)
+        else:
+            engine = Engine(model, decode={"kv-eager": "eager", "kv-static": "static", "kv-graph": "graph"}[variant])
+            _warm_up(engine, prompt, cfg)
+            result = _timed_engine_run(engine, prompt, cfg, device)
+        measured[variant] = result
+        tokens = cfg.num_samples * cfg.new_tokens
+        tpot = (result["total"] - result["ttft"]) / (cfg.new_tokens - 1)
+        achieved = bytes_per_step / tpot
+        row.update(
+            state="COMPLETED",
+            tokens_per_s=tokens / result["total"],
+            ttft_s=result["ttft"],
+            tpot_s=tpot,
+            decode_bytes_per_step=bytes_per_step,
+            bandwidth_bytes_per_s=achieved,
+            peak_bandwidth_bytes_per_s=bandwidth_peak,
+            bandwidth_util=(100.0 * achieved / bandwidth_peak) if bandwidth_peak else None,
+            peak_memory_bytes=peak_memory_bytes(device),
+            wall_time_s=time.perf_counter() - t_start,
+        )
+        rows.append(row)
+
+    # side-by-side figures, all from this run
+    naive = measured.get("naive")
+    for row in rows:
+        result = measured.get(row["variant"])
+        if result is None:
+            continue
+        if naive is not None:
+            mismatch = _first_mismatch(naive["outputs"], result["outputs"])
+            row["greedy_identical"] = mismatch is None
+            row["greedy_first_mismatch"] = mismatch
+            row["speedup_vs_naive"] = naive["total"] / result["total"]
+
+    # independent first tokens: N samples at temperature 1 from one prefill
+    if not (should_stop is not None and should_stop()):
+        engine = Engine(model, decode="eager")
+        first = next(engine.generate(prompt, num_samples=cfg.diversity_samples, max_tokens=1,
+                                     temperature=1.0, seed=cfg.seed, use_tools=False, stop_at_end=False))[0]
+        for row in rows:
+            row["first_token_distinct"] = len(set(first))
+            row["diversity_samples"] = cfg.diversity_samples
+    return rows
+
+
+def summary(rows: list[dict]) -> dict:
+    """One JSON-able object for the command line: the figures per variant and the headline ratios."""
+    out = {"variants": {}}
+    for key in ("device_name", "depth", "n_params", "prompt_len", "new_tokens", "num_samples", "weights",
+                "weights_dtype", "first_token_distinct", "diversity_samples"):
+        out[key] = rows[0].get(key) if rows else None
+    for row in rows:
+        out["variants"][row["variant"]] = {k: row.get(k) for k in (
+            "state", "skip_reason", "tokens_per_s", "ttft_s", "tpot_s", "bandwidth_bytes_per_s", "bandwidth_util",
+            "greedy_identical", "speedup_vs_naive", "peak_memory_bytes") if row.get(k) is not None or k == "state"}
+    done = [r for r in rows if r.get("state") == "COMPLETED" and r["variant"] != "naive"]
+    out["greedy_identical"] = all(r.get("greedy_identical") for r in done) if done else None
+    kv = next((r for r in rows if r["variant"] == "kv-eager" and r.get("state") == "COMPLETED"), None)
+    out["speedup_kv_vs_naive"] = kv.get("speedup_vs_naive") if kv else None
+    graph = next((r for r in rows if r["variant"] == "kv-graph" and r.get("state") == "COMPLETED"), None)
+    out["speedup_graph_vs_naive"] = graph.get("speedup_vs_naive") if graph else None
+    return out
