@@ -657,7 +657,8 @@ def comparison_md(runs: list[RunData], baseline: RunData, lines: list[dict], plo
     parts += ["## Figures against the baseline", ""]
     parts.append(md_table(["run", "stage", "variant", "figure", "baseline", "value", "ratio"],
                           [[l["run_id"], l["stage"], l["variant"], l["metric"], l["baseline"], l["value"],
-                            _ratio(l["ratio"]) if l["ratio"] is not None else NOT_MEASURED]
+                            _ratio(l["ratio"]) if l["ratio"] is not None else
+                            "no ratio (baseline is 0)" if l["baseline"] == 0 and l["value"] is not None else NOT_MEASURED]
                            for l in lines]))
     parts.append("")
     parts += problems_md([p for r in runs for p in r.problems])
