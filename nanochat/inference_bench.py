@@ -14,10 +14,11 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from nanochat.common import (ConfigError, autodetect_device_type, device_name, git_commit, peak_bandwidth,
+from nanochat.common import (ConfigError, atomic_write_json, autodetect_device_type, device_name, git_commit, peak_bandwidth,
                              peak_memory_bytes, synchronize)
 from nanochat.engine import Engine, generate_naive, prepare_for_inference
 from nanochat.gpt import GPTConfig, build_model
@@ -213,6 +214,8 @@ def run(cfg: InferenceBenchConfig, should_stop=None) -> list[dict]:
         for row in rows:
             row["first_token_distinct"] = len(set(first))
             row["diversity_samples"] = cfg.diversity_samples
+    if cfg.out_dir:
+        atomic_write_json(Path(cfg.out_dir) / "inference_bench.json", {"rows": rows, "summary": summary(rows)})
     return rows
 
 

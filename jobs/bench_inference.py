@@ -1,0 +1,78 @@
+"""
+`python -m jobs bench inference --depth D --prompt-len 50 --new-tokens 100 [--num-samples N] [--json]`:
+generation without a cache (naive recompute), with the KV cache (eager), and with the captured decode
+step (CUDA graphs; on a CPU the same step runs uncaptured as kv-static and kv-graph is skipped), all
+in one process on the same prompt. Prints a table, then (with --json) one JSON object as the last line
+with the speedup of the KV cache over naive measured in this run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from nanochat.common import ConfigError
+from nanochat.inference_bench import InferenceBenchConfig, run as run_bench, summary
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    parser.add_argument("--init-from", default="", help="checkpoint folder (default: a fresh random model: speed only)")
+    parser.add_argument("--depth", type=int, default=8, help="depth of the fresh model")
+    parser.add_argument("--vocab-size", type=int, default=65536, help="vocabulary of the fresh model")
+    parser.add_argument("--prompt-len", type=int, default=50, help="prompt tokens")
+    parser.add_argument("--new-tokens", type=int, default=100, help="tokens generated per sample")
+    parser.add_argument("--num-samples", type=int, default=1, help="samples decoded together (rows)")
+    parser.add_argument("--diversity-samples", type=int, default=16,
+                        help="samples at temperature 1 whose distinct first tokens are counted")
+    parser.add_argument("--device", default="", help="cpu, cuda or mps (default: auto)")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--out-dir", default="", help="also write inference_bench.json (rows and summary) here")
+
+
+def _fmt(x, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = InferenceBenchConfig(init_from=args.init_from, device_type=args.device, depth=args.depth,
+                               vocab_size=args.vocab_size, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                               num_samples=args.num_samples, diversity_samples=args.diversity_samples,
+                               seed=args.seed, out_dir=args.out_dir)
+    rows = run_bench(cfg)
+    s = summary(rows)
+    print(f"device {s['device_name']}, depth {s['depth']}, {s['n_params']:,} params ({s['weights_dtype']}), "
+          f"weights: {s['weights']}")
+    print(f"prompt {s['prompt_len']} tokens, {s['new_tokens']} new tokens x {s['num_samples']} sample(s)")
+    print(f"{'variant':<10} {'tok/s':>9} {'TTFT ms':>9} {'TPOT ms':>9} {'GB/s':>8} {'BW util%':>8} "
+          f"{'greedy=':>7} {'vs naive':>8}")
+    for r in rows:
+        if r.get("state") != "COMPLETED":
+            print(f"{r['variant']:<10} {r.get('state')}: {r.get('skip_reason') or r.get('error') or ''}")
+            continue
+        print(f"{r['variant']:<10} {r['tokens_per_s']:>9.1f} {1e3 * r['ttft_s']:>9.2f} {1e3 * r['tpot_s']:>9.2f} "
+              f"{r['bandwidth_bytes_per_s'] / 1e9:>8.2f} {_fmt(r.get('bandwidth_util'), '>8.1f')} "
+              f"{str(r.get('greedy_identical')):>7} {_fmt(r.get('speedup_vs_naive'), '>7.2f')}x")
+    print(f"first-token diversity: {s['first_token_distinct']} distinct of {s['diversity_samples']} samples "
+          f"(temperature 1, one prefill)")
+    if s["speedup_kv_vs_naive"] is not None:
+        print(f"KV cache vs naive recompute: {s['speedup_kv_vs_naive']:.2f}x tokens/s (same run)")
+    if args.json:
+        print(json.dumps({"command": "bench inference", **s}, sort_keys=True, default=str))
+    failed = [r["variant"] for r in rows if r.get("state") not in ("COMPLETED", "SKIPPED")]
+    return 1 if failed or s["greedy_identical"] is False and s["weights_dtype"] == "float32" else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.bench_inference", description=__doc__.strip().splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
