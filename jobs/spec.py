@@ -125,7 +125,10 @@ class SpecError:
 
 
 def _suggest(name: str, choices) -> str:
-    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    choices = [str(c) for c in choices]
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
+    if not close and len(name) >= 3:  # a shortened key: gpus -> gpus_per_node
+        close = [c for c in choices if c.startswith(name)][:1]
     return f" (did you mean {close[0]}?)" if close else ""
 
 

@@ -36,6 +36,7 @@ RUN_FILES = ("resolved.yaml", "run.json", "jobs.json")
 class NoopConfig:
     seconds: float = 0.0          # total time to spend (spread over the steps)
     fail: bool = False            # raise an error (to test failure handling)
+    fail_times: int = 0           # fail the first N attempts of this stage (counted in out_dir): tests resume
     steps: int = 0                # "training" steps; each updates a small deterministic state
     checkpointable: bool = False  # save the state after every step and resume from it
     all_reduce: bool = False      # join torch.distributed (gloo) and all-reduce the ranks' ids
@@ -54,6 +55,12 @@ def run_noop(cfg: NoopConfig, should_stop=None) -> dict:
     if cfg.fail:
         raise RuntimeError("noop stage asked to fail (args.fail: true)")
     out = Path(cfg.out_dir) if cfg.out_dir else None
+    if cfg.fail_times and out is not None:
+        from nanochat.common import atomic_write_json as _write
+        attempts = (read_json(out / "attempts.json") or {"attempts": 0})["attempts"] + 1
+        _write(out / "attempts.json", {"attempts": attempts})
+        if attempts <= cfg.fail_times:
+            raise RuntimeError(f"noop stage asked to fail its first {cfg.fail_times} attempt(s) (this is attempt {attempts})")
     ckpt = out / "checkpoints" / "noop_state.json" if out else None
     state = {"step": 0, "weights": [float(i) for i in range(8)]}
     resumed_from = None

@@ -1,0 +1,106 @@
+"""The command line (jobs/cli.py): dispatch, exit codes, one-line errors, --json. Uses noop stages."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from jobs import cli
+
+REPO = Path(__file__).resolve().parent.parent
+
+NOOP = {
+    "name": "clitest",
+    "stages": {
+        "a": {"kind": "noop"},
+        "b": {"kind": "noop", "depends_on": ["a"], "args": {"steps": 2}},
+    },
+}
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_RESULTS_DIR", str(tmp_path / "results"))
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "work"))
+    return tmp_path
+
+
+def run_cli(*argv, env_extra=None):
+    env = dict(os.environ, **(env_extra or {}))
+    return subprocess.run([sys.executable, "-m", "jobs", *argv], capture_output=True, text=True, env=env,
+                          cwd=REPO, timeout=300)
+
+
+def test_help_lists_every_command():
+    out = run_cli("--help")
+    assert out.returncode == 0
+    for command in ("submit", "status", "cancel", "resume", "report", "probe", "bench", "chat"):
+        assert command in out.stdout
+
+
+def test_bad_spec_is_exit_2_with_one_line_naming_file_and_key(env):
+    bad = dict(NOOP, stages={"a": {"kind": "noop", "args": {"secnds": 1}}})
+    path = env / "bad.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    out = run_cli("submit", str(path), "--executor", "local")
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert lines == [f"error: {path}: stages.a.args.secnds: unknown key (did you mean seconds?)"]
+    assert not (env / "results").exists()     # nothing was created, nothing ran
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["submit", "no/such/pipeline.yaml"], "no/such/pipeline.yaml: file not found"),
+    (["submit", "NOOP", "--set", "b.stepz=3"], "stages.b.args.stepz: unknown key (did you mean steps?)"),
+    (["submit", "NOOP", "--set", "b.resources.time_min=-5"], "stages.b.resources.time_min: -5 out of range"),
+    (["submit", "NOOP", "--set", "q.x=1"], "--set q.x: no stage or section named 'q'"),
+    (["submit", "NOOP", "--max-parallel", "0"], "--max-parallel 0: must be at least 1"),
+    (["status", "no-such-run"], "no-such-run: no such run"),
+    (["cancel", "no-such-run"], "no-such-run: no such run"),
+    (["resume", "no-such-run"], "no-such-run: no such run"),
+])
+def test_bad_input_exit_codes_in_process(env, capsys, argv, needle):
+    path = env / "noop.yaml"
+    path.write_text(yaml.safe_dump(NOOP))
+    argv = [str(path) if a == "NOOP" else a for a in argv]
+    if argv[0] == "submit":
+        argv += ["--executor", "local"]
+    rc = cli.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert len(err) == 1 and needle in err[0], err
+
+
+def test_submit_local_json_status_and_resume_when_complete(env):
+    path = env / "noop.yaml"
+    path.write_text(yaml.safe_dump(NOOP))
+    out = run_cli("submit", str(path), "--executor", "local", "--json", "--run-id", "r1")
+    assert out.returncode == 0, out.stderr
+    last = json.loads(out.stdout.strip().splitlines()[-1])
+    assert last["run_id"] == "r1" and last["state"] == "COMPLETED" and last["executor"] == "local"
+    assert last["stages"] == {"a": "COMPLETED", "b": "COMPLETED"}
+
+    out = run_cli("status", "r1", "--json")
+    assert out.returncode == 0
+    status = json.loads(out.stdout.strip().splitlines()[-1])
+    assert {n: s["state"] for n, s in status["stages"].items()} == {"a": "COMPLETED", "b": "COMPLETED"}
+    assert all(s["job_id"].startswith("local:") and Path(s["log"]).exists() for s in status["stages"].values())
+
+    out = run_cli("resume", "r1", "--json")
+    assert out.returncode == 0
+    assert json.loads(out.stdout.strip().splitlines()[-1])["resubmitted"] == []
+
+    out = run_cli("submit", str(path), "--executor", "local", "--run-id", "r1")   # the id is taken
+    assert out.returncode == 2 and "already exists" in out.stderr
+
+
+def test_slurm_executor_without_slurm_is_bad_input(env, capsys, monkeypatch):
+    path = env / "noop.yaml"
+    path.write_text(yaml.safe_dump(NOOP))
+    monkeypatch.setenv("PATH", str(env))        # no sbatch/sinfo on PATH
+    rc = cli.main(["submit", str(path), "--executor", "slurm"])
+    assert rc == 2
+    assert "--executor slurm: no Slurm here" in capsys.readouterr().err

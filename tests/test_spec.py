@@ -1,0 +1,127 @@
+"""Pipeline spec parsing and validation (jobs/spec.py), with the built-in noop kind: fast, no processes."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from jobs import spec
+from nanochat.common import ConfigError
+
+GOOD = {
+    "name": "t",
+    "cluster": {"partition": "gpu", "time_min": 30, "setup": ["module load cuda"]},
+    "defaults": {"args": {"seconds": 0.5, "steps": 2}, "resources": {"cpus_per_task": 2}},
+    "stages": {
+        "d": {"kind": "noop", "depends_on": ["b", "c"]},
+        "b": {"kind": "noop", "depends_on": ["a"], "resources": {"time_min": 5, "max_requeues": 2}},
+        "c": {"kind": "noop", "depends_on": "a", "variants": [{"name": "x", "args": {"seconds": 1}}, {"name": "y"}]},
+        "a": {"kind": "noop", "args": {"steps": 0}},
+    },
+}
+
+
+def write(tmp_path: Path, data, name="p.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+    return p
+
+
+def test_good_spec_resolves_order_defaults_and_resources(tmp_path):
+    p = spec.load_pipeline(write(tmp_path, GOOD))
+    assert list(p.stages) == ["a", "b", "c", "d"]                 # dependencies before dependants
+    assert p.stages["a"].args == {"seconds": 0.5, "steps": 0}       # stage args override defaults.args
+    assert p.stages["b"].args == {"seconds": 0.5, "steps": 2}
+    assert p.stages["b"].resources.time_min == 5                    # stage resources > defaults > cluster
+    assert p.stages["a"].resources.time_min == 30
+    assert p.stages["a"].resources.cpus_per_task == 2
+    assert p.stages["b"].resources.max_requeues == 2
+    assert p.stages["c"].depends_on == ["a"] and p.stages["c"].num_tasks == 2
+    assert p.cluster.setup == ["module load cuda"]
+
+
+def test_set_overrides_reach_every_section(tmp_path):
+    path = write(tmp_path, GOOD)
+    p = spec.load_pipeline(path, ["b.seconds=2", "a.args.fail=true", "b.resources.time_min=7",
+                                  "defaults.steps=9", "cluster.partition=debug", "results_dir=/tmp/x",
+                                  "defaults.resources.mem_gb=4"])
+    assert p.stages["b"].args["seconds"] == 2 and p.stages["a"].args["fail"] is True
+    assert p.stages["b"].resources.time_min == 7
+    assert p.stages["d"].args["steps"] == 9 and p.stages["a"].args["steps"] == 0
+    assert p.cluster.partition == "debug" and p.results_dir == "/tmp/x"
+    assert p.stages["d"].resources.mem_gb == 4
+    assert p.raw["stages"]["b"]["args"]["seconds"] == 2             # the resolved spec carries the overrides
+
+
+BAD = [
+    # (mutation of GOOD as a function, expected key in the message, expected words)
+    (lambda d: d["stages"]["a"]["args"].update(secnds=1), "stages.a.args.secnds", "did you mean seconds?"),
+    (lambda d: d["stages"]["a"]["args"].update(steps="ten"), "stages.a.args.steps", "expected int"),
+    (lambda d: d["stages"]["a"]["args"].update(fail=1), "stages.a.args.fail", "expected bool"),
+    (lambda d: d["stages"]["a"].update(kind="noopp"), "stages.a.kind", "did you mean noop?"),
+    (lambda d: d["stages"]["b"].update(depends_on=["zz"]), "stages.b.depends_on", "unknown stage 'zz'"),
+    (lambda d: d["stages"]["a"].update(depends_on=["d"]), "depends_on", "dependency cycle"),
+    (lambda d: d["stages"]["b"]["resources"].update(time_min=0), "stages.b.resources.time_min", "out of range"),
+    (lambda d: d["stages"]["b"]["resources"].update(nodes=-1), "stages.b.resources.nodes", "out of range"),
+    (lambda d: d["stages"]["b"]["resources"].update(gpus=2), "stages.b.resources.gpus", "did you mean gpus_per_node?"),
+    (lambda d: d["stages"]["b"].update(resource={}), "stages.b.resource", "did you mean resources?"),
+    (lambda d: d["cluster"].update(partiton="x"), "cluster.partiton", "did you mean partition?"),
+    (lambda d: d.update(stagez={}), "stagez", "did you mean stages?"),
+    (lambda d: d["defaults"]["args"].update(secondz=1), "defaults.args.secondz", "did you mean seconds?"),
+    (lambda d: d["stages"]["a"]["args"].update(out_dir="/x"), "stages.a.args.out_dir", "set by the pipeline runner"),
+    (lambda d: d["stages"]["c"]["variants"].append({"name": "x"}), "stages.c.variants", "unique"),
+    (lambda d: d["stages"]["c"]["variants"][0]["args"].update(stepz=1), "stages.c.variants[0].args.stepz", "did you mean steps?"),
+    (lambda d: d["stages"]["b"]["resources"].update(signal_delay_s=600), "stages.b.resources.signal_delay_s", "shorter than time_min"),
+    (lambda d: d["stages"]["b"].update(args={"init_from": "c"}), "stages.b.args.init_from", "must be in depends_on"),
+    (lambda d: d.update(stages={}), "stages", "at least one stage"),
+]
+
+
+@pytest.mark.parametrize("mutate,key,words", BAD, ids=[b[1] + ":" + b[2][:12] for b in BAD])
+def test_bad_specs_name_the_file_and_the_key(tmp_path, mutate, key, words):
+    import copy
+    data = copy.deepcopy(GOOD)
+    mutate(data)
+    path = write(tmp_path, data)
+    with pytest.raises(ConfigError) as e:
+        spec.load_pipeline(path)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: ") and key in msg and words in msg, msg
+    assert "\n" not in msg
+
+
+def test_missing_file_and_bad_yaml_and_bad_set(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml: file not found"):
+        spec.load_pipeline(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match=r"bad.yaml: line \d+: invalid YAML"):
+        spec.load_pipeline(write(tmp_path, "stages:\n  a: [unclosed\n", "bad.yaml"))
+    with pytest.raises(ConfigError, match=r"--set zz.x: no stage or section named 'zz'"):
+        spec.load_pipeline(write(tmp_path, GOOD), ["zz.x=1"])
+    with pytest.raises(ConfigError, match=r"--set a: expected KEY=VALUE"):
+        spec.load_pipeline(write(tmp_path, GOOD), ["a"])
+    with pytest.raises(ConfigError, match=r"stages.a.args.seconds: expected float"):
+        spec.load_pipeline(write(tmp_path, GOOD), ["a.seconds=[1, 2]"])
+
+
+def test_value_matches_follows_annotations():
+    assert spec.value_matches(3, float) and not spec.value_matches(True, int)
+    assert spec.value_matches(None, int | None) and not spec.value_matches("x", int | None)
+    assert spec.value_matches([1, 2], list[int]) and not spec.value_matches([1, "a"], list[int])
+
+
+def test_dependants_closure(tmp_path):
+    p = spec.load_pipeline(write(tmp_path, GOOD))
+    assert spec.dependants(p, {"b"}) == {"b", "d"}
+    assert spec.dependants(p, {"a"}) == {"a", "b", "c", "d"}
+
+
+@pytest.mark.parametrize("path", sorted((spec.PIPELINES_DIR).glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_pipelines_validate(path):
+    p = spec.load_pipeline(path)
+    assert p.stages
+    kinds = {s.kind for s in p.stages.values()}
+    assert kinds <= set(spec.KINDS)
+
+
+def test_smoke_pipeline_has_the_five_stages_in_order():
+    p = spec.load_pipeline(spec.DEFAULT_PIPELINE)
+    assert [s.kind for s in p.stages.values()] == ["probe", "base_train", "mid_train", "sft", "inference_bench"]
