@@ -1,0 +1,62 @@
+"""
+Base (pre)training: a GPT of a given depth on the pretraining shards.
+    from nanochat.base_train import BaseTrainConfig, run
+    row = run(BaseTrainConfig(depth=4, num_steps=100, device_batch_size=8, out_dir="runs/base"))
+Data and tokenizer are prepared on first use (nanochat.prepare, idempotent and file-locked).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from nanochat.common import ConfigError, compute_cleanup, compute_init, get_base_dir
+from nanochat.dataloader import pretraining_loader
+from nanochat.dataset import split_shards
+from nanochat.gpt import GPTConfig, build_model
+from nanochat.prepare import ensure_pretraining_data, ensure_tokenizer, tokenizer_dir
+from nanochat.train_loop import TrainConfig, train
+
+
+@dataclass
+class BaseTrainConfig(TrainConfig):
+    depth: int = 4                     # layers; width = 64 * depth
+    vocab_size: int = 4096             # tokenizer size (trained on first use)
+    data_source: str = ""              # "" = text shipped with Python; or a folder of shards / .txt / .jsonl
+    num_shards: int = 4                # shards written when preparing data (last = validation)
+
+
+def run(cfg: BaseTrainConfig, should_stop: Callable[[], bool] | None = None) -> dict:
+    if cfg.depth <= 0:
+        raise ConfigError(f"BaseTrainConfig.depth={cfg.depth}: must be positive")
+    base_dir = Path(cfg.base_dir or get_base_dir())
+    dist_info = compute_init(cfg.device_type or None, seed=cfg.seed)
+    try:
+        data_path = ensure_pretraining_data(base_dir, cfg.data_source, cfg.num_shards)
+        tokenizer = ensure_tokenizer(base_dir, cfg.vocab_size, data_path)
+        train_shards, val_shard = split_shards(data_path)
+        model = build_model(GPTConfig.from_depth(cfg.depth, tokenizer.get_vocab_size(), cfg.seq_len), dist_info.device)
+
+        def make_train_loader(rank, world_size, num_streams):
+            return pretraining_loader(train_shards, tokenizer, cfg.seq_len, rank, world_size, num_streams)
+
+        def make_val_loader(rank, world_size):
+            return pretraining_loader([val_shard], tokenizer, cfg.seq_len, rank, world_size)
+
+        result = train(cfg, stage="base_train", model=model, tokenizer=tokenizer,
+                       tokenizer_dir=str(tokenizer_dir(base_dir)), dist_info=dist_info,
+                       make_train_loader=make_train_loader, make_val_loader=make_val_loader,
+                       should_stop=should_stop, extra_meta={"data_path": str(data_path)})
+    finally:
+        compute_cleanup()
+    return {"depth": cfg.depth, **result}
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+    from dataclasses import fields
+    p = argparse.ArgumentParser(description="base training (nanochat recipe)")
+    for f in fields(BaseTrainConfig):
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+    print(json.dumps(run(BaseTrainConfig(**vars(p.parse_args()))), default=str))

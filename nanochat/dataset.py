@@ -1,0 +1,91 @@
+"""
+Pretraining shards in the FineWeb-Edu layout: <data_dir>/shard_NNNNN.parquet, each with a `text`
+column, several row groups per shard; the last shard (by number) is the validation split.
+This module reads and writes that layout and nothing else (preparation lives in prepare.py).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from nanochat.common import ConfigError
+
+SHARD_GLOB = "shard_*.parquet"
+
+
+def shard_name(index: int) -> str:
+    return f"shard_{index:05d}.parquet"
+
+
+def list_shards(data_dir: str | os.PathLike) -> list[Path]:
+    """All shards of a data folder, in order. A missing folder or one without shards is bad input."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise ConfigError(f"{data_dir}: data folder not found")
+    shards = sorted(p for p in data_dir.glob(SHARD_GLOB) if p.is_file())
+    if not shards:
+        raise ConfigError(f"{data_dir}: no {SHARD_GLOB} files in the data folder")
+    return shards
+
+
+def split_shards(data_dir: str | os.PathLike) -> tuple[list[Path], Path]:
+    """(training shards, validation shard). Needs at least two shards."""
+    shards = list_shards(data_dir)
+    if len(shards) < 2:
+        raise ConfigError(f"{data_dir}: need at least 2 shards (the last one is for validation), found {len(shards)}")
+    return shards[:-1], shards[-1]
+
+
+def open_shard(path: str | os.PathLike) -> pq.ParquetFile:
+    """Open a shard and check it is a parquet file with a `text` column and at least one row."""
+    path = Path(path)
+    try:
+        pf = pq.ParquetFile(path)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: shard not found") from None
+    except (pa.ArrowException, OSError) as e:
+        raise ConfigError(f"{path}: corrupt shard ({e.__class__.__name__}: {e})") from None
+    if "text" not in pf.schema_arrow.names:
+        raise ConfigError(f"{path}: shard has no 'text' column (columns: {pf.schema_arrow.names})")
+    if pf.metadata.num_rows == 0 or pf.num_row_groups == 0:
+        raise ConfigError(f"{path}: empty shard (no rows)")
+    return pf
+
+
+def read_row_group(pf: pq.ParquetFile, index: int, path: str | os.PathLike = "") -> list[str]:
+    try:
+        table = pf.read_row_group(index, columns=["text"])
+    except (pa.ArrowException, OSError) as e:
+        raise ConfigError(f"{path}: corrupt row group {index} ({e.__class__.__name__}: {e})") from None
+    return [t if t is not None else "" for t in table.column("text").to_pylist()]
+
+
+def iter_shard_texts(path: str | os.PathLike):
+    pf = open_shard(path)
+    for i in range(pf.num_row_groups):
+        yield from read_row_group(pf, i, path)
+
+
+def write_shard(path: str | os.PathLike, texts: list[str], row_group_size: int = 256) -> Path:
+    """Write one shard atomically (temporary file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        table = pa.table({"text": pa.array(texts, type=pa.string())})
+        pq.write_table(table, tmp, row_group_size=row_group_size, compression="zstd")
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path

@@ -1,0 +1,169 @@
+"""
+Data preparation that works offline on any machine:
+- ensure_pretraining_data: writes FineWeb-Edu-layout shards into <base_dir>/data/base from
+  (a) text that ships with Python itself (the default: pydoc's topic help and stdlib docstrings),
+  (b) a user folder of .txt / .jsonl files, or uses (c) a folder that already holds shards.
+- ensure_tokenizer: trains a BPE tokenizer with rustbpe on the training shards (never the
+  validation shard) and saves it to <base_dir>/tokenizer.
+Both are idempotent and hold a file lock, so concurrent Slurm jobs on a shared FS are safe:
+the first one does the work, the others wait and then find it done.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import os
+import sysconfig
+from pathlib import Path
+
+from filelock import FileLock
+
+from nanochat.common import ConfigError, atomic_write_json, get_base_dir
+from nanochat.dataset import SHARD_GLOB, iter_shard_texts, list_shards, shard_name, split_shards, write_shard
+from nanochat.tokenizer import TOKENIZER_FILE, Tokenizer, iter_texts_for_training
+
+DONE_FILE = "prepared.json"
+DEFAULT_MAX_CHARS = 4_000_000  # a few MB: enough for a tiny model to learn something, quick to tokenize
+
+
+def data_dir(base_dir: str | os.PathLike) -> Path:
+    return Path(base_dir) / "data" / "base"
+
+
+def tokenizer_dir(base_dir: str | os.PathLike) -> Path:
+    return Path(base_dir) / "tokenizer"
+
+
+# -----------------------------------------------------------------------------
+# Text sources
+
+def python_stdlib_documents(max_chars: int = DEFAULT_MAX_CHARS) -> list[str]:
+    """English prose that ships with every Python: the help topics of pydoc (the language reference
+    in prose), then the docstrings of the standard library's modules, one document per module.
+    Deterministic for a given Python version (sorted files, no randomness)."""
+    import pydoc_data.topics as topics
+    docs: list[str] = []
+    total = 0
+    for name in sorted(topics.topics):
+        # each topic is long; split it into paragraphs groups of ~2000 chars so documents vary in size
+        chunk = ""
+        for para in topics.topics[name].split("\n\n"):
+            chunk += para.strip() + "\n\n"
+            if len(chunk) > 2000:
+                docs.append(chunk.strip())
+                chunk = ""
+        if chunk.strip():
+            docs.append(chunk.strip())
+    total = sum(len(d) for d in docs)
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"test", "tests", "idlelib", "lib2to3", "site-packages", "turtledemo", "ensurepip"}
+    for path in sorted(stdlib.rglob("*.py")):
+        if total >= max_chars:
+            break
+        if skip & set(path.relative_to(stdlib).parts):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, OSError, ValueError):
+            continue
+        parts = []
+        for node in [tree, *ast.walk(tree)]:
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) > 40:
+                    parts.append(doc)
+        text = "\n\n".join(dict.fromkeys(parts))  # dedupe, keep order (the walk revisits the module)
+        if text:
+            docs.append(text)
+            total += len(text)
+    return docs
+
+
+def folder_documents(folder: Path) -> list[str]:
+    """.txt files (one document each) and .jsonl files (a `text` field per line), sorted by path."""
+    docs: list[str] = []
+    files = sorted(p for p in folder.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file())
+    if not files:
+        raise ConfigError(f"{folder}: no .txt or .jsonl files (and no {SHARD_GLOB} shards) in the data source")
+    for path in files:
+        if path.suffix == ".txt":
+            text = path.read_text(encoding="utf-8", errors="replace")
+            if text.strip():
+                docs.append(text)
+            continue
+        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                text = obj["text"]
+            except (ValueError, KeyError, TypeError):
+                raise ConfigError(f"{path}:{lineno}: expected a JSON object with a 'text' field") from None
+            if not isinstance(text, str):
+                raise ConfigError(f"{path}:{lineno}: 'text' must be a string")
+            if text.strip():
+                docs.append(text)
+    return docs
+
+
+# -----------------------------------------------------------------------------
+# The two idempotent steps
+
+def ensure_pretraining_data(base_dir: str | os.PathLike = "", source: str = "", num_shards: int = 4,
+                            max_chars: int = DEFAULT_MAX_CHARS, row_group_size: int = 64) -> Path:
+    """Returns the folder of shards to train on.
+    source: "" -> Python's own text; a folder holding shards -> used in place (nothing written);
+    a folder of .txt/.jsonl -> written as shards under <base_dir>/data/base."""
+    base_dir = Path(base_dir or get_base_dir())
+    if source:
+        src = Path(source)
+        if not src.is_dir():
+            raise ConfigError(f"{src}: data_source folder not found")
+        if any(src.glob(SHARD_GLOB)):
+            split_shards(src)  # validates: >= 2 shards
+            return src
+    if num_shards < 2:
+        raise ConfigError(f"num_shards={num_shards}: need at least 2 (the last shard is for validation)")
+    out = data_dir(base_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    wanted = {"source": str(Path(source).resolve()) if source else "python-stdlib", "num_shards": num_shards,
+              "max_chars": max_chars}
+    with FileLock(str(out / ".prepare.lock")):
+        done = out / DONE_FILE
+        if done.exists():
+            have = json.loads(done.read_text())
+            if {k: have.get(k) for k in wanted} != wanted:
+                raise ConfigError(f"{done}: data was prepared with {have}, not {wanted}; use another base_dir")
+            return out
+        docs = folder_documents(Path(source)) if source else python_stdlib_documents(max_chars)
+        if len(docs) < num_shards:
+            raise ConfigError(f"{source or 'python-stdlib'}: {len(docs)} documents is too few for {num_shards} shards")
+        # Round-robin documents into shards so every shard (and validation) sees every kind of text.
+        for i in range(num_shards):
+            write_shard(out / shard_name(i), docs[i::num_shards], row_group_size=row_group_size)
+        atomic_write_json(done, {**wanted, "num_documents": len(docs), "num_chars": sum(map(len, docs))})
+    return out
+
+
+def ensure_tokenizer(base_dir: str | os.PathLike = "", vocab_size: int = 4096, data_path: str | os.PathLike = "",
+                     max_chars: int = 20_000_000) -> Tokenizer:
+    """Load <base_dir>/tokenizer, or train it on the training shards (not the validation shard)."""
+    base_dir = Path(base_dir or get_base_dir())
+    tok_dir = tokenizer_dir(base_dir)
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(tok_dir / ".tokenizer.lock")):
+        if (tok_dir / TOKENIZER_FILE).exists():
+            tok = Tokenizer.load(tok_dir)
+            if tok.get_vocab_size() != vocab_size:
+                raise ConfigError(f"{tok_dir / TOKENIZER_FILE}: vocab_size is {tok.get_vocab_size()}, "
+                                  f"config asks for {vocab_size}; use another base_dir")
+            return tok
+        train_shards, _ = split_shards(data_path or data_dir(base_dir))
+        texts = (t for shard in train_shards for t in iter_shard_texts(shard))
+        tok = Tokenizer.train(iter_texts_for_training(texts, max_chars), vocab_size)
+        tok.save(tok_dir)
+        return tok
+
+
+__all__ = ["ensure_pretraining_data", "ensure_tokenizer", "data_dir", "tokenizer_dir", "list_shards",
+           "python_stdlib_documents", "folder_documents"]

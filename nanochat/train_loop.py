@@ -1,0 +1,418 @@
+"""
+The training loop shared by base and mid training (nanochat's recipe):
+- Muon for the block matrices + AdamW for embedding and lm_head (nanochat.optim.build_optimizers)
+- LR: no warmup, constant, then linear warmdown over the last `warmdown_ratio` of the steps;
+  Muon momentum warms up 0.85 -> 0.95 over the first 300 steps
+- gradient accumulation to an exact total batch in tokens:
+  total_batch_size == device_batch_size * seq_len * world_size * grad_accum_steps
+- bf16 autocast and torch.compile on CUDA; fp32 and eager on CPU
+- torch.distributed from the environment; gradients averaged with all_reduce_gradients
+- each optimizer step's data is fetched whole (rows of tokens) and sliced into micro-batches,
+  so on an out-of-memory error the same step can be rerun with half the device batch
+- metrics.csv, checkpoints (resume from the newest valid one), val bits per byte
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from nanochat.checkpoint import check_model_config, latest_valid_checkpoint, save_checkpoint, set_rng_state
+from nanochat.common import (ConfigError, DistInfo, atomic_write_text, device_name, peak_flops,
+                             peak_memory_bytes, print0, synchronize)
+from nanochat.optim import all_reduce_gradients, build_optimizers
+
+METRICS_COLUMNS = ["step", "loss", "lrm", "tokens_per_s", "mfu", "peak_memory_bytes", "elapsed_s", "val_bpb"]
+COMPILE_CHOICES = {"auto": None, "on": True, "true": True, "1": True, "off": False, "false": False, "0": False}
+
+
+@dataclass
+class TrainConfig:
+    """Fields common to base and mid training. Every field is a YAML key of the stage."""
+    base_dir: str = ""                 # shared artifacts; "" -> nanochat.common.get_base_dir()
+    out_dir: str = ""                  # this stage's folder: checkpoints/, metrics.csv
+    init_from: str = ""                # checkpoint folder to start from (mid training)
+    device_type: str = ""              # "" = cuda if available, else cpu
+    seq_len: int = 256                 # tokens per row
+    device_batch_size: int = 0         # rows per forward/backward on one device; 0 = automatic
+    total_batch_size: int = 0          # tokens per optimizer step over all ranks; 0 = one micro-batch per rank
+    num_steps: int = 0                 # optimizer steps; 0 = from target_param_data_ratio
+    target_param_data_ratio: float = 20.0  # tokens / parameters (Chinchilla) when num_steps is 0
+    matrix_lr: float = 0.02            # Muon
+    embedding_lr: float = 0.2          # AdamW, token embedding
+    unembedding_lr: float = 0.004      # AdamW, lm_head
+    weight_decay: float = 0.0
+    warmdown_ratio: float = 0.2        # share of the steps over which the LR decays linearly
+    final_lr_frac: float = 0.0         # LR multiplier at the last step
+    eval_every: int = 0                # val bpb every N steps (0: only at the end); always at the end
+    eval_tokens: int = 32768           # tokens per val bpb evaluation (all ranks)
+    save_every: int = 0                # checkpoint every N steps (0: only at the end / on stop)
+    keep_checkpoints: int = 2          # step folders kept
+    log_every: int = 10                # metrics.csv row every N steps (and the last step)
+    compile: str = "auto"              # auto (on for cuda, off for cpu) | on | off
+    seed: int = 42
+    num_streams: int = 0               # data streams; 0 = world_size (see dataloader.py)
+
+
+def validate_common(cfg: TrainConfig) -> None:
+    name = type(cfg).__name__
+    for key in ("seq_len",):
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(f"{name}.{key}={getattr(cfg, key)}: must be positive")
+    for key in ("device_batch_size", "total_batch_size", "num_steps", "eval_every", "save_every", "num_streams"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"{name}.{key}={getattr(cfg, key)}: must be >= 0")
+    if cfg.log_every <= 0:
+        raise ConfigError(f"{name}.log_every={cfg.log_every}: must be positive")
+    if cfg.keep_checkpoints < 1:
+        raise ConfigError(f"{name}.keep_checkpoints={cfg.keep_checkpoints}: must be >= 1")
+    if not 0.0 <= cfg.warmdown_ratio <= 1.0:
+        raise ConfigError(f"{name}.warmdown_ratio={cfg.warmdown_ratio}: must be in [0, 1]")
+    if str(cfg.compile).lower() not in COMPILE_CHOICES:
+        raise ConfigError(f"{name}.compile={cfg.compile!r}: expected one of auto, on, off")
+    if cfg.device_type not in ("", "cpu", "cuda", "mps"):
+        raise ConfigError(f"{name}.device_type={cfg.device_type!r}: expected '', cpu, cuda or mps")
+
+
+def config_from_dict(cls, d: dict, source: str = "config"):
+    """Build a config dataclass from a dict, naming an unknown key."""
+    known = {f.name for f in fields(cls)}
+    for key in d:
+        if key not in known:
+            raise ConfigError(f"{source}: unknown key {key!r} for {cls.__name__}")
+    return cls(**d)
+
+
+# -----------------------------------------------------------------------------
+# Schedules
+
+def lr_multiplier(step: int, num_steps: int, warmdown_ratio: float, final_lr_frac: float = 0.0) -> float:
+    warmdown_steps = round(warmdown_ratio * num_steps)
+    if step < num_steps - warmdown_steps:
+        return 1.0
+    progress = (num_steps - step) / max(warmdown_steps, 1)
+    return progress * 1.0 + (1 - progress) * final_lr_frac
+
+
+def muon_momentum(step: int) -> float:
+    frac = min(step / 300, 1.0)
+    return (1 - frac) * 0.85 + frac * 0.95
+
+
+def mfu_percent(flops_per_token: float, tokens_per_s: float, device: torch.device, world_size: int) -> float | None:
+    if device.type != "cuda":
+        return None
+    peak = peak_flops(device_name(device))
+    if not peak:
+        return None
+    return flops_per_token * tokens_per_s / (peak * world_size) * 100
+
+
+def num_compiles() -> int:
+    try:
+        from torch._dynamo.utils import counters
+        return int(counters["stats"]["unique_graphs"])
+    except Exception:
+        return 0
+
+
+def _oom_handlers():
+    """(is_oom_error, fallback_after_oom) from nanochat.auto_batch_size, or None if it is absent."""
+    try:
+        from nanochat.auto_batch_size import fallback_after_oom, is_oom_error
+    except ImportError:
+        return None
+    return is_oom_error, fallback_after_oom
+
+
+# -----------------------------------------------------------------------------
+# Batch size
+
+def resolve_batch(cfg: TrainConfig, model, world_size: int, device: torch.device, opt_factory) -> tuple[int, int, str, int, dict]:
+    """-> (device_batch_size, grad_accum_steps, batch_size_source, total_batch_size, info)."""
+    name = type(cfg).__name__
+    T = cfg.seq_len
+    if cfg.device_batch_size == 0:
+        try:
+            from nanochat.auto_batch_size import resolve_device_batch_size
+        except ImportError:
+            raise ConfigError(f"{name}.device_batch_size=0 (automatic) needs nanochat.auto_batch_size, "
+                              f"which is not available; set device_batch_size") from None
+        if cfg.total_batch_size <= 0:
+            raise ConfigError(f"{name}.total_batch_size must be set (tokens per step) when device_batch_size=0")
+        use_compile = device.type == "cuda" if COMPILE_CHOICES[str(cfg.compile).lower()] is None else COMPILE_CHOICES[str(cfg.compile).lower()]
+        B, accum, source, info = resolve_device_batch_size(
+            model, opt_factory, T, cfg.total_batch_size, world_size, device,
+            compile=use_compile, base_dir=cfg.base_dir or None, vocab_size=model.config.vocab_size)
+        total = cfg.total_batch_size
+    else:
+        B, source, info = cfg.device_batch_size, "config", {}
+        total = cfg.total_batch_size or B * T * world_size
+        per_micro = B * T * world_size
+        if total % per_micro:
+            raise ConfigError(f"{name}.total_batch_size={total} is not a multiple of device_batch_size*seq_len*"
+                              f"world_size = {B}*{T}*{world_size} = {per_micro}")
+        accum = total // per_micro
+    if B * T * world_size * accum != total:
+        raise ConfigError(f"{name}.total_batch_size={total} != device_batch_size*seq_len*world_size*grad_accum "
+                          f"= {B}*{T}*{world_size}*{accum}")
+    return B, accum, source, total, info
+
+
+# -----------------------------------------------------------------------------
+# One optimizer step's forward/backward, and evaluation
+
+def forward_backward(model, rows: torch.Tensor, mask: torch.Tensor, B: int, device, autocast_ctx) -> torch.Tensor:
+    """Accumulate gradients for this rank's rows of one optimizer step, in micro-batches of B rows.
+    The loss is the sum over supervised targets divided by their count on this rank: the gradient
+    is the same whatever B is, so the step can be re-split (OOM fallback) without changing it."""
+    from nanochat.dataloader import rows_to_batch
+    n_valid = max(int(mask[:, 1:].sum()), 1)
+    total = torch.zeros((), device=device)
+    for i in range(0, rows.size(0), B):
+        x, y = rows_to_batch(rows[i:i + B], mask[i:i + B], device)
+        with autocast_ctx():
+            loss = model(x, y, loss_reduction="sum") / n_valid
+        loss.backward()
+        total += loss.detach()
+    return total
+
+
+@torch.no_grad()
+def evaluate_bpb(model, loader, steps: int, B: int, token_bytes: torch.Tensor, device, autocast_ctx) -> float:
+    """Bits per byte on the loader's next steps*B rows: summed nats over tokens that have bytes
+    (special tokens have none) / (ln 2 * their bytes). Independent of the vocabulary size."""
+    was_training = model.training
+    model.eval()
+    token_bytes = token_bytes.to(device)
+    nats = torch.zeros((), dtype=torch.float64, device=device)
+    nbytes = torch.zeros((), dtype=torch.float64, device=device)
+    for _ in range(steps):
+        x, y = loader.next_batch(B, device)
+        with autocast_ctx():
+            loss = model(x, y, loss_reduction="none").view(-1)
+        yv = y.view(-1)
+        b = torch.where(yv >= 0, token_bytes[yv.clamp(min=0)], torch.zeros_like(yv, dtype=token_bytes.dtype))
+        nats += (loss.double() * (b > 0)).sum()
+        nbytes += b.double().sum()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(nats)
+        dist.all_reduce(nbytes)
+    model.train(was_training)
+    return float(nats / (math.log(2) * nbytes.clamp(min=1)))
+
+
+def _write_metrics(path: Path, rows: list[dict]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=METRICS_COLUMNS)
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in METRICS_COLUMNS})
+    atomic_write_text(path, buf.getvalue())
+
+
+def _read_metrics(path: Path, before_step: int) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= before_step]
+
+
+def _gather_loader_states(loader, ddp: bool) -> dict:
+    state = loader.state_dict()
+    if not ddp:
+        return state
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, state)
+    merged: dict = {}
+    for s in gathered:
+        merged.update(s)
+    return merged
+
+
+def _any_rank(flag: bool, ddp: bool, device) -> bool:
+    if not ddp:
+        return flag
+    t = torch.tensor([1 if flag else 0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+# -----------------------------------------------------------------------------
+# The loop
+
+def train(cfg: TrainConfig, *, stage: str, model, tokenizer, tokenizer_dir: str, dist_info: DistInfo,
+          make_train_loader: Callable, make_val_loader: Callable, should_stop: Callable[[], bool] | None = None,
+          extra_meta: dict | None = None) -> dict:
+    """Train `model` (built and initialised by the caller) and return result-row columns.
+    make_train_loader(rank, world_size, num_streams) / make_val_loader(rank, world_size) -> RankLoader."""
+    validate_common(cfg)
+    t_start = time.time()
+    device = dist_info.device
+    rank, world_size, ddp = dist_info.rank, dist_info.world_size, dist_info.ddp
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else None
+    ckpt_root = out_dir / "checkpoints" if out_dir else None
+    autocast_ctx = ((lambda: torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16))
+                    if device.type == "cuda" else contextlib.nullcontext)
+    opt_kwargs = dict(unembedding_lr=cfg.unembedding_lr, embedding_lr=cfg.embedding_lr,
+                      matrix_lr=cfg.matrix_lr, weight_decay=cfg.weight_decay)
+
+    def opt_factory(m):
+        return build_optimizers(m, **opt_kwargs)
+
+    # Batch geometry first (the automatic probe may run trial steps on a copy of the state).
+    B, grad_accum, batch_source, total_batch, batch_info = resolve_batch(cfg, model, world_size, device, opt_factory)
+    T = cfg.seq_len
+    rows_per_rank = B * grad_accum
+    n_params = model.num_params()
+    num_steps = cfg.num_steps or max(1, int(cfg.target_param_data_ratio * n_params // total_batch))
+    optimizers = opt_factory(model)
+    train_loader = make_train_loader(rank, world_size, cfg.num_streams)
+
+    # Resume from the newest valid checkpoint of this stage, if any.
+    start_step = 0
+    model_config = model.config.to_dict()
+    if ckpt_root is not None:
+        ckpt = latest_valid_checkpoint(ckpt_root, device)
+        if ckpt is not None:
+            check_model_config(ckpt["path"], ckpt["meta"]["model_config"], model_config)
+            try:
+                model.load_state_dict(ckpt["model"])
+                for opt, sd in zip(optimizers, ckpt["optim"]):
+                    opt.load_state_dict(sd)
+            except (RuntimeError, ValueError, KeyError) as e:
+                raise ConfigError(f"{ckpt['path']}: checkpoint does not fit this model ({str(e)[:200]})") from None
+            train_loader.load_state_dict(ckpt["meta"]["loader"])
+            set_rng_state(ckpt["rng"], ckpt["meta"].get("python_rng"), device)
+            start_step = int(ckpt["meta"]["step"])
+            print0(f"[{stage}] resumed from {ckpt['path']} at step {start_step}")
+            del ckpt
+
+    compile_flag = COMPILE_CHOICES[str(cfg.compile).lower()]
+    use_compile = device.type == "cuda" if compile_flag is None else compile_flag
+    compiles_before = num_compiles()
+    train_model = torch.compile(model) if use_compile else model
+    flops_per_token = model.estimate_flops()
+    token_bytes = tokenizer.token_bytes()
+    val_B = B
+    eval_steps = max(1, cfg.eval_tokens // (val_B * T * world_size))
+    oom_handlers = _oom_handlers()
+    metrics_path = out_dir / "metrics.csv" if out_dir else None
+    metrics = _read_metrics(metrics_path, start_step) if (metrics_path and rank == 0) else []
+
+    def save(step_done: int) -> None:
+        loader_state = _gather_loader_states(train_loader, ddp)  # collective: every rank takes part
+        if rank == 0 and ckpt_root is not None:
+            meta = {"stage": stage, "model_config": model_config, "train_config": asdict(cfg),
+                    "loader": loader_state, "tokenizer_dir": str(tokenizer_dir), "device_batch_size": B,
+                    "grad_accum_steps": grad_accum, "batch_size_source": batch_source,
+                    "total_batch_size": total_batch, "num_steps": num_steps, "world_size": world_size,
+                    **(extra_meta or {})}
+            save_checkpoint(ckpt_root, step_done, model, optimizers, meta, keep=cfg.keep_checkpoints)
+        if ddp:
+            dist.barrier()
+
+    def run_eval() -> float:
+        return evaluate_bpb(model, make_val_loader(rank, world_size), eval_steps, val_B, token_bytes, device, autocast_ctx)
+
+    print0(f"[{stage}] params={n_params:,} steps={num_steps} B={B} T={T} world={world_size} "
+           f"grad_accum={grad_accum} total_batch={total_batch} ({batch_source}) compile={use_compile}")
+    model.train()
+    state = "COMPLETED"
+    step = start_step
+    loss_value = float("nan")
+    timed_tokens, timed_seconds = 0, 0.0
+    interval_tokens, interval_seconds = 0, 0.0
+    val_bpb = None
+    while step < num_steps:
+        synchronize(device)
+        t0 = time.time()
+        rows, mask = train_loader.next_step_rows(rows_per_rank)
+        while True:
+            try:
+                loss = forward_backward(train_model, rows, mask, B, device, autocast_ctx)
+                break
+            except Exception as exc:  # only out-of-memory errors are handled; anything else re-raises
+                if oom_handlers is None or not oom_handlers[0](exc) or B == 1:
+                    raise
+                # Drop this step's partial gradients and rerun the same rows in smaller micro-batches.
+                for p in model.parameters():
+                    p.grad = None
+                del exc
+                B, grad_accum = oom_handlers[1](B, grad_accum, batch_info.get("cache_key"),
+                                                batch_info.get("cache_dir"), device)
+                batch_source = "fallback"
+                print0(f"[{stage}] out of memory at step {step}: rerunning it with device_batch_size={B}, "
+                       f"grad_accum={grad_accum}")
+        all_reduce_gradients(model)
+        lrm = lr_multiplier(step, num_steps, cfg.warmdown_ratio, cfg.final_lr_frac)
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] * lrm
+        for group in optimizers[1].param_groups:
+            group["momentum"] = muon_momentum(step)
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        if ddp:
+            dist.all_reduce(loss)
+            loss /= world_size
+        loss_value = float(loss)
+        synchronize(device)
+        dt = time.time() - t0
+        step += 1
+        # the first step of this process includes compilation and warm-up: leave it out of the rate
+        if step > start_step + 1 or num_steps - start_step == 1:
+            timed_tokens += total_batch
+            timed_seconds += dt
+        interval_tokens += total_batch
+        interval_seconds += dt
+
+        stop = _any_rank(bool(should_stop and should_stop()), ddp, device)
+        last = step == num_steps
+        if stop or last or (cfg.save_every and step % cfg.save_every == 0):
+            # saved before evaluation: an eval crash or a time limit never costs the trained weights
+            save(step)
+        eval_now = last or (cfg.eval_every and step % cfg.eval_every == 0)
+        val_this = run_eval() if eval_now else None
+        if val_this is not None:
+            val_bpb = val_this
+        if rank == 0 and (last or stop or step % cfg.log_every == 0 or val_this is not None):
+            tps = interval_tokens / max(interval_seconds, 1e-9)
+            row = {"step": step, "loss": round(loss_value, 6), "lrm": round(lrm, 6), "tokens_per_s": round(tps, 2),
+                   "mfu": mfu_percent(flops_per_token, tps, device, world_size),
+                   "peak_memory_bytes": peak_memory_bytes(device), "elapsed_s": round(time.time() - t_start, 3),
+                   "val_bpb": val_this}
+            metrics.append(row)
+            interval_tokens, interval_seconds = 0, 0.0
+            if metrics_path:
+                _write_metrics(metrics_path, metrics)
+            print0(f"[{stage}] step {step}/{num_steps} loss {loss_value:.4f} lrm {lrm:.3f} tok/s {tps:,.0f}"
+                   + (f" val_bpb {val_this:.4f}" if val_this is not None else ""))
+        if stop and not last:
+            state = "PREEMPTED"
+            break
+    if val_bpb is None and state == "COMPLETED":
+        val_bpb = run_eval()
+
+    tokens_per_s = timed_tokens / timed_seconds if timed_seconds > 0 else None
+    return {
+        "stage_kind": stage, "n_params": n_params, "seq_len": T, "device_batch_size": B,
+        "batch_size_source": batch_source, "total_batch_size": total_batch, "grad_accum_steps": grad_accum,
+        "steps": step - start_step, "step": step, "num_steps": num_steps,
+        "tokens_per_s": tokens_per_s, "real_tokens_per_s": tokens_per_s,
+        "mfu": mfu_percent(flops_per_token, tokens_per_s, device, world_size) if tokens_per_s else None,
+        "peak_memory_bytes": peak_memory_bytes(device), "compile": use_compile,
+        "num_compiles": num_compiles() - compiles_before, "final_loss": loss_value, "val_bpb": val_bpb,
+        "device_name": device_name(device), "world_size": world_size, "state": state,
+        "flops_per_token": flops_per_token, "batch_info": batch_info or None,
+    }
