@@ -203,16 +203,32 @@ def read_rows(folder: Path, run_id: str) -> tuple[list[dict], list[Problem]]:
     return rows, problems
 
 
-def run_stages(info: dict) -> dict[str, dict]:
-    """run.json's stages as {name: entry}; a list of {name: ...} entries is accepted too."""
+def run_stages(info: dict, jobs: dict | None = None) -> dict[str, dict]:
+    """{stage name: entry} from run.json's stages (a list of names, or {name: {...}}), each entry
+    completed from jobs.json's record of that stage (job_id, task_job_ids, pids, state) and given
+    its out_dir: <workdir>/<run_id>/<stage>, as the stage entry (jobs/stages.py) lays it out."""
     stages = info.get("stages") or {}
     if isinstance(stages, list):
-        stages = {s.get("name", str(i)): s for i, s in enumerate(stages) if isinstance(s, dict)}
-    return {name: entry for name, entry in stages.items() if isinstance(entry, dict)}
+        stages = {(s if isinstance(s, str) else s.get("name", str(i))): ({} if isinstance(s, str) else s)
+                  for i, s in enumerate(stages) if isinstance(s, (str, dict))}
+    records = ((jobs or {}).get("stages") or {}) if isinstance(jobs, dict) else {}
+    out = {}
+    for name, entry in stages.items():
+        if not isinstance(entry, dict):
+            continue
+        entry = {**(records.get(name) if isinstance(records.get(name), dict) else {}), **entry}
+        if not entry.get("out_dir") and info.get("workdir") and info.get("run_id"):
+            entry["out_dir"] = str(Path(info["workdir"]) / str(info["run_id"]) / name)
+        out[name] = entry
+    return out
 
 
 def _job_ids(entry: dict) -> list[str]:
-    ids = entry.get("job_ids", entry.get("job_id"))
+    """The job ids a stage was given: array task ids (A_T) when it was an array, else its job id;
+    local runs record process ids, which rows carry as local:<pid>."""
+    ids = entry.get("task_job_ids") or entry.get("job_ids") or entry.get("job_id")
+    if ids is None and entry.get("pids"):
+        ids = [f"local:{p}" for p in entry["pids"]]
     if ids is None:
         return []
     return [str(j) for j in (ids if isinstance(ids, list) else [ids])]
@@ -252,13 +268,18 @@ def join_sacct(df: pd.DataFrame, sacct: SacctResult, price_per_gpu_hour: float) 
 # -----------------------------------------------------------------------------
 # Metrics CSVs
 
-def find_metrics(folder: Path, info: dict) -> dict[str, Path]:
-    """stage -> metrics CSV: results/<run>/metrics/<stage>.csv first, then <out_dir>/metrics.csv."""
+def find_metrics(folder: Path, stages: dict[str, dict]) -> dict[str, Path]:
+    """stage -> metrics CSV: results/<run>/metrics/<stage>.csv first, then <out_dir>/metrics.csv
+    (and <out_dir>/<variant>/metrics.csv for array stages, named <stage>/<variant>)."""
     found = {p.stem: p for p in sorted((folder / "metrics").glob("*.csv"))}
-    for name, entry in run_stages(info).items():
-        out_dir = entry.get("out_dir")
-        if name not in found and out_dir and (Path(out_dir) / "metrics.csv").is_file():
-            found[name] = Path(out_dir) / "metrics.csv"
+    for name, entry in stages.items():
+        out_dir = Path(entry["out_dir"]) if entry.get("out_dir") else None
+        if name in found or out_dir is None or not out_dir.is_dir():
+            continue
+        if (out_dir / "metrics.csv").is_file():
+            found[name] = out_dir / "metrics.csv"
+        for csv in sorted(out_dir.glob("*/metrics.csv")):
+            found.setdefault(f"{name}/{csv.parent.name}", csv)
     return found
 
 
@@ -302,23 +323,34 @@ def load_run(folder: Path, price_per_gpu_hour: float = DEFAULT_PRICE_PER_GPU_HOU
     run_id = str(info.get("run_id") or folder.name)
     rows, row_problems = read_rows(folder, run_id)
     problems += row_problems
+    jobs = {}
+    if (folder / "jobs.json").is_file():
+        try:
+            jobs = json.loads((folder / "jobs.json").read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            problems.append(Problem(run_id, "jobs.json", "corrupt", f"{e}".splitlines()[0]))
 
-    # Stages the orchestration launched but that left no row: the job died before writing it.
-    stages = run_stages(info)
+    # Stages of the run that left no row: the job died before writing one, or never ran.
+    stages = run_stages(info, jobs)
     have_stage = {r["stage"] for r in rows}
     have_job = {r["job_id"] for r in rows}
     missing_jobs = {}
     for name, entry in stages.items():
         ids = _job_ids(entry)
-        if name in have_stage or any(j in have_job for j in ids):
-            continue
-        missing_jobs[name] = ids
+        if name not in have_stage:
+            missing_jobs[name] = (ids, entry.get("state"))
+        elif entry.get("task_job_ids") and any(j not in have_job for j in ids):
+            # an array: each task writes its own row
+            missing_jobs[name] = ([j for j in ids if j not in have_job], entry.get("state"))
 
-    job_ids = [r["job_id"] for r in rows if r["job_id"]] + [j for ids in missing_jobs.values() for j in ids]
+    job_ids = [r["job_id"] for r in rows if r["job_id"]] + [j for ids, _ in missing_jobs.values() for j in ids]
     sacct = query_sacct(job_ids) if use_sacct else SacctResult(False, "sacct not asked (--no-sacct)")
-    for name, ids in missing_jobs.items():
+    for name, (ids, state) in missing_jobs.items():
         said = [f"job {j}: sacct {sacct.jobs[j].state} exit {sacct.jobs[j].exit_code}" for j in ids if j in sacct.jobs]
-        detail = f"stage {name} (job {', '.join(ids) or '?'}) wrote no row" + (f" ({'; '.join(said)})" if said else "")
+        if state and not said:
+            said = [f"recorded state {state}"]
+        detail = f"stage {name} (job {', '.join(ids) or 'never submitted'}) wrote no row" + \
+            (f" ({'; '.join(said)})" if said else "")
         problems.append(Problem(run_id, f"rows/{name}__*.json", "missing", detail))
 
     df = join_sacct(rows_frame(rows), sacct, price_per_gpu_hour)
@@ -326,7 +358,7 @@ def load_run(folder: Path, price_per_gpu_hour: float = DEFAULT_PRICE_PER_GPU_HOU
     df = df.reset_index(drop=True)
 
     metrics = {}
-    for stage, path in find_metrics(folder, info).items():
+    for stage, path in find_metrics(folder, stages).items():
         m, m_problems = read_metrics(path, run_id, folder)
         problems += m_problems
         if m is not None:
@@ -365,7 +397,8 @@ OPTIMIZATION_PAIRS = [
     ("auto batch size", "base_train", "tokens_per_s", "baseline", "auto"),
     ("auto batch size", "base_train", "mfu", "baseline", "auto"),
     ("KV cache", "inference_bench", "tokens_per_s", "naive", "kv-eager"),
-    ("KV cache", "inference_bench", "tokens_per_s", "naive", "kv-captured"),
+    ("KV cache", "inference_bench", "tokens_per_s", "naive", "kv-static"),
+    ("KV cache", "inference_bench", "tokens_per_s", "naive", "kv-graph"),   # CUDA-graph-captured decode: CUDA only
     ("compile for SFT", "sft", "real_tokens_per_s", "eager-dynamic", "compile-pad"),
     ("compile for SFT", "sft", "real_tokens_per_s", "eager-dynamic", "compile-pack"),
 ]
@@ -383,15 +416,18 @@ def _side(df: pd.DataFrame, kind: str, variant: str, metric: str) -> tuple[float
     done = _completed(rows)[metric].dropna()
     if done.empty:
         states = ", ".join(sorted(set(rows["state"].fillna("no state"))))
-        return None, 0, f"{variant} rows not completed or without {metric} ({states})"
+        reasons = {_extra({"extra": e}).get("skip_reason") for e in rows["extra"].astype(object)} - {None}
+        return None, 0, f"{variant} {states}" + (f": {'; '.join(sorted(map(str, reasons)))}" if reasons else "")
     return float(done.mean()), int(len(done)), ""
 
 
-def _first_token_rows(df: pd.DataFrame) -> list[tuple[str, dict]]:
+def _first_token_rows(df: pd.DataFrame) -> list[tuple[str, str, dict]]:
+    """(variant, job_id, extra) of the inference rows. Not only COMPLETED ones: the diversity figure
+    is measured once per job and copied onto every variant row, a skipped variant's included."""
     rows = df[df["kind"].isin(["inference_bench", "bench"])]
-    rows = _completed(rows)
-    return [(v if isinstance(v, str) else "", _extra({"extra": e}))
-            for v, e in zip(rows["variant"].astype(object), rows["extra"].astype(object))]
+    return [(v if isinstance(v, str) else "", j if isinstance(j, str) else "", _extra({"extra": e}))
+            for v, j, e in zip(rows["variant"].astype(object), rows["job_id"].astype(object),
+                               rows["extra"].astype(object))]
 
 
 def first_token_comparison(df: pd.DataFrame) -> Optimization:
@@ -399,22 +435,28 @@ def first_token_comparison(df: pd.DataFrame) -> Optimization:
     baseline (one first token sampled and copied to every sample) comes from rows of variant
     "broadcast", or from an extra field first_token_distinct_broadcast next to the measured one."""
     opt = Optimization("independent first token", "first_token_distinct", "broadcast", "independent")
-    independent, broadcast = [], []
-    for variant, extra in _first_token_rows(df):
+    # One figure per job (and side): every variant row of a job carries the same measurement.
+    independent, broadcast, samples = {}, {}, set()
+    for variant, job, extra in _first_token_rows(df):
         value = extra.get("first_token_distinct")
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            (broadcast if variant == "broadcast" else independent).append(float(value))
+            (broadcast if variant == "broadcast" else independent)[job] = float(value)
+            n = extra.get("diversity_samples", extra.get("num_samples"))
+            if isinstance(n, int) and variant != "broadcast":
+                samples.add(n)
         value = extra.get("first_token_distinct_broadcast")
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            broadcast.append(float(value))
+            broadcast[job] = float(value)
     if independent:
-        opt.optimized, opt.n_optimized = sum(independent) / len(independent), len(independent)
+        opt.optimized, opt.n_optimized = sum(independent.values()) / len(independent), len(independent)
+        if samples:
+            opt.optimized_label = f"independent, of {'/'.join(map(str, sorted(samples)))} samples"
     if broadcast:
-        opt.baseline, opt.n_baseline = sum(broadcast) / len(broadcast), len(broadcast)
+        opt.baseline, opt.n_baseline = sum(broadcast.values()) / len(broadcast), len(broadcast)
     if not independent:
         opt.note = f"{NOT_MEASURED}: no inference row with first_token_distinct"
     elif not broadcast:
-        opt.note = f"{NOT_MEASURED}: no broadcast baseline"
+        opt.note = f"{NOT_MEASURED}: no broadcast baseline (it gave 1 distinct first token by construction)"
     return opt
 
 
@@ -608,7 +650,7 @@ def run_summary_md(run: RunData, price: float, plots: list[str]) -> str:
     df = run.rows
     info = run.info
     parts = [f"# Run {run.run_id}", ""]
-    for key in ("spec", "git_commit", "executor", "created_at"):
+    for key in ("pipeline", "spec_path", "spec", "git_commit", "executor", "workdir", "created_at"):
         if info.get(key):
             parts.append(f"- {key}: {info[key]}")
     states = df["state"].fillna("(none)").value_counts().to_dict()

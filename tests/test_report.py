@@ -14,7 +14,8 @@ import pandas as pd
 import pytest
 
 from jobs import report as rp
-from jobs.rows import RESULT_COLUMNS, make_row, write_row
+from jobs.rows import RESULT_COLUMNS, make_row, row_path, write_row
+from nanochat.common import atomic_write_json
 from jobs.sacct import is_slurm_job_id, parse_sacct, query_sacct
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,19 +68,33 @@ def make_run(results: Path, run_id: str, speed: float = 1.0, gpu: bool = False) 
         common(run_id, "sft_bench", "sft", "compile-pack", "local:106", tokens_per_s=1200.0 * speed,
                real_tokens_per_s=1150.0 * speed, padding_fraction=0.04, compile=True, num_compiles=1,
                wall_time_s=25.0, **dev),
-        common(run_id, "infer", "inference_bench", "naive", "local:107", tokens_per_s=50.0 * speed,
-               wall_time_s=5.0, extra={"ttft_s": 0.02}, **dev),
-        common(run_id, "infer", "inference_bench", "kv-eager", "local:108", tokens_per_s=400.0 * speed,
-               wall_time_s=2.0, first_token_distinct=6, first_token_distinct_broadcast=1, num_samples=8, **dev),
+    ]
+    # The inference benchmark (nanochat.inference_bench): one job, one row per variant; the CUDA-graph
+    # variant is skipped on CPU; the first-token diversity is measured once and copied onto each row.
+    infer = dict(wall_time_s=2.0, first_token_distinct=6, diversity_samples=8, num_samples=1, ttft_s=0.02)
+    rows += [
+        common(run_id, "infer", "inference_bench", "naive", "local:107", tokens_per_s=50.0 * speed, **infer, **dev),
+        common(run_id, "infer", "inference_bench", "kv-eager", "local:107", tokens_per_s=400.0 * speed, **infer, **dev),
+        common(run_id, "infer", "inference_bench", "kv-static", "local:107", tokens_per_s=450.0 * speed, **infer, **dev),
+        common(run_id, "infer", "inference_bench", "kv-graph", "local:107", **dict(infer, state="SKIPPED"),
+               skip_reason="CUDA graph capture needs a CUDA device", **dev),
     ]
     for r in rows:
-        write_row(folder, r)
+        if r["stage"] == "infer":  # as jobs/stages.py names one file per variant row
+            atomic_write_json(row_path(folder, f"infer.{r['variant']}", r["job_id"]), r)
+        else:
+            write_row(folder, r)
     write_metrics(folder / "metrics" / "base.csv", 20, 7.0, 1000.0 * speed)
     write_metrics(folder / "metrics" / "base_auto.csv", 20, 7.0, 1500.0 * speed)
-    info = {"run_id": run_id, "spec": "pipelines/smoke.yaml", "git_commit": "abc123", "executor": "local",
-            "stages": {r["stage"]: {"job_id": r["job_id"], "kind": r["kind"], "out_dir": str(folder / r["stage"])}
-                       for r in rows}}
+    # run.json and jobs.json as jobs/runs.py and jobs/submit.py write them for a local run.
+    stages = list(dict.fromkeys(r["stage"] for r in rows))
+    info = {"run_id": run_id, "pipeline": "smoke", "spec_path": "pipelines/smoke.yaml", "git_commit": "abc123",
+            "workdir": str(results.parent / "work"), "executor": "local", "stages": stages}
     (folder / "run.json").write_text(json.dumps(info))
+    jobs = {"executor": "local", "stages": {
+        s: {"pids": [int(next(r["job_id"] for r in rows if r["stage"] == s).split(":")[1])], "state": "COMPLETED"}
+        for s in stages}}
+    (folder / "jobs.json").write_text(json.dumps(jobs))
     return folder
 
 
@@ -102,7 +117,7 @@ def test_report_of_a_run_writes_csv_summary_and_plots(tmp_path, capsys):
         assert png.read_bytes()[:8] == PNG_MAGIC
 
     df = rp.read_report_csv(folder / "report.csv")
-    assert len(df) == 8 and out["runs"]["r1"]["rows"] == 8
+    assert len(df) == 10 and out["runs"]["r1"]["rows"] == 10
     assert out["problems"] == []
     # CPU: no GPUs held, so no GPU-hours and no cost.
     assert (df["gpus"] == 0).all() and (df["gpu_hours"] == 0).all() and (df["cost"] == 0).all()
@@ -113,16 +128,21 @@ def test_report_of_a_run_writes_csv_summary_and_plots(tmp_path, capsys):
     assert opts[("KV cache", "tokens_per_s", "kv-eager")]["ratio"] == pytest.approx(8.0)
     assert opts[("compile for SFT", "real_tokens_per_s", "compile-pad")]["ratio"] == pytest.approx(1.5)
     assert opts[("compile for SFT", "real_tokens_per_s", "compile-pack")]["ratio"] == pytest.approx(2.3)
-    first = opts[("independent first token", "first_token_distinct", "independent")]
-    assert (first["baseline"], first["optimized"], first["ratio"]) == (1.0, 6.0, 6.0)
-    # kv-captured is CUDA-only: a CPU run must say so rather than show a number.
-    captured = opts[("KV cache", "tokens_per_s", "kv-captured")]
-    assert captured["ratio"] is None and captured["note"].startswith(rp.NOT_MEASURED)
+    assert opts[("KV cache", "tokens_per_s", "kv-static")]["ratio"] == pytest.approx(9.0)
+    # kv-graph is CUDA-only: a CPU run must say so rather than show a number.
+    graph = opts[("KV cache", "tokens_per_s", "kv-graph")]
+    assert graph["ratio"] is None and graph["note"].startswith(rp.NOT_MEASURED)
+    assert "SKIPPED: CUDA graph capture needs a CUDA device" in graph["note"]
+    # The first-token figure is measured once per job (not once per row), and no broadcast
+    # baseline was measured: the figure is shown, the ratio is not invented.
+    first = opts[("independent first token", "first_token_distinct", "independent, of 8 samples")]
+    assert (first["optimized"], first["n_optimized"], first["baseline"], first["ratio"]) == (6.0, 1, None, None)
+    assert first["note"].startswith(rp.NOT_MEASURED + ": no broadcast baseline")
 
     summary = (folder / "summary.md").read_text()
     assert "## Stage base (base_train)" in summary and "## Stage sft_bench (sft)" in summary
     assert "1.50x" in summary and "8.00x" in summary and "2.30x" in summary
-    assert "| KV cache | tokens_per_s | naive (n=1) | 50 | kv-captured (n=0) |  | not measured in this run" in summary
+    assert "| KV cache | tokens_per_s | naive (n=1) | 50 | kv-graph (n=0) |  | not measured in this run" in summary
     assert "None: every row and metrics file was read." in summary
 
 
@@ -153,10 +173,13 @@ def test_missing_partial_and_corrupt_files_are_listed_not_fatal(tmp_path, capsys
     (rows / "chat__local-204.json").write_text(json.dumps(
         {"run_id": "r2", "stage": "chat", "state": "FAILED", "error": "CUDA error: device-side assert",
          "tokens_per_s": "fast", "wall_time_s": 3.5, "temperature": 0.8}))
-    # A stage the orchestration launched that never wrote a row.
+    # A stage the orchestration launched that never wrote a row, and one never started.
     info = json.loads((folder / "run.json").read_text())
-    info["stages"]["tokenizer"] = {"job_id": "local:99", "kind": "tokenizer", "out_dir": str(folder / "tok")}
+    info["stages"] += ["tokenizer", "chat_eval"]
     (folder / "run.json").write_text(json.dumps(info))
+    jobs = json.loads((folder / "jobs.json").read_text())
+    jobs["stages"]["tokenizer"] = {"pids": [99], "state": "FAILED"}
+    (folder / "jobs.json").write_text(json.dumps(jobs))
     # A metrics CSV whose writer was killed mid-line, and one that is not a CSV at all.
     with open(folder / "metrics" / "base.csv", "a") as f:
         f.write("20,3.1")
@@ -174,19 +197,27 @@ def test_missing_partial_and_corrupt_files_are_listed_not_fatal(tmp_path, capsys
     partial = next(p for p in out["problems"] if p["path"] == "rows/chat__local-204.json")
     assert "unreadable tokens_per_s='fast'" in partial["detail"] and "missing keys:" in partial["detail"]
 
-    # The rest still stands: 8 good rows + the partial one, their ratios, the plots.
+    # The rest still stands: 10 good rows + the partial one, their ratios, the plots.
     df = rp.read_report_csv(folder / "report.csv")
-    assert len(df) == 9
+    assert len(df) == 11
     chat = df[df["stage"] == "chat"].iloc[0]
     assert chat["state"] == "FAILED" and pd.isna(chat["tokens_per_s"]) and chat["wall_time_s"] == 3.5
     assert json.loads(chat["extra"]) == {"temperature": 0.8}
     assert (folder / "loss.png").read_bytes()[:8] == PNG_MAGIC
     summary = (folder / "summary.md").read_text()
     assert "## Problems (not fatal" in summary
-    assert "stage tokenizer (job local:99) wrote no row" in summary
+    assert "stage tokenizer (job local:99) wrote no row (recorded state FAILED)" in summary
+    assert "stage chat_eval (job never submitted) wrote no row" in summary
     assert "error in None" not in summary and "CUDA error: device-side assert" in summary
     auto = next(o for o in out["runs"]["r2"]["optimizations"] if o["metric"] == "tokens_per_s" and o["optimized_label"] == "auto")
     assert auto["ratio"] == pytest.approx(1.5)
+
+
+def test_broadcast_baseline_gives_a_first_token_ratio(tmp_path):
+    rows = [make_row(run_id="b", stage="div", kind="inference_bench", variant=v, job_id="local:5", state="COMPLETED",
+                     first_token_distinct=n, diversity_samples=8) for v, n in (("broadcast", 1), ("kv-eager", 7))]
+    opt = rp.first_token_comparison(rp.rows_frame(rows))
+    assert (opt.baseline, opt.optimized, opt.ratio, opt.note) == (1.0, 7.0, 7.0, "")
 
 
 def test_failed_baseline_is_not_measured(tmp_path):
@@ -227,7 +258,7 @@ def test_comparison_of_two_runs_against_a_baseline(tmp_path, capsys):
 def test_a_figure_only_one_run_measured_is_not_a_ratio(tmp_path):
     make_run(tmp_path, "a")
     make_run(tmp_path, "b", speed=2.0)
-    os.remove(tmp_path / "b" / "rows" / "infer__local-108.json")
+    os.remove(tmp_path / "b" / "rows" / "infer.kv-eager__local-107.json")
     rep = rp.build_report(["a", "b"], tmp_path, use_sacct=False)
     assert rep.baseline == "a"  # the first RUN when no --baseline is named
     line = next(l for l in rep.comparison if (l["stage"], l["variant"], l["metric"]) == ("infer", "kv-eager", "tokens_per_s"))
@@ -260,11 +291,14 @@ def test_figures_carry_the_expected_series(tmp_path):
 
 def test_metrics_found_through_run_json_out_dir(tmp_path):
     folder = make_run(tmp_path, "r5")
-    (folder / "base").mkdir()
-    shutil.move(folder / "metrics" / "base.csv", folder / "base" / "metrics.csv")
+    # As the stage entry lays it out: <workdir>/<run_id>/<stage>[/<variant>]/metrics.csv
+    out_dir = tmp_path.parent / "work" / "r5"
+    (out_dir / "base").mkdir(parents=True)
+    shutil.move(folder / "metrics" / "base.csv", out_dir / "base" / "metrics.csv")
+    write_metrics(out_dir / "sft_bench" / "compile-pack" / "metrics.csv", 6, 3.0, 1150.0)
     run = rp.load_run(folder, use_sacct=False)
-    assert set(run.metrics) == {"base", "base_auto"}
-    assert run.metrics["base"]["loss"].iloc[0] == 7.0
+    assert set(run.metrics) == {"base", "base_auto", "sft_bench/compile-pack"}
+    assert run.metrics["base"]["loss"].iloc[0] == 7.0 and len(run.metrics["sft_bench/compile-pack"]) == 6
 
 
 def test_bad_input_is_a_config_error(tmp_path):
@@ -355,12 +389,13 @@ def test_sacct_on_the_local_slurm(tmp_path):
 @pytest.mark.slow
 def test_report_of_a_real_smoke_run(tmp_path):
     """The smoke pipeline's real rows, end to end (needs the pipeline: jobs/stages.py)."""
-    if not (REPO / "jobs" / "stages.py").is_file() or not (REPO / "pipelines" / "smoke.yaml").is_file():
-        pytest.skip("the smoke pipeline is not in the tree yet")
-    env = dict(os.environ, NANOCHAT_BASE_DIR=str(tmp_path / "base"))
+    needed = ["jobs/stages.py", "pipelines/smoke.yaml"] + [f"nanochat/{m}.py" for m in (
+        "auto_batch_size", "base_train", "mid_train", "chat_sft", "inference_bench")]
+    if not all((REPO / n).is_file() for n in needed):
+        pytest.skip("the smoke pipeline is not all in the tree yet")
     results = tmp_path / "results"
-    cmd = [sys.executable, "-m", "jobs", "submit", "pipelines/smoke.yaml", "--executor", "local", "--wait",
-           "--results-dir", str(results)]
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(tmp_path / "base"), NANOCHAT_RESULTS_DIR=str(results))
+    cmd = [sys.executable, "-m", "jobs", "submit", "pipelines/smoke.yaml", "--executor", "local", "--wait"]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, done.stderr[-3000:]
     done = subprocess.run([sys.executable, "-m", "jobs", "report", "--latest", "--results-dir", str(results),
