@@ -242,13 +242,24 @@ class Engine:
                 self._special[name] = tokenizer.encode_special(name)
             self._special["<|bos|>"] = tokenizer.get_bos_token_id()
 
+    # A captured graph is tied to its cache's shape and addresses, so graphs are kept and reused. The
+    # cache length is rounded up to a bucket so a chat (a new total length every turn) reuses a few
+    # graphs instead of capturing one per turn; the oldest is dropped past MAX_GRAPHS.
+    GRAPH_BUCKET = 256
+    MAX_GRAPHS = 4
+
     def _decode_step(self, batch_size: int, max_len: int) -> DecodeStep:
+        if self.decode != "graph":
+            return DecodeStep(self.model, batch_size, max_len, capture=False)
+        bucketed = -(-max_len // self.GRAPH_BUCKET) * self.GRAPH_BUCKET
+        max_len = min(max(bucketed, max_len), _model_max_len(self.model))
         key = (batch_size, max_len)
-        step = self._steps.get(key)
+        step = self._steps.pop(key, None)
         if step is None:
-            step = DecodeStep(self.model, batch_size, max_len, capture=(self.decode == "graph"))
-            if self.decode == "graph":
-                self._steps[key] = step   # capture once per shape; eager static steps are cheap to rebuild
+            step = DecodeStep(self.model, batch_size, max_len, capture=True)
+        self._steps[key] = step                    # (re)insert: the dict's order is least recently used first
+        while len(self._steps) > self.MAX_GRAPHS:
+            self._steps.pop(next(iter(self._steps)))
         return step
 
     @torch.inference_mode()
@@ -276,14 +287,15 @@ class Engine:
         generator = torch.Generator(device=device)
         generator.manual_seed(seed)
 
-        # 1. prefill once, at batch 1
-        prefill = KVCache.for_model(self.model, 1, total)
+        # 1. prefill once, at batch 1 (sized for the whole generation only when it decodes in place)
+        in_place = self.decode == "eager" and num_samples == 1
+        prefill = KVCache.for_model(self.model, 1, total if in_place else len(tokens))
         ids = torch.tensor([tokens], dtype=torch.long, device=device)
         logits = self.model(ids, kv_cache=prefill)[:, -1]            # (1, V)
 
         # 2. decode state: the same cache when one sample decodes eagerly, else a copy per row
         if self.decode == "eager":
-            if num_samples == 1:
+            if in_place:
                 cache = prefill
             else:
                 cache = KVCache.for_model(self.model, num_samples, total)

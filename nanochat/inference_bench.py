@@ -169,6 +169,8 @@ def run(cfg: InferenceBenchConfig, should_stop=None) -> list[dict]:
             rows.append(row)
             continue
         t_start = time.perf_counter()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         if variant == "naive":
             generate_naive(model, prompt, 2, num_samples=cfg.num_samples)   # warm-up
             result = _timed_naive_run(model, prompt, cfg, device)
