@@ -52,6 +52,7 @@ def add_submit_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _emit(args, obj: dict) -> None:
+    obj = {**obj, **getattr(args, "json_extra", {})}
     if getattr(args, "json", False):
         print(json.dumps(obj, sort_keys=True, default=str), flush=True)
 

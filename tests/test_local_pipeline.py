@@ -1,0 +1,146 @@
+"""The local executor (no Slurm): dependency order, arrays, failure -> dependants cancelled, resume,
+cancel, rows on failure; and the real smoke pipeline end to end (slow)."""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+
+PIPE = {
+    "name": "localtest",
+    "defaults": {"args": {"seconds": 0.2}},
+    "stages": {
+        "a": {"kind": "noop"},
+        "b": {"kind": "noop", "depends_on": ["a"], "args": {"steps": 3, "checkpointable": True}},
+        "c": {"kind": "noop", "depends_on": ["a"],
+              "variants": [{"name": "x"}, {"name": "y", "args": {"steps": 2}}, {"name": "z"}]},
+        "d": {"kind": "noop", "depends_on": ["b", "c"]},
+    },
+}
+
+
+@pytest.fixture
+def env(tmp_path):
+    e = dict(os.environ, NANOCHAT_RESULTS_DIR=str(tmp_path / "results"), NANOCHAT_BASE_DIR=str(tmp_path / "work"))
+    return tmp_path, e
+
+
+def jobs_cli(env, *argv, timeout=600):
+    return subprocess.run([sys.executable, "-m", "jobs", *argv], capture_output=True, text=True, env=env,
+                          cwd=REPO, timeout=timeout)
+
+
+def rows(run_dir: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((run_dir / "rows").glob("*.json"))]
+
+
+def test_local_run_orders_stages_runs_arrays_and_writes_rows(env):
+    tmp, e = env
+    spec = tmp / "p.yaml"
+    spec.write_text(yaml.safe_dump(PIPE))
+    out = jobs_cli(e, "submit", str(spec), "--executor", "local", "--run-id", "ok", "--max-parallel", "2", "--json")
+    assert out.returncode == 0, out.stdout + out.stderr
+    run_dir = tmp / "results" / "ok"
+    rs = rows(run_dir)
+    assert sorted((r["stage"], r["variant"]) for r in rs) == [
+        ("a", None), ("b", None), ("c", "x"), ("c", "y"), ("c", "z"), ("d", None)]
+    assert all(r["state"] == "COMPLETED" and r["run_id"] == "ok" and r["git_commit"] for r in rs)
+    # each stage started after its dependencies ended
+    recs = json.loads((run_dir / "jobs.json").read_text())["stages"]
+    for name, stage in PIPE["stages"].items():
+        for dep in stage.get("depends_on", []):
+            assert recs[name]["started_at"] >= recs[dep]["ended_at"], (name, dep)
+    # the run folder has what status/resume/report need
+    for f in ("resolved.yaml", "run.json", "jobs.json", "markers/a.done", "markers/c.2.done", "markers/d.done"):
+        assert (run_dir / f).exists(), f
+    # the checkpointable stage left its final state in <workdir>/<run_id>/<stage>/
+    final = json.loads((tmp / "work" / "ok" / "b" / "final.json").read_text())
+    assert final["step"] == 3
+
+
+def test_failed_stage_cancels_dependants_and_resume_reruns_only_those(env):
+    tmp, e = env
+    spec = tmp / "p.yaml"
+    spec.write_text(yaml.safe_dump(PIPE))
+    out = jobs_cli(e, "submit", str(spec), "--executor", "local", "--run-id", "f", "--set", "b.fail_times=1", "--json")
+    assert out.returncode == 1
+    last = json.loads(out.stdout.strip().splitlines()[-1])
+    assert last["stages"] == {"a": "COMPLETED", "b": "FAILED", "c": "COMPLETED", "d": "CANCELLED"}
+    run_dir = tmp / "results" / "f"
+    failed = [r for r in rows(run_dir) if r["state"] == "FAILED"]
+    assert len(failed) == 1 and failed[0]["stage"] == "b"
+    assert "fail its first 1 attempt" in failed[0]["error"] and "\n" not in failed[0]["error"]
+    before = {(r["stage"], r["variant"]) for r in rows(run_dir)}
+
+    out = jobs_cli(e, "resume", "f", "--json")
+    assert out.returncode == 0, out.stdout + out.stderr
+    last = json.loads(out.stdout.strip().splitlines()[-1])
+    assert last["state"] == "COMPLETED" and last["resubmitted"] == ["b", "d"]
+    new = [r for r in rows(run_dir) if r["state"] == "COMPLETED"]
+    counts = {}
+    for r in new:
+        counts[(r["stage"], r["variant"])] = counts.get((r["stage"], r["variant"]), 0) + 1
+    # a and c ran once (before); b and d once each after the resume
+    assert counts == {("a", None): 1, ("c", "x"): 1, ("c", "y"): 1, ("c", "z"): 1, ("b", None): 1, ("d", None): 1}
+    assert ("b", None) in before
+
+
+def test_cancel_stops_a_running_local_run(env):
+    tmp, e = env
+    spec = tmp / "slow.yaml"
+    spec.write_text(yaml.safe_dump({"name": "slow", "stages": {
+        "long": {"kind": "noop", "args": {"seconds": 120}},
+        "after": {"kind": "noop", "depends_on": ["long"]}}}))
+    proc = subprocess.Popen([sys.executable, "-m", "jobs", "submit", str(spec), "--executor", "local",
+                             "--run-id", "c", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=e, cwd=REPO)
+    run_dir = tmp / "results" / "c"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        recs = json.loads((run_dir / "jobs.json").read_text())["stages"] if (run_dir / "jobs.json").exists() else {}
+        if recs.get("long", {}).get("state") == "RUNNING":
+            break
+        time.sleep(0.3)
+    out = jobs_cli(e, "cancel", "c", "--json")
+    assert out.returncode == 0
+    assert json.loads(out.stdout.strip().splitlines()[-1])["cancelled"]
+    stdout, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    last = json.loads(stdout.strip().splitlines()[-1])
+    assert last["stages"] == {"long": "CANCELLED", "after": "CANCELLED"}
+
+
+def _path_without_slurm(tmp: Path) -> str:
+    """A PATH with everything in /usr/bin except the Slurm client commands (as on a laptop)."""
+    bin_dir = tmp / "bin"
+    bin_dir.mkdir()
+    slurm = {"sbatch", "sinfo", "squeue", "sacct", "scancel", "scontrol", "srun", "salloc", "sacctmgr"}
+    for p in Path("/usr/bin").iterdir():
+        if p.name not in slurm:
+            (bin_dir / p.name).symlink_to(p)
+    return f"{Path(sys.executable).parent}:{bin_dir}"
+
+
+@pytest.mark.slow
+def test_smoke_pipeline_runs_all_five_stages_locally_without_slurm(env):
+    tmp, e = env
+    e["PATH"] = _path_without_slurm(tmp)
+    t0 = time.time()
+    out = jobs_cli(e, "submit", "--run-id", "smoke", "--json", timeout=900)   # the embedded default, auto executor
+    wall = time.time() - t0
+    print(out.stdout[-3000:], out.stderr[-3000:])
+    assert out.returncode == 0
+    last = json.loads(out.stdout.strip().splitlines()[-1])
+    assert last["executor"] == "local" and last["state"] == "COMPLETED"
+    assert list(last["stages"]) == ["probe", "base_train", "mid_train", "sft", "inference_bench"]
+    run_dir = tmp / "results" / "smoke"
+    kinds = {r["stage"]: r for r in rows(run_dir)}
+    assert set(kinds) == set(last["stages"]) and all(r["state"] == "COMPLETED" for r in kinds.values())
+    assert (run_dir / "report.csv").exists()
+    print(f"smoke pipeline locally: {wall:.1f} s")
