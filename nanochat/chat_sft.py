@@ -1,0 +1,527 @@
+"""
+Chat SFT: fine-tune on conversations, loss on the assistant's tokens only.
+
+Three ways to batch (SFTConfig.mode), so the cost of each can be measured side by side:
+- "eager-dynamic": pad each batch to its longest conversation, no compile (the original baseline).
+- "compile-pad":   pad every row to max_seq_len, torch.compile(dynamic=False): one shape, much padding.
+- "compile-pack":  best-fit several whole conversations into each fixed (B, T) row, attention kept
+                   inside each conversation, torch.compile(dynamic=False). The default.
+
+Attention route for packed rows: scaled_dot_product_attention with a boolean block-diagonal causal
+mask built from the document ids (GPT.forward(doc_ids=...)). FlexAttention would skip the masked
+blocks, but in torch 2.13 it has no backward on CPU ("FlexAttention does not support backward on
+CPU"), and this product must train on CPU for its tests and smoke pipeline; SDPA with a mask compiles,
+runs forward and backward on both CPU and CUDA, and its cost is measured, not assumed.
+
+The loss is summed per micro-batch and divided by the number of supervised tokens in the whole
+optimizer step, counted over all micro-batches and all ranks before the first backward (nanochat
+PR 400), so every supervised token weighs the same however the conversations fell into batches.
+
+Throughput is honest: tokens/s over all positions, over real (non-padding) positions and over
+supervised positions, plus the padding fraction. The first optimizer step (compilation) is kept out
+of the timed window and reported on its own.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from nanochat.common import (ConfigError, atomic_torch_save, atomic_write_json, compute_init, device_name,
+                             get_base_dir, git_commit, peak_flops, peak_memory_bytes, print0, synchronize)
+from nanochat.gpt import GPT, GPTConfig, build_model
+from nanochat.optim import all_reduce_gradients, build_optimizers
+from nanochat.packing import MODES, Example, batch_for_mode, plan_batches, truncate
+from nanochat.tokenizer import Tokenizer
+
+ATTENTION_ROUTE = "sdpa-bool-mask"  # see the module docstring for why not flex_attention
+
+
+@dataclass
+class SFTConfig:
+    # filled by the jobs layer (docs/CONTRACTS.md)
+    base_dir: str = ""          # shared artifacts; "" -> nanochat.common.get_base_dir()
+    out_dir: str = ""           # this stage's folder: checkpoints/ and metrics.csv go here; "" = nothing written
+    init_from: str = ""         # checkpoint folder of the model to fine-tune; "" = a fresh model (benchmarks, tests)
+    device_type: str = ""       # "" = auto (cuda, else cpu)
+    # what to run
+    mode: str = "compile-pack"  # eager-dynamic | compile-pad | compile-pack
+    data_path: str = ""         # JSONL or parquet of {"messages": [...]}; "" = the offline synthetic set
+    num_conversations: int = 2000   # size of the synthetic set when data_path is ""
+    val_conversations: int = 64     # held out (taken from the end of the data) for the validation loss
+    seed: int = 0
+    max_seq_len: int = 1024     # T: tokens per row; longer conversations are truncated
+    device_batch_size: int = 0  # rows per micro-batch; 0 = automatic (nanochat.auto_batch_size)
+    total_batch_size: int = 0   # positions (rows x T) per optimizer step over all ranks; 0 = one micro-batch per rank
+    num_epochs: int = 1
+    max_steps: int = 0          # cap on optimizer steps (0 = no cap)
+    pack_buffer: int = 512      # conversations considered at once by best-fit packing
+    warmup_steps: int = 1       # optimizer steps left out of the timed window (compilation happens here)
+    # a fresh model when init_from is "" (its tokenizer is trained on the conversations)
+    depth: int = 4
+    vocab_size: int = 2048
+    # optimization (nanochat's SFT: base learning rates x init_lr_frac, decaying linearly to zero)
+    matrix_lr: float = 0.02
+    embedding_lr: float = 0.2
+    unembedding_lr: float = 0.004
+    weight_decay: float = 0.0
+    init_lr_frac: float = 0.02
+    eval_batch_size: int = 8
+    save_checkpoint: bool = True
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"sft.mode: unknown mode {self.mode!r} (choose one of {', '.join(MODES)})")
+        for key in ("max_seq_len", "num_epochs", "eval_batch_size", "pack_buffer", "depth"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"sft.{key}: must be at least 1 (got {getattr(self, key)})")
+        for key in ("device_batch_size", "total_batch_size", "max_steps", "warmup_steps", "val_conversations"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"sft.{key}: must not be negative (got {getattr(self, key)})")
+        if not self.data_path and self.num_conversations < 2:
+            raise ConfigError(f"sft.num_conversations: need at least 2 (got {self.num_conversations})")
+        if self.data_path and not Path(self.data_path).exists():
+            raise ConfigError(f"sft.data_path: {self.data_path} does not exist")
+
+
+# -----------------------------------------------------------------------------
+# Data
+
+def load_conversations(path: str | os.PathLike) -> list[dict]:
+    """Conversations from JSONL (one {"messages": [...]} per line) or parquet (a `messages` column)."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: conversation file not found")
+    conversations: list[dict] = []
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+        table = pq.read_table(path)
+        if "messages" not in table.column_names:
+            raise ConfigError(f"{path}: parquet file has no 'messages' column")
+        for messages in table.column("messages").to_pylist():
+            conversations.append({"messages": messages})
+    else:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ConfigError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                if not isinstance(obj, dict) or not isinstance(obj.get("messages"), list):
+                    raise ConfigError(f"{path}:{lineno}: expected an object with a 'messages' list")
+                conversations.append(obj)
+    if not conversations:
+        raise ConfigError(f"{path}: no conversations")
+    return conversations
+
+
+def synthetic_conversations(n: int, seed: int, max_tokens: int) -> list[dict]:
+    """The offline synthetic set: nanochat.synthetic's generator (long-tailed lengths: most conversations
+    a few hundred tokens, a few near the maximum)."""
+    from nanochat import synthetic
+    return synthetic.generate_conversations(n, seed=seed, max_tokens=max_tokens)
+
+
+def conversation_texts(conversations: list[dict]):
+    for conv in conversations:
+        for message in conv["messages"]:
+            content = message["content"]
+            if isinstance(content, str):
+                yield content
+            else:
+                for part in content:
+                    yield part["text"]
+
+
+def render_examples(conversations: list[dict], tokenizer: Tokenizer, max_seq_len: int, source: str) -> list[Example]:
+    examples = []
+    for i, conv in enumerate(conversations):
+        try:
+            ids, mask = tokenizer.render_conversation(conv, max_tokens=max_seq_len + 1)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"{source}: conversation {i}: {e}") from None
+        examples.append(truncate((ids, mask), max_seq_len))
+    return examples
+
+
+# -----------------------------------------------------------------------------
+# Model, tokenizer, batch size, compilation
+
+class CompileCounter:
+    """A torch.compile backend that counts the graphs handed to it (one per compilation or
+    recompilation of a frame) and then compiles them with inductor as the default backend does."""
+
+    def __init__(self):
+        self.count = 0
+
+    def __call__(self, gm, example_inputs):
+        self.count += 1
+        from torch._inductor.compile_fx import compile_fx
+        return compile_fx(gm, example_inputs)
+
+
+def fresh_model(cfg: SFTConfig, tokenizer: Tokenizer, device: torch.device) -> GPT:
+    torch.manual_seed(cfg.seed)
+    config = GPTConfig.from_depth(cfg.depth, tokenizer.get_vocab_size(), cfg.max_seq_len)
+    return build_model(config, device)
+
+
+def load_or_build(cfg: SFTConfig, conversations: list[dict], device: torch.device) -> tuple[GPT, Tokenizer, dict]:
+    """The model to fine-tune: from init_from (via nanochat.checkpoint), or a fresh one with a tokenizer
+    trained on the conversations themselves (benchmarks and tests need no earlier stage)."""
+    if cfg.init_from:
+        from nanochat.checkpoint import load_model
+        model, tokenizer, meta = load_model(cfg.init_from, device)
+        return model, tokenizer, dict(meta or {})
+    tokenizer = Tokenizer.train(conversation_texts(conversations), cfg.vocab_size)
+    return fresh_model(cfg, tokenizer, device), tokenizer, {}
+
+
+@dataclass
+class SFTTrialStep:
+    """The automatic batch size's trial step for SFT: a training step on random tokens shaped like
+    this mode's batches (rows of max_seq_len; packed rows carry document ids, so the trial also holds
+    the attention mask). A dataclass so it pickles into the CPU probe's memory-budgeted child."""
+    seq_len: int
+    vocab_size: int
+    packed: bool
+    world_size: int = 1
+
+    def __call__(self, model, optimizers, batch_size: int) -> None:
+        device = next(model.parameters()).device
+        x = torch.randint(0, self.vocab_size, (batch_size, self.seq_len), device=device)
+        y = torch.randint(0, self.vocab_size, (batch_size, self.seq_len), device=device)
+        doc_ids = (torch.arange(self.seq_len, device=device) // 256).expand(batch_size, -1) if self.packed else None
+        with autocast_context(device):
+            loss = model(x, y, doc_ids=doc_ids, loss_reduction="sum") / y.numel()
+        loss.backward()
+        if self.world_size > 1:
+            flat = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
+            del flat
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+
+
+def build_sft_optimizers(model):
+    """The optimizers the probe's trials allocate (same state sizes as training's)."""
+    return build_optimizers(model)
+
+
+def default_total_batch_size(cfg: SFTConfig, world_size: int) -> int:
+    """Positions per optimizer step: the config's, else 32 rows per rank (nanochat's 32 examples per step)."""
+    return cfg.total_batch_size or 32 * cfg.max_seq_len * world_size
+
+
+def resolve_batch_size(cfg: SFTConfig, model: GPT, world_size: int, device: torch.device) -> tuple[int, str, dict]:
+    """device_batch_size from the config, or (0) from the automatic batch size (probe or cache).
+    The probe runs eager (compile=False): compiled steps use no more memory than eager ones, so the
+    size found is safe for every mode, and a CPU probe does not pay a compilation per trial."""
+    if cfg.device_batch_size > 0:
+        return cfg.device_batch_size, "config", {}
+    from nanochat.auto_batch_size import resolve_device_batch_size
+    step = SFTTrialStep(cfg.max_seq_len, model.config.vocab_size, cfg.mode == "compile-pack", world_size)
+    dbs, _accum, source, info = resolve_device_batch_size(
+        model, build_sft_optimizers, cfg.max_seq_len, default_total_batch_size(cfg, world_size), world_size, device,
+        step_fn=step, compile=False, base_dir=cfg.base_dir or None, cache_extra={"recipe": "sft", "mode": cfg.mode})
+    return int(dbs), str(source), dict(info or {})
+
+
+def autocast_context(device: torch.device):
+    """bf16 autocast on CUDA (as nanochat trains); fp32 elsewhere (bf16 matmuls are slow on most CPUs)."""
+    if device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def grad_accum_steps(total_batch_size: int, device_batch_size: int, seq_len: int, world_size: int) -> int:
+    if total_batch_size == 0:
+        return 1
+    per_micro = device_batch_size * seq_len * world_size
+    if total_batch_size % per_micro:
+        raise ConfigError(f"sft.total_batch_size: {total_batch_size} is not a multiple of "
+                          f"device_batch_size x max_seq_len x world_size = {per_micro}")
+    return total_batch_size // per_micro
+
+
+# -----------------------------------------------------------------------------
+# Loss
+
+def summed_loss(model, examples: list[Example], mode: str, batch_size: int, seq_len: int, pad_id: int,
+                pack_buffer: int = 512) -> tuple[float, int]:
+    """(sum of per-token losses over supervised tokens, number of supervised tokens) over `examples`,
+    batched the way `mode` batches them. Independent of batching when the masking is right."""
+    lengths = [len(ids) - 1 for ids, _ in examples]
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for plan in plan_batches(lengths, mode, batch_size, seq_len, pack_buffer):
+            b = batch_for_mode(examples, plan, mode, seq_len, pad_id).to(device)
+            with autocast_context(device):
+                loss = model(b.inputs, b.targets, doc_ids=b.doc_ids, loss_reduction="sum")
+            total += float(loss.double())
+            count += b.num_supervised
+    return total, count
+
+
+def evaluate(model: GPT, examples: list[Example], batch_size: int, seq_len: int, pad_id: int) -> float | None:
+    """Mean loss per supervised token on held-out conversations, with the uncompiled module."""
+    if not examples:
+        return None
+    was_training = model.training
+    model.eval()
+    total, count = summed_loss(model, examples, "eager-dynamic", batch_size, seq_len, pad_id)
+    model.train(was_training)
+    return total / count if count else None
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints (nanochat.checkpoint owns the format; the SFT state rides in its meta)
+
+def checkpoint_dir(out_dir: str) -> Path:
+    return Path(out_dir) / "checkpoints"
+
+
+def save_sft_checkpoint(cfg: SFTConfig, model: GPT, tokenizer: Tokenizer, optimizers, step: int, meta: dict) -> Path:
+    from nanochat import checkpoint
+    meta = dict(meta, stage="sft", step=step, sft_config=asdict(cfg))
+    return checkpoint.save_checkpoint(checkpoint_dir(cfg.out_dir), step, model, tokenizer, meta,
+                                      optimizer_states=[o.state_dict() for o in optimizers])
+
+
+def try_resume(cfg: SFTConfig, model: GPT, optimizers, device: torch.device) -> int:
+    """The step to start from: that of the newest valid SFT checkpoint in out_dir (0 if none)."""
+    if not cfg.out_dir or not checkpoint_dir(cfg.out_dir).exists():
+        return 0
+    from nanochat import checkpoint
+    found = checkpoint.load_latest(checkpoint_dir(cfg.out_dir), device)
+    if found is None:
+        return 0
+    state = found
+    model.load_state_dict(state["model"])
+    for opt, opt_state in zip(optimizers, state.get("optimizer_states") or []):
+        opt.load_state_dict(opt_state)
+    return int(state["meta"].get("step", 0))
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+def _all_reduce_sum(values: list[float], device: torch.device, ddp: bool) -> list[float]:
+    if not ddp:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def train(cfg: SFTConfig, model: GPT, tokenizer: Tokenizer, train_examples: list[Example],
+          val_examples: list[Example], device_batch_size: int, batch_size_source: str,
+          should_stop: Callable[[], bool] | None = None, meta: dict | None = None) -> dict:
+    """Fine-tune `model` in place and return the result row (a dict of RESULT_COLUMNS and extras)."""
+    started = time.time()
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    ddp = world > 1
+    device = model.get_device()
+    T, B, mode = cfg.max_seq_len, device_batch_size, cfg.mode
+    total = default_total_batch_size(cfg, world) if batch_size_source != "config" else cfg.total_batch_size
+    accum = grad_accum_steps(total, B, T, world)
+    pad_id = tokenizer.get_bos_token_id()
+    if T > model.rotary_seq_len:
+        raise ConfigError(f"sft.max_seq_len: {T} is longer than the model's rotary table ({model.rotary_seq_len})")
+
+    # Plan every epoch up front: all ranks compute the same plan and take micro-batches in turn, so
+    # they agree on the number of steps without talking.
+    lengths = [len(ids) - 1 for ids, _ in train_examples]
+    plans = []
+    for epoch in range(cfg.num_epochs):
+        order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
+        epoch_plans = plan_batches([lengths[i] for i in order], mode, B, T, cfg.pack_buffer)
+        plans += [[[order[i] for i in row] for row in plan] for plan in epoch_plans]
+    micro_per_step = accum * world
+    num_steps = len(plans) // micro_per_step
+    if cfg.max_steps:
+        num_steps = min(num_steps, cfg.max_steps)
+    if num_steps < 1:
+        raise ConfigError(f"sft: {len(train_examples)} conversations make {len(plans)} micro-batches, fewer than "
+                          f"one optimizer step needs ({micro_per_step}); add data or lower device_batch_size")
+
+    optimizers = build_optimizers(model, unembedding_lr=cfg.unembedding_lr, embedding_lr=cfg.embedding_lr,
+                                  matrix_lr=cfg.matrix_lr, weight_decay=cfg.weight_decay)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] = group["initial_lr"] * cfg.init_lr_frac
+    start_step = try_resume(cfg, model, optimizers, device) if cfg.save_checkpoint else 0
+
+    compiled = mode != "eager-dynamic"
+    counter = CompileCounter()
+    if compiled:
+        torch._dynamo.reset()  # fresh caches: a second model in this process must not eat the recompile limit
+        train_model = torch.compile(model, dynamic=False, backend=counter)
+    else:
+        train_model = model
+    model.train()
+
+    val_loss_before = evaluate(model, val_examples, cfg.eval_batch_size, T, pad_id) if start_step == 0 else None
+    step = start_step
+    state = "COMPLETED"
+    losses: list[float] = []
+    timed = dict(positions=0, real=0, supervised=0, conversations=0)
+    warmup_s, timed_start, timed_steps = 0.0, None, 0
+    while step < num_steps:
+        synchronize(device)
+        t0 = time.time()
+        first = step * micro_per_step
+        my_plans = [plans[first + k * world + rank] for k in range(accum)]
+        batches = [batch_for_mode(train_examples, p, mode, T, pad_id) for p in my_plans]
+        # Count the step's supervised tokens over all micro-batches and ranks before any backward.
+        n_sup = _all_reduce_sum([float(sum(b.num_supervised for b in batches))], device, ddp)[0]
+        scale = world / max(n_sup, 1.0)  # gradients are averaged over ranks, so x world gives sum / n_sup
+        loss_sum = 0.0
+        for b in batches:
+            b = b.to(device)
+            with autocast_context(device):
+                loss = train_model(b.inputs, b.targets, doc_ids=b.doc_ids, loss_reduction="sum")
+            (loss * scale).backward()
+            loss_sum += float(loss.detach())
+        all_reduce_gradients(model)
+        lr_mult = 1.0 - step / num_steps  # linear decay to zero, as nanochat's SFT
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] * lr_mult
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        losses.append(_all_reduce_sum([loss_sum], device, ddp)[0] / max(n_sup, 1.0))
+        synchronize(device)
+        dt = time.time() - t0
+        step += 1
+        if step - start_step <= cfg.warmup_steps:
+            warmup_s += dt
+            timed_start = time.time()
+        else:
+            timed_steps += 1
+            for b in batches:
+                timed["positions"] += b.num_positions
+                timed["real"] += b.num_real
+                timed["supervised"] += b.num_supervised
+                timed["conversations"] += b.num_conversations
+        if timed_start is None:
+            timed_start = t0
+        if step % 10 == 0 or step == num_steps:
+            print0(f"sft[{mode}] step {step}/{num_steps} loss {losses[-1]:.4f} dt {dt * 1000:.0f}ms")
+        if should_stop is not None and step < num_steps and should_stop():
+            state = "PREEMPTED"
+            break
+    synchronize(device)
+    timed_s = time.time() - timed_start if timed_steps else 0.0
+
+    model.eval()
+    val_loss = evaluate(model, val_examples, cfg.eval_batch_size, T, pad_id)
+    ckpt_path = None
+    if cfg.save_checkpoint and cfg.out_dir and rank == 0:
+        ckpt_path = str(save_sft_checkpoint(cfg, model, tokenizer, optimizers, step, meta or {}))
+    if ddp:
+        dist.barrier()
+
+    counts = _all_reduce_sum([timed["positions"], timed["real"], timed["supervised"], timed["conversations"]], device, ddp)
+    positions, real, supervised, conversations = counts
+    rate = (lambda x: x / timed_s) if timed_s > 0 else (lambda x: None)
+    tokens_per_s = rate(positions)
+    mean_step_s = timed_s / timed_steps if timed_steps else None
+    peak = peak_flops(device_name(device))
+    mfu = None
+    if peak and tokens_per_s:
+        mfu = 100 * model.estimate_flops() * tokens_per_s / (peak * world)
+    return {
+        "kind": "sft", "variant": mode, "state": state,
+        "device_name": device_name(device), "world_size": world,
+        "depth": model.config.n_layer, "n_params": model.num_params(), "seq_len": T,
+        "device_batch_size": B, "batch_size_source": batch_size_source,
+        "total_batch_size": B * T * world * accum, "grad_accum_steps": accum, "steps": step - start_step,
+        "tokens_per_s": tokens_per_s, "real_tokens_per_s": rate(real), "supervised_tokens_per_s": rate(supervised),
+        "padding_fraction": (1 - real / positions) if positions else None,
+        "mfu": mfu, "peak_memory_bytes": peak_memory_bytes(device),
+        "compile": compiled, "num_compiles": counter.count if compiled else 0,
+        "final_loss": losses[-1] if losses else None,
+        "wall_time_s": time.time() - started, "git_commit": git_commit(),
+        "extra": {
+            "val_loss": val_loss, "val_loss_before": val_loss_before,
+            "first_loss": losses[0] if losses else None,
+            "warmup_seconds": warmup_s,
+            # what the warm-up cost beyond an ordinary step: compilation, mostly
+            "compile_seconds": max(0.0, warmup_s - cfg.warmup_steps * mean_step_s) if (compiled and mean_step_s) else (warmup_s if compiled else 0.0),
+            "timed_seconds": timed_s, "timed_steps": timed_steps,
+            "conversations_per_s": rate(conversations),
+            "attention": ATTENTION_ROUTE if mode == "compile-pack" else "sdpa-causal",
+            "num_steps_planned": num_steps, "resumed_from_step": start_step,
+            "checkpoint": ckpt_path,
+        },
+    }
+
+
+def prepare(cfg: SFTConfig, device: torch.device) -> tuple[GPT, Tokenizer, dict, list[Example], list[Example]]:
+    """Load the conversations, the model and tokenizer, and render train/val examples."""
+    if cfg.data_path:
+        conversations, source = load_conversations(cfg.data_path), cfg.data_path
+    else:
+        conversations, source = synthetic_conversations(cfg.num_conversations, cfg.seed, cfg.max_seq_len), "synthetic"
+    model, tokenizer, meta = load_or_build(cfg, conversations, device)
+    examples = render_examples(conversations, tokenizer, cfg.max_seq_len, source)
+    n_val = min(cfg.val_conversations, len(examples) // 2)
+    train_examples, val_examples = examples[:len(examples) - n_val], examples[len(examples) - n_val:]
+    return model, tokenizer, meta, train_examples, val_examples
+
+
+def run(cfg: SFTConfig, should_stop: Callable[[], bool] | None = None) -> dict:
+    """The SFT stage: one result row, with the mode as its variant. Writes out_dir/checkpoints."""
+    cfg.validate()
+    info = compute_init(cfg.device_type or None, seed=cfg.seed)
+    model, tokenizer, meta, train_examples, val_examples = prepare(cfg, info.device)
+    dbs, source, bs_info = resolve_batch_size(cfg, model, info.world_size, info.device)
+    row = train(cfg, model, tokenizer, train_examples, val_examples, dbs, source, should_stop, meta)
+    row["extra"]["batch_size_info"] = bs_info
+    if cfg.out_dir and info.is_master:
+        atomic_write_json(Path(cfg.out_dir) / "sft_result.json", row)
+    return row
+
+
+# -----------------------------------------------------------------------------
+# Benchmark: the three modes on the same conversations, model init and batch size
+
+def bench(cfg: SFTConfig, modes: tuple[str, ...] = MODES) -> list[dict]:
+    """One row per mode. Every mode starts from the same weights (re-initialised or reloaded) and sees the
+    same conversations; checkpoints are not written. Compare real_tokens_per_s."""
+    cfg.validate()
+    for mode in modes:
+        if mode not in MODES:
+            raise ConfigError(f"bench sft: unknown mode {mode!r} (choose from {', '.join(MODES)})")
+    info = compute_init(cfg.device_type or None, seed=cfg.seed)
+    model, tokenizer, meta, train_examples, val_examples = prepare(cfg, info.device)
+    initial_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    dbs, source, _ = resolve_batch_size(cfg, model, info.world_size, info.device)
+    rows = []
+    for mode in modes:
+        model.load_state_dict(initial_state)
+        mode_cfg = replace(cfg, mode=mode, save_checkpoint=False)
+        rows.append(train(mode_cfg, model, tokenizer, train_examples, val_examples, dbs, source, None, meta))
+    return rows
+
+
+def bench_ratios(rows: list[dict]) -> dict:
+    """compile-pack / compile-pad and compile-pack / eager-dynamic on real tokens/s."""
+    real = {r["variant"]: r["real_tokens_per_s"] for r in rows}
+    out = {}
+    for other in ("compile-pad", "eager-dynamic"):
+        if real.get("compile-pack") and real.get(other):
+            out[f"compile-pack/{other}"] = real["compile-pack"] / real[other]
+    return out
