@@ -23,6 +23,7 @@ import argparse
 import io
 import json
 import math
+import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,6 +38,15 @@ from nanochat.common import ConfigError, atomic_write_bytes, atomic_write_text
 # A list price for renting one A100/H100-class GPU for an hour, in dollars; --price-per-gpu-hour
 # sets the one that applies to you. It only scales the cost column; GPU-hours are measured.
 DEFAULT_PRICE_PER_GPU_HOUR = 2.0
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def default_results_dir() -> Path:
+    """Where runs live, as the orchestration (jobs/runs.py) puts them: $NANOCHAT_RESULTS_DIR, else
+    <repo>/results."""
+    env = os.environ.get("NANOCHAT_RESULTS_DIR")
+    return Path(env) if env else REPO_ROOT / "results"
 
 # Columns the report adds to each result row. report.csv = RESULT_COLUMNS + REPORT_COLUMNS.
 REPORT_COLUMNS: dict[str, tuple[str, str]] = {
@@ -665,8 +675,9 @@ def run_summary_md(run: RunData, price: float, plots: list[str]) -> str:
     for stage, group in df.groupby(df["stage"].fillna("(no stage)"), sort=True):
         kind = group["kind"].dropna()
         parts += [f"## Stage {stage}" + (f" ({kind.iloc[0]})" if not kind.empty else ""), ""]
-        parts.append(md_table(STAGE_TABLE_COLUMNS,
-                              [[_cell(r[c]) for c in STAGE_TABLE_COLUMNS] for _, r in group.iterrows()]))
+        # Only the columns this stage measured: an inference stage has no loss, a failed job little.
+        cols = [c for c in STAGE_TABLE_COLUMNS if c in ("job_id", "state") or group[c].notna().any()]
+        parts.append(md_table(cols, [[_cell(r[c]) for c in cols] for _, r in group.iterrows()]))
         errors = group["error"].dropna()
         for job, err in zip(group.loc[errors.index, "job_id"], errors):
             parts.append(f"\n- error in {job}: {err}")
@@ -776,13 +787,13 @@ class Report:
         }
 
 
-def build_report(runs: list[str | Path], results_dir: str | Path = "results", baseline: str | Path | None = None,
+def build_report(runs: list[str | Path], results_dir: str | Path | None = None, baseline: str | Path | None = None,
                  price_per_gpu_hour: float = DEFAULT_PRICE_PER_GPU_HOUR, use_sacct: bool = True,
                  out_dir: str | Path | None = None) -> Report:
     """Read each run, write its report into its folder; with several runs (or a baseline), also
     compare each run against the baseline run (the first RUN when none is named) into out_dir
     (default results/compare/<baseline>_vs_<runs>/)."""
-    results_dir = Path(results_dir)
+    results_dir = Path(results_dir) if results_dir else default_results_dir()
     if price_per_gpu_hour < 0 or not math.isfinite(price_per_gpu_hour):
         raise ConfigError(f"--price-per-gpu-hour: must be a finite number >= 0, got {price_per_gpu_hour}")
     folders = [resolve_run(r, results_dir) for r in runs]
@@ -831,7 +842,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     parser.add_argument("--price-per-gpu-hour", type=float, default=DEFAULT_PRICE_PER_GPU_HOUR, metavar="X",
                         help=f"dollars per GPU-hour for the cost column (default {DEFAULT_PRICE_PER_GPU_HOUR})")
-    parser.add_argument("--results-dir", default="results", metavar="DIR", help="where runs live (default results)")
+    parser.add_argument("--results-dir", default=None, metavar="DIR",
+                        help="where runs live (default $NANOCHAT_RESULTS_DIR, else <repo>/results)")
     parser.add_argument("--out", metavar="DIR", help="folder for the comparison of several runs "
                         "(default <results-dir>/compare/<baseline>_vs_<runs>)")
     parser.add_argument("--no-sacct", action="store_true", help="do not ask Slurm accounting")
@@ -840,7 +852,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     runs = list(args.runs)
     if args.latest:
-        runs.append(latest_run(args.results_dir))
+        runs.append(latest_run(args.results_dir or default_results_dir()))
     if not runs and not args.baseline:
         raise ConfigError("report: name a RUN, or pass --latest")
     report = build_report(runs, args.results_dir, baseline=args.baseline,
