@@ -27,6 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="samples at temperature 1 whose distinct first tokens are counted")
     parser.add_argument("--device", default="", help="cpu, cuda or mps (default: auto)")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs per variant; the fastest is reported")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
     parser.add_argument("--out-dir", default="", help="also write inference_bench.json (rows and summary) here")
 
 
@@ -38,12 +40,13 @@ def run(args: argparse.Namespace) -> int:
     cfg = InferenceBenchConfig(init_from=args.init_from, device_type=args.device, depth=args.depth,
                                vocab_size=args.vocab_size, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                                num_samples=args.num_samples, diversity_samples=args.diversity_samples,
-                               seed=args.seed, out_dir=args.out_dir)
+                               seed=args.seed, out_dir=args.out_dir, repeats=args.repeats, threads=args.threads)
     rows = run_bench(cfg)
     s = summary(rows)
     print(f"device {s['device_name']}, depth {s['depth']}, {s['n_params']:,} params ({s['weights_dtype']}), "
           f"weights: {s['weights']}")
-    print(f"prompt {s['prompt_len']} tokens, {s['new_tokens']} new tokens x {s['num_samples']} sample(s)")
+    print(f"prompt {s['prompt_len']} tokens, {s['new_tokens']} new tokens x {s['num_samples']} sample(s); "
+          f"best of {s['repeats']} run(s)" + (f", {s['threads']} CPU thread(s)" if s["threads"] else ""))
     print(f"{'variant':<10} {'tok/s':>9} {'TTFT ms':>9} {'TPOT ms':>9} {'GB/s':>8} {'BW util%':>8} "
           f"{'greedy=':>7} {'vs naive':>8}")
     for r in rows:

@@ -179,7 +179,7 @@ class DecodeStep:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            for _ in range(3):
+            for _ in range(min(3, self.cache.max_len)):   # each warm-up step writes one position
                 self._forward()
         torch.cuda.current_stream().wait_stream(side)
         self.cache.reset()

@@ -314,11 +314,12 @@ def test_inference_bench_rows(tmp_path):
 def test_bench_inference_command_prints_json_last(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "jobs", "bench", "inference", "--depth", "2", "--vocab-size", "512",
-           "--prompt-len", "6", "--new-tokens", "5", "--num-samples", "2", "--json"]
+           "--prompt-len", "6", "--new-tokens", "5", "--num-samples", "2", "--repeats", "2", "--threads", "1", "--json"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=180)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["command"] == "bench inference" and result["speedup_kv_vs_naive"] > 0
     assert result["variants"]["kv-eager"]["greedy_identical"] is True
+    assert result["repeats"] == 2 and result["threads"] == 1
     bad = subprocess.run(cmd[:-1] + ["--new-tokens", "1"], capture_output=True, text=True, cwd=REPO, env=env, timeout=180)
     assert bad.returncode == 2 and "new_tokens" in bad.stderr
