@@ -364,7 +364,7 @@ def load_run(folder: Path, price_per_gpu_hour: float = DEFAULT_PRICE_PER_GPU_HOU
         problems.append(Problem(run_id, f"rows/{name}__*.json", "missing", detail))
 
     df = join_sacct(rows_frame(rows), sacct, price_per_gpu_hour)
-    df = df.sort_values(["stage", "variant", "array_task", "job_id"], na_position="first", kind="stable")
+    df = df.sort_values(["stage", "array_task", "variant", "job_id"], na_position="first", kind="stable")
     df = df.reset_index(drop=True)
 
     metrics = {}

@@ -411,3 +411,21 @@ def test_report_of_a_real_smoke_run(tmp_path):
     assert (folder / "summary.md").read_text().startswith(f"# Run {run_id}")
     for png in folder.glob("*.png"):
         assert png.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_array_task_rows_gather_into_one_table(tmp_path):
+    """A Slurm array stage: one row per task (job ids A_T); a task that wrote no row is listed."""
+    folder = tmp_path / "grid"
+    for task, dbs in ((0, 8), (2, 32)):
+        write_row(folder, make_row(run_id="grid", stage="sweep", kind="base_train", variant=f"dbs{dbs}",
+                                   job_id=f"777_{task}", array_task=task, state="COMPLETED", device_name="cpu",
+                                   world_size=1, device_batch_size=dbs, batch_size_source="config",
+                                   tokens_per_s=100.0 * dbs, wall_time_s=10.0))
+    (folder / "run.json").write_text(json.dumps({"run_id": "grid", "stages": ["sweep"], "executor": "slurm"}))
+    (folder / "jobs.json").write_text(json.dumps({"executor": "slurm", "stages": {"sweep": {
+        "job_id": "777", "tasks": [0, 1, 2], "task_job_ids": ["777_0", "777_1", "777_2"]}}}))
+    run = rp.load_run(folder, use_sacct=False)
+    assert list(run.rows["job_id"]) == ["777_0", "777_2"] and list(run.rows["array_task"]) == [0, 2]
+    assert [(p.kind, p.detail) for p in run.problems] == [("missing", "stage sweep (job 777_1) wrote no row")]
+    figs = rp.run_figures(run.rows)
+    assert figs[("sweep", "dbs8", "tokens_per_s")] == 800.0 and figs[("sweep", "dbs32", "tokens_per_s")] == 3200.0
