@@ -323,3 +323,15 @@ def test_bench_inference_command_prints_json_last(tmp_path):
     assert result["repeats"] == 2 and result["threads"] == 1
     bad = subprocess.run(cmd[:-1] + ["--new-tokens", "1"], capture_output=True, text=True, cwd=REPO, env=env, timeout=180)
     assert bad.returncode == 2 and "new_tokens" in bad.stderr
+
+
+def test_inference_bench_from_a_checkpoint(memorised, tmp_path):
+    from nanochat.checkpoint import save_checkpoint
+    model, tokenizer = memorised
+    tokenizer.save(tmp_path / "tokenizer")
+    save_checkpoint(tmp_path / "checkpoints", 80, model, [],
+                    {"model_config": model.config.to_dict(), "tokenizer_dir": str(tmp_path / "tokenizer")})
+    rows = run_bench(InferenceBenchConfig(init_from=str(tmp_path / "checkpoints"), prompt_len=8, new_tokens=6,
+                                          num_samples=2, diversity_samples=8))
+    assert all(r["weights"].startswith("checkpoint") and r["n_params"] == model.num_params() for r in rows)
+    assert summary(rows)["greedy_identical"] is True
