@@ -24,6 +24,7 @@ class BaseTrainConfig(TrainConfig):
     vocab_size: int = 4096             # tokenizer size (trained on first use)
     data_source: str = ""              # "" = text shipped with Python; or a folder of shards / .txt / .jsonl
     num_shards: int = 4                # shards written when preparing data (last = validation)
+    data_max_chars: int = 4_000_000    # size of the default corpus (Python's own text) in characters
 
 
 def run(cfg: BaseTrainConfig, should_stop: Callable[[], bool] | None = None) -> dict:
@@ -32,7 +33,7 @@ def run(cfg: BaseTrainConfig, should_stop: Callable[[], bool] | None = None) -> 
     base_dir = Path(cfg.base_dir or get_base_dir())
     dist_info = compute_init(cfg.device_type or None, seed=cfg.seed)
     try:
-        data_path = ensure_pretraining_data(base_dir, cfg.data_source, cfg.num_shards)
+        data_path = ensure_pretraining_data(base_dir, cfg.data_source, cfg.num_shards, cfg.data_max_chars)
         tokenizer = ensure_tokenizer(base_dir, cfg.vocab_size, data_path)
         train_shards, val_shard = split_shards(data_path)
         model = build_model(GPTConfig.from_depth(cfg.depth, tokenizer.get_vocab_size(), cfg.seq_len), dist_info.device)

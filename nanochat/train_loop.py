@@ -303,8 +303,6 @@ def train(cfg: TrainConfig, *, stage: str, model, tokenizer, tokenizer_dir: str,
     train_model = torch.compile(model) if use_compile else model
     flops_per_token = model.estimate_flops()
     token_bytes = tokenizer.token_bytes()
-    val_B = B
-    eval_steps = max(1, cfg.eval_tokens // (val_B * T * world_size))
     oom_handlers = _oom_handlers()
     metrics_path = out_dir / "metrics.csv" if out_dir else None
     metrics = _read_metrics(metrics_path, start_step) if (metrics_path and rank == 0) else []
@@ -322,7 +320,9 @@ def train(cfg: TrainConfig, *, stage: str, model, tokenizer, tokenizer_dir: str,
             dist.barrier()
 
     def run_eval() -> float:
-        return evaluate_bpb(model, make_val_loader(rank, world_size), eval_steps, val_B, token_bytes, device, autocast_ctx)
+        # B as it is now: an out-of-memory fallback during training shrinks the eval batch too
+        eval_steps = max(1, cfg.eval_tokens // (B * T * world_size))
+        return evaluate_bpb(model, make_val_loader(rank, world_size), eval_steps, B, token_bytes, device, autocast_ctx)
 
     print0(f"[{stage}] params={n_params:,} steps={num_steps} B={B} T={T} world={world_size} "
            f"grad_accum={grad_accum} total_batch={total_batch} ({batch_source}) compile={use_compile}")
