@@ -385,6 +385,21 @@ def test_sacct_on_the_local_slurm(tmp_path):
     assert states == {f"{job}_0": "COMPLETED", f"{job}_1": "FAILED"}
     assert res.jobs[f"{job}_1"].exit_code == 1 and res.jobs[f"{job}_0"].elapsed_s >= 1
 
+    # The report joins sacct's view: task 0 wrote a row, task 1 died without one.
+    folder = tmp_path / "slurm-run"
+    write_row(folder, make_row(run_id="slurm-run", stage="grid", kind="noop", job_id=f"{job}_0", array_task=0,
+                               state="COMPLETED", device_name="cpu", world_size=1))
+    (folder / "run.json").write_text(json.dumps({"run_id": "slurm-run", "stages": ["grid"], "executor": "slurm"}))
+    (folder / "jobs.json").write_text(json.dumps({"stages": {"grid": {"job_id": job, "task_job_ids": ids}}}))
+    run = rp.load_run(folder)
+    assert run.sacct.available
+    row = run.rows.iloc[0]
+    assert (row["sacct_state"], row["sacct_exit_code"]) == ("COMPLETED", 0) and row["sacct_elapsed_s"] >= 1
+    # No wall time in the row: sacct's elapsed stands in; cpu -> 0 GPUs -> 0 GPU-hours.
+    assert row["gpu_hours"] == 0.0
+    (missing,) = [p for p in run.problems if p.kind == "missing"]
+    assert f"job {job}_1: sacct FAILED exit 1" in missing.detail
+
 
 @pytest.mark.slow
 def test_report_of_a_real_smoke_run(tmp_path):
