@@ -258,9 +258,12 @@ def run_stage(run_dir: str | os.PathLike, stage_name: str, task: int | None = No
                 raise RuntimeError(f"stage preempted/timed out after {restarts} requeues (max_requeues={limit})")
             print(f"[stage] checkpoint saved; requeueing (restart {restarts + 1} of at most {limit})", flush=True)
             _requeue_self()
-        # Slurm kills this job now; wait for it rather than report a result.
-        time.sleep(600)
-        raise RuntimeError("requeue requested but the job was not stopped")
+            # Like submitit after its own requeue: leave without a result (SystemExit passes through
+            # submitit's error handling, so no result pickle says "finished"); Slurm restarts the job.
+            sys.exit(-1)
+        # other ranks: rank 0 requeues the whole job, which stops this process
+        time.sleep(300)
+        sys.exit(-1)
     if rank == 0:
         from nanochat.common import atomic_write_json
         atomic_write_json(marker_path(run_dir, stage_name, task if stage_name and pipeline.stages[stage_name].variants else None),

@@ -1,0 +1,253 @@
+"""
+Against a real Slurm (bash sbatch/slurm_local.sh up): submission through submitit with afterok
+dependencies, failure propagation and resume, requeue on a preemption signal with resume from the
+checkpoint, job arrays, a 2-task gloo stage, bad specs that submit nothing, and the smoke pipeline.
+With CI=true these must run: no Slurm is then a failure, not a skip.
+
+The requeue test is submitted first and checked last: a requeue cycle takes minutes on the local
+Slurm (a requeued job waits before it is eligible again), and the other tests run meanwhile.
+"""
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.slurm
+
+
+def _slurm_answers() -> bool:
+    if not shutil.which("sinfo") or not shutil.which("sbatch"):
+        return False
+    try:
+        return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=20).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    if not _slurm_answers():
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI=true but no Slurm answers (make test runs `bash sbatch/slurm_local.sh up` first)")
+        pytest.skip("no Slurm answers here: bash sbatch/slurm_local.sh up")
+    root = tmp_path_factory.mktemp("slurm")
+    env = dict(os.environ, NANOCHAT_RESULTS_DIR=str(root / "results"), NANOCHAT_BASE_DIR=str(root / "work"))
+    return root, env
+
+
+def jobs_cli(env, *argv, timeout=600):
+    out = subprocess.run([sys.executable, "-m", "jobs", *argv], capture_output=True, text=True, env=env,
+                         cwd=REPO, timeout=timeout)
+    print(out.stdout[-4000:], out.stderr[-4000:])
+    return out
+
+
+def last_json(out) -> dict:
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def write_spec(root: Path, name: str, stages: dict, **top) -> Path:
+    p = root / f"{name}.yaml"
+    p.write_text(yaml.safe_dump({"name": name, **top, "stages": stages}))
+    return p
+
+
+def rows(run_dir: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((Path(run_dir) / "rows").glob("*.json"))]
+
+
+def sacct(job_ids) -> dict[str, dict]:
+    out = subprocess.run(["sacct", "-X", "-n", "-P", "-j", ",".join(job_ids), "--format=JobID,State,Start,End"],
+                         capture_output=True, text=True, timeout=60).stdout
+    res = {}
+    for line in out.splitlines():
+        jid, state, start, end = line.split("|")[:4]
+        res[jid] = {"state": state.split()[0], "start": start, "end": end}
+    return res
+
+
+def wait_until(predicate, timeout_s: float, poll_s: float = 1.0):
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll_s)
+    return predicate()
+
+
+# -----------------------------------------------------------------------------
+# Requeue: submitted first, checked by the last test
+
+REQUEUE_STEPS = 40
+_requeue = {}
+
+
+def test_requeue_signal_checkpoints_and_requeues(slurm):
+    root, env = slurm
+    spec = write_spec(root, "requeue", {"train": {
+        "kind": "noop", "args": {"steps": REQUEUE_STEPS, "seconds": 60.0, "checkpointable": True},
+        "resources": {"time_min": 10, "max_requeues": 1}}})
+    out = jobs_cli(env, "submit", str(spec), "--executor", "slurm", "--run-id", "requeue", "--json")
+    assert out.returncode == 0
+    info = last_json(out)
+    job = info["jobs"]["train"]
+    ckpt = root / "work" / "requeue" / "train" / "checkpoints" / "noop_state.json"
+    # wait until it is training (a few steps checkpointed), then send the preemption signal
+    assert wait_until(lambda: ckpt.exists() and json.loads(ckpt.read_text())["step"] >= 3, 180), "never started"
+    subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=30)
+    # the stage checkpoints at the next step boundary, writes a PREEMPTED row and requeues itself
+    run_dir = Path(info["run_dir"])
+    preempted = wait_until(lambda: [r for r in rows(run_dir) if r["state"] == "PREEMPTED"], 60)
+    assert preempted and preempted[0]["requeues"] == 0
+    extra = json.loads(preempted[0]["extra"])
+    assert 3 <= extra["stopped_at_step"] < REQUEUE_STEPS
+    _requeue.update(run_dir=run_dir, job=job, stopped_at=extra["stopped_at_step"])
+
+
+# -----------------------------------------------------------------------------
+
+def test_malformed_specs_exit_2_and_submit_nothing(slurm):
+    root, env = slurm
+    good = {"a": {"kind": "noop"}, "b": {"kind": "noop", "depends_on": ["a"]}}
+    cases = {
+        "unknown_arg": ({"a": {"kind": "noop", "args": {"secnds": 1}}}, "stages.a.args.secnds: unknown key (did you mean seconds?)"),
+        "wrong_type": ({"a": {"kind": "noop", "args": {"steps": "many"}}}, "stages.a.args.steps: expected int"),
+        "unknown_kind": ({"a": {"kind": "base_trian"}}, "stages.a.kind: unknown stage kind 'base_trian' (did you mean base_train?)"),
+        "unknown_dep": ({"a": {"kind": "noop", "depends_on": ["x"]}}, "stages.a.depends_on: unknown stage 'x'"),
+        "cycle": ({"a": {"kind": "noop", "depends_on": ["b"]}, "b": {"kind": "noop", "depends_on": ["a"]}}, "dependency cycle"),
+        "bad_time": ({"a": {"kind": "noop", "resources": {"time_min": 0}}}, "stages.a.resources.time_min: 0 out of range"),
+        "bad_nodes": ({"a": {"kind": "noop", "resources": {"nodes": "two"}}}, "stages.a.resources.nodes: expected int"),
+        "unknown_resource": ({"a": {"kind": "noop", "resources": {"gpu": 1}}}, "stages.a.resources.gpu: unknown key"),
+        "unknown_stage_key": ({"a": {"kind": "noop", "dependson": ["b"]}, "b": {"kind": "noop"}}, "stages.a.dependson: unknown key (did you mean depends_on?)"),
+        "late_error": ({**good, "z": {"kind": "noop", "args": {"fail": "yes"}}}, "stages.z.args.fail: expected bool"),
+        "no_stages": ({}, "stages: missing or empty"),
+    }
+    t_start = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(time.time() - 1))
+    for name, (stages, needle) in cases.items():
+        spec = write_spec(root, f"bad_{name}", stages)
+        out = jobs_cli(env, "submit", str(spec), "--executor", "slurm")
+        assert out.returncode == 2, name
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and str(spec) in lines[0] and needle in lines[0], (name, lines)
+    out = jobs_cli(env, "submit", str(root / "missing.yaml"), "--executor", "slurm")
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [f"error: {root / 'missing.yaml'}: file not found"]
+    # nothing reached Slurm: no job of these pipelines queued or recorded
+    queued = subprocess.run(["squeue", "-h", "-o", "%j"], capture_output=True, text=True, timeout=30).stdout.split()
+    assert not [j for j in queued if j.startswith("bad_")]
+    recorded = subprocess.run(["sacct", "-X", "-n", "-P", "-S", t_start, "--format=JobName"],
+                              capture_output=True, text=True, timeout=30).stdout.split()
+    assert not [j for j in recorded if j.startswith("bad_")]
+
+
+def test_failed_stage_cancels_dependants_and_resume_reruns_only_them(slurm):
+    root, env = slurm
+    spec = write_spec(root, "failres", {
+        "a": {"kind": "noop"},
+        "b": {"kind": "noop", "depends_on": ["a"], "args": {"fail_times": 1}},
+        "c": {"kind": "noop", "depends_on": ["b"]},
+        "d": {"kind": "noop", "depends_on": ["a"]},
+    }, defaults={"resources": {"time_min": 5}})
+    out = jobs_cli(env, "submit", str(spec), "--executor", "slurm", "--run-id", "failres", "--wait", "--json")
+    assert out.returncode == 1
+    first = last_json(out)
+    assert first["stages"] == {"a": "COMPLETED", "b": "FAILED", "c": "CANCELLED", "d": "COMPLETED"}
+    states = sacct(list(first["jobs"].values()))
+    assert states[first["jobs"]["c"]]["state"] == "CANCELLED"       # kill-on-invalid-dep: nothing left pending
+    run_dir = Path(first["run_dir"])
+    failed = [r for r in rows(run_dir) if r["state"] == "FAILED"]
+    assert [r["stage"] for r in failed] == ["b"] and failed[0]["job_id"] == first["jobs"]["b"]
+
+    out = jobs_cli(env, "resume", "failres", "--wait", "--json")
+    assert out.returncode == 0
+    second = last_json(out)
+    assert second["resubmitted"] == ["b", "c"] and set(second["jobs"]) == {"b", "c"}
+    assert second["state"] == "COMPLETED"
+    done = [(r["stage"], r["job_id"]) for r in rows(run_dir) if r["state"] == "COMPLETED"]
+    assert sorted(s for s, _ in done) == ["a", "b", "c", "d"]        # a and d were not rerun
+    assert dict(done)["b"] == second["jobs"]["b"]
+    jobs = json.loads((run_dir / "jobs.json").read_text())["stages"]
+    assert jobs["b"]["previous_job_ids"] == [first["jobs"]["b"]]
+
+
+def test_array_of_eight_writes_every_row(slurm):
+    root, env = slurm
+    spec = write_spec(root, "array", {"grid": {
+        "kind": "noop", "args": {"seconds": 2.0}, "resources": {"time_min": 5},
+        "variants": [{"name": f"v{i}"} for i in range(8)]}})
+    out = jobs_cli(env, "submit", str(spec), "--executor", "slurm", "--run-id", "array", "--wait", "--json")
+    assert out.returncode == 0
+    info = last_json(out)
+    rs = rows(Path(info["run_dir"]))
+    assert sorted(r["variant"] for r in rs) == [f"v{i}" for i in range(8)]
+    assert sorted(r["array_task"] for r in rs) == list(range(8))
+    assert all(r["state"] == "COMPLETED" and r["job_id"].startswith(info["jobs"]["grid"] + "_") for r in rs)
+
+
+def test_two_task_distributed_stage_uses_gloo(slurm):
+    root, env = slurm
+    spec = write_spec(root, "dist", {"allreduce": {
+        "kind": "noop", "args": {"all_reduce": True}, "resources": {"tasks_per_node": 2, "time_min": 5}}})
+    out = jobs_cli(env, "submit", str(spec), "--executor", "slurm", "--run-id", "dist", "--wait", "--json")
+    assert out.returncode == 0
+    rs = rows(Path(last_json(out)["run_dir"]))
+    assert len(rs) == 1                                # only rank 0 writes the row
+    extra = json.loads(rs[0]["extra"])
+    assert rs[0]["world_size"] == 2 and extra["all_reduce_sum"] == 3.0   # ranks 0 and 1 -> 1 + 2
+
+
+def test_smoke_pipeline_on_slurm_runs_five_stages_in_order(slurm):
+    root, env = slurm
+    t0 = time.time()
+    out = jobs_cli(env, "submit", "pipelines/smoke.yaml", "--executor", "slurm", "--run-id", "smoke",
+                   "--wait", "--json", timeout=900)
+    assert out.returncode == 0
+    info = last_json(out)
+    print(f"submitted five stages in {info['submit_seconds']:.2f} s; whole smoke pipeline {time.time() - t0:.0f} s")
+    order = ["probe", "base_train", "mid_train", "sft", "inference_bench"]
+    assert list(info["jobs"]) == order
+    acct = sacct(list(info["jobs"].values()))
+    for stage in order:
+        assert acct[info["jobs"][stage]]["state"] == "COMPLETED", stage
+    for before, after in zip(order, order[1:]):
+        assert acct[info["jobs"][after]]["start"] >= acct[info["jobs"][before]]["end"], (before, after)
+    rs = rows(Path(info["run_dir"]))
+    assert sorted(r["stage"] for r in rs) == sorted(order) and all(r["state"] == "COMPLETED" for r in rs)
+
+
+# -----------------------------------------------------------------------------
+
+def _noop_final_weights(steps: int) -> list[float]:
+    from jobs.stages import NoopConfig, run_noop
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        run_noop(NoopConfig(steps=steps, out_dir=d))
+        return json.loads((Path(d) / "final.json").read_text())["weights"]
+
+
+def test_requeued_stage_finishes_from_checkpoint_with_same_weights(slurm):
+    root, env = slurm
+    assert _requeue, "the requeue run was not submitted (see test_requeue_signal_checkpoints_and_requeues)"
+    run_dir, job = _requeue["run_dir"], _requeue["job"]
+    out = jobs_cli(env, "status", str(run_dir), "--json")
+    assert out.returncode == 0
+    done = wait_until(lambda: [r for r in rows(run_dir) if r["state"] == "COMPLETED"], 420, poll_s=5)
+    assert done, "the requeued job did not finish"
+    row = done[0]
+    assert row["job_id"] == job and row["requeues"] == 1              # same job, restarted once
+    extra = json.loads(row["extra"])
+    assert extra["resumed_from_step"] >= _requeue["stopped_at"]      # resumed from its checkpoint, not step 0
+    assert extra["final_step"] == REQUEUE_STEPS
+    final = json.loads((root / "work" / "requeue" / "train" / "final.json").read_text())
+    assert final["weights"] == _noop_final_weights(REQUEUE_STEPS)   # same as an uninterrupted run
+    assert wait_until(lambda: sacct([job]).get(job, {}).get("state") == "COMPLETED", 60)
+    assert not any(math.isnan(w) for w in final["weights"])
