@@ -41,8 +41,8 @@ def run(cfg: BaseTrainConfig, should_stop: Callable[[], bool] | None = None) -> 
         def make_train_loader(rank, world_size, num_streams):
             return pretraining_loader(train_shards, tokenizer, cfg.seq_len, rank, world_size, num_streams)
 
-        def make_val_loader(rank, world_size):
-            return pretraining_loader([val_shard], tokenizer, cfg.seq_len, rank, world_size)
+        def make_val_loader(rank, world_size, num_streams):
+            return pretraining_loader([val_shard], tokenizer, cfg.seq_len, rank, world_size, num_streams)
 
         result = train(cfg, stage="base_train", model=model, tokenizer=tokenizer,
                        tokenizer_dir=str(tokenizer_dir(base_dir)), dist_info=dist_info,

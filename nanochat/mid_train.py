@@ -60,8 +60,8 @@ def run(cfg: MidTrainConfig, should_stop: Callable[[], bool] | None = None) -> d
         def make_train_loader(rank, world_size, num_streams):
             return conversation_loader(train_convs, tokenizer, cfg.seq_len, rank, world_size, num_streams, seed=cfg.seed)
 
-        def make_val_loader(rank, world_size):
-            return conversation_loader(val_convs, tokenizer, cfg.seq_len, rank, world_size, seed=cfg.seed)
+        def make_val_loader(rank, world_size, num_streams):
+            return conversation_loader(val_convs, tokenizer, cfg.seq_len, rank, world_size, num_streams, seed=cfg.seed)
 
         result = train(cfg, stage="mid_train", model=model, tokenizer=tokenizer,
                        tokenizer_dir=meta["tokenizer_dir"], dist_info=dist_info,

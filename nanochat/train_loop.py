@@ -254,7 +254,7 @@ def train(cfg: TrainConfig, *, stage: str, model, tokenizer, tokenizer_dir: str,
           make_train_loader: Callable, make_val_loader: Callable, should_stop: Callable[[], bool] | None = None,
           extra_meta: dict | None = None) -> dict:
     """Train `model` (built and initialised by the caller) and return result-row columns.
-    make_train_loader(rank, world_size, num_streams) / make_val_loader(rank, world_size) -> RankLoader."""
+    make_train_loader(rank, world_size, num_streams) / make_val_loader(rank, world_size, num_streams) -> RankLoader."""
     validate_common(cfg)
     t_start = time.time()
     device = dist_info.device
@@ -320,9 +320,13 @@ def train(cfg: TrainConfig, *, stage: str, model, tokenizer, tokenizer_dir: str,
             dist.barrier()
 
     def run_eval() -> float:
-        # B as it is now: an out-of-memory fallback during training shrinks the eval batch too
-        eval_steps = max(1, cfg.eval_tokens // (B * T * world_size))
-        return evaluate_bpb(model, make_val_loader(rank, world_size), eval_steps, B, token_bytes, device, autocast_ctx)
+        # Validation is read with the same streams as training, so its rows too are independent
+        # of the world size. B as it is now (an OOM fallback shrinks it), a multiple of the streams.
+        val_loader = make_val_loader(rank, world_size, cfg.num_streams)
+        k = len(val_loader.streams)
+        eval_B = max(B - B % k, k)
+        eval_steps = max(1, cfg.eval_tokens // (eval_B * T * world_size))
+        return evaluate_bpb(model, val_loader, eval_steps, eval_B, token_bytes, device, autocast_ctx)
 
     print0(f"[{stage}] params={n_params:,} steps={num_steps} B={B} T={T} world={world_size} "
            f"grad_accum={grad_accum} total_batch={total_batch} ({batch_source}) compile={use_compile}")

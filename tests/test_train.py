@@ -123,7 +123,7 @@ def _train_direct(base_dir, out_dir, model_cls, device_batch_size):
     row = train(tc, stage="test", model=model, tokenizer=tok, tokenizer_dir=str(tokenizer_dir(base_dir)),
                 dist_info=DistInfo(False, 0, 0, 1, torch.device("cpu")),
                 make_train_loader=lambda r, w, n: pretraining_loader(train_shards, tok, 64, r, w, n),
-                make_val_loader=lambda r, w: pretraining_loader([val_shard], tok, 64, r, w))
+                make_val_loader=lambda r, w, n: pretraining_loader([val_shard], tok, 64, r, w, n))
     return row, model
 
 
