@@ -401,16 +401,24 @@ class Optimization:
         return {**asdict(self), "ratio": self.ratio}
 
 
-# (optimization, row kind, metric, baseline variant, optimized variant). Rows of kind "bench"
-# (the bench commands) count as well: the variant names tell the comparisons apart.
+# (optimization, row kind, metric, baseline side, optimized side); a side is (label, variant names,
+# batch-size sources): a row belongs to it by its variant, or by where its batch size came from.
+# The auto batch size pair goes by source because pipelines name the fixed-batch variant freely
+# ("baseline", "fixed-32"): config = fixed, probe/cache/fallback = found automatically.
+# Rows of kind "bench" (the bench commands) count as well: the variant names tell the pairs apart.
+FIXED_BATCH = ("baseline", ("baseline",), ("config",))
+AUTO_BATCH = ("auto", ("auto",), ("probe", "cache", "fallback"))
 OPTIMIZATION_PAIRS = [
-    ("auto batch size", "base_train", "tokens_per_s", "baseline", "auto"),
-    ("auto batch size", "base_train", "mfu", "baseline", "auto"),
-    ("KV cache", "inference_bench", "tokens_per_s", "naive", "kv-eager"),
-    ("KV cache", "inference_bench", "tokens_per_s", "naive", "kv-static"),
-    ("KV cache", "inference_bench", "tokens_per_s", "naive", "kv-graph"),   # CUDA-graph-captured decode: CUDA only
-    ("compile for SFT", "sft", "real_tokens_per_s", "eager-dynamic", "compile-pad"),
-    ("compile for SFT", "sft", "real_tokens_per_s", "eager-dynamic", "compile-pack"),
+    ("auto batch size", "base_train", "tokens_per_s", FIXED_BATCH, AUTO_BATCH),
+    ("auto batch size", "base_train", "mfu", FIXED_BATCH, AUTO_BATCH),
+    ("KV cache", "inference_bench", "tokens_per_s", ("naive", ("naive",), ()), ("kv-eager", ("kv-eager",), ())),
+    ("KV cache", "inference_bench", "tokens_per_s", ("naive", ("naive",), ()), ("kv-static", ("kv-static",), ())),
+    # kv-graph: the CUDA-graph-captured decode step, CUDA only (SKIPPED on CPU)
+    ("KV cache", "inference_bench", "tokens_per_s", ("naive", ("naive",), ()), ("kv-graph", ("kv-graph",), ())),
+    ("compile for SFT", "sft", "real_tokens_per_s", ("eager-dynamic", ("eager-dynamic",), ()),
+     ("compile-pad", ("compile-pad",), ())),
+    ("compile for SFT", "sft", "real_tokens_per_s", ("eager-dynamic", ("eager-dynamic",), ()),
+     ("compile-pack", ("compile-pack",), ())),
 ]
 
 
@@ -418,9 +426,11 @@ def _completed(df: pd.DataFrame) -> pd.DataFrame:
     return df[df["state"].fillna("") == "COMPLETED"]
 
 
-def _side(df: pd.DataFrame, kind: str, variant: str, metric: str) -> tuple[float | None, int, str]:
-    """Mean of `metric` over the COMPLETED rows of this kind and variant; (value, n, why-not)."""
-    rows = df[df["kind"].isin([kind, "bench"]) & (df["variant"] == variant).fillna(False)]
+def _side(df: pd.DataFrame, kind: str, side: tuple, metric: str) -> tuple[float | None, int, str]:
+    """Mean of `metric` over the COMPLETED rows of this kind on this side; (value, n, why-not)."""
+    variant, variants, sources = side
+    chosen = df["variant"].isin(variants).fillna(False) | df["batch_size_source"].isin(sources).fillna(False)
+    rows = df[df["kind"].isin([kind, "bench"]).fillna(False) & chosen]
     if rows.empty:
         return None, 0, f"no {variant} row"
     done = _completed(rows)[metric].dropna()
@@ -473,7 +483,7 @@ def first_token_comparison(df: pd.DataFrame) -> Optimization:
 def optimizations(df: pd.DataFrame) -> list[Optimization]:
     out = []
     for name, kind, metric, base, opt in OPTIMIZATION_PAIRS:
-        o = Optimization(name, metric, base, opt)
+        o = Optimization(name, metric, base[0], opt[0])
         o.baseline, o.n_baseline, why_b = _side(df, kind, base, metric)
         o.optimized, o.n_optimized, why_o = _side(df, kind, opt, metric)
         if o.baseline is None or o.optimized is None:

@@ -220,6 +220,23 @@ def test_broadcast_baseline_gives_a_first_token_ratio(tmp_path):
     assert (opt.baseline, opt.optimized, opt.ratio, opt.note) == (1.0, 7.0, 7.0, "")
 
 
+def test_auto_batch_pair_goes_by_batch_size_source():
+    """pipelines/benchmark.yaml names the fixed-batch variant "fixed-32": the source says which is which."""
+    def row(variant, source, tps, job):
+        return make_row(run_id="b", stage="base_train", kind="base_train", variant=variant, job_id=job,
+                        state="COMPLETED", device_batch_size=32 if source == "config" else 96,
+                        batch_size_source=source, tokens_per_s=tps, mfu=tps / 100)
+    df = rp.rows_frame([row("fixed-32", "config", 1000.0, "5_0"), row("auto", "cache", 1300.0, "5_1")])
+    tps, mfu = [o for o in rp.optimizations(df) if o.name == "auto batch size"]
+    assert (tps.baseline, tps.optimized, tps.ratio) == (1000.0, 1300.0, pytest.approx(1.3))
+    assert mfu.ratio == pytest.approx(1.3)
+    # The smoke pipeline: one base_train with the probe's batch size and no fixed-batch run.
+    only_auto = [o for o in rp.optimizations(rp.rows_frame([row(None, "probe", 900.0, "local:1")]))
+                 if o.name == "auto batch size"]
+    assert [o.optimized for o in only_auto] == [900.0, 9.0]
+    assert all(o.ratio is None and "no baseline row" in o.note for o in only_auto)
+
+
 def test_failed_baseline_is_not_measured(tmp_path):
     folder = make_run(tmp_path, "r3")
     row = json.loads((folder / "rows" / "base__local-102.json").read_text())
