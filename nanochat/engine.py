@@ -164,6 +164,7 @@ class DecodeStep:
         self.tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
         self.graph = None
         self.logits = None
+        self.busy = False    # set while a generation decodes with this step (its cache is that generation's)
         if capture:
             if device.type != "cuda":
                 raise ValueError("CUDA graph capture needs a CUDA device")
@@ -255,6 +256,10 @@ class Engine:
         max_len = min(max(bucketed, max_len), _model_max_len(self.model))
         key = (batch_size, max_len)
         step = self._steps.pop(key, None)
+        if step is not None and step.busy:
+            # another generation of this engine (an unfinished generator) owns that cache: never share it
+            self._steps[key] = step
+            return DecodeStep(self.model, batch_size, max_len, capture=True)
         if step is None:
             step = DecodeStep(self.model, batch_size, max_len, capture=True)
         self._steps[key] = step                    # (re)insert: the dict's order is least recently used first
@@ -306,43 +311,47 @@ class Engine:
         else:
             step = self._decode_step(num_samples, total)
             step.cache.load_prefix(prefill)
+            step.busy = True
         del prefill
-
-        # every row draws its own first token from the prefill logits
-        sampled = sample_next_token(logits.expand(num_samples, -1), generator, temperature, top_k, top_p)
-        rows = [_RowState() for _ in range(num_samples)] if (tools or stopping) else None
-        sp = self._special
-        for i in range(max_tokens):
-            chosen = sampled.view(-1).tolist()       # the one host read per step (streaming needs it)
-            masks = [1] * num_samples
-            forced_any = False
-            if rows is not None:
-                for r, row in enumerate(rows):
-                    if row.forced:
-                        chosen[r] = row.forced.popleft()
-                        masks[r] = 0
-                        forced_any = True
-                    token = chosen[r]
-                    if stopping and token in (sp["<|assistant_end|>"], sp["<|bos|>"]):
-                        row.done = True
-                    if tools:
-                        if token == sp["<|python_start|>"]:
-                            row.in_python, row.python_tokens = True, []
-                        elif token == sp["<|python_end|>"] and row.in_python:
-                            row.in_python = False
-                            result = use_calculator(self.tokenizer.decode(row.python_tokens))
-                            if result is not None:
-                                row.forced.append(sp["<|output_start|>"])
-                                row.forced.extend(self.tokenizer.encode(result))
-                                row.forced.append(sp["<|output_end|>"])
-                        elif row.in_python:
-                            row.python_tokens.append(token)
-            yield chosen, masks
-            if i == max_tokens - 1 or (stopping and all(row.done for row in rows)):
-                break
-            x = torch.tensor(chosen, dtype=torch.long, device=device).view(-1, 1) if forced_any else sampled
-            logits = step(x)
-            sampled = sample_next_token(logits, generator, temperature, top_k, top_p)
+        try:
+            # every row draws its own first token from the prefill logits
+            sampled = sample_next_token(logits.expand(num_samples, -1), generator, temperature, top_k, top_p)
+            rows = [_RowState() for _ in range(num_samples)] if (tools or stopping) else None
+            sp = self._special
+            for i in range(max_tokens):
+                chosen = sampled.view(-1).tolist()       # the one host read per step (streaming needs it)
+                masks = [1] * num_samples
+                forced_any = False
+                if rows is not None:
+                    for r, row in enumerate(rows):
+                        if row.forced:
+                            chosen[r] = row.forced.popleft()
+                            masks[r] = 0
+                            forced_any = True
+                        token = chosen[r]
+                        if stopping and token in (sp["<|assistant_end|>"], sp["<|bos|>"]):
+                            row.done = True
+                        if tools:
+                            if token == sp["<|python_start|>"]:
+                                row.in_python, row.python_tokens = True, []
+                            elif token == sp["<|python_end|>"] and row.in_python:
+                                row.in_python = False
+                                result = use_calculator(self.tokenizer.decode(row.python_tokens))
+                                if result is not None:
+                                    row.forced.append(sp["<|output_start|>"])
+                                    row.forced.extend(self.tokenizer.encode(result))
+                                    row.forced.append(sp["<|output_end|>"])
+                            elif row.in_python:
+                                row.python_tokens.append(token)
+                yield chosen, masks
+                if i == max_tokens - 1 or (stopping and all(row.done for row in rows)):
+                    break
+                x = torch.tensor(chosen, dtype=torch.long, device=device).view(-1, 1) if forced_any else sampled
+                logits = step(x)
+                sampled = sample_next_token(logits, generator, temperature, top_k, top_p)
+        finally:
+            if isinstance(step, DecodeStep):
+                step.busy = False
 
     def generate_batch(self, tokens: list[int], num_samples: int = 1, **kwargs) -> tuple[list[list[int]], list[list[int]]]:
         """All samples, each the prompt plus what was generated up to (not including) its end token."""
