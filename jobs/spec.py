@@ -38,8 +38,8 @@ KINDS: dict[str, tuple[str, str]] = {
     "inference_bench": ("nanochat.inference_bench", "InferenceBenchConfig"),
     "noop": ("jobs.stages", "NoopConfig"),  # built in: tests a cluster (sleep, fail, checkpoint, all-reduce)
 }
-# Fields every recipe config has that the jobs layer fills; a spec may not set them except init_from.
-FILLED_BY_JOBS = ("base_dir", "out_dir", "device_type")
+# Fields every recipe config has that the jobs layer fills; a spec may not set them.
+FILLED_BY_JOBS = ("base_dir", "out_dir")
 
 
 @dataclass
@@ -105,6 +105,7 @@ class Pipeline:
     stages: dict[str, Stage]        # in dependency (topological) order
     source: str                     # the file it came from, for messages
     raw: dict                       # the resolved spec as plain data (written to the run folder)
+    default_args: dict = field(default_factory=dict)   # defaults.args (each stage takes the keys its kind knows)
 
 
 TOP_KEYS = ("name", "description", "results_dir", "cluster", "defaults", "stages")
@@ -399,7 +400,7 @@ def parse_pipeline(raw: dict, source: str, check_args: bool = True) -> Pipeline:
     resolved.setdefault("name", Path(source).stem)
     return Pipeline(name=resolved["name"], description=raw.get("description", ""),
                     results_dir=raw.get("results_dir", ""), cluster=cluster, stages=ordered,
-                    source=source, raw=resolved)
+                    source=source, raw=resolved, default_args=dict(default_args))
 
 
 def _topological_order(err: SpecError, stages: dict[str, Stage]) -> list[str]:

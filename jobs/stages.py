@@ -131,7 +131,8 @@ def build_config(run: dict, pipeline, stage_name: str, task: int | None):
     stage = pipeline.stages[stage_name]
     cls = config_class(stage.kind)
     known = {f.name for f in fields(cls)}
-    args = {k: v for k, v in stage.args.items() if k in known}
+    args = {k: v for k, v in pipeline.default_args.items() if k in known}   # defaults.args first
+    args.update({k: v for k, v in stage.args.items() if k in known})
     variant = None
     if stage.variants:
         variant = stage.variants[task or 0]

@@ -144,3 +144,21 @@ def test_smoke_pipeline_runs_all_five_stages_locally_without_slurm(env):
     assert set(kinds) == set(last["stages"]) and all(r["state"] == "COMPLETED" for r in kinds.values())
     assert (run_dir / "report.csv").exists()
     print(f"smoke pipeline locally: {wall:.1f} s")
+
+
+def test_stage_config_merges_defaults_variant_and_run_paths(env, monkeypatch):
+    tmp, e = env
+    monkeypatch.setenv("NANOCHAT_RESULTS_DIR", e["NANOCHAT_RESULTS_DIR"])
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", e["NANOCHAT_BASE_DIR"])
+    from jobs import runs, spec, stages
+    path = tmp / "p.yaml"
+    path.write_text(yaml.safe_dump(PIPE))
+    pipeline = spec.load_pipeline(path, ["b.init_from=a"])
+    run, run_dir = runs.create_run(pipeline, "cfg", "local", [])
+    reloaded = stages.load_run_pipeline(run_dir)          # what a node reads back from resolved.yaml
+    cfg, variant = stages.build_config(run, reloaded, "b", None)
+    assert cfg.seconds == 0.2 and cfg.steps == 3 and cfg.checkpointable is True     # defaults + own args
+    assert cfg.out_dir == str(Path(run["workdir"]) / "cfg" / "b") and cfg.base_dir == run["workdir"]
+    assert cfg.init_from == str(Path(run["workdir"]) / "cfg" / "a" / "checkpoints")  # a stage name -> its checkpoints
+    cfg, variant = stages.build_config(run, reloaded, "c", 1)
+    assert variant.name == "y" and cfg.steps == 2 and cfg.out_dir.endswith("/cfg/c/y")
