@@ -30,8 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
 
 
-def _variant(args, device_batch_size: int) -> dict:
-    total = args.total_batch_size
+def _variant(args, device_batch_size: int, total: int) -> dict:
     if total == 0 and device_batch_size == 0:
         total = 16 * args.seq_len
     cfg = BaseTrainConfig(base_dir=args.base_dir, out_dir="", device_type=args.device, depth=args.depth,
@@ -48,8 +47,10 @@ def run(args: argparse.Namespace) -> int:
     if args.baseline_batch_size:
         variants["baseline"] = args.baseline_batch_size
     results = {}
+    total = args.total_batch_size
     for name, bs in variants.items():
-        row = _variant(args, bs)
+        row = _variant(args, bs, total)
+        total = row["total_batch_size"]  # the baseline trains at the same total batch
         results[name] = {k: row.get(k) for k in (
             "tokens_per_s", "mfu", "device_batch_size", "batch_size_source", "grad_accum_steps",
             "total_batch_size", "peak_memory_bytes", "compile", "num_compiles", "final_loss", "n_params",

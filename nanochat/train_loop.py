@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import io
 import math
 import os
@@ -263,11 +264,9 @@ def train(cfg: TrainConfig, *, stage: str, model, tokenizer, tokenizer_dir: str,
     ckpt_root = out_dir / "checkpoints" if out_dir else None
     autocast_ctx = ((lambda: torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16))
                     if device.type == "cuda" else contextlib.nullcontext)
-    opt_kwargs = dict(unembedding_lr=cfg.unembedding_lr, embedding_lr=cfg.embedding_lr,
-                      matrix_lr=cfg.matrix_lr, weight_decay=cfg.weight_decay)
-
-    def opt_factory(m):
-        return build_optimizers(m, **opt_kwargs)
+    # a partial of a module-level function: picklable, so the batch-size probe can run it in a child
+    opt_factory = functools.partial(build_optimizers, unembedding_lr=cfg.unembedding_lr, embedding_lr=cfg.embedding_lr,
+                                    matrix_lr=cfg.matrix_lr, weight_decay=cfg.weight_decay)
 
     # Batch geometry first (the automatic probe may run trial steps on a copy of the state).
     B, grad_accum, batch_source, total_batch, batch_info = resolve_batch(cfg, model, world_size, device, opt_factory)
