@@ -55,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
             continue
         print(f"{r['variant']:<10} {r['tokens_per_s']:>9.1f} {1e3 * r['ttft_s']:>9.2f} {1e3 * r['tpot_s']:>9.2f} "
               f"{r['bandwidth_bytes_per_s'] / 1e9:>8.2f} {_fmt(r.get('bandwidth_util'), '>8.1f')} "
-              f"{str(r.get('greedy_identical')):>7} {_fmt(r.get('speedup_vs_naive'), '>7.2f')}x")
+              f"{'ref' if r['variant'] == 'naive' else str(r.get('greedy_identical')):>7} "
+              f"{_fmt(r.get('speedup_vs_naive'), '>7.2f')}x")
     print(f"first-token diversity: {s['first_token_distinct']} distinct of {s['diversity_samples']} samples "
           f"(temperature 1, one prefill)")
     if s["speedup_kv_vs_naive"] is not None:

@@ -227,10 +227,11 @@ def _run(cfg: InferenceBenchConfig, should_stop=None) -> list[dict]:
         if result is None:
             continue
         if naive is not None:
-            mismatch = _first_mismatch(naive["outputs"], result["outputs"])
-            row["greedy_identical"] = mismatch is None
-            row["greedy_first_mismatch"] = mismatch
             row["speedup_vs_naive"] = naive["total"] / result["total"]
+            if result is not naive:   # naive is the reference itself
+                mismatch = _first_mismatch(naive["outputs"], result["outputs"])
+                row["greedy_identical"] = mismatch is None
+                row["greedy_first_mismatch"] = mismatch
 
     # independent first tokens: N samples at temperature 1 from one prefill
     if not (should_stop is not None and should_stop()):
