@@ -336,3 +336,33 @@ def test_inference_bench_from_a_checkpoint(memorised, tmp_path):
                                           num_samples=2, diversity_samples=8))
     assert all(r["weights"].startswith("checkpoint") and r["n_params"] == model.num_params() for r in rows)
     assert summary(rows)["greedy_identical"] is True
+
+
+# -----------------------------------------------------------------------------
+# CUDA only: the captured decode step (runs where a GPU is present; skipped here)
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_captured_decode_matches_eager_on_cuda():
+    from nanochat.engine import prepare_for_inference
+    model = tiny_model(n_layer=3).to("cuda")
+    prompt = random_prompt(20)
+    # fp32 first: the captured step must reproduce the eager cache exactly as on a CPU
+    eager = [c for c, _ in Engine(model, decode="eager").generate(prompt, num_samples=3, max_tokens=30, temperature=0.0)]
+    engine = Engine(model, decode="graph")
+    for _ in range(2):   # the second call replays the graph captured by the first
+        graph = [c for c, _ in engine.generate(prompt, num_samples=3, max_tokens=30, temperature=0.0)]
+        assert graph == eager
+    assert len(engine._steps) == 1
+    with torch.inference_mode():
+        prefill = KVCache.for_model(model, 1, 21)
+        model(torch.tensor([prompt], device="cuda"), kv_cache=prefill)
+        step = DecodeStep(model, batch_size=2, max_len=64, capture=True)
+        step.cache.load_prefix(prefill)
+        nxt = torch.tensor([[5], [6]], device="cuda")
+        full = model(torch.cat([torch.tensor([prompt] * 2, device="cuda"), nxt], dim=1))[:, -1]
+        torch.testing.assert_close(step(nxt), full, atol=1e-3, rtol=1e-3)
+    # bf16 weights: runs, and every sample gets its own first token
+    prepare_for_inference(model)
+    first = next(Engine(model).generate(prompt, num_samples=16, max_tokens=2, temperature=1.0))[0]
+    assert len(set(first)) > 1
