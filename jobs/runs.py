@@ -185,6 +185,8 @@ def run_status(run_dir: Path) -> dict:
             if rec.get("started_at"):
                 info["elapsed"] = round((rec.get("ended_at") or time.time()) - rec["started_at"], 1)
             info["job_id"] = "local:" + ",".join(str(p) for p in rec.get("pids", [])) if rec.get("pids") else None
+        if info["state"] == "UNKNOWN" and _failed_row(run_dir, name, rec.get("job_id")):
+            info["state"] = "FAILED"  # accounting does not know the job, but its row says it failed
         if stage_completed(run_dir, pipeline, name):
             # the marker is the truth about success (a resumed run keeps earlier stages' outputs)
             info["state"] = "COMPLETED"
@@ -195,6 +197,16 @@ def run_status(run_dir: Path) -> dict:
                else "FAILED")
     return {"run_id": run["run_id"], "run_dir": str(run_dir), "executor": executor, "state": overall,
             "stages": stages}
+
+
+def _failed_row(run_dir: Path, stage: str, job_id: str | None) -> bool:
+    if not job_id:
+        return False
+    for p in (run_dir / "rows").glob(f"{stage}__*.json"):
+        row = read_json(p, {})
+        if str(row.get("job_id", "")).split("_")[0] == job_id and row.get("state") == "FAILED":
+            return True
+    return False
 
 
 def format_status(status: dict) -> str:
@@ -210,12 +222,18 @@ def wait_for_run(run_dir: Path, poll_s: float = 5.0, progress=print, timeout_s: 
     """Follow a Slurm run until every stage is finished (sacct), printing each change."""
     seen: dict[str, str] = {}
     t0 = time.time()
+    warned = False
     while True:
         status = run_status(run_dir)
         for name, s in status["stages"].items():
             if seen.get(name) != s["state"]:
                 seen[name] = s["state"]
                 progress(f"[{time.time() - t0:7.1f}s] {name}: {s['state']} (job {s['job_id']})")
+        unknown = [n for n, s in status["stages"].items() if s["state"] == "UNKNOWN"]
+        if unknown and not warned and time.time() - t0 > 60:
+            warned = True  # without accounting (slurmdbd) a finished job is invisible: say so, do not hang quietly
+            progress(f"warning: neither sacct nor squeue knows the job(s) of {', '.join(unknown)}; "
+                     f"is Slurm accounting (slurmdbd) running? still waiting for markers or rows")
         if all(s["state"] in TERMINAL or s["state"] == "NOT_SUBMITTED" for s in status["stages"].values()):
             return status
         if timeout_s is not None and time.time() - t0 > timeout_s:
