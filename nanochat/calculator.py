@@ -51,16 +51,16 @@ def _safe_pow(base, exp):
         raise CalculatorError("fractional power of a negative number")
     if base == 0 and exp < 0:
         raise CalculatorError("zero to a negative power")
-    if abs(base) > 1 and exp > 0:
-        # digits of the result, estimated before computing it (so 9**9**9 is never attempted)
-        digits = exp * math.log10(abs(base))
-        if digits > MAX_POW_DIGITS:
-            raise CalculatorError("power too large")
+    if base != 0 and exp * math.log10(abs(base)) > MAX_POW_DIGITS:
+        # digits of the result, estimated before computing it: 9**9**9 and 0.5**-5000 are never attempted
+        raise CalculatorError("power too large")
     if abs(exp) > 10_000:
-        # |base| <= 1 here or exp < 0: the value is small, but a huge integer exponent still costs
-        # time (e.g. 1 ** 10**90 squares-and-multiplies ~300 times, fine; we cap it anyway)
+        # the value is small here, but a huge exponent is never a sensible calculator input
         raise CalculatorError("exponent too large")
-    return base ** exp
+    try:
+        return base ** exp
+    except (OverflowError, ZeroDivisionError) as e:
+        raise CalculatorError(f"power: {e}") from None
 
 
 class _Evaluator:
@@ -126,6 +126,10 @@ def evaluate(expr: str):
         value = _Evaluator().eval(tree)
     except RecursionError:
         raise CalculatorError("expression nested too deeply") from None
+    except (ArithmeticError, ValueError, TypeError) as e:
+        # every operation is checked above; this is the backstop that keeps a tool call from ever
+        # raising anything but CalculatorError into the generation loop
+        raise CalculatorError(f"{type(e).__name__}: {e}") from None
     if isinstance(value, str):
         raise CalculatorError("result is a string")
     return value

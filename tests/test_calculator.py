@@ -65,6 +65,10 @@ HOSTILE = [
     "",
     "   ",
     "2 ** 0.5 ** -1000",
+    "0.5 ** -5000",                                 # float power overflow (OverflowError in Python)
+    "0.1 ** -400",
+    "1e-300 ** -2",
+    "1e100 / 1e-300",
     "(-8) ** 0.5",
     "0 ** -1",
 ]
@@ -93,3 +97,22 @@ def test_values_just_under_the_caps_are_computed():
     assert evaluate("2 ** 300") == 2 ** 300
     assert evaluate("0.5 ** 5000") == 0.5 ** 5000
     assert evaluate("(" * 120 + "1" + ")" * 120) == 1
+    assert evaluate("10 ** -400") == 0.0
+    assert evaluate("0.5 ** -300") == 2.0 ** 300
+
+
+def test_random_inputs_only_ever_raise_calculator_error():
+    # Seeded fuzz over arithmetic-looking strings: a value or CalculatorError, nothing else, and fast.
+    import random
+    rng = random.Random(0)
+    pieces = ["9", "99", "0", "1.5", "1e300", "1e-300", "-", "+", "*", "/", "//", "%", "**", "(", ")",
+              " ", ",", "'ab'", ".count(", "'a')", "x", "__class__", ".", "_", "[", "]", "0.5"]
+    t0 = time.perf_counter()
+    for _ in range(3000):
+        expr = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 30)))
+        try:
+            value = evaluate(expr)
+        except CalculatorError:
+            continue
+        assert isinstance(value, (int, float)) and not isinstance(value, bool)
+    assert time.perf_counter() - t0 < 30.0
