@@ -27,6 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", default="auto", help="auto (on for cuda) | on | off")
     parser.add_argument("--device", default="", help="cpu, cuda or mps (default: auto)")
     parser.add_argument("--base-dir", default="", help="shared artifacts (data, tokenizer); default NANOCHAT_BASE_DIR")
+    parser.add_argument("--data-source", default="", help="a folder of shards or .txt/.jsonl (default: Python's own text)")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
 
 
@@ -36,7 +37,7 @@ def _variant(args, device_batch_size: int, total: int) -> dict:
     cfg = BaseTrainConfig(base_dir=args.base_dir, out_dir="", device_type=args.device, depth=args.depth,
                           seq_len=args.seq_len, vocab_size=args.vocab_size, device_batch_size=device_batch_size,
                           total_batch_size=total, num_steps=args.steps, eval_tokens=1, log_every=max(1, args.steps),
-                          compile=args.compile)
+                          compile=args.compile, data_source=args.data_source)
     return run_base_train(cfg)
 
 

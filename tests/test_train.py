@@ -158,3 +158,18 @@ def test_mid_training_from_base(base_dir, tmp_path):
     assert meta["stage"] == "mid_train" and meta["init_from"].endswith("step_000004")
     with pytest.raises(ConfigError, match="init_from"):
         mid_train.run(mid_train.MidTrainConfig(out_dir=str(tmp_path / "x")))
+
+
+def test_bench_train_prints_json(base_dir, capsys):
+    import argparse
+    import json
+    from jobs import bench_train
+    p = argparse.ArgumentParser()
+    bench_train.add_arguments(p)
+    args = p.parse_args(["--depth", "2", "--seq-len", "64", "--device-batch-size", "4", "--steps", "2",
+                         "--vocab-size", str(VOCAB), "--base-dir", str(base_dir),
+                         "--data-source", str(base_dir / "data" / "base"), "--json"])
+    assert bench_train.run(args) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["bench"] == "train" and out["tokens_per_s"] > 0 and out["mfu"] is None
+    assert out["variants"]["config"]["device_batch_size"] == 4
