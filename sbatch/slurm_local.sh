@@ -262,8 +262,10 @@ cmd_down() {
     stop_pidfile slurmd "$DIR/run/slurmd.pid"
     stop_pidfile slurmctld "$DIR/run/slurmctld.pid"
     stop_pidfile slurmdbd "$DIR/run/slurmdbd.pid"
-    stop_pidfile mysqld_safe "$DIR/run/mysqld_safe.pid"   # first, or it would restart mariadbd
+    # mariadbd first: on its clean exit mysqld_safe (a shell loop that ignores SIGTERM while it
+    # waits) ends by itself instead of restarting it.
     stop_pidfile mariadbd "$DIR/mysql/mysqld.pid"
+    stop_pidfile mysqld_safe "$DIR/run/mysqld_safe.pid"
     stop_pidfile munged "$DIR/run/munged.pid"
 }
 
