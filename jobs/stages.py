@@ -216,6 +216,7 @@ def run_stage(run_dir: str | os.PathLike, stage_name: str, task: int | None = No
         cfg, variant = build_config(run, pipeline, stage_name, task)
         if "SLURM_JOB_ID" in os.environ:
             install_preemption_handler()
+        _limit_threads()
         module = importlib.import_module(__name__ if kind == "noop" else _module_of(kind))
         recipe = run_noop if kind == "noop" else module.run
         print(f"[stage] {run['run_id']}/{stage_name}{'' if task is None else f'[{task}]'} kind={kind} "
@@ -271,6 +272,18 @@ def run_stage(run_dir: str | os.PathLike, stage_name: str, task: int | None = No
                           {"stage": stage_name, "task": task, "finished_at": rows[-1]["finished_at"] if rows else None,
                            "job_id": rows[-1]["job_id"] if rows else None})
     return rows[-1] if rows else {}
+
+
+def _limit_threads() -> None:
+    # torch starts one thread per core of the machine, not of the allocation; on a shared node (or a
+    # loaded laptop) oversubscribed OpenMP threads spin against each other and a tiny model ran >10x
+    # slower here. Use what Slurm allotted (or what the local runner chose) unless the user said otherwise.
+    if os.environ.get("OMP_NUM_THREADS"):
+        return
+    n = os.environ.get("SLURM_CPUS_PER_TASK") or os.environ.get("NANOCHAT_STAGE_THREADS")
+    if n and n.isdigit() and int(n) > 0:
+        import torch
+        torch.set_num_threads(int(n))
 
 
 def _module_of(kind: str) -> str:

@@ -153,6 +153,8 @@ def run_local(run: dict, run_dir: Path, pipeline, todo: list[str], max_parallel:
     log_dir = run_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, NANOCHAT_BASE_DIR=run["workdir"], PYTHONUNBUFFERED="1")
+    # share the cores between the stages that may run at once (jobs.stages._limit_threads)
+    env.setdefault("NANOCHAT_STAGE_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, max_parallel))))
     # the child must import this checkout's jobs/ and nanochat/ whatever the cwd
     repo = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
