@@ -24,7 +24,6 @@ of the timed window and reported on its own.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import time
 from dataclasses import asdict, dataclass, replace
@@ -39,6 +38,7 @@ from nanochat.common import (ConfigError, atomic_torch_save, atomic_write_json, 
 from nanochat.gpt import GPT, GPTConfig, build_model
 from nanochat.optim import all_reduce_gradients, build_optimizers
 from nanochat.packing import MODES, Example, batch_for_mode, plan_batches, truncate
+from nanochat.synthetic import generate_conversations, read_conversations
 from nanochat.tokenizer import Tokenizer
 
 ATTENTION_ROUTE = "sdpa-bool-mask"  # see the module docstring for why not flex_attention
@@ -95,40 +95,15 @@ class SFTConfig:
 # Data
 
 def load_conversations(path: str | os.PathLike) -> list[dict]:
-    """Conversations from JSONL (one {"messages": [...]} per line) or parquet (a `messages` column)."""
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"{path}: conversation file not found")
-    conversations: list[dict] = []
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-        table = pq.read_table(path)
-        if "messages" not in table.column_names:
-            raise ConfigError(f"{path}: parquet file has no 'messages' column")
-        for messages in table.column("messages").to_pylist():
-            conversations.append({"messages": messages})
-    else:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ConfigError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-                if not isinstance(obj, dict) or not isinstance(obj.get("messages"), list):
-                    raise ConfigError(f"{path}:{lineno}: expected an object with a 'messages' list")
-                conversations.append(obj)
-    if not conversations:
-        raise ConfigError(f"{path}: no conversations")
-    return conversations
+    """Conversations from JSONL (one {"messages": [...]} per line) or parquet (a `messages` column);
+    ConfigError naming the file (and line) when they are malformed."""
+    return read_conversations(path)
 
 
 def synthetic_conversations(n: int, seed: int, max_tokens: int) -> list[dict]:
-    """The offline synthetic set: nanochat.synthetic's generator (long-tailed lengths: most conversations
-    a few hundred tokens, a few near the maximum)."""
-    from nanochat import synthetic
-    return synthetic.generate_conversations(n, seed=seed, max_tokens=max_tokens)
+    """The offline synthetic set (nanochat.synthetic): long-tailed lengths, most conversations a few
+    hundred tokens, a few near max_tokens."""
+    return generate_conversations(n, seed=seed, max_tokens=max_tokens)
 
 
 def conversation_texts(conversations: list[dict]):
@@ -182,7 +157,11 @@ def load_or_build(cfg: SFTConfig, conversations: list[dict], device: torch.devic
         from nanochat.checkpoint import load_model
         model, tokenizer, meta = load_model(cfg.init_from, device)
         return model, tokenizer, dict(meta or {})
-    tokenizer = Tokenizer.train(conversation_texts(conversations), cfg.vocab_size)
+    saved = Path(cfg.out_dir) / "tokenizer" if cfg.out_dir else None
+    if saved is not None and (saved / "tokenizer.json").exists():  # a resumed run keeps its tokenizer
+        tokenizer = Tokenizer.load(saved)
+    else:
+        tokenizer = Tokenizer.train(conversation_texts(conversations), cfg.vocab_size)
     return fresh_model(cfg, tokenizer, device), tokenizer, {}
 
 
@@ -291,26 +270,29 @@ def checkpoint_dir(out_dir: str) -> Path:
     return Path(out_dir) / "checkpoints"
 
 
-def save_sft_checkpoint(cfg: SFTConfig, model: GPT, tokenizer: Tokenizer, optimizers, step: int, meta: dict) -> Path:
-    from nanochat import checkpoint
-    meta = dict(meta, stage="sft", step=step, sft_config=asdict(cfg))
-    return checkpoint.save_checkpoint(checkpoint_dir(cfg.out_dir), step, model, tokenizer, meta,
-                                      optimizer_states=[o.state_dict() for o in optimizers])
+def save_sft_checkpoint(cfg: SFTConfig, model: GPT, tokenizer_dir: str, optimizers, step: int, meta: dict) -> Path:
+    """out_dir/checkpoints/step_NNNNNN in nanochat.checkpoint's format, loadable by load_model()."""
+    from nanochat.checkpoint import save_checkpoint
+    kept = {k: v for k, v in meta.items() if k not in ("path", "step", "python_rng")}
+    meta = dict(kept, stage="sft", model_config=model.config.to_dict(), tokenizer_dir=tokenizer_dir,
+                sft_config=asdict(cfg), sft_mode=cfg.mode, init_from=cfg.init_from)
+    return save_checkpoint(checkpoint_dir(cfg.out_dir), step, model, optimizers, meta)
 
 
 def try_resume(cfg: SFTConfig, model: GPT, optimizers, device: torch.device) -> int:
-    """The step to start from: that of the newest valid SFT checkpoint in out_dir (0 if none)."""
-    if not cfg.out_dir or not checkpoint_dir(cfg.out_dir).exists():
+    """The step to start from: that of the newest valid SFT checkpoint in out_dir/checkpoints (0 if none).
+    The epoch plan is a function of the seed, so the run goes on with the micro-batch it would have taken."""
+    if not cfg.out_dir:
         return 0
-    from nanochat import checkpoint
-    found = checkpoint.load_latest(checkpoint_dir(cfg.out_dir), device)
-    if found is None:
+    from nanochat.checkpoint import check_model_config, latest_valid_checkpoint
+    found = latest_valid_checkpoint(checkpoint_dir(cfg.out_dir), device)
+    if found is None or found["meta"].get("stage") != "sft":
         return 0
-    state = found
-    model.load_state_dict(state["model"])
-    for opt, opt_state in zip(optimizers, state.get("optimizer_states") or []):
+    check_model_config(found["path"], found["meta"]["model_config"], model.config.to_dict())
+    model.load_state_dict(found["model"])
+    for opt, opt_state in zip(optimizers, found.get("optim") or []):
         opt.load_state_dict(opt_state)
-    return int(state["meta"].get("step", 0))
+    return int(found["meta"]["step"])
 
 
 # -----------------------------------------------------------------------------
@@ -429,7 +411,10 @@ def train(cfg: SFTConfig, model: GPT, tokenizer: Tokenizer, train_examples: list
     val_loss = evaluate(model, val_examples, cfg.eval_batch_size, T, pad_id)
     ckpt_path = None
     if cfg.save_checkpoint and cfg.out_dir and rank == 0:
-        ckpt_path = str(save_sft_checkpoint(cfg, model, tokenizer, optimizers, step, meta or {}))
+        tokenizer_dir = (meta or {}).get("tokenizer_dir") or str(Path(cfg.out_dir) / "tokenizer")
+        if not (Path(tokenizer_dir) / "tokenizer.json").exists():
+            tokenizer.save(tokenizer_dir)
+        ckpt_path = str(save_sft_checkpoint(cfg, model, tokenizer_dir, optimizers, step, meta or {}))
     if ddp:
         dist.barrier()
 

@@ -153,7 +153,7 @@ def test_bad_input_raises_config_error(tmp_path):
     with pytest.raises(ConfigError, match="data_path"):
         SFTConfig(data_path=str(tmp_path / "missing.jsonl")).validate()
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"messages": []}\nnot json\n')
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\nnot json\n')
     with pytest.raises(ConfigError, match=r"bad.jsonl:2"):
         load_conversations(bad)
 
@@ -174,3 +174,72 @@ def test_bench_ratios():
             {"variant": "compile-pad", "real_tokens_per_s": 50.0},
             {"variant": "compile-pack", "real_tokens_per_s": 200.0}]
     assert bench_ratios(rows) == {"compile-pack/compile-pad": 4.0, "compile-pack/eager-dynamic": 2.0}
+
+
+def test_run_writes_a_loadable_checkpoint_and_resumes_after_preemption(tmp_path):
+    from nanochat.chat_sft import run
+    from nanochat.checkpoint import load_model
+    cfg = SFTConfig(out_dir=str(tmp_path / "sft"), mode="eager-dynamic", num_conversations=120,
+                    val_conversations=8, max_seq_len=128, device_batch_size=4, depth=2, vocab_size=512,
+                    max_steps=6, init_lr_frac=1.0, device_type="cpu")
+    calls = []
+
+    def stop_after_two():
+        calls.append(1)
+        return len(calls) >= 2
+
+    row = run(cfg, should_stop=stop_after_two)
+    assert row["state"] == "PREEMPTED" and row["steps"] == 2
+    assert row["variant"] == "eager-dynamic" and row["batch_size_source"] == "config"
+    row = run(cfg)
+    assert row["state"] == "COMPLETED"
+    assert row["extra"]["resumed_from_step"] == 2 and row["steps"] == 4
+    model, tok, meta = load_model(tmp_path / "sft" / "checkpoints", "cpu")
+    assert meta["step"] == 6 and meta["stage"] == "sft" and meta["sft_mode"] == "eager-dynamic"
+    assert model.config.n_layer == 2 and tok.get_vocab_size() == 512
+    ids = tok.render_for_completion({"messages": [{"role": "user", "content": "hello"}]})
+    assert model(torch.tensor([ids])).shape == (1, len(ids), 512)
+
+
+def _two_rank_worker(rank, world, port, tok_dir, examples, out_path):
+    import os
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        tok = Tokenizer.load(tok_dir)
+        model = tiny_model(tok, 96)
+        cfg = SFTConfig(mode="eager-dynamic", max_seq_len=96, device_batch_size=2, total_batch_size=2 * 96 * world,
+                        max_steps=1, save_checkpoint=False, init_lr_frac=1.0)
+        row = train(cfg, model, tok, examples, [], 2, "config")
+        if rank == 0:
+            torch.save({"params": [p.detach() for p in model.parameters()], "loss": row["final_loss"],
+                        "accum": row["grad_accum_steps"]}, out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_ranks_take_the_same_step_as_one_rank_accumulating(tokenizer, tmp_path):
+    """Two gloo ranks with one micro-batch each = one rank with two micro-batches: the supervised
+    count is summed over ranks before the division, and gradients are averaged (x world_size)."""
+    import socket
+    import torch.multiprocessing as mp
+    T = 96
+    examples = sorted(render_examples(make_conversations(8, seed=5, max_words=80), tokenizer, T, "test"),
+                      key=lambda e: sum(e[1]))
+    tokenizer.save(tmp_path / "tok")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_two_rank_worker, args=(2, port, str(tmp_path / "tok"), examples, str(tmp_path / "ddp.pt")), nprocs=2)
+    ddp = torch.load(tmp_path / "ddp.pt")
+    assert ddp["accum"] == 1
+    model = tiny_model(tokenizer, T)
+    cfg = SFTConfig(mode="eager-dynamic", max_seq_len=T, device_batch_size=2, total_batch_size=2 * 2 * T,
+                    max_steps=1, save_checkpoint=False, init_lr_frac=1.0)
+    row = train(cfg, model, tokenizer, examples, [], 2, "config")
+    assert row["grad_accum_steps"] == 2
+    assert ddp["loss"] == pytest.approx(row["final_loss"], rel=1e-5)
+    for a, b in zip(ddp["params"], model.parameters()):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-3, atol=1e-4)
