@@ -58,13 +58,13 @@ def test_cached_logits_equal_full_recompute_at_every_step(static):
     if static:
         cache.pos += prompt_len   # a static cache's owner advances the host count
     full = model(seq[:, :prompt_len])
-    torch.testing.assert_close(logits, full, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits, full, atol=1e-5, rtol=1e-5)
     for t in range(prompt_len, 40):
         step_logits = model(seq[:, t:t + 1], kv_cache=cache)[:, -1]
         if static:
             cache.pos += 1
         full_logits = model(seq[:, :t + 1])[:, -1]
-        torch.testing.assert_close(step_logits, full_logits, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(step_logits, full_logits, atol=1e-5, rtol=1e-5)
         assert cache.pos == t + 1
     assert cache.positions.tolist() == ([40, 40] if static else [0, 0])
 
@@ -76,7 +76,7 @@ def test_chunk_after_prefix_uses_the_right_mask():
     cache = KVCache.for_model(model, 1, 30)
     model(seq[:, :10], kv_cache=cache)
     chunk = model(seq[:, 10:25], kv_cache=cache)          # 15 tokens at once after a prefix of 10
-    torch.testing.assert_close(chunk, model(seq[:, :25])[:, 10:], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(chunk, model(seq[:, :25])[:, 10:], atol=1e-5, rtol=1e-5)
 
 
 @torch.inference_mode()
@@ -90,7 +90,7 @@ def test_decode_step_matches_and_copies_the_prefill_to_every_row():
     nxt = torch.tensor([[5], [6], [7]])
     logits = step(nxt)
     full = model(torch.cat([prompt.expand(3, -1), nxt], dim=1))[:, -1]
-    torch.testing.assert_close(logits, full, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits, full, atol=1e-5, rtol=1e-5)
     assert step.cache.pos == 10 and step.cache.positions.tolist() == [10, 10, 10]
 
 
@@ -165,7 +165,7 @@ def test_cache_overflow_is_an_error_that_leaves_the_cache_intact():
     assert cache.pos == 6
     # the refused insert wrote nothing: the remaining room still decodes correctly
     logits = model(seq[:, 6:8], kv_cache=cache)
-    torch.testing.assert_close(logits, model(seq[:, :8])[:, 6:], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits, model(seq[:, :8])[:, 6:], atol=1e-5, rtol=1e-5)
     with pytest.raises(KVCacheOverflow):
         model(seq[:, 8:9], kv_cache=cache)
 
