@@ -264,12 +264,13 @@ def train(cfg: TrainConfig, *, stage: str, model, tokenizer, tokenizer_dir: str,
     ckpt_root = out_dir / "checkpoints" if out_dir else None
     autocast_ctx = ((lambda: torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16))
                     if device.type == "cuda" else contextlib.nullcontext)
-    # a partial of a module-level function: picklable, so the batch-size probe can run it in a child
     opt_factory = functools.partial(build_optimizers, unembedding_lr=cfg.unembedding_lr, embedding_lr=cfg.embedding_lr,
                                     matrix_lr=cfg.matrix_lr, weight_decay=cfg.weight_decay)
 
     # Batch geometry first (the automatic probe may run trial steps on a copy of the state).
-    B, grad_accum, batch_source, total_batch, batch_info = resolve_batch(cfg, model, world_size, device, opt_factory)
+    # The probe gets build_optimizers itself: optimizer memory does not depend on the learning rates,
+    # and the same callable as the probe stage's keeps the batch-size cache key the same.
+    B, grad_accum, batch_source, total_batch, batch_info = resolve_batch(cfg, model, world_size, device, build_optimizers)
     T = cfg.seq_len
     rows_per_rank = B * grad_accum
     n_params = model.num_params()
