@@ -316,6 +316,7 @@ main() {
     local cmd="${1:-}"
     case "$cmd" in
         up|down)
+            [[ $(id -u) -eq 0 ]] || die "this script runs the Slurm daemons as root; run it as root (or with sudo)"
             mkdir -p "$DIR"
             exec 9>"$DIR/.lock"
             flock -w 300 9 || die "another slurm_local.sh holds $DIR/.lock"

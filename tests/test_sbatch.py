@@ -138,6 +138,13 @@ def test_scripts_parse():
     assert out.returncode == 2 and "usage" in out.stderr
 
 
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("runuser"), reason="needs root to run as another user")
+def test_up_refuses_clearly_when_it_cannot_run_the_daemons():
+    out = subprocess.run(["runuser", "-u", "nobody", "--", "bash", str(SBATCH / "slurm_local.sh"), "up"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "ERROR" in out.stderr and "root" in out.stderr
+
+
 # ----------------------------------------------------------------------------- against the local Slurm
 
 def _slurm_answers() -> bool:
