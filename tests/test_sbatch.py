@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -100,6 +101,21 @@ def test_failures_still_write_a_row(tmp_path):
     assert len(rows) == 2 and all(r["state"] == "FAILED" for r in rows.values())
     errors = sorted(r["error"] for r in rows.values())
     assert errors[0].startswith("exit code 3: boom") and "not a JSON object" in errors[1]
+
+
+def test_sigterm_passes_to_the_command_and_the_row_is_still_written(tmp_path):
+    g = tmp_path / "g.yaml"
+    g.write_text(yaml.safe_dump({"name": "slow", "rows": [{"secs": 120}]}))
+    res = tmp_path / "res"
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.array", str(g), "--task", "0", "--results-dir", str(res),
+                             "--", "{python}", "-c", "import time; print('started', flush=True); time.sleep({secs})"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "started"   # the command runs: now stop it as scancel would
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    (row,) = read_rows(res)
+    assert row["state"] == "FAILED" and "SIGTERM" in row["error"]
 
 
 def test_unknown_placeholder_and_task_out_of_range_are_bad_input(tmp_path):
