@@ -408,6 +408,7 @@ def run_under_memory_budget(fn, args: tuple, budget_gb: float, timeout_s: float 
     import subprocess
     import tempfile
     budget_bytes = int(budget_gb * 1024 ** 3)
+    threads = threads or torch.get_num_threads()  # the child computes like this process does
     with tempfile.TemporaryDirectory(prefix="nanochat-budget-") as tmp:
         payload_path, result_path = os.path.join(tmp, "payload.pkl"), os.path.join(tmp, "result.pkl")
         Path(payload_path).write_bytes(pickle.dumps((fn, args)))
@@ -553,10 +554,12 @@ def resolve_device_batch_size(model, optimizers_factory, seq_len: int, total_bat
     if step_fn is None:
         vocab = vocab_size or model.config.vocab_size
         step_fn = TrainStep(seq_len=seq_len, vocab_size=vocab, world_size=world_size, autocast_dtype=autocast_dtype)
+    # CPU: None = half the available memory, 0 = no budget (trials run in this process; only safe
+    # when something else bounds the sizes, e.g. a step_fn that fails above a size).
     if device.type == "cpu" and memory_budget_gb is None:
         memory_budget_gb = round(default_cpu_budget_gb(), 1)
-    if device.type != "cpu":
-        memory_budget_gb = None  # the device's own memory is the budget
+    if device.type != "cpu" or not memory_budget_gb:
+        memory_budget_gb = None  # on a GPU the device's own memory is the budget
 
     parts = {
         "step_version": STEP_VERSION,

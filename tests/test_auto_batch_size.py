@@ -1,0 +1,439 @@
+"""
+Automatic device batch size: the search (exact trial sequences with an injected failure threshold),
+the margin and divisibility rules, the real CPU memory budget, the cache (concurrent writers,
+corrupt entries), rank agreement over gloo, and the run-time OOM fallback.
+"""
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing as mp
+import socket
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from nanochat.auto_batch_size import (ProbeConfig, SearchResult, Trial, TrainStep, cache_path, choose_device_batch,
+                                      fallback_after_oom, find_optimal_device_batch_size, is_oom_error, read_cache,
+                                      resolve_device_batch_size, run as run_probe, run_under_memory_budget,
+                                      search_device_batch_size, write_cache)
+from nanochat.common import ConfigError
+from nanochat.gpt import GPTConfig, build_model
+from nanochat.optim import build_optimizers
+
+SEQ = 64
+VOCAB = 512
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Several test processes share two cores here; intra-op threads spinning against each other
+    # make tiny steps 50x slower. The budget children inherit this setting.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_model(seed: int = 0):
+    torch.manual_seed(seed)
+    return build_model(GPTConfig.from_depth(2, VOCAB, SEQ))
+
+
+def fake_oom(batch_size: int) -> torch.OutOfMemoryError:
+    return torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {batch_size * 0.25:.2f} GiB. "
+                                  "GPU 0 has a total capacity of 79.15 GiB of which 20.00 MiB is free.")
+
+
+@dataclass
+class ThresholdStep:
+    """The real training step up to `limit` rows; above it, the error a GPU raises when it is full.
+    Counts the sizes it was asked for."""
+    limit: int
+    seq_len: int = SEQ
+    vocab_size: int = VOCAB
+
+    def __post_init__(self):
+        self.calls: list[int] = []
+
+    def __call__(self, model, optimizers, batch_size):
+        self.calls.append(batch_size)
+        if batch_size > self.limit:
+            raise fake_oom(batch_size)
+        TrainStep(self.seq_len, self.vocab_size)(model, optimizers, batch_size)
+
+
+def resolve(model, step, rows, tmp_path=None, world_size=1, **kw):
+    kw.setdefault("stop_gain", None)
+    kw.setdefault("use_cache", tmp_path is not None)
+    return resolve_device_batch_size(model, build_optimizers, SEQ, rows * SEQ * world_size, world_size, "cpu", step,
+                                     cache_dir=tmp_path, memory_budget_gb=0, **kw)
+
+
+def tried(info) -> list[int]:
+    return [t["batch_size"] for t in info["trials"]]
+
+
+# -----------------------------------------------------------------------------
+# OOM recognition
+
+def test_is_oom_error_recognises_allocation_failures_only():
+    assert is_oom_error(fake_oom(8))
+    assert is_oom_error(RuntimeError("CUDA error: out of memory"))
+    assert is_oom_error(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"))
+    assert is_oom_error(RuntimeError("cuDNN error: CUDNN_STATUS_NOT_ALLOCATED"))
+    assert is_oom_error(RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"))
+    assert is_oom_error(RuntimeError("[enforce fail at alloc_cpu.cpp:117] err == 0. DefaultCPUAllocator: "
+                                     "can't allocate memory: you tried to allocate 4294967296 bytes."))
+    assert is_oom_error(MemoryError())
+    assert not is_oom_error(RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x3 and 4x3)"))
+    assert not is_oom_error(ValueError("out of memory"))  # only runtime errors carry allocator messages
+    assert not is_oom_error(KeyError("x"))
+
+
+# -----------------------------------------------------------------------------
+# The search on the real model with an injected failure threshold
+
+def test_exact_trial_sequence_margin_and_divisibility():
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    # 24 rows per rank, fits up to 11: grow 1..16, binary 12 (fail), 10 (ok); then every size in
+    # [10, 11] keeps floor(0.85 x size) in [8, 9] whose largest divisor of 24 is 8: the search stops.
+    step = ThresholdStep(limit=11)
+    bs, accum, source, info = resolve(model, step, rows=24)
+    assert tried(info) == [1, 2, 4, 8, 16, 12, 10]
+    assert [t["ok"] for t in info["trials"]] == [True, True, True, True, False, False, True]
+    assert (bs, accum, source) == (8, 3, "probe")
+    assert info["max_found"] == 10 and info["first_failure"] == 12
+    assert bs * SEQ * 1 * accum == 24 * SEQ
+    # trials never change the caller's weights and leave no gradients behind
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_divisor_is_chosen_when_the_margin_size_does_not_divide():
+    # 20 rows: fits up to 11 -> floor(0.85 x 11) = 9 is no divisor of 20; the largest one below is 5.
+    step = ThresholdStep(limit=11)
+    bs, accum, _, info = resolve(tiny_model(), step, rows=20)
+    assert tried(info) == [1, 2, 4, 8, 16, 12]
+    assert (bs, accum) == (5, 4)
+
+
+def test_search_is_capped_at_the_size_that_proves_the_total_fits_with_margin():
+    # 8 rows per rank; ceil(8 / 0.85) = 10 is the largest size worth trying.
+    bs, accum, _, info = resolve(tiny_model(), ThresholdStep(limit=1000), rows=8)
+    assert tried(info) == [1, 2, 4, 8, 10]
+    assert (bs, accum) == (8, 1)
+    # fits 9 but not 10: 8 is not within the 15% margin (floor(0.85 x 9) = 7), so 4 x 2
+    bs, accum, _, info = resolve(tiny_model(), ThresholdStep(limit=9), rows=8)
+    assert tried(info) == [1, 2, 4, 8, 10]
+    assert (bs, accum) == (4, 2)
+
+
+def test_margin_is_configurable():
+    bs, accum, _, info = resolve(tiny_model(), ThresholdStep(limit=9), rows=8, safety_margin=0.0)
+    assert tried(info) == [1, 2, 4, 8]
+    assert (bs, accum) == (8, 1)
+
+
+def test_stop_when_throughput_gain_is_small():
+    speed = {1: 100.0, 2: 190.0, 4: 350.0, 8: 360.0, 16: 370.0}
+    result = search_device_batch_size(
+        lambda bs: Trial(bs, True, seconds=1.0, tokens_per_s=speed[bs]), rows=16, stop_gain=0.05, log=lambda *a: None)
+    assert [t["batch_size"] for t in result.trials] == [1, 2, 4, 8]
+    assert result.stopped_by_speed and result.device_batch_size == 4 and result.grad_accum == 4
+    # without the threshold the same machine grows to the cap
+    result = search_device_batch_size(
+        lambda bs: Trial(bs, True, seconds=1.0, tokens_per_s=speed.get(bs, 380.0)), rows=16, stop_gain=None,
+        log=lambda *a: None)
+    assert [t["batch_size"] for t in result.trials] == [1, 2, 4, 8, 16, 19]
+    assert result.device_batch_size == 16 and not result.stopped_by_speed
+
+
+def test_choose_device_batch_rules():
+    assert choose_device_batch(20, 64, 0.15) == 16     # floor(17) -> largest divisor of 64 <= 17
+    assert choose_device_batch(20, 60, 0.15) == 15
+    assert choose_device_batch(1, 64, 0.15) == 1       # size 1 ran: keep it rather than fail
+    assert choose_device_batch(0, 64, 0.15) == 0
+    assert choose_device_batch(64, 64, 0.15, speed_cap=8) == 8
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match="total_batch_size"):
+        resolve_device_batch_size(tiny_model(), build_optimizers, SEQ, SEQ * 10 + 1, 1, "cpu",
+                                  ThresholdStep(limit=4), use_cache=False, memory_budget_gb=0)
+    with pytest.raises(ConfigError, match="device_batch_size"):
+        resolve(tiny_model(), ThresholdStep(limit=0), rows=8)
+
+
+def test_non_oom_error_in_a_trial_is_raised():
+    def broken(model, optimizers, batch_size):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+    with pytest.raises(RuntimeError, match="shapes"):
+        resolve(tiny_model(), broken, rows=8)
+
+
+def test_earlier_fork_call_returns_an_exact_int(tmp_path):
+    model = tiny_model()
+
+    def sample(batch_size, seq_len):
+        if batch_size > 6:
+            raise fake_oom(batch_size)
+        x = torch.randint(0, VOCAB, (batch_size, seq_len))
+        return x, x
+
+    bs = find_optimal_device_batch_size(model, SEQ, 12 * SEQ, 1, sample, safety_margin=0.85,
+                                        cache_dir=tmp_path, stop_gain=None, memory_budget_gb=0)
+    assert isinstance(bs, int) and bs == 4  # fits 6 -> floor(5.1) = 5 -> largest divisor of 12 <= 5
+
+
+# -----------------------------------------------------------------------------
+# Cache
+
+def test_cache_hit_refresh_and_corrupt_entry(tmp_path):
+    model = tiny_model()
+    step = ThresholdStep(limit=11)
+    bs, accum, source, info = resolve(model, step, rows=24, tmp_path=tmp_path)
+    assert source == "probe" and cache_path(tmp_path, info["cache_key"]).exists()
+    n_calls = len(step.calls)
+    bs2, accum2, source2, info2 = resolve(model, step, rows=24, tmp_path=tmp_path)
+    assert (bs2, accum2, source2) == (bs, accum, "cache") and len(step.calls) == n_calls
+    # a different total batch is a different key
+    _, _, source3, info3 = resolve(model, step, rows=12, tmp_path=tmp_path)
+    assert source3 == "probe" and info3["cache_key"] != info["cache_key"]
+    # refresh probes again
+    _, _, source4, _ = resolve(model, step, rows=24, tmp_path=tmp_path, refresh_cache=True)
+    assert source4 == "probe"
+    # a corrupt entry is ignored with a warning, probed again and replaced by a valid one
+    path = cache_path(tmp_path, info["cache_key"])
+    path.write_text('{"device_batch_size": 8, "grad_acc')
+    with pytest.warns(UserWarning, match="corrupt"):
+        bs5, accum5, source5, _ = resolve(model, step, rows=24, tmp_path=tmp_path)
+    assert (bs5, accum5, source5) == (bs, accum, "probe")
+    assert read_cache(tmp_path, info["cache_key"], 24)["device_batch_size"] == bs
+    # an entry that breaks the total batch is also rejected
+    entry = json.loads(path.read_text())
+    path.write_text(json.dumps(dict(entry, device_batch_size=5)))
+    with pytest.warns(UserWarning, match="corrupt"):
+        assert read_cache(tmp_path, info["cache_key"], 24) is None
+    # no cache at all
+    calls = len(step.calls)
+    _, _, source6, _ = resolve(model, step, rows=24, tmp_path=tmp_path, use_cache=False)
+    assert source6 == "probe" and len(step.calls) > calls
+
+
+def _cache_writer(cache_dir: str, worker: int) -> None:
+    for i in range(20):
+        key = f"{'k' * 63}{(worker + i) % 4}"
+        bs = [1, 2, 4, 8][(worker * 7 + i) % 4]
+        write_cache(cache_dir, key, {"device_batch_size": bs, "grad_accum": 8 // bs, "source": "probe",
+                                     "worker": worker, "trials": [{"batch_size": b} for b in range(50)]})
+
+
+def test_sixteen_concurrent_writers_leave_valid_entries(tmp_path):
+    ctx = mp.get_context("fork")  # the writers only touch JSON and locks, never torch ops
+    procs = [ctx.Process(target=_cache_writer, args=(str(tmp_path), w)) for w in range(16)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert all(p.exitcode == 0 for p in procs)
+    entries = sorted(tmp_path.glob("*.json"))
+    assert len(entries) == 4
+    for path in entries:
+        entry = read_cache(tmp_path, path.stem, rows=8)
+        assert entry is not None and entry["device_batch_size"] * entry["grad_accum"] == 8
+        assert len(entry["trials"]) == 50
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
+
+
+# -----------------------------------------------------------------------------
+# Run-time fallback: a real step runs out of memory, training goes on from the same step
+
+def train_with_fallback(model, rows_per_step, bs, accum, steps, limit, cache_dir=None, key=None):
+    """A minimal training loop as train_loop.py runs it: every optimizer step takes the same rows
+    (seeded by the step), split into micro-batches of bs; an OOM redoes the step smaller."""
+    optimizers = build_optimizers(model)
+    done, history = [], []
+    step = 0
+    while step < steps:
+        g = torch.Generator().manual_seed(1000 + step)
+        rows = torch.randint(0, VOCAB, (rows_per_step, SEQ + 1), generator=g)
+        try:
+            for i in range(accum):
+                micro = rows[i * bs:(i + 1) * bs]
+                if micro.size(0) > limit:
+                    raise fake_oom(micro.size(0))
+                loss = model(micro[:, :-1], micro[:, 1:], loss_reduction="sum") / (rows_per_step * SEQ)
+                loss.backward()
+        except Exception as e:
+            if not is_oom_error(e):
+                raise
+            model.zero_grad(set_to_none=True)
+            bs, accum = fallback_after_oom(bs, accum, key, cache_dir)
+            continue  # the same step again, smaller
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        done.append(step)
+        history.append((bs, accum))
+        step += 1
+    return done, history
+
+
+def test_fallback_continues_without_losing_steps(tmp_path):
+    key = "f" * 64
+    write_cache(tmp_path, key, {"device_batch_size": 8, "grad_accum": 1, "source": "probe"})
+    reference, failing = tiny_model(seed=3), tiny_model(seed=3)
+    done_ref, hist_ref = train_with_fallback(reference, 8, 8, 1, steps=4, limit=100)
+    done, hist = train_with_fallback(failing, 8, 8, 1, steps=4, limit=3, cache_dir=tmp_path, key=key)
+    assert done == done_ref == [0, 1, 2, 3]                 # no step lost or repeated
+    assert hist == [(2, 4)] * 4                             # 8 -> 4 -> 2, total unchanged
+    assert all(b * a == 8 for b, a in hist)
+    # The same training, re-split: only summation order differs. (AdamW's eps=1e-10 turns float
+    # noise in near-zero embedding gradients into up to ~1e-4 of drift; one lost or repeated step
+    # would move the weights by the learning rate, ~1e-2 and more.)
+    for p_ref, p in zip(reference.parameters(), failing.parameters()):
+        assert torch.allclose(p_ref, p, atol=1e-3, rtol=0)
+    untouched = tiny_model(seed=3)
+    assert not torch.allclose(untouched.lm_head.weight, failing.lm_head.weight, atol=1e-3, rtol=0)
+    entry = read_cache(tmp_path, key, rows=8)
+    assert (entry["device_batch_size"], entry["grad_accum"], entry["source"]) == (2, 4, "fallback")
+    assert [(f["from"], f["to"]) for f in entry["fallbacks"]] == [(8, 4), (4, 2)]
+
+
+def test_fallback_keeps_exact_total_for_odd_sizes():
+    assert fallback_after_oom(3, 8) == (1, 24)      # half of 3 rounds down to 1
+    assert fallback_after_oom(6, 4) == (3, 8)
+    with pytest.raises(MemoryError):
+        fallback_after_oom(1, 24)
+
+
+# -----------------------------------------------------------------------------
+# Ranks: two gloo processes agree even when only one fails a trial
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_worker(rank: int, port: int, limits: list[int], queue) -> None:
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        model = tiny_model()
+        step = ThresholdStep(limit=limits[rank])
+        bs, accum, source, info = resolve_device_batch_size(
+            model, build_optimizers, SEQ, 24 * SEQ * 2, 2, "cpu", step, use_cache=False, stop_gain=None,
+            memory_budget_gb=0)
+        queue.put((rank, bs, accum, source, tried(info), step.calls))
+    except BaseException as e:  # noqa: BLE001
+        queue.put((rank, "error", repr(e), None, None, None))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_agree_when_one_fails():
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    # rank 0 fits 16 rows, rank 1 only 5: rank 1 alone fails at 8 and 6
+    procs = [ctx.Process(target=_rank_worker, args=(r, port, [16, 5], queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = {}
+    for _ in range(2):
+        r = queue.get(timeout=240)
+        results[r[0]] = r
+    for p in procs:
+        p.join(60)
+    assert all(p.exitcode == 0 for p in procs), results
+    expected_trials = [1, 2, 4, 8, 6, 5]  # lo 4 hi 8 -> 6 fails (rank 1) -> 5 ok -> floor(4.25) -> 4
+    for rank in (0, 1):
+        _, bs, accum, source, trials, calls = results[rank]
+        assert (bs, accum, source) == (4, 6, "probe"), results[rank]
+        assert trials == expected_trials
+    assert results[0][5] == expected_trials        # rank 0 ran every trial (it could fit 8 and 6 alone)
+
+
+# -----------------------------------------------------------------------------
+# A real memory budget on CPU
+
+BUDGET_SEQ, BUDGET_VOCAB = 256, 4096
+
+
+def _train_steps_job(model, bs: int, accum: int, steps: int) -> list[float]:
+    """Runs inside the budget child: real training steps at (bs, accum)."""
+    optimizers = build_optimizers(model)
+    losses = []
+    for _ in range(steps):
+        for _ in range(accum):
+            idx = torch.randint(0, BUDGET_VOCAB, (bs, BUDGET_SEQ + 1))
+            loss = model(idx[:, :-1], idx[:, 1:]) / accum
+            loss.backward()
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        losses.append(float(loss) * accum)
+    return losses
+
+
+@pytest.mark.slow
+def test_cpu_budget_is_real_grows_with_budget_and_training_fits(tmp_path):
+    torch.manual_seed(0)
+    model = build_model(GPTConfig.from_depth(2, BUDGET_VOCAB, BUDGET_SEQ))
+    rows = 16
+    found = {}
+    for budget in (0.25, 0.5):
+        bs, accum, source, info = resolve_device_batch_size(
+            model, build_optimizers, BUDGET_SEQ, rows * BUDGET_SEQ, 1, "cpu", memory_budget_gb=budget,
+            stop_gain=None, cache_dir=tmp_path)
+        assert source == "probe" and bs * accum == rows
+        found[budget] = (bs, accum, info)
+    small, large = found[0.25], found[0.5]
+    assert small[2]["max_found"] < large[2]["max_found"]
+    assert small[0] <= large[0]
+    # the smaller budget's failures are the CPU allocator's own error, not a simulation
+    failures = [t["error"] for t in small[2]["trials"] if not t["ok"]]
+    assert failures and all("can't allocate memory" in e for e in failures)
+    # training at the size found stays within the same budget
+    losses = run_under_memory_budget(_train_steps_job, (model, small[0], small[1], 2), 0.25)
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    # and well past the first failure, training under the same budget fails with a real OOM
+    with pytest.raises(MemoryError, match="allocate"):
+        run_under_memory_budget(_train_steps_job, (model, 2 * small[2]["first_failure"], 1, 1), 0.25)
+    # the budget is part of the cache key: each budget has its own entry
+    assert small[2]["cache_key"] != large[2]["cache_key"]
+
+
+# -----------------------------------------------------------------------------
+# The probe recipe and its command line
+
+def test_probe_command_json_and_cache(tmp_path, capsys):
+    import argparse
+    from jobs import cmd_probe
+    parser = argparse.ArgumentParser()
+    cmd_probe.add_arguments(parser)
+    argv = ["--depth", "2", "--seq-len", "64", "--vocab-size", "512", "--total-batch-size", str(4 * 64),
+            "--memory-budget-gb", "0.3", "--stop-gain", "-1", "--cache-dir", str(tmp_path), "--json"]
+    assert cmd_probe.run(parser.parse_args(argv)) == 0
+    first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert first["source"] == "probe" and first["batch_size"] * first["grad_accum"] == 4
+    assert [t["batch_size"] for t in first["trials"]] == [1, 2, 4, 5]   # cap ceil(4 / 0.85) = 5
+    assert {"batch_size", "max_found", "trials", "seconds", "source", "grad_accum"} <= set(first)
+    assert cmd_probe.run(parser.parse_args(argv)) == 0
+    second = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert second["source"] == "cache" and second["batch_size"] == first["batch_size"]
+    assert cmd_probe.run(parser.parse_args(argv + ["--refresh"])) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["source"] == "probe"
+
+
+def test_probe_config_validation():
+    with pytest.raises(ConfigError, match="probe.depth"):
+        run_probe(ProbeConfig(depth=0))
+    with pytest.raises(ConfigError, match="probe.safety_margin"):
+        run_probe(ProbeConfig(safety_margin=1.5))
