@@ -437,3 +437,19 @@ def test_probe_config_validation():
         run_probe(ProbeConfig(depth=0))
     with pytest.raises(ConfigError, match="probe.safety_margin"):
         run_probe(ProbeConfig(safety_margin=1.5))
+
+
+def test_bench_batch_reports_exact_size_and_cache_hit(capsys):
+    import argparse
+    from jobs import bench_batch
+    parser = argparse.ArgumentParser()
+    bench_batch.add_arguments(parser)
+    args = parser.parse_args(["--depth", "2", "--seq-len", "64", "--vocab-size", "512", "--total-batch-size",
+                              str(6 * 64), "--memory-budget-gb", "0.3", "--steps", "1", "--baseline-batch-size", "2",
+                              "--json"])
+    assert bench_batch.run(args) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (out["probe_source"], out["cache_source"]) == ("probe", "cache")
+    assert out["trials"] == [1, 2, 4, 8]          # cap ceil(6 / 0.85) = 8, all fit
+    assert (out["device_batch_size"], out["grad_accum"]) == (6, 1)   # floor(6.8) = 6 divides 6
+    assert out["tokens_per_s_auto"] > 0 and out["tokens_per_s_baseline"] > 0
