@@ -301,6 +301,8 @@ def read_metrics(path: Path, run_id: str, folder: Path) -> tuple[pd.DataFrame | 
     except (OSError, UnicodeDecodeError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
         return None, [Problem(run_id, rel, "corrupt", f"unreadable metrics CSV ({type(e).__name__}: {e})".splitlines()[0])]
     problems = []
+    if "lr" not in df.columns and "lrm" in df.columns:
+        df = df.rename(columns={"lrm": "lr"})  # the training loop's name for the lr multiplier
     missing = [c for c in METRICS_COLUMNS if c not in df.columns]
     if "step" not in df.columns:
         return None, [Problem(run_id, rel, "corrupt", "metrics CSV has no step column")]
@@ -364,8 +366,11 @@ def load_run(folder: Path, price_per_gpu_hour: float = DEFAULT_PRICE_PER_GPU_HOU
         problems.append(Problem(run_id, f"rows/{name}__*.json", "missing", detail))
 
     df = join_sacct(rows_frame(rows), sacct, price_per_gpu_hour)
-    df = df.sort_values(["stage", "array_task", "variant", "job_id"], na_position="first", kind="stable")
-    df = df.reset_index(drop=True)
+    # Stages in the pipeline's order (run.json), then any others by name; array tasks in order.
+    order = {name: i for i, name in enumerate(stages)}
+    df["_order"] = [order.get(s, len(order)) if isinstance(s, str) else len(order) for s in df["stage"].astype(object)]
+    df = df.sort_values(["_order", "stage", "array_task", "variant", "job_id"], na_position="first", kind="stable")
+    df = df.drop(columns="_order").reset_index(drop=True)
 
     metrics = {}
     for stage, path in find_metrics(folder, stages).items():
@@ -437,7 +442,8 @@ def _side(df: pd.DataFrame, kind: str, side: tuple, metric: str) -> tuple[float 
     if done.empty:
         states = ", ".join(sorted(set(rows["state"].fillna("no state"))))
         reasons = {_extra({"extra": e}).get("skip_reason") for e in rows["extra"].astype(object)} - {None}
-        return None, 0, f"{variant} {states}" + (f": {'; '.join(sorted(map(str, reasons)))}" if reasons else "")
+        return None, 0, f"no {metric} in {variant} rows ({states})" + \
+            (f": {'; '.join(sorted(map(str, reasons)))}" if reasons else "")
     return float(done.mean()), int(len(done)), ""
 
 
@@ -682,7 +688,7 @@ def run_summary_md(run: RunData, price: float, plots: list[str]) -> str:
                  f"cost: ${float(cost):.2f} at ${price:g}/GPU-hour")
     parts += ["", "## Optimizations: baseline vs optimized, measured in this run", "",
               optimizations_md(optimizations(df)), ""]
-    for stage, group in df.groupby(df["stage"].fillna("(no stage)"), sort=True):
+    for stage, group in df.groupby(df["stage"].fillna("(no stage)"), sort=False):  # pipeline order
         kind = group["kind"].dropna()
         parts += [f"## Stage {stage}" + (f" ({kind.iloc[0]})" if not kind.empty else ""), ""]
         # Only the columns this stage measured: an inference stage has no loss, a failed job little.

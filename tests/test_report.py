@@ -132,7 +132,7 @@ def test_report_of_a_run_writes_csv_summary_and_plots(tmp_path, capsys):
     # kv-graph is CUDA-only: a CPU run must say so rather than show a number.
     graph = opts[("KV cache", "tokens_per_s", "kv-graph")]
     assert graph["ratio"] is None and graph["note"].startswith(rp.NOT_MEASURED)
-    assert "SKIPPED: CUDA graph capture needs a CUDA device" in graph["note"]
+    assert "no tokens_per_s in kv-graph rows (SKIPPED): CUDA graph capture needs a CUDA device" in graph["note"]
     # The first-token figure is measured once per job (not once per row), and no broadcast
     # baseline was measured: the figure is shown, the ratio is not invented.
     first = opts[("independent first token", "first_token_distinct", "independent, of 8 samples")]
@@ -416,6 +416,41 @@ def test_sacct_on_the_local_slurm(tmp_path):
     assert row["gpu_hours"] == 0.0
     (missing,) = [p for p in run.problems if p.kind == "missing"]
     assert f"job {job}_1: sacct FAILED exit 1" in missing.detail
+
+
+REAL_RUN = REPO / "tests" / "data" / "report" / "smoke-20261124-203923-1a0d"
+
+
+def test_report_from_the_real_rows_of_a_smoke_run(tmp_path):
+    """Rows, run.json, jobs.json and metrics CSVs kept from a real run of pipelines/smoke.yaml
+    (local executor, CPU, all five stages). The expected figures are read from the row files."""
+    folder = shutil.copytree(REAL_RUN, tmp_path / REAL_RUN.name)
+    raw = {p.name: json.loads(p.read_text()) for p in (folder / "rows").glob("*.json")}
+    tps = {r["variant"]: r["tokens_per_s"] for r in raw.values() if r["stage"] == "inference_bench"}
+
+    rep = rp.build_report([REAL_RUN.name], tmp_path, use_sacct=False)
+    (run,) = rep.runs
+    assert run.problems == []
+    df = rp.read_report_csv(folder / "report.csv")
+    assert len(df) == len(raw) == 8
+    assert list(dict.fromkeys(df["stage"])) == ["probe", "base_train", "mid_train", "sft", "inference_bench"]
+    assert set(df["state"]) == {"COMPLETED", "SKIPPED"}  # kv-graph is skipped on CPU
+    opts = {(o.name, o.optimized_label): o for o in rp.optimizations(run.rows)}
+    assert opts[("KV cache", "kv-eager")].ratio == pytest.approx(tps["kv-eager"] / tps["naive"])
+    assert opts[("KV cache", "kv-static")].ratio == pytest.approx(tps["kv-static"] / tps["naive"])
+    assert opts[("KV cache", "kv-graph")].ratio is None
+    # The smoke pipeline runs one SFT mode and no fixed-batch base_train: no invented ratios.
+    assert opts[("compile for SFT", "compile-pack")].ratio is None and opts[("compile for SFT", "compile-pack")].optimized
+    assert all(o.ratio is None for o in rp.optimizations(run.rows) if o.name == "auto batch size")
+    first = next(o for o in rp.optimizations(run.rows) if o.name == "independent first token")
+    assert first.optimized == json.loads(raw["inference_bench.naive__local-25704.json"]["extra"])["first_token_distinct"]
+
+    loss_ax, _ = rp.loss_figure(run.metrics).axes
+    assert [l.get_label() for l in loss_ax.get_lines()] == ["base_train", "mid_train"]
+    for name in ("loss.png", "throughput.png", "batch_size.png"):
+        assert (folder / name).read_bytes()[:8] == PNG_MAGIC
+    summary = (folder / "summary.md").read_text()
+    assert summary.startswith(f"# Run {REAL_RUN.name}") and "## Stage inference_bench (inference_bench)" in summary
 
 
 @pytest.mark.slow
