@@ -99,12 +99,12 @@ def _is_run_folder(p: Path) -> bool:
 
 
 def resolve_run(name: str | Path, results_dir: str | Path) -> Path:
-    """RUN is a run id under results_dir, or a path to a run folder."""
+    """RUN is a run id under results_dir, or a path to a run folder (one with run.json or rows/)."""
     results_dir = Path(results_dir)
     for candidate in (results_dir / str(name), Path(name)):
-        if candidate.is_dir():
+        if _is_run_folder(candidate):
             return candidate
-    raise ConfigError(f"{name}: no such run (not a folder under {results_dir}, nor a path)")
+    raise ConfigError(f"{name}: no such run (no run.json or rows/ in {results_dir / str(name)}, nor in {name})")
 
 
 def latest_run(results_dir: str | Path) -> Path:

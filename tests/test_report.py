@@ -321,6 +321,9 @@ def test_metrics_found_through_run_json_out_dir(tmp_path):
 def test_bad_input_is_a_config_error(tmp_path):
     with pytest.raises(rp.ConfigError, match="nope: no such run"):
         rp.build_report(["nope"], tmp_path)
+    (tmp_path / "not-a-run").mkdir()
+    with pytest.raises(rp.ConfigError, match="not-a-run: no such run"):
+        rp.build_report([str(tmp_path / "not-a-run")], tmp_path)
     with pytest.raises(rp.ConfigError, match="no runs found"):
         rp.run(report_args("--latest", "--results-dir", str(tmp_path)))
     make_run(tmp_path, "r6")
