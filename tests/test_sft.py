@@ -243,3 +243,21 @@ def test_two_ranks_take_the_same_step_as_one_rank_accumulating(tokenizer, tmp_pa
     assert ddp["loss"] == pytest.approx(row["final_loss"], rel=1e-5)
     for a, b in zip(ddp["params"], model.parameters()):
         torch.testing.assert_close(a, b.detach(), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_bench_sft_prints_three_modes_as_its_last_json_line(capsys):
+    from jobs import bench_sft
+    rc = bench_sft.main(["--json", "--depth", "2", "--vocab-size", "512", "--seq-len", "128", "--batch-size", "2",
+                         "--steps", "3", "--conversations", "150"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(out["modes"]) == set(MODES)
+    for mode, m in out["modes"].items():
+        assert m["real_tokens_per_s"] > 0 and m["timed_steps"] == 2
+        assert m["supervised_tokens_per_s"] <= m["real_tokens_per_s"] <= m["tokens_per_s"]
+        assert m["num_compiles"] == (0 if mode == "eager-dynamic" else 1)
+    assert out["modes"]["compile-pack"]["padding_fraction"] < out["modes"]["compile-pad"]["padding_fraction"]
+    assert out["ratios"]["compile-pack/compile-pad"] == pytest.approx(
+        out["modes"]["compile-pack"]["real_tokens_per_s"] / out["modes"]["compile-pad"]["real_tokens_per_s"])
+    assert bench_sft.main(["--modes", "compile-sometimes"]) == 2
