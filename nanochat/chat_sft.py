@@ -369,13 +369,13 @@ def train(cfg: SFTConfig, model: GPT, tokenizer: Tokenizer, train_examples: list
         # Count the step's supervised tokens over all micro-batches and ranks before any backward.
         n_sup = _all_reduce_sum([float(sum(b.num_supervised for b in batches))], device, ddp)[0]
         scale = world / max(n_sup, 1.0)  # gradients are averaged over ranks, so x world gives sum / n_sup
-        loss_sum = 0.0
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # stays on the device: no sync per micro-batch
         for b in batches:
             b = b.to(device)
             with autocast_context(device):
                 loss = train_model(b.inputs, b.targets, doc_ids=b.doc_ids, loss_reduction="sum")
             (loss * scale).backward()
-            loss_sum += float(loss.detach())
+            loss_sum += loss.detach()
         all_reduce_gradients(model)
         lr_mult = 1.0 - step / num_steps  # linear decay to zero, as nanochat's SFT
         for opt in optimizers:
@@ -383,7 +383,7 @@ def train(cfg: SFTConfig, model: GPT, tokenizer: Tokenizer, train_examples: list
                 group["lr"] = group["initial_lr"] * lr_mult
             opt.step()
         model.zero_grad(set_to_none=True)
-        losses.append(_all_reduce_sum([loss_sum], device, ddp)[0] / max(n_sup, 1.0))
+        losses.append(_all_reduce_sum([float(loss_sum)], device, ddp)[0] / max(n_sup, 1.0))
         synchronize(device)
         dt = time.time() - t0
         step += 1
