@@ -26,8 +26,9 @@ from jobs.stages import load_run_pipeline, marker_path, read_json
 from jobs.submit import _kill_group, _update_jobs, missing_tasks, stage_completed
 from nanochat.common import ConfigError, atomic_write_json, atomic_write_text, get_base_dir, git_commit
 
+# LOST: no longer queued, no accounting record, no marker and no row (see run_status)
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL",
-            "DEADLINE", "PREEMPTED", "SKIPPED"}
+            "DEADLINE", "PREEMPTED", "SKIPPED", "LOST"}
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED",
           "REQUEUE_HOLD", "REQUEUE_FED", "STAGE_OUT", "SIGNALING"}
 
@@ -112,11 +113,13 @@ def slurm_job_states(job_ids: list[str]) -> dict[str, dict]:
     except (OSError, subprocess.TimeoutExpired):
         pass
     try:
-        res = subprocess.run(["squeue", "-h", "-j", ",".join(ids), "-o", "%i|%T|%M"],
-                             capture_output=True, text=True, timeout=30)
+        # squeue -j with ids it no longer knows may fail; ask for all jobs and keep ours
+        res = subprocess.run(["squeue", "-h", "-o", "%i|%T|%M"], capture_output=True, text=True, timeout=30)
+        if res.returncode == 0:
+            out["_squeue_ok"] = {"state": "OK"}
         for line in res.stdout.splitlines():
             parts = line.strip().split("|")
-            if len(parts) == 3:
+            if len(parts) == 3 and parts[0].split("_")[0] in ids:
                 out[parts[0]] = {**out.get(parts[0], {}), "state": parts[1], "elapsed": parts[2]}
     except (OSError, subprocess.TimeoutExpired):
         pass
@@ -187,6 +190,12 @@ def run_status(run_dir: Path) -> dict:
             info["job_id"] = "local:" + ",".join(str(p) for p in rec.get("pids", [])) if rec.get("pids") else None
         if info["state"] == "UNKNOWN" and _failed_row(run_dir, name, rec.get("job_id")):
             info["state"] = "FAILED"  # accounting does not know the job, but its row says it failed
+        elif info["state"] == "UNKNOWN" and "_squeue_ok" in sacct and not stage_completed(run_dir, pipeline, name):
+            # Not queued any more and no accounting record (slurmdbd down): the job is over. Without
+            # a marker or a row it never ran (a dependency failed) or died without a word.
+            failed_deps = [d for d in stage.depends_on if stages.get(d, {}).get("state") in
+                           ("FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "LOST")]
+            info["state"] = "CANCELLED" if failed_deps else "LOST"
         if stage_completed(run_dir, pipeline, name):
             # the marker is the truth about success (a resumed run keeps earlier stages' outputs)
             info["state"] = "COMPLETED"

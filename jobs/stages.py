@@ -248,6 +248,11 @@ def run_stage(run_dir: str | os.PathLike, stage_name: str, task: int | None = No
                 from jobs.rows import row_path
                 from nanochat.common import atomic_write_json
                 atomic_write_json(row_path(run_dir, row_stage, row["job_id"]), row)
+            elif row["state"] == "PREEMPTED":
+                # the requeued job keeps its id: keep this attempt's row beside the final one
+                from jobs.rows import row_path
+                from nanochat.common import atomic_write_json
+                atomic_write_json(row_path(run_dir, stage_name, f"{row['job_id']}.attempt{restarts}"), row)
             else:
                 write_row(run_dir, row)
             rows.append(row)
