@@ -411,7 +411,13 @@ def run_under_memory_budget(fn, args: tuple, budget_gb: float, timeout_s: float 
     threads = threads or torch.get_num_threads()  # the child computes like this process does
     with tempfile.TemporaryDirectory(prefix="nanochat-budget-") as tmp:
         payload_path, result_path = os.path.join(tmp, "payload.pkl"), os.path.join(tmp, "result.pkl")
-        Path(payload_path).write_bytes(pickle.dumps((fn, args)))
+        try:
+            payload = pickle.dumps((fn, args))
+        except (pickle.PicklingError, TypeError, AttributeError) as e:
+            raise TypeError(f"the memory-budget child needs picklable arguments (a module-level step_fn and "
+                            f"optimizers_factory, not closures or lambdas): {e}") from None
+        Path(payload_path).write_bytes(payload)
+        del payload
         code = ("import sys; from nanochat.auto_batch_size import _budget_child_main; "
                 "_budget_child_main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))")
         env = dict(os.environ)
@@ -433,9 +439,14 @@ def run_under_memory_budget(fn, args: tuple, budget_gb: float, timeout_s: float 
     raise RuntimeError(f"memory-budget child failed: {value}")
 
 
-def _budget_search_job(model, optimizers_factory, step_fn, seq_len, rows, safety_margin, stop_gain, timed_steps):
+def _budget_search_job(model, optimizers_factory, step_fn, seq_len, rows, compile, safety_margin, stop_gain,
+                       timed_steps):
+    if compile:
+        # Inductor's worker pool would fork helpers under the same address-space limit; compile in-process.
+        import torch._inductor.config as inductor_config
+        inductor_config.compile_threads = 1
     return _search_on_model(model, optimizers_factory, step_fn, seq_len, rows, torch.device("cpu"),
-                            False, safety_margin, stop_gain, timed_steps)
+                            compile, safety_margin, stop_gain, timed_steps)
 
 
 def default_cpu_budget_gb() -> float:
@@ -594,14 +605,22 @@ def resolve_device_batch_size(model, optimizers_factory, seq_len: int, total_bat
 
     if memory_budget_gb is not None and device.type == "cpu":
         # The search runs in a child under the budget; with several ranks, rank 0 searches and broadcasts.
-        result = None
+        result, failure = None, None
         if is_rank0:
             job_model = copy.deepcopy(getattr(model, "_orig_mod", model)).cpu()
-            result = run_under_memory_budget(
-                _budget_search_job, (job_model, optimizers_factory, step_fn, seq_len, rows, safety_margin,
-                                     stop_gain, timed_steps), memory_budget_gb, threads=budget_child_threads)
+            try:
+                result = run_under_memory_budget(
+                    _budget_search_job, (job_model, optimizers_factory, step_fn, seq_len, rows, compile,
+                                         safety_margin, stop_gain, timed_steps), memory_budget_gb,
+                    threads=budget_child_threads)
+            except Exception as e:  # noqa: BLE001 - the other ranks must hear of it before it is raised
+                failure = e
             del job_model
         got = _broadcast_ints([result.device_batch_size, result.max_found] if result else [0, 0], device)
+        if failure is not None:
+            raise failure
+        if got[0] < 1:
+            raise RuntimeError("rank 0's memory-budget probe failed (see its log)")
         if result is None:
             result = SearchResult(device_batch_size=got[0], grad_accum=rows // got[0], max_found=got[1],
                                   first_failure=None, stopped_by_speed=False)
