@@ -329,9 +329,20 @@ def _rank_worker(rank: int, port: int, limits: list[int], queue) -> None:
         bs, accum, source, info = resolve_device_batch_size(
             model, build_optimizers, SEQ, 24 * SEQ * 2, 2, "cpu", step, use_cache=False, stop_gain=None,
             memory_budget_gb=0)
-        queue.put((rank, bs, accum, source, tried(info), step.calls))
+        # a rank whose trial fails with something other than OOM: every rank raises, none hangs
+        def broken_on_rank1(model, optimizers, batch_size):
+            if rank == 1 and batch_size == 4:
+                raise ValueError("a bug in the step")
+            TrainStep(SEQ, VOCAB)(model, optimizers, batch_size)
+        try:
+            resolve_device_batch_size(model, build_optimizers, SEQ, 24 * SEQ * 2, 2, "cpu", broken_on_rank1,
+                                      use_cache=False, stop_gain=None, memory_budget_gb=0)
+            raised = "nothing"
+        except Exception as e:  # noqa: BLE001
+            raised = f"{type(e).__name__}: {e}"
+        queue.put((rank, bs, accum, source, tried(info), step.calls, raised))
     except BaseException as e:  # noqa: BLE001
-        queue.put((rank, "error", repr(e), None, None, None))
+        queue.put((rank, "error", repr(e), None, None, None, None))
     finally:
         dist.destroy_process_group()
 
@@ -353,8 +364,10 @@ def test_two_gloo_ranks_agree_when_one_fails():
         p.join(60)
     assert all(p.exitcode == 0 for p in procs), results
     expected_trials = [1, 2, 4, 8, 6, 5]  # lo 4 hi 8 -> 6 fails (rank 1) -> 5 ok -> floor(4.25) -> 4
+    assert results[1][6] == "ValueError: a bug in the step"
+    assert results[0][6].startswith("RuntimeError: another rank failed its trial at device batch size 4")
     for rank in (0, 1):
-        _, bs, accum, source, trials, calls = results[rank]
+        _, bs, accum, source, trials, calls, _ = results[rank]
         assert (bs, accum, source) == (4, 6, "probe"), results[rank]
         assert trials == expected_trials
     assert results[0][5] == expected_trials        # rank 0 ran every trial (it could fit 8 and 6 alone)
