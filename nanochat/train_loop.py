@@ -280,6 +280,7 @@ def train(cfg: TrainConfig, *, stage: str, model, tokenizer, tokenizer_dir: str,
 
     # Resume from the newest valid checkpoint of this stage, if any.
     start_step = 0
+    resumed_loss = None
     model_config = model.config.to_dict()
     if ckpt_root is not None:
         ckpt = latest_valid_checkpoint(ckpt_root, device)
@@ -294,6 +295,12 @@ def train(cfg: TrainConfig, *, stage: str, model, tokenizer, tokenizer_dir: str,
             train_loader.load_state_dict(ckpt["meta"]["loader"])
             set_rng_state(ckpt["rng"], ckpt["meta"].get("python_rng"), device)
             start_step = int(ckpt["meta"]["step"])
+            resumed_loss = ckpt["meta"].get("loss")
+            # an out-of-memory fallback before the restart: keep its smaller batch (same rows per step)
+            m = ckpt["meta"]
+            if (m.get("batch_size_source") == "fallback" and m.get("device_batch_size", B) < B
+                    and m["device_batch_size"] * m.get("grad_accum_steps", 0) == rows_per_rank):
+                B, grad_accum, batch_source = m["device_batch_size"], m["grad_accum_steps"], "fallback"
             print0(f"[{stage}] resumed from {ckpt['path']} at step {start_step}")
             del ckpt
 
@@ -314,7 +321,7 @@ def train(cfg: TrainConfig, *, stage: str, model, tokenizer, tokenizer_dir: str,
                     "loader": loader_state, "tokenizer_dir": str(tokenizer_dir), "device_batch_size": B,
                     "grad_accum_steps": grad_accum, "batch_size_source": batch_source,
                     "total_batch_size": total_batch, "num_steps": num_steps, "world_size": world_size,
-                    **(extra_meta or {})}
+                    "loss": loss_value, **(extra_meta or {})}
             save_checkpoint(ckpt_root, step_done, model, optimizers, meta, keep=cfg.keep_checkpoints)
         if ddp:
             dist.barrier()
@@ -333,7 +340,7 @@ def train(cfg: TrainConfig, *, stage: str, model, tokenizer, tokenizer_dir: str,
     model.train()
     state = "COMPLETED"
     step = start_step
-    loss_value = float("nan")
+    loss_value = resumed_loss
     timed_tokens, timed_seconds = 0, 0.0
     interval_tokens, interval_seconds = 0, 0.0
     val_bpb = None
