@@ -547,7 +547,8 @@ def loss_figure(curves: dict[str, pd.DataFrame]) -> Figure:
     for label, m in curves.items():
         if "loss" in m and m["loss"].notna().any():
             d = m.dropna(subset=["loss"])
-            ax_loss.plot(d["step"], d["loss"], label=label)
+            # markers: short runs log only a point or two, which a bare line would not show
+            ax_loss.plot(d["step"], d["loss"], marker="." if len(d) <= 50 else None, label=label)
         if "val_bpb" in m and m["val_bpb"].notna().any():
             d = m.dropna(subset=["val_bpb"])
             ax_val.plot(d["step"], d["val_bpb"], marker="o", label=label)
@@ -569,7 +570,7 @@ def throughput_figure(curves: dict[str, pd.DataFrame]) -> Figure:
     for label, m in curves.items():
         if "tokens_per_s" in m and m["tokens_per_s"].notna().any():
             d = m.dropna(subset=["tokens_per_s"])
-            ax.plot(d["step"], d["tokens_per_s"], label=label)
+            ax.plot(d["step"], d["tokens_per_s"], marker="." if len(d) <= 50 else None, label=label)
     ax.set(title="throughput", xlabel="step", ylabel="tokens/s (all ranks)")
     if ax.lines:
         ax.legend(fontsize="small")
