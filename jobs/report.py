@@ -434,8 +434,10 @@ def _completed(df: pd.DataFrame) -> pd.DataFrame:
 def _side(df: pd.DataFrame, kind: str, side: tuple, metric: str) -> tuple[float | None, int, str]:
     """Mean of `metric` over the COMPLETED rows of this kind on this side; (value, n, why-not)."""
     variant, variants, sources = side
-    chosen = df["variant"].isin(variants).fillna(False) | df["batch_size_source"].isin(sources).fillna(False)
-    rows = df[df["kind"].isin([kind, "bench"]).fillna(False) & chosen]
+    by_variant = df["kind"].isin([kind, "bench"]).fillna(False) & df["variant"].isin(variants).fillna(False)
+    # by source only within the stage kind itself: other benchmarks also run at a configured batch
+    by_source = (df["kind"] == kind).fillna(False) & df["batch_size_source"].isin(sources).fillna(False)
+    rows = df[by_variant | by_source]
     if rows.empty:
         return None, 0, f"no {variant} row"
     done = _completed(rows)[metric].dropna()

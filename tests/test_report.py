@@ -226,7 +226,9 @@ def test_auto_batch_pair_goes_by_batch_size_source():
         return make_row(run_id="b", stage="base_train", kind="base_train", variant=variant, job_id=job,
                         state="COMPLETED", device_batch_size=32 if source == "config" else 96,
                         batch_size_source=source, tokens_per_s=tps, mfu=tps / 100)
-    df = rp.rows_frame([row("fixed-32", "config", 1000.0, "5_0"), row("auto", "cache", 1300.0, "5_1")])
+    sft_bench = make_row(run_id="b", stage="bench_sft", kind="bench", variant="eager-dynamic", job_id="6",
+                         state="COMPLETED", batch_size_source="config", tokens_per_s=50.0, mfu=1.0)
+    df = rp.rows_frame([row("fixed-32", "config", 1000.0, "5_0"), row("auto", "cache", 1300.0, "5_1"), sft_bench])
     tps, mfu = [o for o in rp.optimizations(df) if o.name == "auto batch size"]
     assert (tps.baseline, tps.optimized, tps.ratio) == (1000.0, 1300.0, pytest.approx(1.3))
     assert mfu.ratio == pytest.approx(1.3)
