@@ -140,8 +140,10 @@ def test_smoke_pipeline_runs_all_five_stages_locally_without_slurm(env):
     assert last["executor"] == "local" and last["state"] == "COMPLETED"
     assert list(last["stages"]) == ["probe", "base_train", "mid_train", "sft", "inference_bench"]
     run_dir = tmp / "results" / "smoke"
-    kinds = {r["stage"]: r for r in rows(run_dir)}
-    assert set(kinds) == set(last["stages"]) and all(r["state"] == "COMPLETED" for r in kinds.values())
+    rs = rows(run_dir)
+    # every stage completed; a benchmark variant may be SKIPPED where it cannot run (CUDA graphs on a CPU)
+    assert {r["stage"] for r in rs if r["state"] == "COMPLETED"} == set(last["stages"])
+    assert {r["state"] for r in rs} <= {"COMPLETED", "SKIPPED"}
     assert (run_dir / "report.csv").exists()
     print(f"smoke pipeline locally: {wall:.1f} s")
 

@@ -221,7 +221,9 @@ def test_smoke_pipeline_on_slurm_runs_five_stages_in_order(slurm):
     for before, after in zip(order, order[1:]):
         assert acct[info["jobs"][after]]["start"] >= acct[info["jobs"][before]]["end"], (before, after)
     rs = rows(Path(info["run_dir"]))
-    assert {r["stage"] for r in rs} == set(order) and all(r["state"] == "COMPLETED" for r in rs)
+    # every stage completed; a benchmark variant may be SKIPPED where it cannot run (CUDA graphs on a CPU)
+    assert {r["stage"] for r in rs if r["state"] == "COMPLETED"} == set(order)
+    assert {r["state"] for r in rs} <= {"COMPLETED", "SKIPPED"}
 
 
 # -----------------------------------------------------------------------------
