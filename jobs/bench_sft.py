@@ -2,7 +2,8 @@
 `python -m jobs bench sft`: the three SFT modes (eager-dynamic, compile-pad, compile-pack) on the same
 conversations, model init and batch size, in one process. Prints a table, then (with --json) one JSON
 object as the last line: per mode the three tokens/s figures, the padding fraction, the compile count
-and compile seconds, and the ratios of compile-pack's real tokens/s to the other two modes'.
+and compile seconds (the untimed first step's time beyond an ordinary step; inductor's on-disk cache
+can make a repeated compilation nearly free), and the ratios of compile-pack's real tokens/s to the other two modes'.
 """
 from __future__ import annotations
 
@@ -50,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
             "tokens_per_s": r["tokens_per_s"], "real_tokens_per_s": r["real_tokens_per_s"],
             "supervised_tokens_per_s": r["supervised_tokens_per_s"], "padding_fraction": r["padding_fraction"],
             "num_compiles": r["num_compiles"], "compile_seconds": extra["compile_seconds"],
+            "warmup_seconds": extra["warmup_seconds"],
             "timed_steps": extra["timed_steps"], "device_batch_size": r["device_batch_size"],
             "final_loss": r["final_loss"],
         }
