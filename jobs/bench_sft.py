@@ -3,7 +3,8 @@
 conversations, model init and batch size, in one process. Prints a table, then (with --json) one JSON
 object as the last line: per mode the three tokens/s figures, the padding fraction, the compile count
 and compile seconds (the untimed first step's time beyond an ordinary step; inductor's on-disk cache
-can make a repeated compilation nearly free), and the ratios of compile-pack's real tokens/s to the other two modes'.
+can make a repeated compilation nearly free), and the ratios of compile-pack's real tokens/s to the
+other two modes'. Timings on a shared CPU are noisy: compare ratios from one run, and repeat.
 """
 from __future__ import annotations
 
