@@ -423,6 +423,10 @@ def train(cfg: SFTConfig, model: GPT, tokenizer: Tokenizer, train_examples: list
     rate = (lambda x: x / timed_s) if timed_s > 0 else (lambda x: None)
     tokens_per_s = rate(positions)
     mean_step_s = timed_s / timed_steps if timed_steps else None
+    # What the warm-up cost beyond ordinary steps: compilation, mostly (the whole warm-up if nothing was timed).
+    compile_s = 0.0
+    if compiled:
+        compile_s = max(0.0, warmup_s - cfg.warmup_steps * mean_step_s) if mean_step_s else warmup_s
     peak = peak_flops(device_name(device))
     mfu = None
     if peak and tokens_per_s:
@@ -443,8 +447,7 @@ def train(cfg: SFTConfig, model: GPT, tokenizer: Tokenizer, train_examples: list
             "val_loss": val_loss, "val_loss_before": val_loss_before,
             "first_loss": losses[0] if losses else None,
             "warmup_seconds": warmup_s,
-            # what the warm-up cost beyond an ordinary step: compilation, mostly
-            "compile_seconds": max(0.0, warmup_s - cfg.warmup_steps * mean_step_s) if (compiled and mean_step_s) else (warmup_s if compiled else 0.0),
+            "compile_seconds": compile_s,
             "timed_seconds": timed_s, "timed_steps": timed_steps,
             "conversations_per_s": rate(conversations),
             "attention": ATTENTION_ROUTE if mode == "compile-pack" else "sdpa-causal",
