@@ -450,15 +450,10 @@ def _budget_search_job(model, optimizers_factory, step_fn, seq_len, rows, compil
 
 
 def default_cpu_budget_gb() -> float:
-    """Half of the memory available now: on CPU an unbounded search would end in the kernel's OOM
-    killer rather than an exception, so the CPU probe always runs under some budget."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024 / 1024 ** 3 / 2
-    except OSError:
-        pass
+    """Half of the host's total memory: on CPU an unbounded search would end in the kernel's OOM
+    killer rather than an exception, so the CPU probe always runs under some budget. Total, not
+    available, memory: the budget is part of the cache key, and it must not drift from one job to
+    the next (the probe stage fills the cache that the training stages read)."""
     return device_total_memory(torch.device("cpu")) / 1024 ** 3 / 2
 
 
@@ -565,7 +560,7 @@ def resolve_device_batch_size(model, optimizers_factory, seq_len: int, total_bat
     if step_fn is None:
         vocab = vocab_size or model.config.vocab_size
         step_fn = TrainStep(seq_len=seq_len, vocab_size=vocab, world_size=world_size, autocast_dtype=autocast_dtype)
-    # CPU: None = half the available memory, 0 = no budget (trials run in this process; only safe
+    # CPU: None = half the total memory, 0 = no budget (trials run in this process; only safe
     # when something else bounds the sizes, e.g. a step_fn that fails above a size).
     if device.type == "cpu" and memory_budget_gb is None:
         memory_budget_gb = round(default_cpu_budget_gb(), 1)
@@ -707,7 +702,7 @@ class ProbeConfig:
     total_batch_size: int = 0           # tokens per optimizer step; 0 = seq_len * world_size * 64
     world_size: int = 1                 # ranks the training will use (the probe itself runs on one)
     compile: bool = False
-    memory_budget_gb: float = 0.0       # CPU only; 0 = half the available memory
+    memory_budget_gb: float = 0.0       # CPU only; 0 = half the total memory
     safety_margin: float = DEFAULT_SAFETY_MARGIN
     stop_gain: float = DEFAULT_STOP_GAIN  # < 0 disables the throughput stop
     use_cache: bool = True

@@ -271,14 +271,19 @@ class Engine:
     def generate(self, tokens: list[int], num_samples: int = 1, max_tokens: int | None = None,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                  seed: int = 42, use_tools: bool = True, stop_at_end: bool = True,
+                 first_token: str = "independent",
                  ) -> Iterator[tuple[list[int], list[int]]]:
         """Yield, per step, (token of each row, mask of each row): mask 1 for sampled tokens, 0 for
         tokens forced in by the calculator. Rows that finished (<|assistant_end|> or <|bos|>) keep
-        being yielded until all have finished (when stop_at_end), as in nanochat."""
+        being yielded until all have finished (when stop_at_end), as in nanochat.
+        first_token="broadcast" reproduces the original nanochat bug (one first token sampled at
+        batch 1 and copied to every row); it exists only so benchmarks can measure the fix against it."""
         if not tokens or not all(isinstance(t, int) for t in tokens):
             raise ValueError("tokens must be a non-empty list of ints")
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if first_token not in ("independent", "broadcast"):
+            raise ValueError(f"first_token must be 'independent' or 'broadcast', got {first_token!r}")
         if max_tokens is None:
             max_tokens = self.model.config.sequence_len - len(tokens)
         if max_tokens < 1:
@@ -315,7 +320,10 @@ class Engine:
         del prefill
         try:
             # every row draws its own first token from the prefill logits
-            sampled = sample_next_token(logits.expand(num_samples, -1), generator, temperature, top_k, top_p)
+            if first_token == "independent":
+                sampled = sample_next_token(logits.expand(num_samples, -1), generator, temperature, top_k, top_p)
+            else:
+                sampled = sample_next_token(logits, generator, temperature, top_k, top_p).expand(num_samples, -1)
             rows = [_RowState() for _ in range(num_samples)] if (tools or stopping) else None
             sp = self._special
             for i in range(max_tokens):

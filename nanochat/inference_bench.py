@@ -236,10 +236,14 @@ def _run(cfg: InferenceBenchConfig, should_stop=None) -> list[dict]:
     # independent first tokens: N samples at temperature 1 from one prefill
     if not (should_stop is not None and should_stop()):
         engine = Engine(model, decode="eager")
-        first = next(engine.generate(prompt, num_samples=cfg.diversity_samples, max_tokens=1,
-                                     temperature=1.0, seed=cfg.seed, use_tools=False, stop_at_end=False))[0]
+        distinct = {}
+        for mode in ("independent", "broadcast"):  # the fix, and the original bug as its baseline
+            first = next(engine.generate(prompt, num_samples=cfg.diversity_samples, max_tokens=1, temperature=1.0,
+                                         seed=cfg.seed, use_tools=False, stop_at_end=False, first_token=mode))[0]
+            distinct[mode] = len(set(first))
         for row in rows:
-            row["first_token_distinct"] = len(set(first))
+            row["first_token_distinct"] = distinct["independent"]
+            row["first_token_distinct_broadcast"] = distinct["broadcast"]
             row["diversity_samples"] = cfg.diversity_samples
     if cfg.out_dir:
         atomic_write_json(Path(cfg.out_dir) / "inference_bench.json", {"rows": rows, "summary": summary(rows)})
@@ -250,7 +254,7 @@ def summary(rows: list[dict]) -> dict:
     """One JSON-able object for the command line: the figures per variant and the headline ratios."""
     out = {"variants": {}}
     for key in ("device_name", "depth", "n_params", "prompt_len", "new_tokens", "num_samples", "weights",
-                "weights_dtype", "first_token_distinct", "diversity_samples", "repeats", "threads"):
+                "weights_dtype", "first_token_distinct", "first_token_distinct_broadcast", "diversity_samples", "repeats", "threads"):
         out[key] = rows[0].get(key) if rows else None
     for row in rows:
         out["variants"][row["variant"]] = {k: row.get(k) for k in (

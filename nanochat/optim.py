@@ -11,11 +11,21 @@ import torch.distributed as dist
 from torch import Tensor
 
 
+def _cpu_has_fast_bf16() -> bool:
+    """AMX or AVX512-BF16: bf16 matmuls are then about twice as fast as fp32 on the CPU."""
+    cpu = torch.cpu
+    return any(getattr(cpu, name, lambda: False)() for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+
+
+_NS_DTYPE_CPU = torch.bfloat16 if _cpu_has_fast_bf16() else torch.float32
+
+
 def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5) -> Tensor:
     """Quintic Newton-Schulz iteration approximating the orthogonal factor of G (Muon's update).
-    bf16 on CUDA (fast tensor cores), fp32 elsewhere (bf16 matmul is slow on most CPUs)."""
+    bf16 as nanochat does (the iteration is robust to it) where the hardware has fast bf16: CUDA,
+    and CPUs with AMX or AVX512-BF16; fp32 on other CPUs, where bf16 matmuls are emulated and slow."""
     a, b, c = (3.4445, -4.7750, 2.0315)
-    X = G.bfloat16() if G.is_cuda else G.float()
+    X = G.to(torch.bfloat16 if G.is_cuda else _NS_DTYPE_CPU)
     transposed = G.size(-2) > G.size(-1)
     if transposed:
         X = X.mT

@@ -136,6 +136,10 @@ def test_samples_draw_their_own_first_token_and_the_seed_reproduces_them(decode)
     assert len(set(a)) > 1            # the broadcast bug gives 16 copies of one token
     assert first_tokens(123) == a     # seeded: repeatable
     assert first_tokens(124) != a
+    # the original bug, kept as the benchmark's baseline: one draw copied to every row
+    broadcast = next(engine.generate(prompt, num_samples=16, max_tokens=1, temperature=1.0, seed=123,
+                                     first_token="broadcast"))[0]
+    assert len(set(broadcast)) == 1
 
 
 def test_sampling_filters():
