@@ -349,21 +349,30 @@ def train(cfg: TrainConfig, *, stage: str, model, tokenizer, tokenizer_dir: str,
         t0 = time.time()
         rows, mask = train_loader.next_step_rows(rows_per_rank)
         while True:
+            out_of_memory = False
             try:
                 loss = forward_backward(train_model, rows, mask, B, device, autocast_ctx)
-                break
             except Exception as exc:  # only out-of-memory errors are handled; anything else re-raises
                 if oom_handlers is None or not oom_handlers[0](exc) or B == 1:
                     raise
-                # Drop this step's partial gradients and rerun the same rows in smaller micro-batches.
-                for p in model.parameters():
-                    p.grad = None
+                out_of_memory = True
                 del exc
-                B, grad_accum = oom_handlers[1](B, grad_accum, batch_info.get("cache_key"),
-                                                batch_info.get("cache_dir"), device)
-                batch_source = "fallback"
-                print0(f"[{stage}] out of memory at step {step}: rerunning it with device_batch_size={B}, "
-                       f"grad_accum={grad_accum}")
+            if ddp:
+                # Every rank learns whether any rank ran out of memory before anyone enters the
+                # gradient all-reduce, so one rank's OOM cannot leave the others waiting there.
+                flag = torch.tensor([1.0 if out_of_memory else 0.0], device=device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                out_of_memory = bool(flag.item())
+            if not out_of_memory:
+                break
+            # Drop this step's partial gradients and rerun the same rows in smaller micro-batches.
+            for p in model.parameters():
+                p.grad = None
+            B, grad_accum = oom_handlers[1](B, grad_accum, batch_info.get("cache_key"),
+                                            batch_info.get("cache_dir"), device)
+            batch_source = "fallback"
+            print0(f"[{stage}] out of memory at step {step}: rerunning it with device_batch_size={B}, "
+                   f"grad_accum={grad_accum}")
         all_reduce_gradients(model)
         lrm = lr_multiplier(step, num_steps, cfg.warmdown_ratio, cfg.final_lr_frac)
         for opt in optimizers:
