@@ -280,16 +280,18 @@ def join_sacct(df: pd.DataFrame, sacct: SacctResult, price_per_gpu_hour: float) 
 
 def find_metrics(folder: Path, stages: dict[str, dict]) -> dict[str, Path]:
     """stage -> metrics CSV: results/<run>/metrics/<stage>.csv first, then <out_dir>/metrics.csv
-    (and <out_dir>/<variant>/metrics.csv for array stages, named <stage>/<variant>)."""
+    (and <out_dir>/<variant>/metrics.csv for array stages), named <stage> or <stage>.<variant>
+    as the stage entry names its copies."""
     found = {p.stem: p for p in sorted((folder / "metrics").glob("*.csv"))}
     for name, entry in stages.items():
         out_dir = Path(entry["out_dir"]) if entry.get("out_dir") else None
-        if name in found or out_dir is None or not out_dir.is_dir():
+        copied = name in found or any(key.startswith(name + ".") for key in found)
+        if copied or out_dir is None or not out_dir.is_dir():
             continue
         if (out_dir / "metrics.csv").is_file():
             found[name] = out_dir / "metrics.csv"
         for csv in sorted(out_dir.glob("*/metrics.csv")):
-            found.setdefault(f"{name}/{csv.parent.name}", csv)
+            found.setdefault(f"{name}.{csv.parent.name}", csv)
     return found
 
 

@@ -193,7 +193,8 @@ def _requeue_self() -> None:
 def run_stage(run_dir: str | os.PathLike, stage_name: str, task: int | None = None) -> dict:
     """Run one stage (one task of it, for an array) on this machine. Returns the row written.
     Raises on failure after writing a FAILED row."""
-    from jobs.rows import make_row, utc_now, write_row
+    from jobs.rows import make_row, row_path, utc_now, write_row
+    from nanochat.common import atomic_write_json
     run_dir = Path(run_dir).resolve()
     run = read_json(run_dir / "run.json")
     if run is None:
@@ -204,7 +205,7 @@ def run_stage(run_dir: str | os.PathLike, stage_name: str, task: int | None = No
     rank = _rank()
     base = dict(run_id=run["run_id"], stage=stage_name, git_commit=run.get("git_commit"),
                 started_at=started_at, requeues=restarts)
-    pipeline = kind = variant = None
+    pipeline = kind = variant = cfg = None
     try:
         pipeline = load_run_pipeline(run_dir)
         if stage_name not in pipeline.stages:
@@ -224,6 +225,7 @@ def run_stage(run_dir: str | os.PathLike, stage_name: str, task: int | None = No
         result = recipe(cfg, should_stop=should_stop)
     except BaseException as e:
         if rank == 0:
+            _collect_metrics(run_dir, stage_name, variant, cfg)
             row = make_row(**base, kind=kind, variant=variant.name if variant else None, state="FAILED",
                            error=_one_line(e), wall_time_s=time.time() - t0)
             write_row(run_dir, row)
@@ -234,6 +236,7 @@ def run_stage(run_dir: str | os.PathLike, stage_name: str, task: int | None = No
     preempted = any((r or {}).get("state") == "PREEMPTED" for r in results)
     rows = []
     if rank == 0:
+        _collect_metrics(run_dir, stage_name, variant, cfg)
         for i, r in enumerate(results):
             r = dict(r or {})
             r.setdefault("state", "COMPLETED")
@@ -245,13 +248,9 @@ def run_stage(run_dir: str | os.PathLike, stage_name: str, task: int | None = No
             if len(results) > 1:
                 # one file per variant row: the row path is keyed by stage and job id
                 row_stage = f"{stage_name}.{row['variant']}"
-                from jobs.rows import row_path
-                from nanochat.common import atomic_write_json
                 atomic_write_json(row_path(run_dir, row_stage, row["job_id"]), row)
             elif row["state"] == "PREEMPTED":
                 # the requeued job keeps its id: keep this attempt's row beside the final one
-                from jobs.rows import row_path
-                from nanochat.common import atomic_write_json
                 atomic_write_json(row_path(run_dir, stage_name, f"{row['job_id']}.attempt{restarts}"), row)
             else:
                 write_row(run_dir, row)
@@ -272,11 +271,22 @@ def run_stage(run_dir: str | os.PathLike, stage_name: str, task: int | None = No
         time.sleep(300)
         sys.exit(-1)
     if rank == 0:
-        from nanochat.common import atomic_write_json
         atomic_write_json(marker_path(run_dir, stage_name, task if stage_name and pipeline.stages[stage_name].variants else None),
                           {"stage": stage_name, "task": task, "finished_at": rows[-1]["finished_at"] if rows else None,
                            "job_id": rows[-1]["job_id"] if rows else None})
     return rows[-1] if rows else {}
+
+
+def _collect_metrics(run_dir: Path, stage_name: str, variant, cfg) -> None:
+    """Copy the stage's metrics CSV (written in its out_dir, on the work filesystem) into
+    results/<run>/metrics/<stage>[.<variant>].csv, so a run's results folder is self-contained."""
+    out_dir = getattr(cfg, "out_dir", "") if cfg is not None else ""
+    src = Path(out_dir) / "metrics.csv" if out_dir else None
+    if src is None or not src.is_file():
+        return
+    from nanochat.common import atomic_write_bytes
+    name = stage_name if variant is None else f"{stage_name}.{variant.name}"
+    atomic_write_bytes(run_dir / "metrics" / f"{name}.csv", src.read_bytes())
 
 
 def _limit_threads() -> None:

@@ -282,7 +282,7 @@ def train_with_fallback(model, rows_per_step, bs, accum, steps, limit, cache_dir
     return done, history
 
 
-def test_fallback_continues_without_losing_steps(tmp_path):
+def test_fallback_continues_without_losing_steps(tmp_path, fp32_muon):
     key = "f" * 64
     write_cache(tmp_path, key, {"device_batch_size": 8, "grad_accum": 1, "source": "probe"})
     reference, failing = tiny_model(seed=3), tiny_model(seed=3)

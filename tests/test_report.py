@@ -316,8 +316,8 @@ def test_metrics_found_through_run_json_out_dir(tmp_path):
     shutil.move(folder / "metrics" / "base.csv", out_dir / "base" / "metrics.csv")
     write_metrics(out_dir / "sft_bench" / "compile-pack" / "metrics.csv", 6, 3.0, 1150.0)
     run = rp.load_run(folder, use_sacct=False)
-    assert set(run.metrics) == {"base", "base_auto", "sft_bench/compile-pack"}
-    assert run.metrics["base"]["loss"].iloc[0] == 7.0 and len(run.metrics["sft_bench/compile-pack"]) == 6
+    assert set(run.metrics) == {"base", "base_auto", "sft_bench.compile-pack"}
+    assert run.metrics["base"]["loss"].iloc[0] == 7.0 and len(run.metrics["sft_bench.compile-pack"]) == 6
 
 
 def test_bad_input_is_a_config_error(tmp_path):

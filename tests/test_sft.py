@@ -115,7 +115,7 @@ def test_fifty_varying_batches_compile_once(tokenizer, mode):
     assert row["final_loss"] < row["extra"]["first_loss"]  # it trained
 
 
-def test_loss_is_normalised_over_the_whole_step(tokenizer):
+def test_loss_is_normalised_over_the_whole_step(tokenizer, fp32_muon):
     """Two micro-batches of 2 and one of 4 over the same conversations take the same step: the loss is
     divided by the step's supervised tokens, not averaged per micro-batch (nanochat PR 400)."""
     T = 96
