@@ -428,7 +428,7 @@ def train(cfg: TrainConfig, *, stage: str, model, tokenizer, tokenizer_dir: str,
     return {
         "stage_kind": stage, "n_params": n_params, "seq_len": T, "device_batch_size": B,
         "batch_size_source": batch_source, "total_batch_size": total_batch, "grad_accum_steps": grad_accum,
-        "steps": step - start_step, "step": step, "num_steps": num_steps,
+        "steps": step - start_step, "start_step": start_step, "step": step, "num_steps": num_steps,
         "tokens_per_s": tokens_per_s, "real_tokens_per_s": tokens_per_s,
         "mfu": mfu_percent(flops_per_token, tokens_per_s, device, world_size) if tokens_per_s else None,
         "peak_memory_bytes": peak_memory_bytes(device), "compile": use_compile,

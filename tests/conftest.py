@@ -10,3 +10,35 @@ def fp32_muon(monkeypatch):
     is about (a lost step or a wrong normalisation moves weights by ~1e-2)."""
     import nanochat.optim
     monkeypatch.setattr(nanochat.optim, "_NS_DTYPE_CPU", torch.float32)
+
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _slurm_usable() -> bool:
+    """sinfo answers and sacct reaches accounting (slurmdbd + MariaDB)."""
+    if not all(shutil.which(c) for c in ("sinfo", "sbatch", "sacct")):
+        return False
+    try:
+        return all(subprocess.run(cmd, capture_output=True, timeout=30).returncode == 0
+                   for cmd in (["sinfo", "-h"], ["sacct", "-n", "-X", "-S", "now-1minutes"]))
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.fixture(scope="session")
+def local_slurm():
+    """The local Slurm with accounting, brought (back) up by sbatch/slurm_local.sh when it does not
+    answer (`up` is idempotent and takes a fraction of a second when all is running). With CI=true
+    a Slurm that cannot be brought up fails the test; elsewhere the test is skipped."""
+    if not _slurm_usable():
+        subprocess.run(["bash", str(REPO / "sbatch" / "slurm_local.sh"), "up"], capture_output=True, timeout=600)
+    if not _slurm_usable():
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI=true but the local Slurm with accounting is not up (bash sbatch/slurm_local.sh up)")
+        pytest.skip("no local Slurm with accounting here: bash sbatch/slurm_local.sh up")

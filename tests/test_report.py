@@ -377,19 +377,8 @@ def test_results_readme_documents_every_column():
         assert f"| `{col}` | {dtype} |" in text, col
 
 
-def _slurm_works() -> bool:
-    if shutil.which("sbatch") is None or shutil.which("sacct") is None:
-        return False
-    probe = subprocess.run(["sacct", "-n", "-X", "-j", "1"], capture_output=True, text=True, timeout=30)
-    return probe.returncode == 0
-
-
 @pytest.mark.slurm
-def test_sacct_on_the_local_slurm(tmp_path):
-    if not _slurm_works():
-        if os.environ.get("CI") == "true":
-            pytest.fail("CI=true but the local Slurm with accounting is not up")
-        pytest.skip("no local Slurm with accounting (make slurm-up)")
+def test_sacct_on_the_local_slurm(tmp_path, local_slurm):
     out = subprocess.run(["sbatch", "--parsable", "--array=0-1", "-o", str(tmp_path / "%A_%a.out"),
                           "--wrap", 'sleep 1; test "$SLURM_ARRAY_TASK_ID" = 0'],
                          capture_output=True, text=True, timeout=60, check=True)

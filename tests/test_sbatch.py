@@ -163,21 +163,9 @@ def test_up_refuses_clearly_when_it_cannot_run_the_daemons():
 
 # ----------------------------------------------------------------------------- against the local Slurm
 
-def _slurm_answers() -> bool:
-    if not shutil.which("sinfo") or not shutil.which("sbatch"):
-        return False
-    try:
-        return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=20).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
 
 @pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
-    if not _slurm_answers():
-        if os.environ.get("CI") == "true":
-            pytest.fail("CI=true but no Slurm answers (make test runs `bash sbatch/slurm_local.sh up` first)")
-        pytest.skip("no Slurm answers here: bash sbatch/slurm_local.sh up")
+def slurm(tmp_path_factory, local_slurm):
     root = tmp_path_factory.mktemp("sbatch")
     # the job inherits the submitter's environment: the venv first on PATH, results under tmp
     env = dict(os.environ, PATH=VENV_BIN + os.pathsep + os.environ.get("PATH", ""),
