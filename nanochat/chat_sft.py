@@ -40,6 +40,7 @@ from nanochat.optim import all_reduce_gradients, build_optimizers
 from nanochat.packing import MODES, Example, batch_for_mode, plan_batches, truncate
 from nanochat.synthetic import generate_conversations, read_conversations
 from nanochat.tokenizer import Tokenizer
+from nanochat.train_loop import read_metrics, write_metrics
 
 ATTENTION_ROUTE = "sdpa-bool-mask"  # see the module docstring for why not flex_attention
 
@@ -358,6 +359,9 @@ def train(cfg: SFTConfig, model: GPT, tokenizer: Tokenizer, train_examples: list
     step = start_step
     state = "COMPLETED"
     losses: list[float] = []
+    metrics_path = Path(cfg.out_dir) / "metrics.csv" if (cfg.out_dir and rank == 0) else None
+    metrics = read_metrics(metrics_path, start_step) if metrics_path else []
+    t_start = time.time()
     timed = dict(positions=0, real=0, supervised=0, conversations=0)
     warmup_s, timed_start, timed_steps = 0.0, None, 0
     while step < num_steps:
@@ -399,10 +403,19 @@ def train(cfg: SFTConfig, model: GPT, tokenizer: Tokenizer, train_examples: list
                 timed["conversations"] += b.num_conversations
         if timed_start is None:
             timed_start = t0
+        if metrics_path:
+            positions = sum(b.num_positions for b in batches) * world
+            metrics.append({"step": step, "loss": round(losses[-1], 6), "lrm": round(lr_mult, 6),
+                            "tokens_per_s": round(positions / max(dt, 1e-9), 2),
+                            "peak_memory_bytes": peak_memory_bytes(device), "elapsed_s": round(time.time() - t_start, 3)})
+            if step % 10 == 0 or step == num_steps:
+                write_metrics(metrics_path, metrics)
         if step % 10 == 0 or step == num_steps:
             print0(f"sft[{mode}] step {step}/{num_steps} loss {losses[-1]:.4f} dt {dt * 1000:.0f}ms")
         if should_stop is not None and step < num_steps and should_stop():
             state = "PREEMPTED"
+            if metrics_path:
+                write_metrics(metrics_path, metrics)
             break
     synchronize(device)
     timed_s = time.time() - timed_start if timed_steps else 0.0

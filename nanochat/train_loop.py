@@ -212,7 +212,8 @@ def evaluate_bpb(model, loader, steps: int, B: int, token_bytes: torch.Tensor, d
     return float(nats / (math.log(2) * nbytes.clamp(min=1)))
 
 
-def _write_metrics(path: Path, rows: list[dict]) -> None:
+def write_metrics(path: Path, rows: list[dict]) -> None:
+    """The stage's metrics.csv (METRICS_COLUMNS), rewritten atomically with every row so far."""
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=METRICS_COLUMNS)
     w.writeheader()
@@ -221,7 +222,8 @@ def _write_metrics(path: Path, rows: list[dict]) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
-def _read_metrics(path: Path, before_step: int) -> list[dict]:
+def read_metrics(path: Path, before_step: int) -> list[dict]:
+    """Rows of an earlier attempt up to `before_step` (a resumed run continues the same file)."""
     if not path.exists():
         return []
     with open(path, newline="") as f:
@@ -312,7 +314,7 @@ def train(cfg: TrainConfig, *, stage: str, model, tokenizer, tokenizer_dir: str,
     token_bytes = tokenizer.token_bytes()
     oom_handlers = _oom_handlers()
     metrics_path = out_dir / "metrics.csv" if out_dir else None
-    metrics = _read_metrics(metrics_path, start_step) if (metrics_path and rank == 0) else []
+    metrics = read_metrics(metrics_path, start_step) if (metrics_path and rank == 0) else []
 
     def save(step_done: int) -> None:
         loader_state = _gather_loader_states(train_loader, ddp)  # collective: every rank takes part
@@ -415,7 +417,7 @@ def train(cfg: TrainConfig, *, stage: str, model, tokenizer, tokenizer_dir: str,
             metrics.append(row)
             interval_tokens, interval_seconds = 0, 0.0
             if metrics_path:
-                _write_metrics(metrics_path, metrics)
+                write_metrics(metrics_path, metrics)
             print0(f"[{stage}] step {step}/{num_steps} loss {loss_value:.4f} lrm {lrm:.3f} tok/s {tps:,.0f}"
                    + (f" val_bpb {val_this:.4f}" if val_this is not None else ""))
         if stop and not last:
