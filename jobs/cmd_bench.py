@@ -14,7 +14,7 @@ BENCHES = {
     "train": ("jobs.bench_train", "automatic device batch size vs a fixed one (base training throughput)"),
     "sft": ("jobs.bench_sft", "SFT: eager dynamic shapes vs compiled fixed shapes (packing)"),
     "inference": ("jobs.bench_inference", "generation with and without the KV cache"),
-    "batch": ("jobs.bench_batch", "multi-sample generation: independent first-token sampling"),
+    "batch": ("jobs.bench_batch", "automatic device batch size: the search, a cache hit, and the earlier fork's 85% rule"),
 }
 
 
