@@ -11,7 +11,6 @@ import argparse
 import json
 import sys
 
-from nanochat.common import ConfigError
 from nanochat.inference_bench import InferenceBenchConfig, run as run_bench, summary
 
 
@@ -68,14 +67,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.bench_inference", description=__doc__.strip().splitlines()[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    from jobs.cli import run_module
+    return run_module(sys.modules[__name__], argv, "python -m jobs.bench_inference")
 
 
 if __name__ == "__main__":

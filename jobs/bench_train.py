@@ -73,10 +73,5 @@ def run(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     import sys
-    p = argparse.ArgumentParser(prog="python -m jobs.bench_train")
-    add_arguments(p)
-    try:
-        sys.exit(run(p.parse_args()))
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    from jobs.cli import run_module
+    sys.exit(run_module(sys.modules[__name__], None, "python -m jobs.bench_train"))

@@ -199,12 +199,18 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError as e:
             print(f"python -m jobs {name}: not available ({e})", file=sys.stderr)
             return 2
-        sub = argparse.ArgumentParser(prog=f"python -m jobs {name}", description=help_text)
-        module.add_arguments(sub)
-        args = sub.parse_args(argv[1:])
-        return _call(lambda: module.run(args))
+        return run_module(module, argv[1:], f"python -m jobs {name}", help_text)
     args = parser.parse_args(argv)
     return _call(lambda: args.func(args))
+
+
+def run_module(module, argv: list[str] | None, prog: str, description: str | None = None) -> int:
+    """Parse argv with the module's add_arguments and call its run(args), with the command line's
+    exit codes (2 for a ConfigError). Every command module's own `python -m` entry uses it too."""
+    parser = argparse.ArgumentParser(prog=prog, description=description or (module.__doc__ or "").strip().split("\n")[0])
+    module.add_arguments(parser)
+    args = parser.parse_args(argv)
+    return _call(lambda: module.run(args))
 
 
 def _call(fn) -> int:

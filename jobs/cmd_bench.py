@@ -38,9 +38,8 @@ def _run_one(name: str, argv: list[str]) -> int:
     except ImportError as e:
         print(f"bench {name}: not available ({e})", file=sys.stderr)
         return 2
-    p = argparse.ArgumentParser(prog=f"python -m jobs bench {name}", description=help_text)
-    module.add_arguments(p)
-    return int(module.run(p.parse_args(argv)) or 0)
+    from jobs.cli import run_module
+    return run_module(module, argv, f"python -m jobs bench {name}", help_text)
 
 
 def run(args) -> int:

@@ -64,11 +64,5 @@ def run(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     import sys
-    from nanochat.common import ConfigError
-    p = argparse.ArgumentParser(prog="python -m jobs.cmd_probe", description=__doc__)
-    add_arguments(p)
-    try:
-        sys.exit(run(p.parse_args()))
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    from jobs.cli import run_module
+    sys.exit(run_module(sys.modules[__name__], None, "python -m jobs.cmd_probe"))

@@ -32,7 +32,7 @@ import pandas as pd
 from matplotlib.figure import Figure  # the object API: no pyplot, no global figure state
 
 from jobs.rows import RESULT_COLUMNS
-from jobs.sacct import SacctResult, is_slurm_job_id, query_sacct
+from jobs.sacct import SacctResult, query_sacct
 from nanochat.common import ConfigError, atomic_write_bytes, atomic_write_text
 
 # A list price for renting one A100/H100-class GPU for an hour, in dollars; --price-per-gpu-hour
@@ -890,10 +890,5 @@ def run(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     import sys
-    _parser = argparse.ArgumentParser(prog="python -m jobs.report", description=__doc__.split("\n\n")[0])
-    add_arguments(_parser)
-    try:
-        sys.exit(run(_parser.parse_args()))
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    from jobs.cli import run_module
+    sys.exit(run_module(sys.modules[__name__], None, "python -m jobs.report"))

@@ -22,8 +22,8 @@ from pathlib import Path
 import yaml
 
 from jobs.spec import REPO_ROOT, Pipeline
-from jobs.stages import load_run_pipeline, marker_path, read_json
-from jobs.submit import _kill_group, _update_jobs, missing_tasks, stage_completed
+from jobs.stages import load_run_pipeline, read_json
+from jobs.submit import _kill_group, missing_tasks, stage_completed
 from nanochat.common import ConfigError, atomic_write_json, atomic_write_text, get_base_dir, git_commit
 
 # LOST: no longer queued, no accounting record, no marker and no row (see run_status)

@@ -160,14 +160,18 @@ class TrainStep:
         loss.backward()
         del loss, x, y, idx
         if self.world_size > 1:
-            # The training loop all-reduces gradients through one flat buffer. Allocate the same
-            # buffer here without the collective: a rank that fails mid-trial must not leave the
-            # others waiting in a collective (the verdicts are reduced after the trial instead).
-            flat = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
-            del flat
+            reserve_gradient_bucket(model)
         for opt in optimizers:
             opt.step()
         model.zero_grad(set_to_none=True)
+
+
+def reserve_gradient_bucket(model) -> None:
+    """The training loop all-reduces gradients through one flat buffer (optim.all_reduce_gradients).
+    A multi-rank trial allocates the same buffer, without the collective: a rank that fails
+    mid-trial must not leave the others waiting in one (verdicts are reduced after the trial)."""
+    bucket = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
+    del bucket
 
 
 @dataclass

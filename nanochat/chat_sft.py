@@ -33,8 +33,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from nanochat.common import (ConfigError, atomic_torch_save, atomic_write_json, compute_init, device_name,
-                             get_base_dir, git_commit, peak_flops, peak_memory_bytes, print0, synchronize)
+from nanochat.common import (ConfigError, atomic_write_json, compute_init, device_name,
+                             git_commit, peak_flops, peak_memory_bytes, print0, synchronize)
 from nanochat.gpt import GPT, GPTConfig, build_model
 from nanochat.optim import all_reduce_gradients, build_optimizers
 from nanochat.packing import MODES, Example, batch_for_mode, plan_batches, truncate
@@ -185,8 +185,8 @@ class SFTTrialStep:
             loss = model(x, y, doc_ids=doc_ids, loss_reduction="sum") / y.numel()
         loss.backward()
         if self.world_size > 1:
-            flat = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
-            del flat
+            from nanochat.auto_batch_size import reserve_gradient_bucket
+            reserve_gradient_bucket(model)
         for opt in optimizers:
             opt.step()
         model.zero_grad(set_to_none=True)

@@ -12,7 +12,6 @@ checkpoints and restored on resume, so a resumed run sees exactly the same rows.
 """
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 

@@ -6,13 +6,12 @@ This module reads and writes that layout and nothing else (preparation lives in 
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nanochat.common import ConfigError
+from nanochat.common import ConfigError, atomic_write
 
 SHARD_GLOB = "shard_*.parquet"
 
@@ -72,20 +71,5 @@ def iter_shard_texts(path: str | os.PathLike):
 
 def write_shard(path: str | os.PathLike, texts: list[str], row_group_size: int = 256) -> Path:
     """Write one shard atomically (temporary file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        table = pa.table({"text": pa.array(texts, type=pa.string())})
-        pq.write_table(table, tmp, row_group_size=row_group_size, compression="zstd")
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+    table = pa.table({"text": pa.array(texts, type=pa.string())})
+    return atomic_write(path, lambda tmp: pq.write_table(table, tmp, row_group_size=row_group_size, compression="zstd"))

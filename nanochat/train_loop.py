@@ -18,7 +18,6 @@ import csv
 import functools
 import io
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
