@@ -45,7 +45,7 @@ def run(cfg: BaseTrainConfig, should_stop: Callable[[], bool] | None = None) -> 
             return pretraining_loader([val_shard], tokenizer, cfg.seq_len, rank, world_size, num_streams)
 
         result = train(cfg, stage="base_train", model=model, tokenizer=tokenizer,
-                       tokenizer_dir=str(tokenizer_dir(base_dir)), dist_info=dist_info,
+                       tokenizer_dir=str(tokenizer_dir(base_dir, cfg.vocab_size, data_path)), dist_info=dist_info,
                        make_train_loader=make_train_loader, make_val_loader=make_val_loader,
                        should_stop=should_stop, extra_meta={"data_path": str(data_path)})
     finally:

@@ -1,16 +1,19 @@
 """
 Data preparation that works offline on any machine:
-- ensure_pretraining_data: writes FineWeb-Edu-layout shards into <base_dir>/data/base from
+- ensure_pretraining_data: writes FineWeb-Edu-layout shards into <base_dir>/data/<setting> from
   (a) text that ships with Python itself (the default: pydoc's topic help and stdlib docstrings),
   (b) a user folder of .txt / .jsonl files, or uses (c) a folder that already holds shards.
 - ensure_tokenizer: trains a BPE tokenizer with rustbpe on the training shards (never the
-  validation shard) and saves it to <base_dir>/tokenizer.
+  validation shard) and saves it to <base_dir>/tokenizer/<data>-v<vocab size>.
+Each folder's name carries its settings, so pipelines with different data or vocabulary sizes
+(the smoke pipeline and a depth-20 run, say) share one base_dir without touching each other.
 Both are idempotent and hold a file lock, so concurrent Slurm jobs on a shared FS are safe:
 the first one does the work, the others wait and then find it done.
 """
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 import os
 import sysconfig
@@ -26,12 +29,21 @@ DONE_FILE = "prepared.json"
 DEFAULT_MAX_CHARS = 4_000_000  # a few MB: enough for a tiny model to learn something, quick to tokenize
 
 
-def data_dir(base_dir: str | os.PathLike) -> Path:
-    return Path(base_dir) / "data" / "base"
+def _path_tag(path: str | os.PathLike) -> str:
+    return hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:10]
 
 
-def tokenizer_dir(base_dir: str | os.PathLike) -> Path:
-    return Path(base_dir) / "tokenizer"
+def data_dir(base_dir: str | os.PathLike, source: str = "", num_shards: int = 4,
+             max_chars: int = DEFAULT_MAX_CHARS) -> Path:
+    """Where ensure_pretraining_data writes shards for these settings."""
+    origin = f"text-{_path_tag(source)}" if source else "stdlib"
+    return Path(base_dir) / "data" / f"{origin}-{num_shards}shards-{max_chars}chars"
+
+
+def tokenizer_dir(base_dir: str | os.PathLike, vocab_size: int, data_path: str | os.PathLike = "") -> Path:
+    """Where ensure_tokenizer keeps the tokenizer trained on `data_path` (default: data_dir's default)."""
+    data_path = Path(data_path) if data_path else data_dir(base_dir)
+    return Path(base_dir) / "tokenizer" / f"{data_path.name}-{_path_tag(data_path)}-v{vocab_size}"
 
 
 # -----------------------------------------------------------------------------
@@ -113,7 +125,7 @@ def ensure_pretraining_data(base_dir: str | os.PathLike = "", source: str = "", 
                             max_chars: int = DEFAULT_MAX_CHARS, row_group_size: int = 64) -> Path:
     """Returns the folder of shards to train on.
     source: "" -> Python's own text; a folder holding shards -> used in place (nothing written);
-    a folder of .txt/.jsonl -> written as shards under <base_dir>/data/base."""
+    a folder of .txt/.jsonl -> written as shards under <base_dir>/data/<settings>."""
     base_dir = Path(base_dir or get_base_dir())
     if source:
         src = Path(source)
@@ -124,7 +136,7 @@ def ensure_pretraining_data(base_dir: str | os.PathLike = "", source: str = "", 
             return src
     if num_shards < 2:
         raise ConfigError(f"num_shards={num_shards}: need at least 2 (the last shard is for validation)")
-    out = data_dir(base_dir)
+    out = data_dir(base_dir, source, num_shards, max_chars)
     out.mkdir(parents=True, exist_ok=True)
     wanted = {"source": str(Path(source).resolve()) if source else "python-stdlib", "num_shards": num_shards,
               "max_chars": max_chars}
@@ -133,7 +145,7 @@ def ensure_pretraining_data(base_dir: str | os.PathLike = "", source: str = "", 
         if done.exists():
             have = json.loads(done.read_text())
             if {k: have.get(k) for k in wanted} != wanted:
-                raise ConfigError(f"{done}: data was prepared with {have}, not {wanted}; use another base_dir")
+                raise ConfigError(f"{done}: data was prepared with {have}, not {wanted}; remove {out} to prepare it again")
             return out
         docs = folder_documents(Path(source)) if source else python_stdlib_documents(max_chars)
         if len(docs) < num_shards:
@@ -147,18 +159,20 @@ def ensure_pretraining_data(base_dir: str | os.PathLike = "", source: str = "", 
 
 def ensure_tokenizer(base_dir: str | os.PathLike = "", vocab_size: int = 4096, data_path: str | os.PathLike = "",
                      max_chars: int = 20_000_000) -> Tokenizer:
-    """Load <base_dir>/tokenizer, or train it on the training shards (not the validation shard)."""
+    """Load the tokenizer of this vocabulary size for this data, or train it on the training shards
+    (not the validation shard). data_path: the shards folder (default: data_dir's default settings)."""
     base_dir = Path(base_dir or get_base_dir())
-    tok_dir = tokenizer_dir(base_dir)
+    data_path = Path(data_path) if data_path else data_dir(base_dir)
+    tok_dir = tokenizer_dir(base_dir, vocab_size, data_path)
     tok_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(str(tok_dir / ".tokenizer.lock")):
         if (tok_dir / TOKENIZER_FILE).exists():
             tok = Tokenizer.load(tok_dir)
             if tok.get_vocab_size() != vocab_size:
                 raise ConfigError(f"{tok_dir / TOKENIZER_FILE}: vocab_size is {tok.get_vocab_size()}, "
-                                  f"config asks for {vocab_size}; use another base_dir")
+                                  f"config asks for {vocab_size}; remove {tok_dir} to train it again")
             return tok
-        train_shards, _ = split_shards(data_path or data_dir(base_dir))
+        train_shards, _ = split_shards(data_path)
         texts = (t for shard in train_shards for t in iter_shard_texts(shard))
         tok = Tokenizer.train(iter_texts_for_training(texts, max_chars), vocab_size)
         tok.save(tok_dir)

@@ -12,7 +12,7 @@ from nanochat.checkpoint import (latest_valid_checkpoint, list_checkpoints, load
 from nanochat.common import ConfigError
 from nanochat.gpt import GPTConfig, build_model
 from nanochat.optim import build_optimizers
-from nanochat.prepare import ensure_pretraining_data, ensure_tokenizer, tokenizer_dir
+from nanochat.prepare import ensure_pretraining_data
 
 VOCAB = 512
 

@@ -24,13 +24,13 @@ SMALL = 400_000  # chars: pydoc's topics only, quick to prepare
 def prepared(tmp_path_factory):
     base = tmp_path_factory.mktemp("base")
     path = ensure_pretraining_data(base, num_shards=3, max_chars=SMALL, row_group_size=16)
-    tok = ensure_tokenizer(base, VOCAB)
+    tok = ensure_tokenizer(base, VOCAB, data_path=path)
     return base, path, tok
 
 
 def test_default_corpus_layout_and_idempotence(prepared):
     base, path, tok = prepared
-    assert path == data_dir(base)
+    assert path == data_dir(base, num_shards=3, max_chars=SMALL)
     shards = list_shards(path)
     assert [p.name for p in shards] == [shard_name(i) for i in range(3)]
     train, val = split_shards(path)
@@ -40,11 +40,19 @@ def test_default_corpus_layout_and_idempotence(prepared):
     mtimes = [p.stat().st_mtime_ns for p in shards]
     assert ensure_pretraining_data(base, num_shards=3, max_chars=SMALL) == path
     assert [p.stat().st_mtime_ns for p in shards] == mtimes, "second call must not rewrite shards"
-    assert ensure_tokenizer(base, VOCAB).encode("hello") == tok.encode("hello")
-    with pytest.raises(ConfigError, match="vocab_size"):
-        ensure_tokenizer(base, VOCAB * 2)
+    assert ensure_tokenizer(base, VOCAB, data_path=path).encode("hello") == tok.encode("hello")
+    # other settings get folders of their own beside these, and leave these untouched
+    bigger = ensure_tokenizer(base, VOCAB * 2, data_path=path)
+    assert bigger.get_vocab_size() == VOCAB * 2
+    assert ensure_tokenizer(base, VOCAB, data_path=path).get_vocab_size() == VOCAB
+    five = ensure_pretraining_data(base, num_shards=5, max_chars=SMALL)
+    assert five != path and len(list_shards(five)) == 5
+    assert [p.stat().st_mtime_ns for p in shards] == mtimes
+    # a folder whose record disagrees with its name (hand-edited) is refused, not silently reused
+    record = path / "prepared.json"
+    record.write_text(record.read_text().replace('"num_shards": 3', '"num_shards": 7'))
     with pytest.raises(ConfigError, match="prepared.json"):
-        ensure_pretraining_data(base, num_shards=5, max_chars=SMALL)
+        ensure_pretraining_data(base, num_shards=3, max_chars=SMALL)
 
 
 def test_corpus_is_deterministic(prepared, tmp_path):
@@ -114,7 +122,7 @@ def test_missing_empty_corrupt_data(tmp_path):
 def _prepare_in_child(base, q):
     from nanochat.prepare import ensure_pretraining_data, ensure_tokenizer
     path = ensure_pretraining_data(base, num_shards=3, max_chars=SMALL, row_group_size=16)
-    tok = ensure_tokenizer(base, VOCAB)
+    tok = ensure_tokenizer(base, VOCAB, data_path=path)
     q.put((str(path), tok.encode("concurrent jobs")))
 
 

@@ -53,8 +53,8 @@ def _launch(cfg: dict, world_size: int) -> list[dict]:
 @pytest.mark.slow
 def test_two_gloo_ranks_match_one_process(tmp_path):
     base = tmp_path / "base"
-    ensure_pretraining_data(base, num_shards=3, max_chars=400_000, row_group_size=16)
-    ensure_tokenizer(base, VOCAB)
+    data = ensure_pretraining_data(base, num_shards=3, max_chars=400_000, row_group_size=16)
+    ensure_tokenizer(base, VOCAB, data_path=data)
     common = dict(base_dir=str(base), vocab_size=VOCAB, depth=2, seq_len=64, device_batch_size=4,
                   total_batch_size=2 * 4 * 64, num_steps=6, num_streams=2, eval_tokens=1024, num_shards=3,
                   data_max_chars=400_000, device_type="cpu")

@@ -12,7 +12,7 @@ from nanochat.common import ConfigError, DistInfo
 from nanochat.dataloader import pretraining_loader
 from nanochat.dataset import split_shards
 from nanochat.gpt import GPT, GPTConfig, build_model
-from nanochat.prepare import ensure_pretraining_data, ensure_tokenizer, tokenizer_dir
+from nanochat.prepare import data_dir, ensure_pretraining_data, ensure_tokenizer, tokenizer_dir
 from nanochat.train_loop import TrainConfig, lr_multiplier, muon_momentum, train
 
 VOCAB = 512
@@ -21,8 +21,8 @@ VOCAB = 512
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
     base = tmp_path_factory.mktemp("base")
-    ensure_pretraining_data(base, num_shards=3, max_chars=400_000, row_group_size=16)
-    ensure_tokenizer(base, VOCAB)
+    data = ensure_pretraining_data(base, num_shards=3, max_chars=400_000, row_group_size=16)
+    ensure_tokenizer(base, VOCAB, data_path=data)
     return base
 
 
@@ -112,15 +112,16 @@ class AllocatesWhenBatchTooBig(GPT):
 
 
 def _train_direct(base_dir, out_dir, model_cls, device_batch_size):
-    tok = ensure_tokenizer(base_dir, VOCAB)
-    train_shards, val_shard = split_shards(base_dir / "data" / "base")
+    data = data_dir(base_dir, num_shards=3, max_chars=400_000)
+    tok = ensure_tokenizer(base_dir, VOCAB, data_path=data)
+    train_shards, val_shard = split_shards(data)
     torch.manual_seed(0)
     config = GPTConfig.from_depth(2, VOCAB, 64)
     model = model_cls(config)
     model.init_weights()
     tc = TrainConfig(out_dir=str(out_dir), seq_len=64, device_batch_size=device_batch_size,
                      total_batch_size=4 * 64, num_steps=3, eval_tokens=512)
-    row = train(tc, stage="test", model=model, tokenizer=tok, tokenizer_dir=str(tokenizer_dir(base_dir)),
+    row = train(tc, stage="test", model=model, tokenizer=tok, tokenizer_dir=str(tokenizer_dir(base_dir, VOCAB, data)),
                 dist_info=DistInfo(False, 0, 0, 1, torch.device("cpu")),
                 make_train_loader=lambda r, w, n: pretraining_loader(train_shards, tok, 64, r, w, n),
                 make_val_loader=lambda r, w, n: pretraining_loader([val_shard], tok, 64, r, w, n))
@@ -168,7 +169,7 @@ def test_bench_train_prints_json(base_dir, capsys):
     bench_train.add_arguments(p)
     args = p.parse_args(["--depth", "2", "--seq-len", "64", "--device-batch-size", "4", "--steps", "2",
                          "--vocab-size", str(VOCAB), "--base-dir", str(base_dir),
-                         "--data-source", str(base_dir / "data" / "base"), "--json"])
+                         "--data-source", str(data_dir(base_dir, num_shards=3, max_chars=400_000)), "--json"])
     assert bench_train.run(args) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["bench"] == "train" and out["tokens_per_s"] > 0 and out["mfu"] is None
