@@ -425,6 +425,10 @@ def run_under_memory_budget(fn, args: tuple, budget_gb: float, timeout_s: float 
         code = ("import sys; from nanochat.auto_batch_size import _budget_child_main; "
                 "_budget_child_main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))")
         env = dict(os.environ)
+        # One malloc arena: glibc reserves 64 MB of address space per thread arena, which RLIMIT_AS
+        # counts although nothing uses it; how many arenas a run creates varies with thread timing,
+        # and the budget should measure memory the step uses, not that noise.
+        env.setdefault("MALLOC_ARENA_MAX", "1")
         env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p] + [env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         try:
             proc = subprocess.run([sys.executable, "-c", code, payload_path, result_path, str(budget_bytes), str(threads)],
