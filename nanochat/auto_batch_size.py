@@ -374,11 +374,15 @@ def _vm_size_bytes() -> int:
 
 
 def _warm_up_torch() -> None:
-    # Start the intra-op thread pool and autograd once, so their stacks and arenas count in the
-    # baseline rather than against the budget.
-    a = torch.randn(64, 64, requires_grad=True)
+    # Start every intra-op thread (each maps an 8 MB stack) and autograd once, so they count in
+    # the baseline rather than against the budget. The work must be large enough for torch and
+    # the BLAS to go parallel: a small matmul runs on one thread and the pool starts later, inside
+    # the budget, at a moment that varies from run to run.
+    a = torch.randn(512, 512, requires_grad=True)
     (a @ a).relu().sum().backward()
-    del a
+    b = torch.randn(1 << 22)
+    float((b * 2).exp().sum())
+    del a, b
     gc.collect()
 
 
