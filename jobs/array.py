@@ -42,8 +42,6 @@ import threading
 import time
 from pathlib import Path
 
-import yaml
-
 from nanochat.common import ConfigError, git_commit
 
 GRID_KEYS = {"name", "kind", "defaults", "grid", "rows", "command"}
@@ -52,15 +50,9 @@ BUILTIN_FIELDS = ("python", "task", "run_id", "results_dir")
 
 def load_grid(path: str | os.PathLike) -> dict:
     """Read and check a grid file; returns {"name", "kind", "rows": [dict, ...], "command": [str] | None}."""
+    from jobs.spec import read_yaml
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: grid file not found")
-    try:
-        spec = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(spec, dict):
-        raise ConfigError(f"{path}: a grid file is a mapping with 'grid' and/or 'rows'")
+    spec = read_yaml(path, "a grid file is a mapping with 'grid' and/or 'rows'")
     unknown = sorted(set(spec) - GRID_KEYS)
     if unknown:
         raise ConfigError(f"{path}: unknown key '{unknown[0]}' (known: {', '.join(sorted(GRID_KEYS))})")

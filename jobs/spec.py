@@ -248,7 +248,10 @@ def apply_overrides(raw: dict, overrides: list[str], source: str) -> dict:
     return raw
 
 
-def read_yaml(path: str | os.PathLike) -> dict:
+def read_yaml(path: str | os.PathLike,
+              shape: str = "the file must be a YAML mapping (name, cluster, defaults, stages)") -> dict:
+    """A YAML file that must hold a mapping; a missing file, bad YAML or another shape is a
+    ConfigError naming the file (and the line, for bad YAML)."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{path}: file not found")
@@ -260,7 +263,7 @@ def read_yaml(path: str | os.PathLike) -> dict:
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(f"{path}: {where}: invalid YAML ({problem})") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the file must be a YAML mapping (name, cluster, defaults, stages)")
+        raise ConfigError(f"{path}: {shape}")
     return data
 
 
