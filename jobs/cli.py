@@ -192,16 +192,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # External commands parse their own arguments with their module's parser.
     if argv and argv[0] in EXTERNAL_COMMANDS:
-        name = argv[0]
-        module_name, help_text = EXTERNAL_COMMANDS[name]
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as e:
-            print(f"python -m jobs {name}: not available ({e})", file=sys.stderr)
-            return 2
-        return run_module(module, argv[1:], f"python -m jobs {name}", help_text)
+        module_name, help_text = EXTERNAL_COMMANDS[argv[0]]
+        return run_module_named(module_name, argv[1:], f"python -m jobs {argv[0]}", help_text)
     args = parser.parse_args(argv)
     return _call(lambda: args.func(args))
+
+
+def run_module_named(module_name: str, argv: list[str] | None, prog: str, description: str | None = None) -> int:
+    """run_module for a module imported by name; a module that cannot be imported is exit code 2."""
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        print(f"{prog}: not available ({e})", file=sys.stderr)
+        return 2
+    return run_module(module, argv, prog, description)
 
 
 def run_module(module, argv: list[str] | None, prog: str, description: str | None = None) -> int:

@@ -32,14 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_one(name: str, argv: list[str]) -> int:
+    from jobs.cli import run_module_named
     module_name, help_text = BENCHES[name]
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        print(f"bench {name}: not available ({e})", file=sys.stderr)
-        return 2
-    from jobs.cli import run_module
-    return run_module(module, argv, f"python -m jobs bench {name}", help_text)
+    return run_module_named(module_name, argv, f"python -m jobs bench {name}", help_text)
 
 
 def run(args) -> int:
