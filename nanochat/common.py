@@ -4,6 +4,7 @@ peak-FLOPs table. Nothing here knows about Slurm or pipelines.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -127,6 +128,13 @@ def compute_init(device_type: str | None = None, seed: int = 42) -> DistInfo:
     else:
         device = torch.device(device_type)
     if ddp and not dist.is_initialized():
+        # torch.distributed.nn.functional binds `group=group.WORLD` as default arguments when it is
+        # imported. Imported after init (torch._dynamo pulls it in lazily: torch.compile, or the
+        # meta-device model build) it pins the default process group, so destroy_process_group()
+        # leaves gloo's worker threads running into interpreter shutdown, where one that releases
+        # the last all-reduce's tensors aborts the process ("terminate called without an active
+        # exception", exit -6). Imported first, the defaults are None.
+        importlib.import_module("torch.distributed.nn.functional")
         os.environ.setdefault("MASTER_ADDR", _slurm_master_addr())
         os.environ.setdefault("MASTER_PORT", str(29500 + int(os.environ.get("SLURM_JOB_ID", "0")) % 1000))
         backend = "nccl" if device_type == "cuda" else "gloo"

@@ -73,3 +73,36 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     assert max_diff < 1e-4, max_diff
     # the two-rank checkpoint holds both ranks' loader positions, so it resumes on any world size
     assert sorted(b["meta"]["loader"]) == ["0", "1"] and b["meta"]["loader"] == a["meta"]["loader"]
+
+
+# After compute_cleanup no gloo worker thread may survive: one that outlives the interpreter can
+# abort the process at exit while it releases a finished all-reduce's tensors (a CI run saw exit
+# -6 after a successful 2-rank training). Importing torch._dynamo after init is what model builds
+# and torch.compile do; it used to pin the default process group.
+TEARDOWN_CHILD = """
+import os, torch, torch.distributed as dist
+from nanochat.common import compute_cleanup, compute_init
+compute_init("cpu")
+import torch._dynamo  # noqa: F401  (late import, as the meta-device model build does)
+t = torch.ones(8)
+dist.all_reduce(t)
+compute_cleanup()
+names = [open(f"/proc/self/task/{tid}/comm").read().strip() for tid in os.listdir("/proc/self/task")]
+print("GLOO_THREADS", sorted(n for n in names if "gloo" in n), flush=True)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_cleanup_stops_gloo_threads():
+    port = _free_port()
+    procs = []
+    for rank in range(2):
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK"))}
+        env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, "-c", TEARDOWN_CHILD], cwd=REPO, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    for p in procs:
+        out, _ = p.communicate(timeout=120)
+        assert p.returncode == 0, out[-2000:]
+        assert "GLOO_THREADS []" in out, out[-2000:]
