@@ -31,7 +31,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(cfg: dict, world_size: int) -> list[dict]:
+def _spawn(code: str, args: list[str], world_size: int, timeout: int = 300) -> list[str]:
+    """Run `code` in world_size processes (a gloo group when more than one); every one must exit 0.
+    Returns each rank's output."""
     port = _free_port()
     procs = []
     for rank in range(world_size):
@@ -40,14 +42,19 @@ def _launch(cfg: dict, world_size: int) -> list[dict]:
             env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         env["OMP_NUM_THREADS"] = "1"
-        procs.append(subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(cfg)], cwd=REPO, env=env,
+        procs.append(subprocess.Popen([sys.executable, "-c", code, *args], cwd=REPO, env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    rows = []
+    outs = []
     for p in procs:
-        out, _ = p.communicate(timeout=300)
+        out, _ = p.communicate(timeout=timeout)
         assert p.returncode == 0, out[-3000:]
-        rows.append(json.loads([l for l in out.splitlines() if l.startswith("ROW ")][-1][4:]))
-    return rows
+        outs.append(out)
+    return outs
+
+
+def _launch(cfg: dict, world_size: int) -> list[dict]:
+    return [json.loads([l for l in out.splitlines() if l.startswith("ROW ")][-1][4:])
+            for out in _spawn(CHILD, [json.dumps(cfg)], world_size)]
 
 
 @pytest.mark.slow
@@ -94,15 +101,5 @@ print("GLOO_THREADS", sorted(n for n in names if "gloo" in n), flush=True)
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
 def test_cleanup_stops_gloo_threads():
-    port = _free_port()
-    procs = []
-    for rank in range(2):
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK"))}
-        env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, "-c", TEARDOWN_CHILD], cwd=REPO, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    for p in procs:
-        out, _ = p.communicate(timeout=120)
-        assert p.returncode == 0, out[-2000:]
+    for out in _spawn(TEARDOWN_CHILD, [], 2, timeout=120):
         assert "GLOO_THREADS []" in out, out[-2000:]
