@@ -232,7 +232,7 @@ def _restore(model, snapshot: dict) -> None:
 def run_trial(model, optimizers_factory, step_fn, batch_size: int, seq_len: int, device: torch.device,
               snapshot: dict, compile: bool = False, timed_steps: int = 0) -> Trial:
     """One trial at batch_size: fresh optimizers, one step (allocates optimizer state; compiles),
-    then `timed_steps` timed steps. Frees everything and restores the weights whatever happens.
+    then max(timed_steps, 1) steady-state steps (timed when timed_steps > 0). Frees everything and restores the weights whatever happens.
     Under torch.distributed every rank must call it with the same batch_size."""
     status, error, seconds, failure = 0, "", 0.0, None
     trial_model = optimizers = None
@@ -246,11 +246,14 @@ def run_trial(model, optimizers_factory, step_fn, batch_size: int, seq_len: int,
         optimizers = optimizers_factory(model)
         step_fn(trial_model, optimizers, batch_size)
         _synchronize(device)
+        # The first step creates the optimizer state only after its backward; every later step holds
+        # that state through forward and backward, so memory peaks there: at least one more step,
+        # timed when asked for.
+        t0 = time.perf_counter()
+        for _ in range(max(timed_steps, 1)):
+            step_fn(trial_model, optimizers, batch_size)
+        _synchronize(device)
         if timed_steps > 0:
-            t0 = time.perf_counter()
-            for _ in range(timed_steps):
-                step_fn(trial_model, optimizers, batch_size)
-            _synchronize(device)
             seconds = (time.perf_counter() - t0) / timed_steps
     except Exception as e:  # noqa: BLE001 - an OOM is a verdict; anything else is re-raised below
         status = 1 if is_oom_error(e) else 2
