@@ -436,6 +436,11 @@ def run_under_memory_budget(fn, args: tuple, budget_gb: float, timeout_s: float 
         # counts although nothing uses it; how many arenas a run creates varies with thread timing,
         # and the budget should measure memory the step uses, not that noise.
         env.setdefault("MALLOC_ARENA_MAX", "1")
+        # A fixed mmap threshold (glibc's initial 128 KiB): every large block is mapped when allocated
+        # and unmapped when freed. glibc otherwise raises the threshold after each large free, after
+        # which such blocks come from a heap whose fragmentation depends on the allocation history,
+        # and the same step's address-space peak varied by tens of MB from run to run.
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
         env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p] + [env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         try:
             proc = subprocess.run([sys.executable, "-c", code, payload_path, result_path, str(budget_bytes), str(threads)],
