@@ -103,13 +103,25 @@ class DistInfo:
         return self.rank == 0
 
 
-def _env_rank_info():
-    """RANK/WORLD_SIZE from torchrun, or SLURM_PROCID/SLURM_NTASKS from srun."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"])
-    if "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-        return int(os.environ["SLURM_PROCID"]), int(os.environ.get("SLURM_LOCALID", 0)), int(os.environ["SLURM_NTASKS"])
+def _env_rank_info(env=None):
+    """(rank, local rank, world size): RANK/LOCAL_RANK/WORLD_SIZE from torchrun, or
+    SLURM_PROCID/SLURM_LOCALID/SLURM_NTASKS from srun."""
+    env = os.environ if env is None else env
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"])
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        return int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"])
     return 0, 0, 1
+
+
+def local_cuda_index(local_rank: int, device_count: int) -> int:
+    """The CUDA device a rank uses on its node. A site that binds one GPU per task (gres binding,
+    CUDA_VISIBLE_DEVICES set per task) shows every task a single device, numbered 0, whatever its
+    SLURM_LOCALID; a site that does not shows every task all the node's GPUs. The local rank modulo
+    the visible count is right in both cases (cuda:{local_rank} fails in the first)."""
+    if device_count < 1:
+        raise RuntimeError("no CUDA device is visible to this process (CUDA_VISIBLE_DEVICES?)")
+    return local_rank % device_count
 
 
 def compute_init(device_type: str | None = None, seed: int = 42) -> DistInfo:
@@ -123,7 +135,8 @@ def compute_init(device_type: str | None = None, seed: int = 42) -> DistInfo:
     rank, local_rank, world_size = _env_rank_info()
     ddp = world_size > 1
     if device_type == "cuda":
-        device = torch.device("cuda", local_rank if ddp else torch.cuda.current_device())
+        index = local_cuda_index(local_rank, torch.cuda.device_count()) if ddp else torch.cuda.current_device()
+        device = torch.device("cuda", index)
         torch.cuda.set_device(device)
     else:
         device = torch.device(device_type)
@@ -190,44 +203,45 @@ def peak_memory_bytes(device: torch.device) -> int:
     return rss * 1024 if sys.platform != "darwin" else rss
 
 
-# bf16 dense peak FLOP/s per device, by substring of the device name. No entry -> no MFU.
-PEAK_BF16_FLOPS = [
-    ("H200", 989e12),
-    ("H100", 989e12),   # SXM; the PCIe part is lower, matched first below
-    ("A100", 312e12),
-    ("A10G", 125e12),
-    ("L40S", 362e12),
-    ("L4", 121e12),
-    ("V100", 125e12),
-    ("RTX 4090", 165e12),
-    ("RTX 3090", 71e12),
-]
-PEAK_BF16_FLOPS.insert(0, ("H100 PCIe", 756e12))
+# Per device, as torch.cuda.get_device_name() reports it: (bf16 dense peak FLOP/s, memory bandwidth in
+# bytes/s), from NVIDIA's data sheets (dense figures: the sheets quote bf16 "with sparsity", twice these).
+# Names match exactly: one family spans parts with different peaks (H100 SXM / PCIe / NVL, A100 40GB /
+# 80GB), and a substring match gave an L40S the L4's bandwidth. An unknown name has no entry: its MFU
+# and bandwidth use are left empty rather than guessed. V100 has no bf16 tensor cores: no entry.
+DEVICE_PEAKS: dict[str, tuple[float, float]] = {
+    "NVIDIA H200": (989e12, 4.8e12),              # H200 SXM 141GB
+    "NVIDIA H200 NVL": (835e12, 4.8e12),
+    "NVIDIA GH200 480GB": (989e12, 4.0e12),       # Grace Hopper, 96GB HBM3
+    "NVIDIA H100 80GB HBM3": (989e12, 3.35e12),   # H100 SXM5
+    "NVIDIA H100 PCIe": (756e12, 2.0e12),
+    "NVIDIA H100 NVL": (835e12, 3.9e12),          # 94GB, PCIe card with NVLink bridge
+    "NVIDIA A100-SXM4-80GB": (312e12, 2.039e12),
+    "NVIDIA A100-SXM4-40GB": (312e12, 1.555e12),
+    "NVIDIA A100 80GB PCIe": (312e12, 1.935e12),
+    "NVIDIA A100-PCIE-40GB": (312e12, 1.555e12),
+    "NVIDIA L40S": (362e12, 0.864e12),
+    "NVIDIA L40": (181e12, 0.864e12),
+    "NVIDIA L4": (121e12, 0.3e12),
+    "NVIDIA A10": (125e12, 0.6e12),
+    "NVIDIA GeForce RTX 4090": (165e12, 1.008e12),  # bf16 with fp32 accumulate (what autocast uses)
+    "NVIDIA GeForce RTX 3090": (71e12, 0.936e12),
+}
 
-# Memory bandwidth (bytes/s) for the decode roofline.
-PEAK_BANDWIDTH = [
-    ("H200", 4.8e12),
-    ("H100 PCIe", 2.0e12),
-    ("H100", 3.35e12),
-    ("A100", 2.0e12),
-    ("A10G", 0.6e12),
-    ("L4", 0.3e12),
-]
 
-
-def _lookup(table, name: str):
-    for key, value in table:
-        if key.lower() in name.lower():
-            return value
-    return None
+def _device_peaks(name: str) -> tuple[float, float] | None:
+    return DEVICE_PEAKS.get(name.strip())
 
 
 def peak_flops(name: str) -> float | None:
-    return _lookup(PEAK_BF16_FLOPS, name)
+    """bf16 dense peak FLOP/s of a device named as torch.cuda.get_device_name() names it; None if unknown."""
+    peaks = _device_peaks(name)
+    return peaks[0] if peaks else None
 
 
 def peak_bandwidth(name: str) -> float | None:
-    return _lookup(PEAK_BANDWIDTH, name)
+    """Memory bandwidth (bytes/s) for the decode roofline; None if unknown."""
+    peaks = _device_peaks(name)
+    return peaks[1] if peaks else None
 
 
 def git_commit(cwd: str | os.PathLike | None = None) -> str:
