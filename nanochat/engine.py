@@ -23,6 +23,7 @@ caller's back (nanochat's in-place resize_ scrambled the cache's layout).
 from __future__ import annotations
 
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -271,13 +272,16 @@ class Engine:
     def generate(self, tokens: list[int], num_samples: int = 1, max_tokens: int | None = None,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                  seed: int = 42, use_tools: bool = True, stop_at_end: bool = True,
-                 first_token: str = "independent",
+                 first_token: str = "independent", on_logits=None,
                  ) -> Iterator[tuple[list[int], list[int]]]:
         """Yield, per step, (token of each row, mask of each row): mask 1 for sampled tokens, 0 for
         tokens forced in by the calculator. Rows that finished (<|assistant_end|> or <|bos|>) keep
         being yielded until all have finished (when stop_at_end), as in nanochat.
         first_token="broadcast" reproduces the original nanochat bug (one first token sampled at
-        batch 1 and copied to every row); it exists only so benchmarks can measure the fix against it."""
+        batch 1 and copied to every row); it exists only so benchmarks can measure the fix against it.
+        on_logits(logits), if given, sees the (rows, vocab) logits each token is sampled from, the
+        prefill's first; with decode="graph" they live in a buffer the next step overwrites (copy them).
+        check_decode uses it to hold the cached decode against a full forward."""
         if not tokens or not all(isinstance(t, int) for t in tokens):
             raise ValueError("tokens must be a non-empty list of ints")
         if num_samples < 1:
@@ -319,6 +323,8 @@ class Engine:
             step.busy = True
         del prefill
         try:
+            if on_logits is not None:
+                on_logits(logits.expand(num_samples, -1))
             # every row draws its own first token from the prefill logits
             if first_token == "independent":
                 sampled = sample_next_token(logits.expand(num_samples, -1), generator, temperature, top_k, top_p)
@@ -356,6 +362,8 @@ class Engine:
                     break
                 x = torch.tensor(chosen, dtype=torch.long, device=device).view(-1, 1) if forced_any else sampled
                 logits = step(x)
+                if on_logits is not None:
+                    on_logits(logits)
                 sampled = sample_next_token(logits, generator, temperature, top_k, top_p)
         finally:
             if isinstance(step, DecodeStep):
@@ -397,6 +405,56 @@ def generate_naive(model, tokens: list[int], max_tokens: int, num_samples: int =
         logits = model(ids)[:, -1]
         ids = torch.cat([ids, sample_next_token(logits, generator, temperature, top_k)], dim=1)
     return ids[:, len(tokens):].tolist()
+
+
+# -----------------------------------------------------------------------------
+# The decode check: the cached decode against a full forward, in fp32
+
+# Largest |logit difference| a correct cache shows against the full forward in fp32 (summation order
+# differs: a few 1e-6 here); a cache that misplaces one position moves logits by O(1).
+DECODE_CHECK_TOLERANCE = 1e-3
+
+
+@contextmanager
+def full_fp32_matmuls():
+    """fp32 matmuls at full precision for the block: compute_init lets CUDA use TF32 (10-bit
+    mantissa) for training, which would blur a check that must tell numerics from a bug."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+@torch.inference_mode()
+def check_decode(model, tokens: list[int], max_tokens: int, num_samples: int = 1, decode: str = "eager",
+                 tolerance: float = DECODE_CHECK_TOLERANCE) -> dict:
+    """Greedy decode through Engine(decode=...) (eager cache, static cache, or the CUDA graph), then one
+    full forward without a cache over each row's prompt + generated tokens: at every step its logits
+    are what naive recompute computes there. The largest difference must stay within `tolerance`.
+    Comparing logits on the decode's own tokens (teacher forcing) tells a broken cache from a
+    near-tie that flips a greedy token. The model must be in fp32 (bf16 rounding is larger than
+    some cache bugs); run it under full_fp32_matmuls() on CUDA."""
+    dtype = model.transformer.wte.weight.dtype
+    if dtype != torch.float32:
+        raise ValueError(f"check_decode needs an fp32 model (got {dtype}): bf16 rounding hides cache bugs")
+    steps = []
+    engine = Engine(model, decode=decode)
+    generated = [[] for _ in range(num_samples)]
+    for column, _ in engine.generate(tokens, num_samples=num_samples, max_tokens=max_tokens, temperature=0.0,
+                                     use_tools=False, stop_at_end=False,
+                                     on_logits=lambda logits: steps.append(logits.float().clone())):
+        for r, token in enumerate(column):
+            generated[r].append(token)
+    cached = torch.stack(steps, dim=1)                                     # (rows, steps, vocab)
+    ids = torch.tensor([list(tokens) + row[:-1] for row in generated], dtype=torch.long, device=cached.device)
+    full = model(ids)[:, len(tokens) - 1:]                                 # (rows, steps, vocab)
+    per_step = (full - cached).abs().amax(dim=(0, 2))
+    worst = float(per_step.max())
+    bad = (~(per_step <= tolerance)).nonzero()   # NaN counts as bad
+    return {"decode": decode, "max_logit_diff": worst, "tolerance": tolerance, "ok": worst <= tolerance,
+            "first_bad_step": int(bad[0]) if len(bad) else None, "tokens": generated}
 
 
 def prepare_for_inference(model):

@@ -6,7 +6,14 @@ Inference benchmark (stage kind inference_bench): the same prompt decoded by
 - kv-graph:  the static-cache decode step captured as a CUDA graph (CUDA only; skipped elsewhere)
 One result row per variant: tokens/s, time to first token, time per output token, memory-bandwidth
 use against the roofline, whether its greedy output equals the naive one, and the speedup over
-naive measured in this same run. Without init_from the model is freshly built from `depth` with
+naive measured in this same run.
+
+Before anything is timed, every cached variant passes the decode check in fp32 (engine.check_decode):
+its logits at every step against a full forward without a cache, at full fp32 matmul precision. The
+timed runs use bf16 weights on CUDA, where naive and cached greedy outputs may part on a near-tie,
+so their greedy equality proves nothing there; the fp32 check does. A variant that fails it is not
+timed (a broken static cache or CUDA graph must not report a speedup), its row is FAILED, and run()
+raises DecodeMismatch after writing the rows: the stage fails. Without init_from the model is freshly built from `depth` with
 random weights: enough for speed, and the rows say so.
 """
 from __future__ import annotations
@@ -20,7 +27,7 @@ import torch
 
 from nanochat.common import (ConfigError, atomic_write_json, autodetect_device_type, device_name, git_commit, peak_bandwidth,
                              peak_memory_bytes, synchronize)
-from nanochat.engine import Engine, generate_naive, prepare_for_inference
+from nanochat.engine import Engine, check_decode, full_fp32_matmuls, generate_naive
 from nanochat.gpt import GPTConfig, build_model
 
 
@@ -39,6 +46,7 @@ class InferenceBenchConfig:
     seed: int = 42
     repeats: int = 1             # timed runs per variant; the fastest counts (shared machines are noisy)
     threads: int = 0             # CPU: torch threads for the run (0 = leave torch's default)
+    dtype: str = ""              # weights in the timed runs: "" = bfloat16 on CUDA, float32 elsewhere
 
     def validate(self) -> None:
         if not isinstance(self.threads, int) or self.threads < 0:
@@ -49,6 +57,8 @@ class InferenceBenchConfig:
                 raise ConfigError(f"inference_bench: {key} must be a positive integer, got {value!r}")
         if self.new_tokens < 2:
             raise ConfigError("inference_bench: new_tokens must be at least 2 (time per output token needs two)")
+        if self.dtype not in ("", "float32", "bfloat16"):
+            raise ConfigError(f"inference_bench: dtype must be float32, bfloat16 or empty, got {self.dtype!r}")
         if self.device_type not in ("", "cpu", "cuda", "mps"):
             raise ConfigError(f"inference_bench: device_type must be cpu, cuda, mps or empty, got {self.device_type!r}")
 
@@ -131,15 +141,26 @@ def _first_mismatch(a: list[list[int]], b: list[list[int]]) -> int | None:
     return None
 
 
-def run(cfg: InferenceBenchConfig, should_stop=None) -> list[dict]:
+class DecodeMismatch(RuntimeError):
+    """A cached decode variant disagreed with the full forward in the fp32 decode check."""
+
+
+def run(cfg: InferenceBenchConfig, should_stop=None, raise_on_mismatch: bool = True) -> list[dict]:
+    """The rows, one per variant. A variant that fails the fp32 decode check gets a FAILED row and
+    then (raise_on_mismatch, what a stage wants) DecodeMismatch is raised once the rows are written."""
     cfg.validate()
     threads_before = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
-        return _run(cfg, should_stop)
+        rows = _run(cfg, should_stop)
     finally:
         torch.set_num_threads(threads_before)
+    failed = [r for r in rows if r.get("decode_check") == "FAIL"]
+    if failed and raise_on_mismatch:
+        where = f" (rows: {Path(cfg.out_dir) / 'inference_bench.json'})" if cfg.out_dir else ""
+        raise DecodeMismatch("; ".join(f"{r['variant']}: {r['error']}" for r in failed) + where)
+    return rows
 
 
 def _best_of(repeats: int, fn) -> dict:
@@ -156,7 +177,7 @@ def _run(cfg: InferenceBenchConfig, should_stop=None) -> list[dict]:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model, _tokenizer, weights = _load(cfg, device)
-    prepare_for_inference(model)
+    model.eval().float()       # the decode check runs first, in fp32; the timed runs then in cfg.dtype
     total_len = cfg.prompt_len + cfg.new_tokens
     if total_len > model.cos.size(1):
         raise ConfigError(f"inference_bench: prompt_len + new_tokens = {total_len} is past the model's "
@@ -165,6 +186,23 @@ def _run(cfg: InferenceBenchConfig, should_stop=None) -> list[dict]:
     vocab = model.config.vocab_size
     # ordinary tokens only (the last ids are the tokenizer's special tokens)
     prompt = torch.randint(0, max(1, vocab - 16), (cfg.prompt_len,), generator=g).tolist()
+
+    variants = ["naive", "kv-eager"]
+    variants.append("kv-graph" if device.type == "cuda" else "kv-static")
+    if device.type != "cuda":
+        variants.append("kv-graph")
+    decode_of = {"kv-eager": "eager", "kv-static": "static", "kv-graph": "graph"}
+    checks: dict[str, dict] = {}
+    naive_fp32 = None
+    with full_fp32_matmuls():
+        for variant in variants:
+            if variant in decode_of and not (variant == "kv-graph" and device.type != "cuda"):
+                checks[variant] = check_decode(model, prompt, cfg.new_tokens, cfg.num_samples, decode_of[variant])
+        if checks:
+            naive_fp32 = generate_naive(model, prompt, cfg.new_tokens, num_samples=cfg.num_samples)
+    timed_dtype = getattr(torch, cfg.dtype) if cfg.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    model.to(timed_dtype)      # bf16 on CUDA: decode is bound by reading weights, half the bytes
+
     name = device_name(device)
     bandwidth_peak = peak_bandwidth(name) if device.type == "cuda" else None
     bytes_per_step = _decode_bytes_per_step(model, cfg.num_samples, cfg.prompt_len + cfg.new_tokens / 2)
@@ -177,10 +215,6 @@ def _run(cfg: InferenceBenchConfig, should_stop=None) -> list[dict]:
         "repeats": cfg.repeats, "threads": torch.get_num_threads() if device.type == "cpu" else None,
     }
 
-    variants = ["naive", "kv-eager"]
-    variants.append("kv-graph" if device.type == "cuda" else "kv-static")
-    if device.type != "cuda":
-        variants.append("kv-graph")
     rows: list[dict] = []
     measured: dict[str, dict] = {}
     for variant in variants:
@@ -192,6 +226,18 @@ def _run(cfg: InferenceBenchConfig, should_stop=None) -> list[dict]:
                        f"{device.type}); kv-static runs the same decode step uncaptured")
             rows.append(row)
             continue
+        check = checks.get(variant)
+        if check is not None:
+            row.update(decode_check="pass" if check["ok"] else "FAIL", decode_check_max_logit_diff=check["max_logit_diff"],
+                       decode_check_tolerance=check["tolerance"],
+                       greedy_identical_fp32=_first_mismatch(naive_fp32, check["tokens"]) is None)
+            if not check["ok"]:
+                # not timed: a decode that computes the wrong thing has no speed worth reporting
+                row.update(state="FAILED", error=(
+                    f"decode check failed (fp32): max |logit - full forward| {check['max_logit_diff']:.3g} > "
+                    f"{check['tolerance']:g}, first at step {check['first_bad_step']}"))
+                rows.append(row)
+                continue
         t_start = time.perf_counter()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -199,7 +245,7 @@ def _run(cfg: InferenceBenchConfig, should_stop=None) -> list[dict]:
             generate_naive(model, prompt, 2, num_samples=cfg.num_samples)   # warm-up
             result = _best_of(cfg.repeats, lambda: _timed_naive_run(model, prompt, cfg, device))
         else:
-            engine = Engine(model, decode={"kv-eager": "eager", "kv-static": "static", "kv-graph": "graph"}[variant])
+            engine = Engine(model, decode=decode_of[variant])
             _warm_up(engine, prompt, cfg)
             result = _best_of(cfg.repeats, lambda: _timed_engine_run(engine, prompt, cfg, device))
         measured[variant] = result
@@ -258,10 +304,14 @@ def summary(rows: list[dict]) -> dict:
         out[key] = rows[0].get(key) if rows else None
     for row in rows:
         out["variants"][row["variant"]] = {k: row.get(k) for k in (
-            "state", "skip_reason", "tokens_per_s", "ttft_s", "tpot_s", "bandwidth_bytes_per_s", "bandwidth_util",
-            "greedy_identical", "speedup_vs_naive", "peak_memory_bytes") if row.get(k) is not None or k == "state"}
+            "state", "skip_reason", "error", "tokens_per_s", "ttft_s", "tpot_s", "bandwidth_bytes_per_s", "bandwidth_util",
+            "greedy_identical", "decode_check", "decode_check_max_logit_diff", "greedy_identical_fp32",
+            "speedup_vs_naive", "peak_memory_bytes") if row.get(k) is not None or k == "state"}
     done = [r for r in rows if r.get("state") == "COMPLETED" and r["variant"] != "naive"]
     out["greedy_identical"] = all(r.get("greedy_identical") for r in done) if done else None
+    checked = [r for r in rows if r.get("decode_check") is not None]
+    # True only when every cached variant that ran passed the fp32 check against the full forward
+    out["decode_check"] = all(r["decode_check"] == "pass" for r in checked) if checked else None
     kv = next((r for r in rows if r["variant"] == "kv-eager" and r.get("state") == "COMPLETED"), None)
     out["speedup_kv_vs_naive"] = kv.get("speedup_vs_naive") if kv else None
     graph = next((r for r in rows if r["variant"] == "kv-graph" and r.get("state") == "COMPLETED"), None)

@@ -343,6 +343,89 @@ def test_inference_bench_from_a_checkpoint(memorised, tmp_path):
 
 
 # -----------------------------------------------------------------------------
+# The decode check: a broken cache fails the bench and the stage, whatever dtype the timed runs use
+
+@pytest.fixture
+def position_blind_static_cache(monkeypatch):
+    """Break the static cache (the CUDA-graph step's cache) the way a capture bug would: every decode
+    step takes its rotary position from 0 instead of the row's cache position."""
+    rotary = KVCache.rotary
+
+    def blind(self, cos, sin, T):
+        if not self.static:
+            return rotary(self, cos, sin, T)
+        self.check_room(T)
+        idx = self._arange[:T][None, :].expand(self.batch_size, T)
+        return cos[0, idx], sin[0, idx]
+    monkeypatch.setattr(KVCache, "rotary", blind)
+
+
+def test_check_decode_passes_a_correct_cache():
+    from nanochat.engine import check_decode
+    model = tiny_model()
+    for decode in ("eager", "static"):
+        good = check_decode(model, random_prompt(10), 12, num_samples=2, decode=decode)
+        assert good["ok"] and good["max_logit_diff"] < 1e-4 and good["first_bad_step"] is None
+    with pytest.raises(ValueError, match="fp32"):
+        check_decode(tiny_model().to(torch.bfloat16), random_prompt(10), 4)
+
+
+def test_check_decode_catches_a_position_blind_static_cache(position_blind_static_cache):
+    from nanochat.engine import check_decode
+    bad = check_decode(tiny_model(), random_prompt(10), 12, num_samples=2, decode="static")
+    # the prefill (step 0) has no cache position to ignore; the first decode step is wrong
+    assert not bad["ok"] and bad["first_bad_step"] == 1 and bad["max_logit_diff"] > 0.1
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_inference_bench_fails_a_broken_static_cache_and_reports_no_speedup(position_blind_static_cache, dtype):
+    from nanochat.inference_bench import DecodeMismatch
+    # bfloat16: the timed runs in bf16 as on a GPU, where greedy equality with naive proves nothing;
+    # the check still runs in fp32 and must catch the broken cache.
+    cfg = InferenceBenchConfig(depth=2, vocab_size=512, prompt_len=8, new_tokens=6, num_samples=2,
+                               diversity_samples=4, dtype=dtype)
+    with pytest.raises(DecodeMismatch, match="kv-static: decode check failed"):
+        run_bench(cfg)
+    rows = run_bench(cfg, raise_on_mismatch=False)
+    by = {r["variant"]: r for r in rows}
+    assert by["kv-static"]["state"] == "FAILED" and by["kv-static"]["decode_check"] == "FAIL"
+    assert "speedup_vs_naive" not in by["kv-static"] and "tokens_per_s" not in by["kv-static"]
+    assert by["kv-eager"]["state"] == "COMPLETED" and by["kv-eager"]["decode_check"] == "pass"
+    assert by["kv-eager"]["weights_dtype"] == dtype
+    s = summary(rows)
+    assert s["decode_check"] is False and s["variants"]["kv-static"]["state"] == "FAILED"
+
+
+def test_bench_inference_command_exits_1_on_a_broken_cache(position_blind_static_cache, capsys):
+    from jobs import bench_inference
+    rc = bench_inference.main(["--depth", "2", "--vocab-size", "512", "--prompt-len", "6", "--new-tokens", "5",
+                               "--num-samples", "2", "--dtype", "bfloat16", "--json"])
+    out = capsys.readouterr()
+    assert rc == 1 and "kv-static" in out.err
+    result = json.loads(out.out.strip().splitlines()[-1])
+    assert result["decode_check"] is False and result["variants"]["kv-static"]["state"] == "FAILED"
+
+
+def test_inference_bench_stage_fails_on_a_broken_cache(position_blind_static_cache, tmp_path, monkeypatch):
+    import yaml
+    from jobs import runs, spec, stages
+    monkeypatch.setenv("NANOCHAT_RESULTS_DIR", str(tmp_path / "results"))
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "work"))
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"name": "p", "stages": {"infer": {"kind": "inference_bench", "args": {
+        "depth": 2, "vocab_size": 512, "prompt_len": 6, "new_tokens": 5, "num_samples": 2, "diversity_samples": 4,
+        "dtype": "bfloat16"}}}}))
+    run, run_dir = runs.create_run(spec.load_pipeline(path), "broken", "local", [])
+    with pytest.raises(Exception, match="decode check failed"):
+        stages.run_stage(run_dir, "infer")
+    rows = [json.loads(p.read_text()) for p in (run_dir / "rows").glob("*.json")]
+    assert [r["state"] for r in rows] == ["FAILED"] and "kv-static" in rows[0]["error"]
+    assert not stages.marker_path(run_dir, "infer").exists()
+    detail = json.loads((Path(run["workdir"]) / "broken" / "infer" / "inference_bench.json").read_text())
+    assert {r["variant"]: r["state"] for r in detail["rows"]}["kv-static"] == "FAILED"
+
+
+# -----------------------------------------------------------------------------
 # CUDA only: the captured decode step (runs where a GPU is present; skipped here)
 
 @pytest.mark.gpu
