@@ -40,7 +40,8 @@ RESULT_COLUMNS: dict[str, tuple[str, str]] = {
     "padding_fraction": ("float64", "share of positions that were padding"),
     "mfu": ("float64", "model FLOPs utilisation in percent, where the bf16 peak is known"),
     "peak_memory_bytes": ("Int64", "peak device memory (CUDA) or peak RSS (CPU)"),
-    "gpu_util_mean": ("float64", "mean GPU utilisation over the stage (NVML), percent"),
+    "gpu_util_mean": ("float64", "mean GPU utilisation of rank 0's GPU over the stage (NVML, sampled every 0.5 s), "
+                                 "percent; empty on CPU or without NVML"),
     "compile": ("boolean", "torch.compile on"),
     "num_compiles": ("Int64", "compilations (dynamo frames compiled)"),
     "final_loss": ("float64", "last training loss"),

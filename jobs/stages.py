@@ -222,7 +222,11 @@ def run_stage(run_dir: str | os.PathLike, stage_name: str, task: int | None = No
         recipe = run_noop if kind == "noop" else module.run
         print(f"[stage] {run['run_id']}/{stage_name}{'' if task is None else f'[{task}]'} kind={kind} "
               f"rank={rank} restarts={restarts}", flush=True)
-        result = recipe(cfg, should_stop=should_stop)
+        sampler = _start_gpu_sampler(kind, cfg, rank)
+        try:
+            result = recipe(cfg, should_stop=should_stop)
+        finally:
+            base["gpu_util_mean"] = sampler.stop() if sampler is not None else None
     except BaseException as e:
         if rank == 0:
             _collect_metrics(run_dir, stage_name, variant, cfg)
@@ -275,6 +279,20 @@ def run_stage(run_dir: str | os.PathLike, stage_name: str, task: int | None = No
                           {"stage": stage_name, "task": task, "finished_at": rows[-1]["finished_at"] if rows else None,
                            "job_id": rows[-1]["job_id"] if rows else None})
     return rows[-1] if rows else {}
+
+
+def _start_gpu_sampler(kind: str, cfg, rank: int):
+    """NVML sampling of this rank's GPU while a model stage runs on CUDA (rank 0 writes the row, so
+    rank 0 samples); None on a CPU, without NVML, and for noop: the row's gpu_util_mean stays empty."""
+    if kind == "noop" or rank != 0:
+        return None
+    import torch
+    from nanochat import gpu_monitor
+    device_type = getattr(cfg, "device_type", "") or ("cuda" if torch.cuda.is_available() else "cpu")
+    sampler, why = gpu_monitor.start_gpu_sampler(device_type)
+    if sampler is None and device_type == "cuda":
+        print(f"[stage] gpu_util_mean not measured: {why}", flush=True)
+    return sampler
 
 
 def _collect_metrics(run_dir: Path, stage_name: str, variant, cfg) -> None:
