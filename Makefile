@@ -11,7 +11,7 @@ RUN ?=
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: help setup pipeline test test-fast report bench slurm-up slurm-down clean
+.PHONY: help setup pipeline test test-fast report bench gpu-check slurm-up slurm-down clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -42,6 +42,9 @@ report: setup ## build the report of RUN=<run id> (or the latest run)
 
 bench: setup ## benchmark each optimization against its baseline on this machine
 	$(PY) -m jobs bench all
+
+gpu-check: ## every GPU path, short (under 8 min on one H100/H200): one JSON line; skips without CUDA
+	@$(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m jobs gpu-check $(if $(OUT_JSON),--out $(OUT_JSON),)
 
 slurm-up: ## start a real single-node Slurm (with accounting) on localhost
 	bash sbatch/slurm_local.sh up

@@ -6,6 +6,7 @@
     status RUN [--json]          cancel RUN [--json]          resume RUN [--wait] [--json] [--max-parallel N]
     report RUN [RUN ...] [--baseline RUN] [--json]              (jobs.report)
     probe ... (jobs.cmd_probe)   chat ... (jobs.cmd_chat)     bench train|sft|inference|batch|all (jobs.cmd_bench)
+    gpu-check [--out FILE] (jobs.gpu_check: every GPU path, short; one line and exit 0 without CUDA)
     stage-run RUN_DIR STAGE [--task I]                          (internal: what a local stage process runs)
 
 Every command module is imported when its command runs, so `--help` is fast and a module that is
@@ -28,6 +29,7 @@ EXTERNAL_COMMANDS = {
     "probe": ("jobs.cmd_probe", "find the largest device batch size that fits (and cache it)"),
     "chat": ("jobs.cmd_chat", "chat with a trained checkpoint"),
     "bench": ("jobs.cmd_bench", "benchmark each optimization against its baseline: train|sft|inference|batch|all"),
+    "gpu-check": ("jobs.gpu_check", "check every GPU path on this machine's CUDA device, one JSON line (skips without CUDA)"),
 }
 
 
