@@ -125,7 +125,7 @@ def inference_config(device_type: str = "cuda"):
 def train_compiled_config(workdir, vocab: int, device_type: str = "cuda"):
     from nanochat.base_train import BaseTrainConfig
     return BaseTrainConfig(base_dir=str(workdir), out_dir=str(Path(workdir) / "base"), device_type=device_type, depth=4,
-                           seq_len=256, vocab_size=vocab, device_batch_size=0, total_batch_size=8 * 256, num_steps=3,
+                           seq_len=256, vocab_size=vocab, device_batch_size=0, total_batch_size=4 * 256, num_steps=3,
                            eval_tokens=1, log_every=1, compile="on", num_shards=DATA_SHARDS, data_max_chars=DATA_CHARS)
 
 
