@@ -178,8 +178,9 @@ def check_train_compiled(ctx: dict) -> dict:
     cfg = train_compiled_config(ctx["workdir"], ctx["vocab"])
     row = run(cfg)
     info = row.get("batch_info") or {}
-    figures = {k: row.get(k) for k in ("state", "device_batch_size", "batch_size_source", "grad_accum_steps",
+    figures = {k: row.get(k) for k in ("device_batch_size", "batch_size_source", "grad_accum_steps",
                                        "num_compiles", "tokens_per_s", "mfu", "final_loss", "peak_memory_bytes")}
+    figures["run_state"] = row.get("state")
     figures.update(probe_trials=len(info.get("trials") or []), probe_seconds=info.get("seconds"))
     if row.get("state") != "COMPLETED" or not row.get("compile") or row.get("batch_size_source") != "probe":
         raise AssertionError(f"compiled training: {figures}")
@@ -212,7 +213,8 @@ def check_oom_fallback(ctx: dict) -> dict:
     rows, T, depth = cfg.device_batch_size, cfg.seq_len, cfg.depth
     row = run(cfg)
     figures = {"configured_device_batch_size": rows, "seq_len": T, "depth": depth,
-               **{k: row.get(k) for k in ("state", "device_batch_size", "grad_accum_steps", "batch_size_source",
+               "run_state": row.get("state"),
+               **{k: row.get(k) for k in ("device_batch_size", "grad_accum_steps", "batch_size_source",
                                           "total_batch_size", "final_loss", "peak_memory_bytes")}}
     if row.get("batch_size_source") != "fallback":
         raise AssertionError(f"no out-of-memory at {rows} rows x {T} tokens (depth {depth}): {figures}")
@@ -297,7 +299,7 @@ def run_checks(names: list[str], ctx: dict) -> dict:
         _log(f"{name}: running")
         t0 = time.perf_counter()
         try:
-            result = {"state": "PASS", **CHECKS[name](ctx)}
+            result = {**CHECKS[name](ctx), "state": "PASS"}
         except Skip as e:
             result = {"state": "SKIPPED", "reason": str(e)}
         except Exception as e:  # a failed check is a result; the next check still runs
