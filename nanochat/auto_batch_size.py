@@ -12,9 +12,15 @@ How it searches:
 - Sizes grow 1, 2, 4, ... until a trial fails or the cap is reached, then a binary search between
   the last success and the first failure, stopped as soon as the final choice cannot change.
   The cap is ceil(R / (1 - margin)) where R = total_batch / (seq_len * world_size) rows per rank:
-  a success there proves that R, the largest useful size, fits with the margin.
-- Optionally (stop_gain) each success is timed, and growth stops when doubling the batch gains
-  less than stop_gain in tokens/s: the largest batch is not always the fastest.
+  a success there proves that R, the largest useful size, fits with the margin. Memory alone gives
+  the baseline size.
+- When the training compiles, the search runs eager and one compiled step confirms the chosen size
+  (backing off to the next smaller divisor if it fails): one compile, not one per trial.
+- The speed check (stop_gain; eager training only): the baseline and the next smaller divisor are
+  timed in interleaved rounds; the smaller is kept only when every round of it beats every round of
+  the baseline by stop_gain, and never when one size's timings disagree by more than NOISE_LIMIT
+  (a contended machine). The timings go into the cache entry; a size below the baseline expires.
+- time_limit_s: no trial starts that would overrun it; the best size found so far is kept.
 - With several ranks, every rank runs every trial and the verdicts are reduced (MIN on success,
   MAX on step time) in one collective per trial that every rank reaches whatever its outcome,
   so a rank that runs out of memory cannot deadlock the others and all ranks agree.
@@ -200,6 +206,7 @@ class Trial:
     seconds: float = 0.0           # time of the timed step(s) (max over ranks), 0 when not timed
     tokens_per_s: float | None = None
     error: str = ""
+    compiled: bool = False         # a compiled confirmation (the search itself runs eager)
 
 
 def _synchronize(device: torch.device) -> None:
@@ -281,7 +288,7 @@ def run_trial(model, optimizers_factory, step_fn, batch_size: int, seq_len: int,
     if not ok and not error:
         error = "out of memory on another rank"
     tps = (batch_size * seq_len / seconds) if (ok and seconds > 0) else None
-    return Trial(batch_size=batch_size, ok=ok, seconds=seconds, tokens_per_s=tps, error=error)
+    return Trial(batch_size=batch_size, ok=ok, seconds=seconds, tokens_per_s=tps, error=error, compiled=bool(compile))
 
 
 # -----------------------------------------------------------------------------
@@ -310,7 +317,8 @@ def speed_check(time_fn, rows: int, baseline: int, stop_gain: float, rounds: int
                 noise_limit: float = NOISE_LIMIT, out_of_time=lambda: False, log=print0) -> dict:
     """May a size below the memory baseline train faster? Compares the current size with the next
     smaller divisor (about half) in `rounds` interleaved rounds (A B, B A, ...: drift hits both).
-    The smaller one is taken only when it is faster by more than stop_gain in EVERY round; and when
+    The smaller one is taken only when its slowest round beats the current size's fastest round by
+    more than stop_gain (faster every time, beyond the spread of the timings); and when
     the timings of one size disagree among themselves by more than noise_limit, the machine was
     contended and no speed-based choice is made at all (the baseline stays). Returns a record with
     every timing; record["chosen"] is the size to use. time_fn(bs) -> Trial with seconds per step."""
@@ -332,7 +340,8 @@ def speed_check(time_fn, rows: int, baseline: int, stop_gain: float, rounds: int
                 rates[size].append(size / t.seconds if (t.ok and t.seconds > 0) else 0.0)
         done = len(rates[smaller]) == rounds and len(rates[current]) == rounds
         noise = max(_spread(rates[current]), _spread(rates[smaller])) if done else None
-        faster_every_round = done and all(b > a * (1.0 + stop_gain) for a, b in zip(rates[current], rates[smaller]))
+        # significance: the smaller size's slowest round beats the current size's fastest by stop_gain
+        faster_every_round = done and min(rates[smaller]) > max(rates[current]) * (1.0 + stop_gain)
         contended = done and noise > noise_limit
         record["comparisons"].append({"sizes": [current, smaller],
                                       "rows_per_s": {str(current): rates[current], str(smaller): rates[smaller]},
@@ -637,7 +646,7 @@ def _check_entry(entry, key: str, rows: int | None) -> None:
     if entry.get("max_found") is not None and not (isinstance(entry["max_found"], int) and not isinstance(entry["max_found"], bool)):
         raise ValueError("max_found must be an integer")
     trials = entry.get("trials", [])
-    if not (isinstance(trials, list) and all(isinstance(t, dict) and _positive_int(t.get("batch_size"))
+    if not (isinstance(trials, list) and all(isinstance(t, dict) and isinstance(t.get("batch_size"), int)
                                              and isinstance(t.get("ok", True), bool) for t in trials)):
         raise ValueError("trials must be a list of {batch_size, ok, ...}")
     fallbacks = entry.get("fallbacks", [])
