@@ -628,6 +628,9 @@ def _describe_callable(fn) -> str:
     return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"
 
 
+MAX_ENTRY_BYTES = 4 << 20
+
+
 def _positive_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
@@ -663,13 +666,16 @@ def read_cache(cache_dir, key: str, rows: int | None = None) -> dict | None:
     warning naming it: the caller probes again and overwrites it. Never raises for the file's content."""
     path = cache_path(cache_dir, key)
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            data = f.read(MAX_ENTRY_BYTES + 1)   # an entry is a few kB; a device or huge file is not one
     except FileNotFoundError:
         return None
     except OSError as e:
         warnings.warn(f"batch size cache {path}: unreadable ({e}); probing again")
         return None
     try:
+        if len(data) > MAX_ENTRY_BYTES:
+            raise ValueError(f"larger than {MAX_ENTRY_BYTES} bytes")
         entry = json.loads(data.decode("utf-8"))
         _check_entry(entry, key, rows)
     except (ValueError, KeyError, TypeError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
@@ -685,9 +691,9 @@ def write_cache(cache_dir, key: str, entry: dict, lock_timeout_s: float = 60.0) 
     """Atomic write under a file lock. When an entry exists, the smaller device batch wins (a
     run-time fallback on one job must not be undone by another job's older probe)."""
     path = cache_path(cache_dir, key)
-    path.parent.mkdir(parents=True, exist_ok=True)
     entry = dict(entry, key=key)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(path) + ".lock", timeout=lock_timeout_s):
             with warnings.catch_warnings():   # the reader already warned about a corrupt entry
                 warnings.simplefilter("ignore")
@@ -697,6 +703,8 @@ def write_cache(cache_dir, key: str, entry: dict, lock_timeout_s: float = 60.0) 
             atomic_write_json(path, entry)
     except Timeout:
         warnings.warn(f"batch size cache {path}: lock busy for {lock_timeout_s} s; not cached")
+    except OSError as e:   # e.g. a directory squatting on the entry's name: the answer still holds, uncached
+        warnings.warn(f"batch size cache {path}: cannot write ({type(e).__name__}: {e}); not cached")
     return path
 
 
@@ -792,7 +800,7 @@ def resolve_device_batch_size(model, optimizers_factory, seq_len: int, total_bat
 
     # Rank 0 reads the cache and tells the others, so a write racing with the reads cannot split them.
     entry = read_cache(cache_dir, key, rows) if (use_cache and not refresh_cache and is_rank0) else None
-    hit = _broadcast_ints([entry["device_batch_size"], entry.get("max_found", 0)] if entry else [0, 0], device)
+    hit = _broadcast_ints([entry["device_batch_size"], entry.get("max_found") or 0] if entry else [0, 0], device)
     if hit[0] > 0:
         bs = hit[0]
         info.update(max_found=hit[1], trials=(entry or {}).get("trials", []), seconds=time.perf_counter() - t0)
