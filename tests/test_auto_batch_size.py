@@ -559,3 +559,36 @@ def test_bench_batch_reports_exact_size_and_cache_hit(capsys):
     assert out["trials"] == [1, 2, 4, 8]          # cap ceil(6 / 0.85) = 8, all fit
     assert (out["device_batch_size"], out["grad_accum"]) == (6, 1)   # floor(6.8) = 6 divides 6
     assert out["tokens_per_s_auto"] > 0 and out["tokens_per_s_baseline"] > 0
+
+
+@dataclass
+class SleepyStep:
+    """The real step, 0.1 s slower: a model whose trials are long against the time limit."""
+    def __call__(self, model, optimizers, batch_size):
+        import time as _time
+        _time.sleep(0.1)
+        TrainStep(SEQ, VOCAB)(model, optimizers, batch_size)
+
+
+def test_time_limit_stops_the_search_keeps_the_best_size_and_says_so(tmp_path):
+    bs, accum, source, info = resolve(tiny_model(), SleepyStep(), rows=64, tmp_path=tmp_path, time_limit_s=0.9)
+    assert info["stopped_by_deadline"] and 1 <= info["max_found"] < 64 and len(info["trials"]) <= 3
+    assert bs == choose_device_batch(info["max_found"], 64, 0.15) and bs * accum == 64
+    entry = read_cache(tmp_path, info["cache_key"], 64)
+    assert entry["stopped_by_deadline"] is True and entry["device_batch_size"] == bs
+
+
+def test_probe_command_pipeline_flags_are_checked():
+    import argparse
+    from jobs import cmd_probe
+    parser = argparse.ArgumentParser()
+    cmd_probe.add_arguments(parser)
+    with pytest.raises(ConfigError, match="--depth: not with --pipeline"):
+        cmd_probe.config_from_args(parser.parse_args(["--pipeline", "smoke", "--depth", "4"]))
+    with pytest.raises(ConfigError, match="--seq-len: required"):
+        cmd_probe.config_from_args(parser.parse_args(["--depth", "4"]))
+    with pytest.raises(ConfigError, match="--serves sft"):
+        cmd_probe.config_from_args(parser.parse_args(["--pipeline", "smoke", "--serves", "sft"]))
+    cfg = cmd_probe.config_from_args(parser.parse_args(["--pipeline", "artemis-a100", "--set", "defaults.depth=12"]))
+    assert (cfg.serves, cfg.depth, cfg.world_size, cfg.vocab_size, cfg.seq_len, cfg.compile) == \
+        ("base_train", 12, 2, 65536, 2048, "auto")
