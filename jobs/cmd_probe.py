@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({
             "batch_size": row["device_batch_size"], "grad_accum": row["grad_accum_steps"],
             "max_found": row["max_found"], "first_failure": row.get("first_failure"),
-            "trials": [{"batch_size": t["batch_size"], "ok": t["ok"]} for t in trials],
+            "trials": [{"batch_size": t["batch_size"], "ok": t["ok"], "phase": t.get("phase", "memory")} for t in trials],
             "seconds": round(row["seconds"], 4), "source": row["batch_size_source"],
             "total_batch_size": row["total_batch_size"], "seq_len": row["seq_len"], "depth": row["depth"],
             "device_name": row["device_name"], "memory_budget_gb": row["memory_budget_gb"],

@@ -207,6 +207,7 @@ class Trial:
     tokens_per_s: float | None = None
     error: str = ""
     compiled: bool = False         # a compiled confirmation (the search itself runs eager)
+    phase: str = "memory"          # memory (the search) | compiled (confirmation) | timed (speed check)
 
 
 def _synchronize(device: torch.device) -> None:
@@ -387,6 +388,7 @@ def search_device_batch_size(trial_fn, rows: int, safety_margin: float = DEFAULT
         t0 = time.monotonic()
         t = fn(bs)
         last[0] = time.monotonic() - t0
+        t.phase = "memory" if label == "trial" else label
         trials.append(t)
         log(f"auto batch size: {label} {bs:5d} {'ok ' if t.ok else 'OOM'} {t.error if not t.ok else ''}".rstrip())
         return t
