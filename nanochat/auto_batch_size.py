@@ -230,6 +230,16 @@ def _reduce_trial(status: int, seconds: float, device: torch.device) -> tuple[in
     return int(t[0].item()), float(t[1].item())
 
 
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when it is true on any (one collective; identity without torch.distributed)."""
+    if not _dist_active():
+        return flag
+    comm_device = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([1 if flag else 0], dtype=torch.int64, device=comm_device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def _snapshot(model) -> dict:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
@@ -365,14 +375,15 @@ def speed_check(time_fn, rows: int, baseline: int, stop_gain: float, rounds: int
 def search_device_batch_size(trial_fn, rows: int, safety_margin: float = DEFAULT_SAFETY_MARGIN,
                              stop_gain: float | None = DEFAULT_STOP_GAIN, log=print0, *, time_fn=None,
                              confirm_fn=None, deadline: float | None = None, speed_rounds: int = SPEED_ROUNDS,
-                             noise_limit: float = NOISE_LIMIT) -> SearchResult:
+                             noise_limit: float = NOISE_LIMIT, agree=lambda flag: flag) -> SearchResult:
     """Exponential growth then binary search, on any `trial_fn(batch_size) -> Trial` (memory verdicts,
     eager when the training compiles). Then, when given:
     - confirm_fn(bs) -> Trial: one compiled step at the chosen size, backing off to the next smaller
       divisor until one passes (a compile per confirmation, not per trial);
     - time_fn(bs) -> Trial with seconds, and stop_gain: the speed check (speed_check above);
     - deadline (time.monotonic()): no trial starts when the last one's duration would overrun it;
-      the search keeps the best size found so far and says so (stopped_by_deadline).
+      the search keeps the best size found so far and says so (stopped_by_deadline). agree(flag)
+      makes the ranks of a distributed probe take that decision together (any rank out of time).
     Kept apart from torch so the exact sequence of trials is easy to reason about and test."""
     if not 0.0 <= safety_margin < 1.0:
         raise ConfigError(f"safety_margin: {safety_margin} must be in [0, 1)")
@@ -382,7 +393,7 @@ def search_device_batch_size(trial_fn, rows: int, safety_margin: float = DEFAULT
     last = [0.0]  # duration of the latest trial: the estimate for the next one
 
     def out_of_time() -> bool:
-        return deadline is not None and time.monotonic() + last[0] > deadline
+        return deadline is not None and agree(time.monotonic() + last[0] > deadline)
 
     def attempt(bs: int, fn=trial_fn, label: str = "trial") -> Trial:
         t0 = time.monotonic()
@@ -478,7 +489,8 @@ def _search_on_model(model, optimizers_factory, step_fn, seq_len: int, rows: int
         # step's, so with compile on there is no speed check (memory decides).
         return search_device_batch_size(trial_fn, rows, safety_margin, None if compile else stop_gain,
                                         time_fn=None if compile else time_fn,
-                                        confirm_fn=confirm_fn if compile else None, deadline=deadline)
+                                        confirm_fn=confirm_fn if compile else None, deadline=deadline,
+                                        agree=lambda flag: _any_rank(flag, device))
     finally:
         _restore(model, snapshot)
         model.train(was_training)

@@ -432,9 +432,19 @@ def _rank_worker(rank: int, port: int, limits: list[int], queue) -> None:
             raised = "nothing"
         except Exception as e:  # noqa: BLE001
             raised = f"{type(e).__name__}: {e}"
-        queue.put((rank, bs, accum, source, tried(info), step.calls, raised))
+        # the time limit: rank 1 is slow, rank 0 alone would go on; they stop together, same answer
+        def slow_on_rank1(model, optimizers, batch_size):
+            if rank == 1:
+                import time as _time
+                _time.sleep(0.3)
+            TrainStep(SEQ, VOCAB)(model, optimizers, batch_size)
+        bs3, accum3, _, info3 = resolve_device_batch_size(
+            model, build_optimizers, SEQ, 24 * SEQ * 2, 2, "cpu", slow_on_rank1, use_cache=False, stop_gain=0.05,
+            memory_budget_gb=0, time_limit_s=1.5)
+        limited = (bs3, accum3, info3["stopped_by_deadline"], [(t["batch_size"], t["phase"]) for t in info3["trials"]])
+        queue.put((rank, bs, accum, source, tried(info), step.calls, raised, limited))
     except BaseException as e:  # noqa: BLE001
-        queue.put((rank, "error", repr(e), None, None, None, None))
+        queue.put((rank, "error", repr(e), None, None, None, None, None))
     finally:
         dist.destroy_process_group()
 
@@ -458,8 +468,10 @@ def test_two_gloo_ranks_agree_when_one_fails():
     expected_trials = [1, 2, 4, 8, 6, 5]  # lo 4 hi 8 -> 6 fails (rank 1) -> 5 ok -> floor(4.25) -> 4
     assert results[1][6] == "ValueError: a bug in the step"
     assert results[0][6].startswith("RuntimeError: another rank failed its trial at device batch size 4")
+    assert results[0][7] == results[1][7] and results[0][7][2] is True, results   # agreed under the time limit
+    assert 24 % results[0][7][0] == 0 and results[0][7][0] * results[0][7][1] == 24
     for rank in (0, 1):
-        _, bs, accum, source, trials, calls, _ = results[rank]
+        _, bs, accum, source, trials, calls, _, _ = results[rank]
         assert (bs, accum, source) == (4, 6, "probe"), results[rank]
         assert trials == expected_trials
     # rank 0 ran every trial (it could fit 8 and 6 alone), each as two steps: the second holds the optimizer state
