@@ -427,6 +427,9 @@ def _check_serves(err: SpecError, stages: dict[str, Stage], probe: Stage, own: s
     for key in SERVED_KEYS:
         if key in own:
             raise err(f"stages.{probe.name}.args.{key}", f"set by serves: {served} (the probe takes it from that stage); remove it")
+    if "memory_budget_gb" in own:
+        raise err(f"stages.{probe.name}.args.memory_budget_gb",
+                  f"{served} probes under the default CPU budget; an entry made under another is never read by it")
 
 
 def _topological_order(err: SpecError, stages: dict[str, Stage]) -> list[str]:

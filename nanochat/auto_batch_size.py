@@ -743,7 +743,8 @@ def key_inputs(model, optimizers_factory, seq_len: int, total_batch_size: int, w
                memory_budget_gb: float | None = None, vocab_size: int | None = None,
                autocast_dtype: str | None = "auto", cache_extra: dict | None = None, **_run_options) -> KeyInputs:
     """THE derivation of the batch-size cache key (and of the probe's settings) from what a training
-    run is: its model, optimizers, step, seq_len, total batch, world size, device, compile and autocast.
+    run is: its model, optimizers, step, seq_len, total batch, world size, device, compile, autocast
+    (and on CPU the memory budget). safety_margin and stop_gain are accepted for symmetry and unused.
     resolve_device_batch_size calls it, and so do the probe stage and the tests that check that the
     key a probe writes is the key its training stage reads. Needs no memory: `model` may live on the
     meta device (only its config, class and parameter dtype are read) when `device` is given."""
@@ -775,8 +776,8 @@ def key_inputs(model, optimizers_factory, seq_len: int, total_batch_size: int, w
         "device_memory": device_total_memory(device),
         "torch": torch.__version__,
         "memory_budget_gb": memory_budget_gb,
-        "safety_margin": safety_margin,
-        "stop_gain": stop_gain,
+        # not the margin nor the speed-check settings: they are the probe's policy, not what training
+        # is; a probe with its own margin must still fill the entry training reads (they are in the entry)
         **(cache_extra or {}),
     }
     return KeyInputs(key=cache_key(parts), parts=parts, rows=rows, device=device, compile=bool(compile),
@@ -860,7 +861,7 @@ def resolve_device_batch_size(model, optimizers_factory, seq_len: int, total_bat
             "max_found": result.max_found, "first_failure": result.first_failure, "baseline": result.baseline,
             "stopped_by_speed": result.stopped_by_speed, "stopped_by_deadline": result.stopped_by_deadline,
             "compile_confirmed": result.compile_confirmed, "speed": result.speed,
-            "trials": result.trials, "source": "probe",
+            "trials": result.trials, "source": "probe", "safety_margin": safety_margin, "stop_gain": stop_gain,
             "parts": parts, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         if result.stopped_by_speed:

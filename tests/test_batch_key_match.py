@@ -122,6 +122,9 @@ def test_key_changes_with_everything_training_reads(device):
                    {"total_batch_size": 64 * 16}, {"compile": "off" if device.type == "cuda" else "on"}):
         keys.add(probe_cache_key(ProbeConfig(**{**base, **change}), device))
     assert len(keys) == 7
+    # the probe's own policy (margin, speed check, time limit) is not what training is: same entry
+    policy = ProbeConfig(**base, safety_margin=0.3, stop_gain=-1, time_limit_s=60)
+    assert probe_cache_key(policy, device) == probe_cache_key(ProbeConfig(**base), device)
     assert cache_key({"a": 1}) == cache_key({"a": 1})
 
 
@@ -130,7 +133,8 @@ def test_serves_is_validated(tmp_path):
     import yaml
     raw = yaml.safe_load((REPO_ROOT / "pipelines" / "smoke.yaml").read_text())
     cases = [({"serves": "sft"}, "serves"), ({"serves": "nope"}, "unknown stage"),
-             ({"serves": "base_train", "seq_len": 64}, "stages.probe.args.seq_len")]
+             ({"serves": "base_train", "seq_len": 64}, "stages.probe.args.seq_len"),
+             ({"serves": "base_train", "memory_budget_gb": 2.0}, "stages.probe.args.memory_budget_gb")]
     for args, message in cases:
         bad = json.loads(json.dumps(raw))
         bad["stages"]["probe"]["args"] = args
