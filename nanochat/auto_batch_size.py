@@ -787,7 +787,7 @@ def key_inputs(model, optimizers_factory, seq_len: int, total_batch_size: int, w
 def resolve_device_batch_size(model, optimizers_factory, seq_len: int, total_batch_size: int, world_size: int = 1,
                               device: torch.device | str | None = None, step_fn=None, *,
                               compile: bool = False, safety_margin: float = DEFAULT_SAFETY_MARGIN,
-                              stop_gain: float | None = DEFAULT_STOP_GAIN, timed_steps: int = 2,
+                              stop_gain: float | None = DEFAULT_STOP_GAIN, timed_steps: int = 1,
                               memory_budget_gb: float | None = None, use_cache: bool = True,
                               refresh_cache: bool = False, cache_dir: str | os.PathLike | None = None,
                               base_dir: str | os.PathLike | None = None, vocab_size: int | None = None,

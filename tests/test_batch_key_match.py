@@ -150,3 +150,45 @@ def test_serves_is_validated(tmp_path):
     p.write_text(yaml.safe_dump(bad))
     with pytest.raises(ConfigError, match="must depend on 'probe'"):
         load_pipeline(p)
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_probe_array_on_slurm_fills_the_entry_the_named_stage_reads(local_slurm, tmp_path):
+    """sbatch/probe_array.sbatch with a one-row grid (the smoke pipeline's base_train at depth 1, the
+    command copied from sbatch/probe_grid.yaml) on the local Slurm: the cache entry it leaves in the
+    work directory is the one `submit smoke --set defaults.depth=1 --executor slurm` reads."""
+    import os
+    import subprocess
+    import time
+    import yaml
+    from nanochat.auto_batch_size import read_cache
+    shipped = load_grid(REPO_ROOT / "sbatch" / "probe_grid.yaml")
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({"name": "probe", "kind": "probe", "command": shipped["command"],
+                                    "rows": [{"pipeline": "pipelines/smoke.yaml", "serves": "base_train", "depth": 1}]}))
+    work = tmp_path / "work"
+    env = dict(os.environ, PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
+               NANOCHAT_BASE_DIR=str(work), NANOCHAT_RESULTS_DIR=str(tmp_path / "results"), RUN_ID="probe-array")
+    out = subprocess.run(["sbatch", "--parsable", "--array=0-0", "--gpus-per-node=0", "--cpus-per-task=1",
+                          f"--output={tmp_path}/%x-%A_%a.out", "sbatch/probe_array.sbatch", str(grid)],
+                         capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    job = out.stdout.strip().split(";")[0]
+    deadline, state = time.monotonic() + 600, ""
+    while time.monotonic() < deadline:
+        sacct = subprocess.run(["sacct", "-X", "-n", "-P", "-j", job, "-o", "JobID,State"], capture_output=True, text=True)
+        states = [line.split("|")[1].split()[0] for line in sacct.stdout.split() if line.startswith(f"{job}_0|")]
+        state = states[0] if states else ""
+        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL"):
+            break
+        time.sleep(2)
+    logs = "".join(p.read_text()[-3000:] for p in tmp_path.glob("probe-*.out"))
+    assert state == "COMPLETED", logs
+    pipeline = load_pipeline(REPO_ROOT / "pipelines" / "smoke.yaml", ["defaults.depth=1"])
+    run = {"run_id": "keys", "workdir": str(work), "executor": "slurm"}
+    cfg, _ = build_config(run, pipeline, "base_train", None)
+    key = batch_cache_key(cfg, training_model(cfg), world_size_at_run_time("slurm", pipeline.stages["base_train"]),
+                          torch.device("cpu"))
+    entry = read_cache(work / "batch_size_cache", key, cfg.total_batch_size // cfg.seq_len)
+    assert entry is not None and entry["source"] == "probe", (sorted(p.name for p in (work / "batch_size_cache").glob("*")), logs)
