@@ -69,6 +69,7 @@ def test_probe_stage_writes_the_key_its_training_stage_reads(path, executor, dev
     probes = [s for s in pipeline.stages.values() if s.kind == "probe"]
     auto_train = [s for s in pipeline.stages.values() if s.kind == "base_train" and auto_tasks(pipeline, s)]
     assert not auto_train or probes, f"{path.name}: an automatic base_train without a probe stage"
+    mids_checked: list[str] = []
     for probe in probes:
         served_name = probe.args.get("serves")
         assert served_name, f"{path.name}: stages.{probe.name} names no training stage (serves)"
@@ -82,8 +83,20 @@ def test_probe_stage_writes_the_key_its_training_stage_reads(path, executor, dev
             read = batch_cache_key(cfg, training_model(cfg), world_size_at_run_time(executor, served), device)
             assert written == read, (f"{path.name}: {probe.name} writes {written[:12]}, {served_name}[{task}] "
                                      f"reads {read[:12]} ({executor}, {device.type})")
+        # a mid_train of the same shape, from the served stage's checkpoint, reads the same entry
+        for mid in (m for m in pipeline.stages.values() if m.kind == "mid_train" and auto_tasks(pipeline, m)):
+            if mid.args.get("init_from") != served_name:
+                continue
+            mid_cfg, _ = build_config(run, pipeline, mid.name, None)
+            base_cfg, _ = build_config(run, pipeline, served_name, tasks[0])
+            if (mid_cfg.seq_len, mid_cfg.total_batch_size, mid_cfg.compile) == (base_cfg.seq_len, base_cfg.total_batch_size, base_cfg.compile):
+                mid_key = batch_cache_key(mid_cfg, training_model(base_cfg), world_size_at_run_time(executor, mid), device)
+                assert mid_key == written, f"{path.name}: {mid.name} misses the probe's entry"
+                mids_checked.append(mid.name)
         # the probe honours its own stage's time limit
         assert 0 < probe_cfg.time_limit_s < probe.resources.time_min * 60
+    if path.stem in ("smoke", "artemis-a100"):
+        assert mids_checked == ["mid_train"]    # their mid_train has base_train's shape: a cache hit too
 
 
 @pytest.mark.parametrize("grid_path", GRIDS, ids=[g.stem for g in GRIDS])
