@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         "device_name": device_name(device), "depth": args.depth, "seq_len": args.seq_len, "total_batch_size": total,
         "memory_budget_gb": info.get("memory_budget_gb"), "probe_source": source,
         "device_batch_size": bs, "grad_accum": accum, "max_found": info["max_found"],
-        "first_failure": info.get("first_failure"), "trials": [t["batch_size"] for t in info["trials"]],
+        "first_failure": info.get("first_failure"), "trials": [t["batch_size"] for t in info["trials"] if t.get("phase", "memory") == "memory"],
         "probe_seconds": round(info["seconds"], 3), "cache_source": source2, "cache_hit_seconds": round(hit_s, 5),
         "earlier_fork_size": naive, "earlier_fork_exact": naive > 0 and rows % naive == 0,
         "baseline_batch_size": base_bs, "tokens_per_s_auto": round(tps_auto, 1),

@@ -9,15 +9,30 @@ import argparse
 import json
 
 from nanochat.auto_batch_size import DEFAULT_SAFETY_MARGIN, DEFAULT_STOP_GAIN, ProbeConfig, run as run_probe
+from nanochat.common import ConfigError
+
+
+SHAPE_FLAGS = {"depth": None, "seq_len": None, "vocab_size": 4096, "total_batch_size": 0, "world_size": 1, "compile": False}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--depth", type=int, required=True, help="model depth (width = 64 * depth)")
-    parser.add_argument("--seq-len", type=int, required=True, help="tokens per row")
+    parser.add_argument("--pipeline", default="",
+                        help="probe for a training stage of this pipeline (a path or a name in pipelines/): "
+                             "shape, world size and compile come from that stage, so the entry is the one it reads")
+    parser.add_argument("--serves", default="", help="with --pipeline: the training stage (default: the "
+                                                     "stage the pipeline's probe stage serves)")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                        help="with --pipeline: override a pipeline key, as `submit --set` does (e.g. defaults.depth=26)")
+    parser.add_argument("--executor", choices=("slurm", "local"), default="slurm",
+                        help="with --pipeline: how the training will run (local runs use one rank)")
+    parser.add_argument("--depth", type=int, default=None, help="model depth (width = 64 * depth)")
+    parser.add_argument("--seq-len", type=int, default=None, help="tokens per row")
     parser.add_argument("--vocab-size", type=int, default=4096, help="vocabulary size (logits memory grows with it)")
     parser.add_argument("--total-batch-size", type=int, default=0,
                         help="tokens per optimizer step over all ranks (default: 64 rows per rank)")
     parser.add_argument("--world-size", type=int, default=1, help="ranks the training will use")
+    parser.add_argument("--time-limit-s", type=float, default=0.0,
+                        help="stop searching after this many seconds and keep the best size found (0: no limit)")
     parser.add_argument("--memory-budget-gb", type=float, default=0.0,
                         help="CPU: address space the training step may use above the torch runtime "
                              "(default: half the available memory); ignored on GPUs")
@@ -36,11 +51,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> ProbeConfig:
-    return ProbeConfig(base_dir=args.base_dir, out_dir=args.out_dir, device_type=args.device, depth=args.depth,
-                       seq_len=args.seq_len, vocab_size=args.vocab_size, total_batch_size=args.total_batch_size,
-                       world_size=args.world_size, compile=args.compile, memory_budget_gb=args.memory_budget_gb,
-                       safety_margin=args.safety_margin, stop_gain=args.stop_gain, use_cache=not args.no_cache,
-                       refresh_cache=args.refresh, cache_dir=args.cache_dir)
+    common = dict(base_dir=args.base_dir, out_dir=args.out_dir, memory_budget_gb=args.memory_budget_gb,
+                  safety_margin=args.safety_margin, stop_gain=args.stop_gain, use_cache=not args.no_cache,
+                  refresh_cache=args.refresh, cache_dir=args.cache_dir, time_limit_s=args.time_limit_s)
+    if not args.pipeline:
+        for flag in ("serves", "sets"):
+            if getattr(args, flag):
+                raise ConfigError(f"--{'set' if flag == 'sets' else flag}: only with --pipeline")
+        for flag in ("depth", "seq_len"):
+            if getattr(args, flag) is None:
+                raise ConfigError(f"--{flag.replace('_', '-')}: required (or --pipeline P to take the shape from a training stage)")
+        return ProbeConfig(device_type=args.device, depth=args.depth, seq_len=args.seq_len, vocab_size=args.vocab_size,
+                           total_batch_size=args.total_batch_size, world_size=args.world_size, compile=args.compile,
+                           **common)
+    from jobs.spec import load_pipeline, resolve_pipeline_path
+    from jobs.stages import probe_args
+    from nanochat.common import get_base_dir
+    for flag, default in SHAPE_FLAGS.items():
+        if getattr(args, flag) != default:
+            raise ConfigError(f"--{flag.replace('_', '-')}: not with --pipeline (the shape comes from the training "
+                              f"stage; change it with --set, e.g. --set defaults.depth=26)")
+    pipeline = load_pipeline(resolve_pipeline_path(args.pipeline), args.sets)
+    serves = args.serves or next((s.args.get("serves") for s in pipeline.stages.values()
+                                  if s.kind == "probe" and s.args.get("serves")), "")
+    if not serves:
+        raise ConfigError(f"--serves: {pipeline.source} has no probe stage with `serves`; name the training stage")
+    if serves not in pipeline.stages or pipeline.stages[serves].kind not in ("base_train", "mid_train"):
+        raise ConfigError(f"--serves {serves}: not a base_train or mid_train stage of {pipeline.source}")
+    run = {"run_id": "probe", "workdir": str(args.base_dir or get_base_dir()), "executor": args.executor}
+    derived = probe_args(run, pipeline, None, {"serves": serves})
+    if args.device:
+        derived["device_type"] = args.device
+    return ProbeConfig(serves=serves, **derived, **common)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -53,11 +95,13 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({
             "batch_size": row["device_batch_size"], "grad_accum": row["grad_accum_steps"],
             "max_found": row["max_found"], "first_failure": row.get("first_failure"),
-            "trials": [{"batch_size": t["batch_size"], "ok": t["ok"]} for t in trials],
+            "trials": [{"batch_size": t["batch_size"], "ok": t["ok"], "phase": t.get("phase", "memory")} for t in trials],
             "seconds": round(row["seconds"], 4), "source": row["batch_size_source"],
             "total_batch_size": row["total_batch_size"], "seq_len": row["seq_len"], "depth": row["depth"],
             "device_name": row["device_name"], "memory_budget_gb": row["memory_budget_gb"],
-            "cache_key": row["cache_key"],
+            "cache_key": row["cache_key"], "baseline_batch_size": row.get("baseline_batch_size"),
+            "stopped_by_deadline": row.get("stopped_by_deadline"), "compile_confirmed": row.get("compile_confirmed"),
+            "serves": row.get("serves"),
         }, sort_keys=True), flush=True)
     return 0
 

@@ -306,6 +306,7 @@ def parse_pipeline(raw: dict, source: str, check_args: bool = True) -> Pipeline:
     if not isinstance(stages_raw, dict):
         raise err("stages", "expected a mapping of stage name -> stage")
     stages: dict[str, Stage] = {}
+    own_args: dict[str, set] = {}   # keys set in the stage's own args (not through defaults.args)
     for name, body in stages_raw.items():
         where = f"stages.{name}"
         if not isinstance(name, str) or not STAGE_NAME_RE.match(name):
@@ -358,6 +359,7 @@ def parse_pipeline(raw: dict, source: str, check_args: bool = True) -> Pipeline:
         # stages need not upset the probe), but a stage's own args must all be known.
         stages[name] = Stage(name=name, kind=kind, depends_on=list(deps), resources=resources,
                              args=dict(args_raw), variants=variants)
+        own_args[name] = set(args_raw)
 
     # dependencies: known names, no cycles; order stages topologically (stable)
     for s in stages.values():
@@ -398,12 +400,36 @@ def parse_pipeline(raw: dict, source: str, check_args: bool = True) -> Pipeline:
             raise err(f"stages.{s.name}.args.init_from",
                       f"stage {init_from!r} must be in depends_on (directly or through another stage)")
 
+    for s in stages.values():
+        if s.kind == "probe" and s.args.get("serves"):
+            _check_serves(err, stages, s, own_args[s.name])
+
     ordered = {n: stages[n] for n in order}
     resolved = copy.deepcopy(raw)
     resolved.setdefault("name", Path(source).stem)
     return Pipeline(name=resolved["name"], description=raw.get("description", ""),
                     results_dir=raw.get("results_dir", ""), cluster=cluster, stages=ordered,
                     source=source, raw=resolved, default_args=dict(default_args))
+
+
+def _check_serves(err: SpecError, stages: dict[str, Stage], probe: Stage, own: set) -> None:
+    """A probe's `serves` names a base or mid training stage that runs after it; the probe then takes
+    its shape from that stage (jobs.stages.probe_args), so it may not set those keys itself."""
+    from nanochat.auto_batch_size import SERVED_KEYS
+    where = f"stages.{probe.name}.args.serves"
+    served = probe.args["serves"]
+    if not isinstance(served, str) or served not in stages:
+        raise err(where, f"unknown stage {served!r}{_suggest(str(served), stages)}")
+    if stages[served].kind not in ("base_train", "mid_train"):
+        raise err(where, f"stage {served!r} is a {stages[served].kind} stage; a probe serves base_train or mid_train")
+    if probe.name not in _ancestors(stages, served):
+        raise err(where, f"stage {served!r} must depend on {probe.name!r} (directly or through another stage)")
+    for key in SERVED_KEYS:
+        if key in own:
+            raise err(f"stages.{probe.name}.args.{key}", f"set by serves: {served} (the probe takes it from that stage); remove it")
+    if "memory_budget_gb" in own:
+        raise err(f"stages.{probe.name}.args.memory_budget_gb",
+                  f"{served} probes under the default CPU budget; an entry made under another is never read by it")
 
 
 def _topological_order(err: SpecError, stages: dict[str, Stage]) -> list[str]:

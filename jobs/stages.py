@@ -141,6 +141,8 @@ def build_config(run: dict, pipeline, stage_name: str, task: int | None):
     if isinstance(init_from, str) and init_from in pipeline.stages:
         # a stage name means "that stage's checkpoints" (docs/CONTRACTS.md)
         args["init_from"] = str(stage_out_dir(run, init_from) / "checkpoints")
+    if stage.kind == "probe":
+        args.update(probe_args(run, pipeline, stage_name, args))
     out_dir = stage_out_dir(run, stage_name)
     if variant is not None:
         out_dir = out_dir / variant.name
@@ -149,6 +151,39 @@ def build_config(run: dict, pipeline, stage_name: str, task: int | None):
     if "out_dir" in known:
         args["out_dir"] = str(out_dir)
     return cls(**args), variant
+
+
+def served_world_size(run: dict, stage) -> int:
+    """Ranks a training stage runs with: nodes x tasks_per_node under Slurm; one process locally."""
+    if run.get("executor") == "local":
+        return 1
+    return stage.resources.nodes * stage.resources.tasks_per_node
+
+
+def probe_args(run: dict, pipeline, probe_stage: str | None, args: dict) -> dict:
+    """A probe stage's derived args. With `serves: STAGE`, every shape key (nanochat.auto_batch_size.
+    SERVED_KEYS) comes from that training stage's own config (its first variant with an automatic
+    batch) and its world size, so the probe writes exactly the cache entry the stage will read.
+    time_limit_s defaults to the probe stage's time limit, less the signal delay and a tenth."""
+    from nanochat.auto_batch_size import SERVED_KEYS
+    out = {}
+    served_name = args.get("serves")
+    if served_name:
+        served = pipeline.stages[served_name]
+        task = None
+        if served.variants:
+            base = {**pipeline.default_args, **served.args}
+            autos = [i for i, v in enumerate(served.variants) if int({**base, **v.args}.get("device_batch_size", 0) or 0) == 0]
+            task = autos[0] if autos else 0
+        served_cfg, _ = build_config(run, pipeline, served_name, task)
+        for key in SERVED_KEYS:
+            if hasattr(served_cfg, key):
+                out[key] = getattr(served_cfg, key)
+        out["world_size"] = served_world_size(run, served)
+    if probe_stage is not None and not float(args.get("time_limit_s") or 0):
+        res = pipeline.stages[probe_stage].resources
+        out["time_limit_s"] = max(30.0, 0.9 * (res.time_min * 60 - res.signal_delay_s))
+    return out
 
 
 # -----------------------------------------------------------------------------

@@ -12,9 +12,15 @@ How it searches:
 - Sizes grow 1, 2, 4, ... until a trial fails or the cap is reached, then a binary search between
   the last success and the first failure, stopped as soon as the final choice cannot change.
   The cap is ceil(R / (1 - margin)) where R = total_batch / (seq_len * world_size) rows per rank:
-  a success there proves that R, the largest useful size, fits with the margin.
-- Optionally (stop_gain) each success is timed, and growth stops when doubling the batch gains
-  less than stop_gain in tokens/s: the largest batch is not always the fastest.
+  a success there proves that R, the largest useful size, fits with the margin. Memory alone gives
+  the baseline size.
+- When the training compiles, the search runs eager and one compiled step confirms the chosen size
+  (backing off to the next smaller divisor if it fails): one compile, not one per trial.
+- The speed check (stop_gain; eager training only): the baseline and the next smaller divisor are
+  timed in interleaved rounds; the smaller is kept only when every round of it beats every round of
+  the baseline by stop_gain, and never when one size's timings disagree by more than NOISE_LIMIT
+  (a contended machine). The timings go into the cache entry; a size below the baseline expires.
+- time_limit_s: no trial starts that would overrun it; the best size found so far is kept.
 - With several ranks, every rank runs every trial and the verdicts are reduced (MIN on success,
   MAX on step time) in one collective per trial that every rank reaches whatever its outcome,
   so a rank that runs out of memory cannot deadlock the others and all ranks agree.
@@ -57,7 +63,10 @@ from nanochat.common import (ConfigError, atomic_write_json, autodetect_device_t
 # Bump when the trial step changes in a way that changes its memory: old cache entries stop matching.
 STEP_VERSION = 1
 DEFAULT_SAFETY_MARGIN = 0.15
-DEFAULT_STOP_GAIN = 0.05
+DEFAULT_STOP_GAIN = 0.05      # a smaller size must be this much faster, in every round, to be chosen
+SPEED_ROUNDS = 3              # interleaved timing rounds per comparison
+NOISE_LIMIT = 0.25            # one size's timings disagreeing by more than this: the machine is contended
+SPEED_CHOICE_TTL_S = 7 * 24 * 3600   # a size chosen for speed (below the memory baseline) is re-measured after this
 
 # -----------------------------------------------------------------------------
 # Out-of-memory recognition
@@ -197,6 +206,8 @@ class Trial:
     seconds: float = 0.0           # time of the timed step(s) (max over ranks), 0 when not timed
     tokens_per_s: float | None = None
     error: str = ""
+    compiled: bool = False         # a compiled confirmation (the search itself runs eager)
+    phase: str = "memory"          # memory (the search) | compiled (confirmation) | timed (speed check)
 
 
 def _synchronize(device: torch.device) -> None:
@@ -219,6 +230,16 @@ def _reduce_trial(status: int, seconds: float, device: torch.device) -> tuple[in
     return int(t[0].item()), float(t[1].item())
 
 
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when it is true on any (one collective; identity without torch.distributed)."""
+    if not _dist_active():
+        return flag
+    comm_device = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([1 if flag else 0], dtype=torch.int64, device=comm_device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def _snapshot(model) -> dict:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
@@ -230,7 +251,7 @@ def _restore(model, snapshot: dict) -> None:
 
 
 def run_trial(model, optimizers_factory, step_fn, batch_size: int, seq_len: int, device: torch.device,
-              snapshot: dict, compile: bool = False, timed_steps: int = 0) -> Trial:
+              snapshot: dict, compile: bool = False, timed_steps: int = 0, compile_backend="inductor") -> Trial:
     """One trial at batch_size: fresh optimizers, one step (allocates optimizer state; compiles),
     then max(timed_steps, 1) steady-state steps (timed when timed_steps > 0). Frees everything and restores the weights whatever happens.
     Under torch.distributed every rank must call it with the same batch_size."""
@@ -242,7 +263,7 @@ def run_trial(model, optimizers_factory, step_fn, batch_size: int, seq_len: int,
             # Recompiling for every size would hit dynamo's recompile limit and silently fall back to
             # eager (measuring the wrong memory), so each trial starts from a clean dynamo state.
             torch._dynamo.reset()
-            trial_model = torch.compile(model, dynamic=False)
+            trial_model = torch.compile(model, dynamic=False, backend=compile_backend)
         optimizers = optimizers_factory(model)
         step_fn(trial_model, optimizers, batch_size)
         _synchronize(device)
@@ -278,7 +299,7 @@ def run_trial(model, optimizers_factory, step_fn, batch_size: int, seq_len: int,
     if not ok and not error:
         error = "out of memory on another rank"
     tps = (batch_size * seq_len / seconds) if (ok and seconds > 0) else None
-    return Trial(batch_size=batch_size, ok=ok, seconds=seconds, tokens_per_s=tps, error=error)
+    return Trial(batch_size=batch_size, ok=ok, seconds=seconds, tokens_per_s=tps, error=error, compiled=bool(compile))
 
 
 # -----------------------------------------------------------------------------
@@ -290,43 +311,111 @@ class SearchResult:
     grad_accum: int
     max_found: int              # largest size that ran (0: none)
     first_failure: int | None   # smallest size that failed (None: none failed)
-    stopped_by_speed: bool
+    stopped_by_speed: bool      # the speed check chose a size below the memory baseline
     trials: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    baseline: int = 0           # the size memory alone gives (after the compiled confirmation)
+    stopped_by_deadline: bool = False
+    compile_confirmed: bool | None = None   # None: compile off; False: no compiled confirmation ran in time
+    speed: dict | None = None   # the interleaved timings behind the speed check (None: not run)
+
+
+def _spread(rates: list[float]) -> float:
+    return max(rates) / min(rates) - 1.0 if rates and min(rates) > 0 else math.inf
+
+
+def speed_check(time_fn, rows: int, baseline: int, stop_gain: float, rounds: int = SPEED_ROUNDS,
+                noise_limit: float = NOISE_LIMIT, out_of_time=lambda: False, log=print0) -> dict:
+    """May a size below the memory baseline train faster? Compares the current size with the next
+    smaller divisor (about half) in `rounds` interleaved rounds (A B, B A, ...: drift hits both).
+    The smaller one is taken only when its slowest round beats the current size's fastest round by
+    more than stop_gain (faster every time, beyond the spread of the timings); and when
+    the timings of one size disagree among themselves by more than noise_limit, the machine was
+    contended and no speed-based choice is made at all (the baseline stays). Returns a record with
+    every timing; record["chosen"] is the size to use. time_fn(bs) -> Trial with seconds per step."""
+    record = {"baseline": baseline, "stop_gain": stop_gain, "rounds": rounds, "noise_limit": noise_limit,
+              "comparisons": [], "contended": False, "stopped_by_deadline": False, "chosen": baseline}
+    current = baseline
+    while current > 1:
+        smaller = largest_divisor_at_most(rows, current // 2)
+        if smaller < 1 or smaller == current:
+            break
+        rates: dict[int, list[float]] = {current: [], smaller: []}
+        for r in range(rounds):
+            if out_of_time():
+                record["stopped_by_deadline"] = True
+                break
+            for size in ((current, smaller) if r % 2 == 0 else (smaller, current)):
+                t = time_fn(size)
+                # rows per second (seq_len is the same for both): a failed step counts as infinitely slow
+                rates[size].append(size / t.seconds if (t.ok and t.seconds > 0) else 0.0)
+        done = len(rates[smaller]) == rounds and len(rates[current]) == rounds
+        noise = max(_spread(rates[current]), _spread(rates[smaller])) if done else None
+        # significance: the smaller size's slowest round beats the current size's fastest by stop_gain
+        faster_every_round = done and min(rates[smaller]) > max(rates[current]) * (1.0 + stop_gain)
+        contended = done and noise > noise_limit
+        record["comparisons"].append({"sizes": [current, smaller],
+                                      "rows_per_s": {str(current): rates[current], str(smaller): rates[smaller]},
+                                      "noise": noise, "faster_every_round": faster_every_round,
+                                      "contended": contended})
+        log(f"auto batch size: speed {current} vs {smaller}: "
+            f"{'smaller faster in every round' if faster_every_round else 'keep'}"
+            f"{' (contended: timings disagree by %.0f%%; no speed-based choice)' % (100 * noise) if contended else ''}")
+        if contended:
+            record["contended"] = True
+            current = baseline   # a choice measured under contention is noise: memory decides
+            break
+        if not faster_every_round:
+            break
+        current = smaller
+    record["chosen"] = current
+    return record
 
 
 def search_device_batch_size(trial_fn, rows: int, safety_margin: float = DEFAULT_SAFETY_MARGIN,
-                             stop_gain: float | None = DEFAULT_STOP_GAIN, log=print0) -> SearchResult:
-    """Exponential growth then binary search, on any `trial_fn(batch_size) -> Trial`.
+                             stop_gain: float | None = DEFAULT_STOP_GAIN, log=print0, *, time_fn=None,
+                             confirm_fn=None, deadline: float | None = None, speed_rounds: int = SPEED_ROUNDS,
+                             noise_limit: float = NOISE_LIMIT, agree=lambda flag: flag) -> SearchResult:
+    """Exponential growth then binary search, on any `trial_fn(batch_size) -> Trial` (memory verdicts,
+    eager when the training compiles). Then, when given:
+    - confirm_fn(bs) -> Trial: one compiled step at the chosen size, backing off to the next smaller
+      divisor until one passes (a compile per confirmation, not per trial);
+    - time_fn(bs) -> Trial with seconds, and stop_gain: the speed check (speed_check above);
+    - deadline (time.monotonic()): no trial starts when the last one's duration would overrun it;
+      the search keeps the best size found so far and says so (stopped_by_deadline). agree(flag)
+      makes the ranks of a distributed probe take that decision together (any rank out of time).
     Kept apart from torch so the exact sequence of trials is easy to reason about and test."""
     if not 0.0 <= safety_margin < 1.0:
         raise ConfigError(f"safety_margin: {safety_margin} must be in [0, 1)")
     t_start = time.perf_counter()
     cap = search_cap(rows, safety_margin)
     trials: list[Trial] = []
+    last = [0.0]  # duration of the latest trial: the estimate for the next one
 
-    def attempt(bs: int) -> Trial:
-        t = trial_fn(bs)
+    def out_of_time() -> bool:
+        return deadline is not None and agree(time.monotonic() + last[0] > deadline)
+
+    def attempt(bs: int, fn=trial_fn, label: str = "trial") -> Trial:
+        t0 = time.monotonic()
+        t = fn(bs)
+        last[0] = time.monotonic() - t0
+        t.phase = "memory" if label == "trial" else label
         trials.append(t)
-        tps = f"{t.tokens_per_s:,.0f} tok/s" if t.tokens_per_s else ""
-        log(f"auto batch size: trial {bs:5d} {'ok ' if t.ok else 'OOM'} {tps} {t.error if not t.ok else ''}".rstrip())
+        log(f"auto batch size: {label} {bs:5d} {'ok ' if t.ok else 'OOM'} {t.error if not t.ok else ''}".rstrip())
         return t
 
     lo, hi = 0, None          # largest success, smallest failure
-    speed_cap = None
-    prev: Trial | None = None
+    stopped_by_deadline = False
     bs = 1
     while True:
+        if lo and out_of_time():
+            stopped_by_deadline = True
+            break
         t = attempt(bs)
         if not t.ok:
             hi = bs
             break
         lo = bs
-        if stop_gain is not None and prev is not None and prev.tokens_per_s and t.tokens_per_s:
-            if t.tokens_per_s < prev.tokens_per_s * (1.0 + stop_gain):
-                speed_cap = prev.batch_size
-                break
-        prev = t
         if bs >= cap:
             break
         bs = min(bs * 2, cap)
@@ -336,30 +425,72 @@ def search_device_batch_size(trial_fn, rows: int, safety_margin: float = DEFAULT
                           f"({trials[0].error}); use a smaller model, seq_len or a larger memory budget")
 
     # Binary search, stopped once every size left between lo and hi would give the same choice.
-    if hi is not None and speed_cap is None:
+    if hi is not None and not stopped_by_deadline:
         while hi - lo > 1 and choose_device_batch(lo, rows, safety_margin) != choose_device_batch(hi - 1, rows, safety_margin):
+            if out_of_time():
+                stopped_by_deadline = True
+                break
             mid = (lo + hi) // 2
             if attempt(mid).ok:
                 lo = mid
             else:
                 hi = mid
 
-    chosen = choose_device_batch(lo, rows, safety_margin, speed_cap)
+    chosen = choose_device_batch(lo, rows, safety_margin)
+    compile_confirmed = None
+    if confirm_fn is not None:
+        compile_confirmed = False
+        while True:
+            if trials and out_of_time() and chosen != choose_device_batch(lo, rows, safety_margin):
+                stopped_by_deadline = True   # at least the first confirmation always runs
+                break
+            if attempt(chosen, confirm_fn, "compiled").ok:
+                compile_confirmed = True
+                break
+            smaller = largest_divisor_at_most(rows, chosen - 1)
+            if smaller < 1:
+                raise ConfigError(f"device_batch_size: the compiled step does not fit even 1 row of {rows} "
+                                  f"per rank ({trials[-1].error}); set compile off or use a smaller model")
+            chosen = smaller
+    baseline = chosen
+
+    speed = None
+    if stop_gain is not None and time_fn is not None and baseline > 1 and not stopped_by_deadline:
+        speed = speed_check(lambda b: attempt(b, time_fn, "timed"), rows, baseline, stop_gain, speed_rounds,
+                            noise_limit, out_of_time, log)
+        chosen = speed["chosen"]
     return SearchResult(device_batch_size=chosen, grad_accum=rows // chosen, max_found=lo, first_failure=hi,
-                        stopped_by_speed=speed_cap is not None, trials=[asdict(t) for t in trials],
-                        seconds=time.perf_counter() - t_start)
+                        stopped_by_speed=chosen < baseline, trials=[asdict(t) for t in trials],
+                        seconds=time.perf_counter() - t_start, baseline=baseline,
+                        stopped_by_deadline=stopped_by_deadline or bool(speed and speed["stopped_by_deadline"]),
+                        compile_confirmed=compile_confirmed, speed=speed)
 
 
 def _search_on_model(model, optimizers_factory, step_fn, seq_len: int, rows: int, device: torch.device,
-                     compile: bool, safety_margin: float, stop_gain: float | None, timed_steps: int) -> SearchResult:
+                     compile: bool, safety_margin: float, stop_gain: float | None, timed_steps: int,
+                     deadline: float | None = None, compile_backend="inductor") -> SearchResult:
+    """The memory search runs eager; when the training compiles, one compiled step confirms the
+    chosen size (compiled steps may allocate differently; their memory is what training sees)."""
     was_training = model.training
     model.train()
     snapshot = _snapshot(model)
     try:
         def trial_fn(bs):
+            return run_trial(model, optimizers_factory, step_fn, bs, seq_len, device, snapshot)
+
+        def confirm_fn(bs):
             return run_trial(model, optimizers_factory, step_fn, bs, seq_len, device, snapshot,
-                             compile=compile, timed_steps=(timed_steps if stop_gain is not None else 0))
-        return search_device_batch_size(trial_fn, rows, safety_margin, stop_gain)
+                             compile=True, compile_backend=compile_backend)
+
+        def time_fn(bs):
+            return run_trial(model, optimizers_factory, step_fn, bs, seq_len, device, snapshot,
+                             timed_steps=max(1, timed_steps))
+        # Timing compiled steps would cost a compile per size; eager timings are not the compiled
+        # step's, so with compile on there is no speed check (memory decides).
+        return search_device_batch_size(trial_fn, rows, safety_margin, None if compile else stop_gain,
+                                        time_fn=None if compile else time_fn,
+                                        confirm_fn=confirm_fn if compile else None, deadline=deadline,
+                                        agree=lambda flag: _any_rank(flag, device))
     finally:
         _restore(model, snapshot)
         model.train(was_training)
@@ -460,13 +591,13 @@ def run_under_memory_budget(fn, args: tuple, budget_gb: float, timeout_s: float 
 
 
 def _budget_search_job(model, optimizers_factory, step_fn, seq_len, rows, compile, safety_margin, stop_gain,
-                       timed_steps):
+                       timed_steps, deadline=None, compile_backend="inductor"):
     if compile:
         # Inductor's worker pool would fork helpers under the same address-space limit; compile in-process.
         import torch._inductor.config as inductor_config
         inductor_config.compile_threads = 1
     return _search_on_model(model, optimizers_factory, step_fn, seq_len, rows, torch.device("cpu"),
-                            compile, safety_margin, stop_gain, timed_steps)
+                            compile, safety_margin, stop_gain, timed_steps, deadline, compile_backend)
 
 
 def default_cpu_budget_gb() -> float:
@@ -511,28 +642,61 @@ def _describe_callable(fn) -> str:
     return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"
 
 
+MAX_ENTRY_BYTES = 4 << 20
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _check_entry(entry, key: str, rows: int | None) -> None:
+    """Raise ValueError unless entry is a well-formed cache entry for key (every field a reader uses)."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"expected a JSON object, got {type(entry).__name__}")
+    bs, accum = entry.get("device_batch_size"), entry.get("grad_accum")
+    if not (_positive_int(bs) and _positive_int(accum)):
+        raise ValueError("device_batch_size/grad_accum must be positive integers")
+    if entry.get("key") != key:
+        raise ValueError("key does not match the file name")
+    if rows is not None and bs * accum != rows:
+        raise ValueError(f"device_batch_size x grad_accum = {bs * accum}, expected {rows}")
+    if entry.get("max_found") is not None and not (isinstance(entry["max_found"], int) and not isinstance(entry["max_found"], bool)):
+        raise ValueError("max_found must be an integer")
+    trials = entry.get("trials", [])
+    if not (isinstance(trials, list) and all(isinstance(t, dict) and isinstance(t.get("batch_size"), int)
+                                             and isinstance(t.get("ok", True), bool) for t in trials)):
+        raise ValueError("trials must be a list of {batch_size, ok, ...}")
+    fallbacks = entry.get("fallbacks", [])
+    if not (isinstance(fallbacks, list) and all(isinstance(f, dict) for f in fallbacks)):
+        raise ValueError("fallbacks must be a list of objects")
+    expires = entry.get("expires_at")
+    if expires is not None and (isinstance(expires, bool) or not isinstance(expires, (int, float))):
+        raise ValueError("expires_at must be a number (unix time)")
+
+
 def read_cache(cache_dir, key: str, rows: int | None = None) -> dict | None:
-    """The entry for key, or None when missing. A corrupt or inconsistent entry is ignored with a
-    warning (the caller probes again and overwrites it)."""
+    """The entry for key, or None when missing or expired. Whatever is wrong with the file (unreadable,
+    not UTF-8, not JSON, nested too deep, wrong types, inconsistent numbers) it is ignored with a
+    warning naming it: the caller probes again and overwrites it. Never raises for the file's content."""
     path = cache_path(cache_dir, key)
     try:
-        text = path.read_text()
+        with open(path, "rb") as f:
+            data = f.read(MAX_ENTRY_BYTES + 1)   # an entry is a few kB; a device or huge file is not one
     except FileNotFoundError:
         return None
     except OSError as e:
         warnings.warn(f"batch size cache {path}: unreadable ({e}); probing again")
         return None
     try:
-        entry = json.loads(text)
-        bs, accum = entry["device_batch_size"], entry["grad_accum"]
-        if not (isinstance(bs, int) and isinstance(accum, int) and bs >= 1 and accum >= 1):
-            raise ValueError("device_batch_size/grad_accum must be positive integers")
-        if entry.get("key") != key:
-            raise ValueError("key does not match the file name")
-        if rows is not None and bs * accum != rows:
-            raise ValueError(f"device_batch_size x grad_accum = {bs * accum}, expected {rows}")
-    except (ValueError, KeyError, TypeError) as e:
-        warnings.warn(f"batch size cache {path}: corrupt entry ignored ({e}); probing again")
+        if len(data) > MAX_ENTRY_BYTES:
+            raise ValueError(f"larger than {MAX_ENTRY_BYTES} bytes")
+        entry = json.loads(data.decode("utf-8"))
+        _check_entry(entry, key, rows)
+    except (ValueError, KeyError, TypeError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        warnings.warn(f"batch size cache {path}: corrupt entry ignored ({type(e).__name__}: {str(e)[:200]}); probing again")
+        return None
+    if entry.get("expires_at") is not None and entry["expires_at"] < time.time():
+        print0(f"auto batch size: cache entry {path} (a speed-based choice) has expired; probing again")
         return None
     return entry
 
@@ -541,37 +705,49 @@ def write_cache(cache_dir, key: str, entry: dict, lock_timeout_s: float = 60.0) 
     """Atomic write under a file lock. When an entry exists, the smaller device batch wins (a
     run-time fallback on one job must not be undone by another job's older probe)."""
     path = cache_path(cache_dir, key)
-    path.parent.mkdir(parents=True, exist_ok=True)
     entry = dict(entry, key=key)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(path) + ".lock", timeout=lock_timeout_s):
-            old = read_cache(cache_dir, key) if path.exists() else None
+            with warnings.catch_warnings():   # the reader already warned about a corrupt entry
+                warnings.simplefilter("ignore")
+                old = read_cache(cache_dir, key) if path.exists() else None
             if old is not None and entry.get("source") == "fallback" and old["device_batch_size"] < entry["device_batch_size"]:
                 return path
             atomic_write_json(path, entry)
     except Timeout:
         warnings.warn(f"batch size cache {path}: lock busy for {lock_timeout_s} s; not cached")
+    except OSError as e:   # e.g. a directory squatting on the entry's name: the answer still holds, uncached
+        warnings.warn(f"batch size cache {path}: cannot write ({type(e).__name__}: {e}); not cached")
     return path
 
 
 # -----------------------------------------------------------------------------
 # The entry points
 
-def resolve_device_batch_size(model, optimizers_factory, seq_len: int, total_batch_size: int, world_size: int = 1,
-                              device: torch.device | str | None = None, step_fn=None, *,
-                              compile: bool = False, safety_margin: float = DEFAULT_SAFETY_MARGIN,
-                              stop_gain: float | None = DEFAULT_STOP_GAIN, timed_steps: int = 2,
-                              memory_budget_gb: float | None = None, use_cache: bool = True,
-                              refresh_cache: bool = False, cache_dir: str | os.PathLike | None = None,
-                              base_dir: str | os.PathLike | None = None, vocab_size: int | None = None,
-                              autocast_dtype: str | None = "auto", cache_extra: dict | None = None,
-                              budget_child_threads: int = 0):
-    """Decide the device batch size for training `model` at `seq_len` with `total_batch_size` tokens
-    per optimizer step over `world_size` ranks. Returns (device_batch_size, grad_accum, source, info):
-    source is "cache" or "probe"; info holds max_found, trials, seconds, cache_key, cache_dir, ...
-    device_batch_size * seq_len * world_size * grad_accum == total_batch_size always holds.
-    Under torch.distributed every rank must call it; all ranks return the same numbers."""
-    t0 = time.perf_counter()
+@dataclass
+class KeyInputs:
+    """What the cache key is made of, and the settings derived on the way (the probe runs with them)."""
+    key: str
+    parts: dict
+    rows: int
+    device: torch.device
+    compile: bool
+    step_fn: object
+    memory_budget_gb: float | None
+
+
+def key_inputs(model, optimizers_factory, seq_len: int, total_batch_size: int, world_size: int = 1,
+               device: torch.device | str | None = None, step_fn=None, *, compile: bool = False,
+               safety_margin: float = DEFAULT_SAFETY_MARGIN, stop_gain: float | None = DEFAULT_STOP_GAIN,
+               memory_budget_gb: float | None = None, vocab_size: int | None = None,
+               autocast_dtype: str | None = "auto", cache_extra: dict | None = None, **_run_options) -> KeyInputs:
+    """THE derivation of the batch-size cache key (and of the probe's settings) from what a training
+    run is: its model, optimizers, step, seq_len, total batch, world size, device, compile, autocast
+    (and on CPU the memory budget). safety_margin and stop_gain are accepted for symmetry and unused.
+    resolve_device_batch_size calls it, and so do the probe stage and the tests that check that the
+    key a probe writes is the key its training stage reads. Needs no memory: `model` may live on the
+    meta device (only its config, class and parameter dtype are read) when `device` is given."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     rows = rows_per_rank(total_batch_size, seq_len, world_size)
     compile = bool(compile) or hasattr(model, "_orig_mod")  # an already compiled model trains compiled
@@ -586,7 +762,6 @@ def resolve_device_batch_size(model, optimizers_factory, seq_len: int, total_bat
         memory_budget_gb = round(default_cpu_budget_gb(), 1)
     if device.type != "cpu" or not memory_budget_gb:
         memory_budget_gb = None  # on a GPU the device's own memory is the budget
-
     parts = {
         "step_version": STEP_VERSION,
         "model": _describe_model(model),
@@ -601,18 +776,46 @@ def resolve_device_batch_size(model, optimizers_factory, seq_len: int, total_bat
         "device_memory": device_total_memory(device),
         "torch": torch.__version__,
         "memory_budget_gb": memory_budget_gb,
-        "safety_margin": safety_margin,
-        "stop_gain": stop_gain,
+        # not the margin nor the speed-check settings: they are the probe's policy, not what training
+        # is; a probe with its own margin must still fill the entry training reads (they are in the entry)
         **(cache_extra or {}),
     }
-    key = cache_key(parts)
+    return KeyInputs(key=cache_key(parts), parts=parts, rows=rows, device=device, compile=bool(compile),
+                     step_fn=step_fn, memory_budget_gb=memory_budget_gb)
+
+
+def resolve_device_batch_size(model, optimizers_factory, seq_len: int, total_batch_size: int, world_size: int = 1,
+                              device: torch.device | str | None = None, step_fn=None, *,
+                              compile: bool = False, safety_margin: float = DEFAULT_SAFETY_MARGIN,
+                              stop_gain: float | None = DEFAULT_STOP_GAIN, timed_steps: int = 1,
+                              memory_budget_gb: float | None = None, use_cache: bool = True,
+                              refresh_cache: bool = False, cache_dir: str | os.PathLike | None = None,
+                              base_dir: str | os.PathLike | None = None, vocab_size: int | None = None,
+                              autocast_dtype: str | None = "auto", cache_extra: dict | None = None,
+                              budget_child_threads: int = 0, time_limit_s: float | None = None,
+                              compile_backend="inductor"):
+    """Decide the device batch size for training `model` at `seq_len` with `total_batch_size` tokens
+    per optimizer step over `world_size` ranks. Returns (device_batch_size, grad_accum, source, info):
+    source is "cache" or "probe"; info holds max_found, trials, seconds, cache_key, cache_dir, ...
+    device_batch_size * seq_len * world_size * grad_accum == total_batch_size always holds.
+    time_limit_s: the search stops starting trials after this long and keeps the best size so far
+    (info["stopped_by_deadline"]). Under torch.distributed every rank must call it; all ranks return
+    the same numbers."""
+    t0 = time.perf_counter()
+    deadline = time.monotonic() + time_limit_s if time_limit_s else None
+    ki = key_inputs(model, optimizers_factory, seq_len, total_batch_size, world_size, device, step_fn,
+                    compile=compile, safety_margin=safety_margin, stop_gain=stop_gain,
+                    memory_budget_gb=memory_budget_gb, vocab_size=vocab_size, autocast_dtype=autocast_dtype,
+                    cache_extra=cache_extra)
+    device, rows, compile, step_fn = ki.device, ki.rows, ki.compile, ki.step_fn
+    memory_budget_gb, parts, key = ki.memory_budget_gb, ki.parts, ki.key
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir(base_dir)
     info = {"cache_key": key, "cache_dir": str(cache_dir), "rows_per_rank": rows, "memory_budget_gb": memory_budget_gb}
     is_rank0 = not _dist_active() or dist.get_rank() == 0
 
     # Rank 0 reads the cache and tells the others, so a write racing with the reads cannot split them.
     entry = read_cache(cache_dir, key, rows) if (use_cache and not refresh_cache and is_rank0) else None
-    hit = _broadcast_ints([entry["device_batch_size"], entry.get("max_found", 0)] if entry else [0, 0], device)
+    hit = _broadcast_ints([entry["device_batch_size"], entry.get("max_found") or 0] if entry else [0, 0], device)
     if hit[0] > 0:
         bs = hit[0]
         info.update(max_found=hit[1], trials=(entry or {}).get("trials", []), seconds=time.perf_counter() - t0)
@@ -626,7 +829,8 @@ def resolve_device_batch_size(model, optimizers_factory, seq_len: int, total_bat
             try:
                 result = run_under_memory_budget(
                     _budget_search_job, (job_model, optimizers_factory, step_fn, seq_len, rows, compile,
-                                         safety_margin, stop_gain, timed_steps), memory_budget_gb,
+                                         safety_margin, stop_gain, timed_steps, deadline, compile_backend),
+                    memory_budget_gb,
                     threads=budget_child_threads)
             except Exception as e:  # noqa: BLE001 - the other ranks must hear of it before it is raised
                 failure = e
@@ -641,18 +845,29 @@ def resolve_device_batch_size(model, optimizers_factory, seq_len: int, total_bat
                                   first_failure=None, stopped_by_speed=False)
     else:
         result = _search_on_model(model, optimizers_factory, step_fn, seq_len, rows, device, compile,
-                                  safety_margin, stop_gain, timed_steps)
+                                  safety_margin, stop_gain, timed_steps, deadline, compile_backend)
 
     info.update(max_found=result.max_found, first_failure=result.first_failure,
                 stopped_by_speed=result.stopped_by_speed, trials=result.trials,
-                seconds=time.perf_counter() - t0)
+                seconds=time.perf_counter() - t0, baseline=result.baseline,
+                stopped_by_deadline=result.stopped_by_deadline, compile_confirmed=result.compile_confirmed,
+                speed=result.speed)
+    if result.stopped_by_deadline:
+        print0(f"auto batch size: time limit ({time_limit_s:.0f} s) reached; keeping device batch "
+               f"{result.device_batch_size}, the best found so far (a later --refresh can search further)")
     if use_cache and is_rank0:
-        write_cache(cache_dir, key, {
+        entry = {
             "device_batch_size": result.device_batch_size, "grad_accum": result.grad_accum,
-            "max_found": result.max_found, "first_failure": result.first_failure,
-            "stopped_by_speed": result.stopped_by_speed, "trials": result.trials, "source": "probe",
+            "max_found": result.max_found, "first_failure": result.first_failure, "baseline": result.baseline,
+            "stopped_by_speed": result.stopped_by_speed, "stopped_by_deadline": result.stopped_by_deadline,
+            "compile_confirmed": result.compile_confirmed, "speed": result.speed,
+            "trials": result.trials, "source": "probe", "safety_margin": safety_margin, "stop_gain": stop_gain,
             "parts": parts, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        })
+        }
+        if result.stopped_by_speed:
+            # below the memory baseline on timings alone: measure again after a while rather than forever
+            entry["expires_at"] = time.time() + SPEED_CHOICE_TTL_S
+        write_cache(cache_dir, key, entry)
     return result.device_batch_size, result.grad_accum, "probe", info
 
 
@@ -714,6 +929,8 @@ def find_optimal_device_batch_size(model, max_seq_len: int, total_batch_size: in
 class ProbeConfig:
     base_dir: str = ""
     out_dir: str = ""
+    serves: str = ""                    # the training stage this probe fills the cache for: in a pipeline,
+                                        # jobs derives every shape key below from that stage (jobs.stages)
     init_from: str = ""                 # a checkpoint folder: probe that model instead of a fresh one
     device_type: str = ""
     depth: int = 4
@@ -721,16 +938,23 @@ class ProbeConfig:
     vocab_size: int = 4096
     total_batch_size: int = 0           # tokens per optimizer step; 0 = seq_len * world_size * 64
     world_size: int = 1                 # ranks the training will use (the probe itself runs on one)
-    compile: bool = False
+    compile: bool | str = "off"         # as the training stage's: auto (on for cuda) | on | off
     memory_budget_gb: float = 0.0       # CPU only; 0 = half the total memory
     safety_margin: float = DEFAULT_SAFETY_MARGIN
-    stop_gain: float = DEFAULT_STOP_GAIN  # < 0 disables the throughput stop
+    stop_gain: float = DEFAULT_STOP_GAIN  # < 0 disables the speed check
+    time_limit_s: float = 0.0           # stop searching after this long, keep the best size (0: none;
+                                        # in a pipeline: from the stage's time_min)
     use_cache: bool = True
     refresh_cache: bool = False
     cache_dir: str = ""
 
 
+# The ProbeConfig keys a probe with `serves` takes from the training stage it serves.
+SERVED_KEYS = ("init_from", "device_type", "depth", "seq_len", "vocab_size", "total_batch_size", "world_size", "compile")
+
+
 def validate_probe_config(cfg: ProbeConfig) -> None:
+    from nanochat.train_loop import COMPILE_CHOICES
     for name in ("depth", "seq_len", "vocab_size", "world_size"):
         if int(getattr(cfg, name)) < 1:
             raise ConfigError(f"probe.{name}: must be a positive integer, got {getattr(cfg, name)!r}")
@@ -738,40 +962,69 @@ def validate_probe_config(cfg: ProbeConfig) -> None:
         raise ConfigError(f"probe.safety_margin: must be in [0, 1), got {cfg.safety_margin}")
     if cfg.memory_budget_gb < 0:
         raise ConfigError(f"probe.memory_budget_gb: must be >= 0, got {cfg.memory_budget_gb}")
+    if cfg.time_limit_s < 0:
+        raise ConfigError(f"probe.time_limit_s: must be >= 0, got {cfg.time_limit_s}")
     if cfg.device_type not in ("", "cpu", "cuda", "mps"):
         raise ConfigError(f"probe.device_type: unknown device {cfg.device_type!r}")
+    if str(cfg.compile).lower() not in COMPILE_CHOICES:
+        raise ConfigError(f"probe.compile: expected auto, on or off, got {cfg.compile!r}")
+
+
+def probe_total_batch_size(cfg: ProbeConfig) -> int:
+    return cfg.total_batch_size or cfg.seq_len * cfg.world_size * 64
+
+
+def probe_model(cfg: ProbeConfig, device: torch.device):
+    """The model the probe trials: the checkpoint's, or a fresh one of the training's shape built as
+    base training builds it (on the meta device it costs no memory: enough for the cache key)."""
+    from nanochat.gpt import GPTConfig, build_model
+    if cfg.init_from:
+        from nanochat.checkpoint import load_model  # the checkpoint module owns the folder format
+        model, _tokenizer, _meta = load_model(cfg.init_from, device)
+        return model
+    return build_model(GPTConfig.from_depth(cfg.depth, cfg.vocab_size, cfg.seq_len), device)
+
+
+def probe_options(cfg: ProbeConfig, model, device: torch.device) -> dict:
+    """resolve_device_batch_size's arguments for this probe: the training's (train_loop.auto_batch_options),
+    plus the probe's own search settings."""
+    from nanochat.train_loop import auto_batch_options
+    return dict(**auto_batch_options(model, cfg.seq_len, probe_total_batch_size(cfg), cfg.world_size, device, cfg.compile),
+                safety_margin=cfg.safety_margin, stop_gain=(cfg.stop_gain if cfg.stop_gain >= 0 else None),
+                memory_budget_gb=(cfg.memory_budget_gb or None))
+
+
+def probe_cache_key(cfg: ProbeConfig, device: torch.device | str | None = None, model=None) -> str:
+    """The key the probe writes (no trial runs; the model is built on the meta device unless given)."""
+    validate_probe_config(cfg)
+    device = torch.device(device or cfg.device_type or autodetect_device_type())
+    model = model if model is not None else probe_model(cfg, torch.device("meta"))
+    return key_inputs(**probe_options(cfg, model, device)).key
 
 
 def run(cfg: ProbeConfig, should_stop=None) -> dict:
     """Probe (or read from the cache) the device batch size for one model shape; returns a result row."""
-    from nanochat.gpt import GPTConfig, build_model
-    from nanochat.optim import build_optimizers
     validate_probe_config(cfg)
     t0 = time.perf_counter()
     device_type = cfg.device_type or autodetect_device_type()
     device = torch.device(device_type)
-    if cfg.init_from:
-        from nanochat.checkpoint import load_model  # the checkpoint module owns the folder format
-        model, _tokenizer, _meta = load_model(cfg.init_from, device)
-    else:
-        gpt_config = GPTConfig.from_depth(cfg.depth, cfg.vocab_size, cfg.seq_len)
-        model = build_model(gpt_config, device)  # random init: memory does not depend on the weights
-    total = cfg.total_batch_size or cfg.seq_len * cfg.world_size * 64
+    model = probe_model(cfg, device)  # random init: memory does not depend on the weights
+    opts = probe_options(cfg, model, device)
+    total, use_compile = opts["total_batch_size"], opts["compile"]
     bs, accum, source, info = resolve_device_batch_size(
-        model, build_optimizers, cfg.seq_len, total, cfg.world_size, device,
-        compile=cfg.compile, safety_margin=cfg.safety_margin,
-        stop_gain=(cfg.stop_gain if cfg.stop_gain >= 0 else None),
-        memory_budget_gb=(cfg.memory_budget_gb or None), use_cache=cfg.use_cache, refresh_cache=cfg.refresh_cache,
-        cache_dir=(cfg.cache_dir or None), base_dir=(cfg.base_dir or None))
+        **opts, use_cache=cfg.use_cache, refresh_cache=cfg.refresh_cache,
+        cache_dir=(cfg.cache_dir or None), base_dir=(cfg.base_dir or None), time_limit_s=(cfg.time_limit_s or None))
     row = dict(
         kind="probe", state="COMPLETED", device_name=device_name(device), world_size=cfg.world_size,
         depth=model.config.n_layer, n_params=model.num_params(), seq_len=cfg.seq_len,
         device_batch_size=bs, batch_size_source=source, total_batch_size=total, grad_accum_steps=accum,
-        compile=cfg.compile, peak_memory_bytes=peak_memory_bytes(device),
+        compile=use_compile, peak_memory_bytes=peak_memory_bytes(device),
         wall_time_s=time.perf_counter() - t0,
         max_found=info.get("max_found"), first_failure=info.get("first_failure"),
         trials=info.get("trials", []), seconds=info.get("seconds"), cache_key=info["cache_key"],
         memory_budget_gb=info.get("memory_budget_gb"), stopped_by_speed=info.get("stopped_by_speed"),
+        stopped_by_deadline=info.get("stopped_by_deadline"), compile_confirmed=info.get("compile_confirmed"),
+        baseline_batch_size=info.get("baseline"), speed=info.get("speed"), serves=cfg.serves or None,
     )
     if cfg.out_dir:
         atomic_write_json(Path(cfg.out_dir) / "probe.json", row)

@@ -137,7 +137,30 @@ def _oom_handlers():
 # -----------------------------------------------------------------------------
 # Batch size
 
-def resolve_batch(cfg: TrainConfig, model, world_size: int, device: torch.device, opt_factory) -> tuple[int, int, str, int, dict]:
+def resolve_compile(setting, device: torch.device) -> bool:
+    """compile: auto (on for cuda, off elsewhere) | on | off (a bool also works)."""
+    flag = COMPILE_CHOICES[str(setting).lower()]
+    return device.type == "cuda" if flag is None else flag
+
+
+def auto_batch_options(model, seq_len: int, total_batch_size: int, world_size: int, device: torch.device,
+                       compile_setting) -> dict:
+    """The arguments (and so the cache key) of the automatic device batch size for a base or mid
+    training run: THE one place they are derived. The training loop and the probe stage that serves
+    it both call this, so the entry a probe writes is the entry training reads. build_optimizers
+    itself: optimizer memory does not depend on the learning rates."""
+    return dict(model=model, optimizers_factory=build_optimizers, seq_len=seq_len, total_batch_size=total_batch_size,
+                world_size=world_size, device=device, compile=resolve_compile(compile_setting, device),
+                vocab_size=model.config.vocab_size)
+
+
+def batch_cache_key(cfg: TrainConfig, model, world_size: int, device: torch.device) -> str:
+    """The batch-size cache key this training config looks up (model may live on the meta device)."""
+    from nanochat.auto_batch_size import key_inputs
+    return key_inputs(**auto_batch_options(model, cfg.seq_len, cfg.total_batch_size, world_size, device, cfg.compile)).key
+
+
+def resolve_batch(cfg: TrainConfig, model, world_size: int, device: torch.device, opt_factory=None) -> tuple[int, int, str, int, dict]:
     """-> (device_batch_size, grad_accum_steps, batch_size_source, total_batch_size, info)."""
     name = type(cfg).__name__
     T = cfg.seq_len
@@ -149,10 +172,9 @@ def resolve_batch(cfg: TrainConfig, model, world_size: int, device: torch.device
                               f"which is not available; set device_batch_size") from None
         if cfg.total_batch_size <= 0:
             raise ConfigError(f"{name}.total_batch_size must be set (tokens per step) when device_batch_size=0")
-        use_compile = device.type == "cuda" if COMPILE_CHOICES[str(cfg.compile).lower()] is None else COMPILE_CHOICES[str(cfg.compile).lower()]
         B, accum, source, info = resolve_device_batch_size(
-            model, opt_factory, T, cfg.total_batch_size, world_size, device,
-            compile=use_compile, base_dir=cfg.base_dir or None, vocab_size=model.config.vocab_size)
+            **auto_batch_options(model, T, cfg.total_batch_size, world_size, device, cfg.compile),
+            base_dir=cfg.base_dir or None)
         total = cfg.total_batch_size
     else:
         B, source, info = cfg.device_batch_size, "config", {}
@@ -269,9 +291,7 @@ def train(cfg: TrainConfig, *, stage: str, model, tokenizer, tokenizer_dir: str,
                                     matrix_lr=cfg.matrix_lr, weight_decay=cfg.weight_decay)
 
     # Batch geometry first (the automatic probe may run trial steps on a copy of the state).
-    # The probe gets build_optimizers itself: optimizer memory does not depend on the learning rates,
-    # and the same callable as the probe stage's keeps the batch-size cache key the same.
-    B, grad_accum, batch_source, total_batch, batch_info = resolve_batch(cfg, model, world_size, device, build_optimizers)
+    B, grad_accum, batch_source, total_batch, batch_info = resolve_batch(cfg, model, world_size, device)
     T = cfg.seq_len
     rows_per_rank = B * grad_accum
     n_params = model.num_params()

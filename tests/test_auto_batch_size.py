@@ -137,18 +137,110 @@ def test_margin_is_configurable():
     assert (bs, accum) == (8, 1)
 
 
-def test_stop_when_throughput_gain_is_small():
-    speed = {1: 100.0, 2: 190.0, 4: 350.0, 8: 360.0, 16: 370.0}
-    result = search_device_batch_size(
-        lambda bs: Trial(bs, True, seconds=1.0, tokens_per_s=speed[bs]), rows=16, stop_gain=0.05, log=lambda *a: None)
-    assert [t["batch_size"] for t in result.trials] == [1, 2, 4, 8]
-    assert result.stopped_by_speed and result.device_batch_size == 4 and result.grad_accum == 4
-    # without the threshold the same machine grows to the cap
-    result = search_device_batch_size(
-        lambda bs: Trial(bs, True, seconds=1.0, tokens_per_s=speed.get(bs, 380.0)), rows=16, stop_gain=None,
-        log=lambda *a: None)
+def quiet(*_):
+    pass
+
+
+def table_timer(seconds: dict[int, list[float]]):
+    """time_fn from a table of step times per size, one per call (the rounds), recording the calls."""
+    calls: list[int] = []
+
+    def time_fn(bs):
+        calls.append(bs)
+        return Trial(bs, True, seconds=seconds[bs][sum(1 for c in calls if c == bs) - 1])
+    return time_fn, calls
+
+
+def test_memory_search_never_stops_for_speed():
+    # the old speed-aware stop ended growth at 8 here (370/360 tok/s); memory now decides the trials
+    result = search_device_batch_size(lambda bs: Trial(bs, True), rows=16, stop_gain=0.05, log=quiet)
     assert [t["batch_size"] for t in result.trials] == [1, 2, 4, 8, 16, 19]
-    assert result.device_batch_size == 16 and not result.stopped_by_speed
+    assert result.device_batch_size == result.baseline == 16 and not result.stopped_by_speed
+
+
+def test_speed_check_needs_the_smaller_size_faster_every_time():
+    # 8 rows in 1.0 s vs 16 rows in 2.4 s: 8 is 20% faster in every interleaved round -> chosen
+    time_fn, calls = table_timer({16: [2.4] * 3, 8: [1.0] * 6, 4: [0.6] * 3})
+    result = search_device_batch_size(lambda bs: Trial(bs, True), rows=16, stop_gain=0.05, log=quiet, time_fn=time_fn)
+    assert calls == [16, 8, 8, 16, 16, 8, 8, 4, 4, 8, 8, 4]          # interleaved A B, B A, A B
+    assert result.baseline == 16 and result.device_batch_size == 8 and result.stopped_by_speed
+    first = result.speed["comparisons"][0]
+    assert first["rows_per_s"] == {"16": [16 / 2.4] * 3, "8": [8.0] * 3}   # the timings are recorded
+    # faster in two rounds of three, or by less than the margin: the baseline stays
+    for eight in ([1.0, 1.0, 1.3], [1.16, 1.16, 1.16]):
+        time_fn, _ = table_timer({16: [2.4, 2.4, 2.4], 8: eight})
+        result = search_device_batch_size(lambda bs: Trial(bs, True), rows=16, stop_gain=0.05, log=quiet, time_fn=time_fn)
+        assert result.device_batch_size == 16 and not result.stopped_by_speed
+
+
+def test_contended_timings_make_no_speed_choice():
+    # 8 is faster every round, but 16's own timings disagree by 50%: contention; memory decides
+    time_fn, _ = table_timer({16: [2.4, 3.6, 2.4], 8: [0.5, 0.5, 0.5]})
+    result = search_device_batch_size(lambda bs: Trial(bs, True), rows=16, stop_gain=0.05, log=quiet, time_fn=time_fn)
+    assert result.device_batch_size == 16 and result.speed["contended"] and not result.stopped_by_speed
+    # contention found one level down also takes back the level above: no speed-based choice at all
+    time_fn, _ = table_timer({16: [2.4] * 3, 8: [1.0] * 6, 4: [0.1, 0.4, 0.1]})
+    result = search_device_batch_size(lambda bs: Trial(bs, True), rows=16, stop_gain=0.05, log=quiet, time_fn=time_fn)
+    assert result.device_batch_size == 16 and result.speed["contended"]
+
+
+def test_deadline_keeps_the_best_size_found():
+    import time as _time
+
+    def slow_trial(bs):
+        _time.sleep(0.05)
+        return Trial(bs, True)
+    result = search_device_batch_size(slow_trial, rows=64, stop_gain=None, log=quiet,
+                                      deadline=_time.monotonic() + 0.12)
+    tried_sizes = [t["batch_size"] for t in result.trials]
+    assert result.stopped_by_deadline and len(tried_sizes) < 7 and tried_sizes == [1, 2, 4][:len(tried_sizes)]
+    assert result.device_batch_size == choose_device_batch(result.max_found, 64, 0.15)
+
+
+@dataclass
+class CompiledLimitStep:
+    """The real step; the compiled model runs out of memory above `compiled_limit` rows (a compiled
+    step may allocate differently from the eager one)."""
+    compiled_limit: int
+    seq_len: int = SEQ
+    vocab_size: int = VOCAB
+
+    def __call__(self, model, optimizers, batch_size):
+        if hasattr(model, "_orig_mod") and batch_size > self.compiled_limit:
+            raise fake_oom(batch_size)
+        TrainStep(self.seq_len, self.vocab_size)(model, optimizers, batch_size)
+
+
+class CountingBackend:
+    """A torch.compile backend that counts the graphs dynamo hands it and runs them as they are."""
+    def __init__(self):
+        self.graphs = 0
+
+    def __call__(self, gm, example_inputs):
+        self.graphs += 1
+        return gm.forward
+
+
+def test_compile_is_paid_once_not_per_trial_and_backs_off(tmp_path):
+    # graphs one compile of this step produces
+    one = CountingBackend()
+    resolve(tiny_model(), CompiledLimitStep(compiled_limit=64), rows=1, compile=True, compile_backend=one)
+    assert one.graphs > 0
+    counter = CountingBackend()
+    bs, accum, _, info = resolve(tiny_model(), CompiledLimitStep(compiled_limit=64), rows=8, compile=True,
+                                 compile_backend=counter, tmp_path=tmp_path)
+    compiled = [t["batch_size"] for t in info["trials"] if t["compiled"]]
+    assert [t["batch_size"] for t in info["trials"] if not t["compiled"]] == [1, 2, 4, 8, 10]   # eager search
+    assert compiled == [8] and info["compile_confirmed"] and (bs, accum) == (8, 1)
+    assert counter.graphs == one.graphs             # one compile for the whole probe
+    assert read_cache(tmp_path, info["cache_key"], 8)["compile_confirmed"] is True
+    # the compiled step fails at 8 and 4 (but not eager): back off 8 -> 4 -> 2, one compile each
+    counter = CountingBackend()
+    bs, accum, _, info = resolve(tiny_model(), CompiledLimitStep(compiled_limit=3), rows=8, compile=True,
+                                 compile_backend=counter)
+    assert [t["batch_size"] for t in info["trials"] if t["compiled"]] == [8, 4, 2]
+    assert (bs, accum) == (2, 4) and info["compile_confirmed"] and info["baseline"] == 2
+    assert counter.graphs <= 3 * one.graphs
 
 
 def test_choose_device_batch_rules():
@@ -340,9 +432,19 @@ def _rank_worker(rank: int, port: int, limits: list[int], queue) -> None:
             raised = "nothing"
         except Exception as e:  # noqa: BLE001
             raised = f"{type(e).__name__}: {e}"
-        queue.put((rank, bs, accum, source, tried(info), step.calls, raised))
+        # the time limit: rank 1 is slow, rank 0 alone would go on; they stop together, same answer
+        def slow_on_rank1(model, optimizers, batch_size):
+            if rank == 1:
+                import time as _time
+                _time.sleep(0.3)
+            TrainStep(SEQ, VOCAB)(model, optimizers, batch_size)
+        bs3, accum3, _, info3 = resolve_device_batch_size(
+            model, build_optimizers, SEQ, 24 * SEQ * 2, 2, "cpu", slow_on_rank1, use_cache=False, stop_gain=0.05,
+            memory_budget_gb=0, time_limit_s=1.5)
+        limited = (bs3, accum3, info3["stopped_by_deadline"], [(t["batch_size"], t["phase"]) for t in info3["trials"]])
+        queue.put((rank, bs, accum, source, tried(info), step.calls, raised, limited))
     except BaseException as e:  # noqa: BLE001
-        queue.put((rank, "error", repr(e), None, None, None, None))
+        queue.put((rank, "error", repr(e), None, None, None, None, None))
     finally:
         dist.destroy_process_group()
 
@@ -366,8 +468,10 @@ def test_two_gloo_ranks_agree_when_one_fails():
     expected_trials = [1, 2, 4, 8, 6, 5]  # lo 4 hi 8 -> 6 fails (rank 1) -> 5 ok -> floor(4.25) -> 4
     assert results[1][6] == "ValueError: a bug in the step"
     assert results[0][6].startswith("RuntimeError: another rank failed its trial at device batch size 4")
+    assert results[0][7] == results[1][7] and results[0][7][2] is True, results   # agreed under the time limit
+    assert 24 % results[0][7][0] == 0 and results[0][7][0] * results[0][7][1] == 24
     for rank in (0, 1):
-        _, bs, accum, source, trials, calls, _ = results[rank]
+        _, bs, accum, source, trials, calls, _, _ = results[rank]
         assert (bs, accum, source) == (4, 6, "probe"), results[rank]
         assert trials == expected_trials
     # rank 0 ran every trial (it could fit 8 and 6 alone), each as two steps: the second holds the optimizer state
@@ -467,3 +571,36 @@ def test_bench_batch_reports_exact_size_and_cache_hit(capsys):
     assert out["trials"] == [1, 2, 4, 8]          # cap ceil(6 / 0.85) = 8, all fit
     assert (out["device_batch_size"], out["grad_accum"]) == (6, 1)   # floor(6.8) = 6 divides 6
     assert out["tokens_per_s_auto"] > 0 and out["tokens_per_s_baseline"] > 0
+
+
+@dataclass
+class SleepyStep:
+    """The real step, 0.1 s slower: a model whose trials are long against the time limit."""
+    def __call__(self, model, optimizers, batch_size):
+        import time as _time
+        _time.sleep(0.1)
+        TrainStep(SEQ, VOCAB)(model, optimizers, batch_size)
+
+
+def test_time_limit_stops_the_search_keeps_the_best_size_and_says_so(tmp_path):
+    bs, accum, source, info = resolve(tiny_model(), SleepyStep(), rows=64, tmp_path=tmp_path, time_limit_s=0.9)
+    assert info["stopped_by_deadline"] and 1 <= info["max_found"] < 64 and len(info["trials"]) <= 3
+    assert bs == choose_device_batch(info["max_found"], 64, 0.15) and bs * accum == 64
+    entry = read_cache(tmp_path, info["cache_key"], 64)
+    assert entry["stopped_by_deadline"] is True and entry["device_batch_size"] == bs
+
+
+def test_probe_command_pipeline_flags_are_checked():
+    import argparse
+    from jobs import cmd_probe
+    parser = argparse.ArgumentParser()
+    cmd_probe.add_arguments(parser)
+    with pytest.raises(ConfigError, match="--depth: not with --pipeline"):
+        cmd_probe.config_from_args(parser.parse_args(["--pipeline", "smoke", "--depth", "4"]))
+    with pytest.raises(ConfigError, match="--seq-len: required"):
+        cmd_probe.config_from_args(parser.parse_args(["--depth", "4"]))
+    with pytest.raises(ConfigError, match="--serves sft"):
+        cmd_probe.config_from_args(parser.parse_args(["--pipeline", "smoke", "--serves", "sft"]))
+    cfg = cmd_probe.config_from_args(parser.parse_args(["--pipeline", "artemis-a100", "--set", "defaults.depth=12"]))
+    assert (cfg.serves, cfg.depth, cfg.world_size, cfg.vocab_size, cfg.seq_len, cfg.compile) == \
+        ("base_train", 12, 2, 65536, 2048, "auto")

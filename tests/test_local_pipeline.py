@@ -145,6 +145,11 @@ def test_smoke_pipeline_runs_all_five_stages_locally_without_slurm(env):
     assert {r["stage"] for r in rs if r["state"] == "COMPLETED"} == set(last["stages"])
     assert {r["state"] for r in rs} <= {"COMPLETED", "SKIPPED"}
     assert (run_dir / "report.csv").exists()
+    # the probe served base_train: training read the very entry the probe wrote
+    probe_row = next(r for r in rs if r["stage"] == "probe")
+    train_row = next(r for r in rs if r["stage"] == "base_train")
+    assert train_row["batch_size_source"] == "cache"
+    assert train_row["device_batch_size"] == probe_row["device_batch_size"]
     print(f"smoke pipeline locally: {wall:.1f} s")
 
 

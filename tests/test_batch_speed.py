@@ -1,0 +1,98 @@
+"""
+The speed check must not let noise decide the cached batch size: the default probe gives the same
+answer on repeated runs, timings measured under contention never take the size below the memory
+baseline (nor get cached as a speed choice), and a real speed advantage is recorded with its timings
+and expires. Real model, real steps; the "contention" is a deterministic slow step function.
+"""
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from nanochat.auto_batch_size import (ProbeConfig, TrainStep, cache_path, read_cache, resolve_device_batch_size,
+                                      run as run_probe, write_cache)
+from nanochat.gpt import GPTConfig, build_model
+from nanochat.optim import build_optimizers
+
+SEQ, VOCAB = 32, 256
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    return build_model(GPTConfig.from_depth(1, VOCAB, SEQ))
+
+
+@dataclass
+class JitterStep:
+    """The real step plus a wait drawn from a seeded generator: every size's timings wander by up to
+    `max_wait` per step, as on a machine that other jobs keep busy. Size 2 is also made to look 2x
+    faster per row on average, to tempt a speed-based choice."""
+    max_wait: float = 0.12
+    rng: random.Random = field(default_factory=lambda: random.Random(1234))
+
+    def __call__(self, model, optimizers, batch_size):
+        base = 0.02 * batch_size if batch_size > 2 else 0.005 * batch_size
+        time.sleep(base + self.rng.uniform(0.0, self.max_wait))
+        TrainStep(SEQ, VOCAB)(model, optimizers, batch_size)
+
+
+@dataclass
+class SlowLargeStep:
+    """The real step plus a fixed wait per row that is 4x longer above 2 rows: sizes 1-2 really train
+    more rows per second than 4, by far more than any margin."""
+    def __call__(self, model, optimizers, batch_size):
+        time.sleep((0.15 if batch_size > 2 else 0.0375) * batch_size)
+        TrainStep(SEQ, VOCAB)(model, optimizers, batch_size)
+
+
+def resolve(step, tmp_path, **kw):
+    return resolve_device_batch_size(tiny_model(), build_optimizers, SEQ, 4 * SEQ, 1, "cpu", step,
+                                     memory_budget_gb=0, cache_dir=tmp_path, **kw)
+
+
+@pytest.mark.slow
+def test_default_probe_gives_the_same_answer_every_time(tmp_path):
+    cfg = ProbeConfig(depth=1, seq_len=SEQ, vocab_size=VOCAB, total_batch_size=8 * SEQ, cache_dir=str(tmp_path),
+                      refresh_cache=True, device_type="cpu")   # every other key: the default
+    answers = []
+    for _ in range(3):
+        row = run_probe(cfg)
+        assert row["batch_size_source"] == "probe"
+        answers.append((row["device_batch_size"], row["grad_accum_steps"]))
+    assert len(set(answers)) == 1, answers
+    entry = read_cache(tmp_path, row["cache_key"], 8)
+    assert entry["speed"]["rounds"] == 3 and entry["speed"]["comparisons"]   # the timings are in the entry
+
+
+def test_contended_timings_never_go_below_the_baseline_nor_get_cached_as_speed(tmp_path):
+    bs, accum, source, info = resolve(JitterStep(), tmp_path, stop_gain=0.05)
+    assert source == "probe" and bs == info["baseline"] == 4 and not info["stopped_by_speed"]
+    first = info["speed"]["comparisons"][0]
+    assert len(first["rows_per_s"]["4"]) == len(first["rows_per_s"]["2"]) == 3
+    entry = read_cache(tmp_path, info["cache_key"], 4)
+    assert entry["device_batch_size"] == 4 and "expires_at" not in entry and entry["speed"] == info["speed"]
+
+
+@pytest.mark.slow
+def test_a_real_speed_advantage_is_taken_recorded_and_expires(tmp_path):
+    bs, accum, source, info = resolve(SlowLargeStep(), tmp_path, stop_gain=0.05)
+    assert info["baseline"] == 4 and (bs, accum) == (2, 2) and info["stopped_by_speed"]
+    entry = read_cache(tmp_path, info["cache_key"], 4)
+    assert entry["device_batch_size"] == 2 and entry["baseline"] == 4
+    assert time.time() < entry["expires_at"] <= time.time() + 8 * 24 * 3600
+    # once expired, the entry is measured again rather than trusted
+    write_cache(tmp_path, info["cache_key"], dict(entry, expires_at=time.time() - 1))
+    assert read_cache(tmp_path, info["cache_key"], 4) is None
+    assert cache_path(tmp_path, info["cache_key"]).exists()
