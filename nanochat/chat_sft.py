@@ -40,7 +40,7 @@ from nanochat.optim import all_reduce_gradients, build_optimizers
 from nanochat.packing import MODES, Example, batch_for_mode, plan_batches, truncate
 from nanochat.synthetic import generate_conversations, read_conversations
 from nanochat.tokenizer import Tokenizer
-from nanochat.train_loop import read_metrics, write_metrics
+from nanochat.train_loop import _any_rank, _oom_handlers, read_metrics, write_metrics
 
 ATTENTION_ROUTE = "sdpa-bool-mask"  # see the module docstring for why not flex_attention
 
@@ -280,20 +280,21 @@ def save_sft_checkpoint(cfg: SFTConfig, model: GPT, tokenizer_dir: str, optimize
     return save_checkpoint(checkpoint_dir(cfg.out_dir), step, model, optimizers, meta)
 
 
-def try_resume(cfg: SFTConfig, model: GPT, optimizers, device: torch.device) -> int:
-    """The step to start from: that of the newest valid SFT checkpoint in out_dir/checkpoints (0 if none).
-    The epoch plan is a function of the seed, so the run goes on with the micro-batch it would have taken."""
+def try_resume(cfg: SFTConfig, model: GPT, optimizers, device: torch.device) -> tuple[int, dict]:
+    """(step to start from, that checkpoint's meta): the newest valid SFT checkpoint in out_dir/checkpoints,
+    or (0, {}) if none. The epoch plan is a function of the seed and the planned micro-batch size kept in
+    the meta, so the run goes on with the micro-batch it would have taken."""
     if not cfg.out_dir:
-        return 0
+        return 0, {}
     from nanochat.checkpoint import check_model_config, latest_valid_checkpoint
     found = latest_valid_checkpoint(checkpoint_dir(cfg.out_dir), device)
     if found is None or found["meta"].get("stage") != "sft":
-        return 0
+        return 0, {}
     check_model_config(found["path"], found["meta"]["model_config"], model.config.to_dict())
     model.load_state_dict(found["model"])
     for opt, opt_state in zip(optimizers, found.get("optim") or []):
         opt.load_state_dict(opt_state)
-    return int(found["meta"]["step"])
+    return int(found["meta"]["step"]), dict(found["meta"])
 
 
 # -----------------------------------------------------------------------------
@@ -307,44 +308,72 @@ def _all_reduce_sum(values: list[float], device: torch.device, ddp: bool) -> lis
     return t.tolist()
 
 
+def _step_micro_batches(plans: list, first: int, plan_accum: int, rank: int, B: int) -> list:
+    """This rank's rows of one optimizer step (its plan_accum planned micro-batches, consecutive in the
+    plan), cut into micro-batches of B rows. Rows are independent, so the step's gradient does not depend
+    on B: after an out-of-memory fallback the same rows are rerun in smaller pieces, and a restart keeps
+    the epoch plan it was made with. Consecutive, so that in the padding modes a rank's rows are the same
+    whether the step was planned as 4 rows x 1 or 2 rows x 2 (a fallback equals a run configured small)."""
+    rows = [row for k in range(plan_accum) for row in plans[first + rank * plan_accum + k]]
+    return [rows[i:i + B] for i in range(0, len(rows), B)]
+
+
 def train(cfg: SFTConfig, model: GPT, tokenizer: Tokenizer, train_examples: list[Example],
           val_examples: list[Example], device_batch_size: int, batch_size_source: str,
-          should_stop: Callable[[], bool] | None = None, meta: dict | None = None) -> dict:
-    """Fine-tune `model` in place and return the result row (a dict of RESULT_COLUMNS and extras)."""
+          should_stop: Callable[[], bool] | None = None, meta: dict | None = None,
+          batch_info: dict | None = None) -> dict:
+    """Fine-tune `model` in place and return the result row (a dict of RESULT_COLUMNS and extras).
+    batch_info: resolve_batch_size's info (its cache_key and cache_dir receive an out-of-memory fallback)."""
     started = time.time()
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     ddp = world > 1
     device = model.get_device()
+    batch_info = batch_info or {}
     T, B, mode = cfg.max_seq_len, device_batch_size, cfg.mode
     total = default_total_batch_size(cfg, world) if batch_size_source != "config" else cfg.total_batch_size
     accum = grad_accum_steps(total, B, T, world)
+    rows_per_rank = B * accum
     pad_id = tokenizer.get_bos_token_id()
     if T > model.rotary_seq_len:
         raise ConfigError(f"sft.max_seq_len: {T} is longer than the model's rotary table ({model.rotary_seq_len})")
-
-    # Plan every epoch up front: all ranks compute the same plan and take micro-batches in turn, so
-    # they agree on the number of steps without talking.
-    lengths = [len(ids) - 1 for ids, _ in train_examples]
-    plans = []
-    for epoch in range(cfg.num_epochs):
-        order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
-        epoch_plans = plan_batches([lengths[i] for i in order], mode, B, T, cfg.pack_buffer)
-        plans += [[[order[i] for i in row] for row in plan] for plan in epoch_plans]
-    micro_per_step = accum * world
-    num_steps = len(plans) // micro_per_step
-    if cfg.max_steps:
-        num_steps = min(num_steps, cfg.max_steps)
-    if num_steps < 1:
-        raise ConfigError(f"sft: {len(train_examples)} conversations make {len(plans)} micro-batches, fewer than "
-                          f"one optimizer step needs ({micro_per_step}); add data or lower device_batch_size")
 
     optimizers = build_optimizers(model, unembedding_lr=cfg.unembedding_lr, embedding_lr=cfg.embedding_lr,
                                   matrix_lr=cfg.matrix_lr, weight_decay=cfg.weight_decay)
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["initial_lr"] = group["initial_lr"] * cfg.init_lr_frac
-    start_step = try_resume(cfg, model, optimizers, device) if cfg.save_checkpoint else 0
+    start_step, ckpt_meta = try_resume(cfg, model, optimizers, device) if cfg.save_checkpoint else (0, {})
+
+    # The epoch plan is made with plan_B rows per planned micro-batch; B (the rows run at once) may
+    # be smaller after an out-of-memory fallback. A restart plans as the interrupted attempt did
+    # (its checkpoint says how) and keeps a fallback's smaller B, as train_loop does.
+    plan_B = B
+    if ckpt_meta.get("plan_batch_size", 0) * ckpt_meta.get("plan_grad_accum", 0) == rows_per_rank:
+        plan_B = int(ckpt_meta["plan_batch_size"])
+        kept = int(ckpt_meta.get("device_batch_size", B))
+        if ckpt_meta.get("batch_size_source") == "fallback" and kept < B and rows_per_rank % kept == 0:
+            B, batch_size_source = kept, "fallback"
+            accum = rows_per_rank // B
+            print0(f"sft[{mode}] keeping the out-of-memory fallback of the interrupted run: "
+                   f"device_batch_size={B}, grad_accum={accum}")
+    plan_accum = rows_per_rank // plan_B
+
+    # Plan every epoch up front: all ranks compute the same plan and take their share of each step, so
+    # they agree on the number of steps without talking.
+    lengths = [len(ids) - 1 for ids, _ in train_examples]
+    plans = []
+    for epoch in range(cfg.num_epochs):
+        order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
+        epoch_plans = plan_batches([lengths[i] for i in order], mode, plan_B, T, cfg.pack_buffer)
+        plans += [[[order[i] for i in row] for row in plan] for plan in epoch_plans]
+    micro_per_step = plan_accum * world
+    num_steps = len(plans) // micro_per_step
+    if cfg.max_steps:
+        num_steps = min(num_steps, cfg.max_steps)
+    if num_steps < 1:
+        raise ConfigError(f"sft: {len(train_examples)} conversations make {len(plans)} micro-batches, fewer than "
+                          f"one optimizer step needs ({micro_per_step}); add data or lower device_batch_size")
 
     compiled = mode != "eager-dynamic"
     counter = CompileCounter()
@@ -354,6 +383,7 @@ def train(cfg: SFTConfig, model: GPT, tokenizer: Tokenizer, train_examples: list
     else:
         train_model = model
     model.train()
+    oom = _oom_handlers()
 
     val_loss_before = evaluate(model, val_examples, cfg.eval_batch_size, T, pad_id) if start_step == 0 else None
     step = start_step
@@ -368,18 +398,39 @@ def train(cfg: SFTConfig, model: GPT, tokenizer: Tokenizer, train_examples: list
         synchronize(device)
         t0 = time.time()
         first = step * micro_per_step
-        my_plans = [plans[first + k * world + rank] for k in range(accum)]
-        batches = [batch_for_mode(train_examples, p, mode, T, pad_id) for p in my_plans]
+        batches = [batch_for_mode(train_examples, m, mode, T, pad_id)
+                   for m in _step_micro_batches(plans, first, plan_accum, rank, B)]
         # Count the step's supervised tokens over all micro-batches and ranks before any backward.
         n_sup = _all_reduce_sum([float(sum(b.num_supervised for b in batches))], device, ddp)[0]
         scale = world / max(n_sup, 1.0)  # gradients are averaged over ranks, so x world gives sum / n_sup
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # stays on the device: no sync per micro-batch
-        for b in batches:
-            b = b.to(device)
-            with autocast_context(device):
-                loss = train_model(b.inputs, b.targets, doc_ids=b.doc_ids, loss_reduction="sum")
-            (loss * scale).backward()
-            loss_sum += loss.detach()
+        while True:
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # stays on the device: no sync per micro-batch
+            out_of_memory = False
+            try:
+                for b in batches:
+                    b = b.to(device)
+                    with autocast_context(device):
+                        loss = train_model(b.inputs, b.targets, doc_ids=b.doc_ids, loss_reduction="sum")
+                    (loss * scale).backward()
+                    loss_sum += loss.detach()
+            except Exception as exc:  # only out-of-memory errors are handled; anything else re-raises
+                if oom is None or not oom[0](exc):
+                    raise
+                out_of_memory = True
+            loss = b = None
+            # Every rank learns whether any rank ran out of memory before anyone enters the gradient
+            # all-reduce, so one rank's OOM cannot leave the others waiting there.
+            if not _any_rank(out_of_memory, ddp, device):
+                break
+            # Drop this step's partial gradients and rerun the same rows in smaller micro-batches
+            # (at B=1 fallback_after_oom raises MemoryError, on every rank alike).
+            model.zero_grad(set_to_none=True)
+            B, accum = oom[1](B, accum, batch_info.get("cache_key"), batch_info.get("cache_dir"), device)
+            batch_size_source = "fallback"
+            print0(f"sft[{mode}] out of memory at step {step}: rerunning it with device_batch_size={B}, "
+                   f"grad_accum={accum}")
+            batches = [batch_for_mode(train_examples, m, mode, T, pad_id)
+                       for m in _step_micro_batches(plans, first, plan_accum, rank, B)]
         all_reduce_gradients(model)
         lr_mult = 1.0 - step / num_steps  # linear decay to zero, as nanochat's SFT
         for opt in optimizers:
@@ -412,7 +463,9 @@ def train(cfg: SFTConfig, model: GPT, tokenizer: Tokenizer, train_examples: list
                 write_metrics(metrics_path, metrics)
         if step % 10 == 0 or step == num_steps:
             print0(f"sft[{mode}] step {step}/{num_steps} loss {losses[-1]:.4f} dt {dt * 1000:.0f}ms")
-        if should_stop is not None and step < num_steps and should_stop():
+        # Ranks agree before acting on a stop request (USR2 may reach one rank only, or reach them at
+        # different steps): a rank that left the loop alone would leave the others in the next all-reduce.
+        if step < num_steps and _any_rank(bool(should_stop is not None and should_stop()), ddp, device):
             state = "PREEMPTED"
             if metrics_path:
                 write_metrics(metrics_path, metrics)
@@ -420,16 +473,20 @@ def train(cfg: SFTConfig, model: GPT, tokenizer: Tokenizer, train_examples: list
     synchronize(device)
     timed_s = time.time() - timed_start if timed_steps else 0.0
 
-    model.eval()
-    val_loss = evaluate(model, val_examples, cfg.eval_batch_size, T, pad_id)
+    # Saved before evaluation: on preemption the grace period goes to the checkpoint, and an eval
+    # crash never costs the trained weights. A preempted run is evaluated when it resumes and ends.
     ckpt_path = None
     if cfg.save_checkpoint and cfg.out_dir and rank == 0:
         tokenizer_dir = (meta or {}).get("tokenizer_dir") or str(Path(cfg.out_dir) / "tokenizer")
         if not (Path(tokenizer_dir) / "tokenizer.json").exists():
             tokenizer.save(tokenizer_dir)
-        ckpt_path = str(save_sft_checkpoint(cfg, model, tokenizer_dir, optimizers, step, meta or {}))
+        batch_meta = dict(device_batch_size=B, grad_accum_steps=accum, batch_size_source=batch_size_source,
+                          plan_batch_size=plan_B, plan_grad_accum=plan_accum)
+        ckpt_path = str(save_sft_checkpoint(cfg, model, tokenizer_dir, optimizers, step, dict(meta or {}, **batch_meta)))
     if ddp:
         dist.barrier()
+    model.eval()
+    val_loss = evaluate(model, val_examples, cfg.eval_batch_size, T, pad_id) if state == "COMPLETED" else None
 
     counts = _all_reduce_sum([timed["positions"], timed["real"], timed["supervised"], timed["conversations"]], device, ddp)
     positions, real, supervised, conversations = counts
@@ -489,7 +546,7 @@ def run(cfg: SFTConfig, should_stop: Callable[[], bool] | None = None) -> dict:
     info = compute_init(cfg.device_type or None, seed=cfg.seed)
     model, tokenizer, meta, train_examples, val_examples = prepare(cfg, info.device)
     dbs, source, bs_info = resolve_batch_size(cfg, model, info.world_size, info.device)
-    row = train(cfg, model, tokenizer, train_examples, val_examples, dbs, source, should_stop, meta)
+    row = train(cfg, model, tokenizer, train_examples, val_examples, dbs, source, should_stop, meta, bs_info)
     row["extra"]["batch_size_info"] = bs_info
     if cfg.out_dir and info.is_master:
         atomic_write_json(Path(cfg.out_dir) / "sft_result.json", row)
