@@ -33,8 +33,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from nanochat.common import (ConfigError, atomic_write_json, compute_init, device_name,
-                             git_commit, peak_flops, peak_memory_bytes, print0, synchronize)
+from nanochat.common import (ConfigError, atomic_write_json, compute_init, device_name, git_commit, peak_flops,
+                             peak_memory_bytes, print0, reset_peak_memory, synchronize)
 from nanochat.gpt import GPT, GPTConfig, build_model
 from nanochat.optim import all_reduce_gradients, build_optimizers
 from nanochat.packing import MODES, Example, batch_for_mode, plan_batches, truncate
@@ -330,6 +330,8 @@ def train(cfg: SFTConfig, model: GPT, tokenizer: Tokenizer, train_examples: list
     ddp = world > 1
     device = model.get_device()
     batch_info = batch_info or {}
+    # This mode's peak only: not the batch-size probe's largest (failed) trial, nor a benchmark's earlier mode.
+    reset_peak_memory(device)
     T, B, mode = cfg.max_seq_len, device_batch_size, cfg.mode
     total = default_total_batch_size(cfg, world) if batch_size_source != "config" else cfg.total_batch_size
     accum = grad_accum_steps(total, B, T, world)
