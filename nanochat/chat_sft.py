@@ -7,11 +7,11 @@ Three ways to batch (SFTConfig.mode), so the cost of each can be measured side b
 - "compile-pack":  best-fit several whole conversations into each fixed (B, T) row, attention kept
                    inside each conversation, torch.compile(dynamic=False). The default.
 
-Attention route for packed rows: scaled_dot_product_attention with a boolean block-diagonal causal
-mask built from the document ids (GPT.forward(doc_ids=...)). FlexAttention would skip the masked
-blocks, but in torch 2.13 it has no backward on CPU ("FlexAttention does not support backward on
-CPU"), and this product must train on CPU for its tests and smoke pipeline; SDPA with a mask compiles,
-runs forward and backward on both CPU and CUDA, and its cost is measured, not assumed.
+Attention route for packed rows (GPT.forward(doc_ids=...), nanochat.gpt.doc_attention_route): on CUDA
+FlexAttention with a block mask built from the document ids, compiled, so blocks wholly across documents
+or above the diagonal are skipped; elsewhere scaled_dot_product_attention with the dense boolean
+block-diagonal causal mask, because FlexAttention has no backward on CPU in torch 2.13 and this product
+trains on CPU for its tests and smoke pipeline. Both compute the same loss (tests/test_packing.py).
 
 The loss is summed per micro-batch and divided by the number of supervised tokens in the whole
 optimizer step, counted over all micro-batches and all ranks before the first backward (nanochat
@@ -35,14 +35,14 @@ import torch.distributed as dist
 
 from nanochat.common import (ConfigError, atomic_write_json, compute_init, device_name, git_commit, peak_flops,
                              peak_memory_bytes, print0, reset_peak_memory, synchronize)
-from nanochat.gpt import GPT, GPTConfig, build_model
+from nanochat.gpt import GPT, GPTConfig, build_model, doc_attention_route
 from nanochat.optim import all_reduce_gradients, build_optimizers
 from nanochat.packing import MODES, Example, batch_for_mode, plan_batches, truncate
 from nanochat.synthetic import generate_conversations, read_conversations
 from nanochat.tokenizer import Tokenizer
 from nanochat.train_loop import _any_rank, _oom_handlers, read_metrics, write_metrics
 
-ATTENTION_ROUTE = "sdpa-bool-mask"  # see the module docstring for why not flex_attention
+ATTENTION_NAMES = {"flex": "flex-document-mask", "sdpa": "sdpa-bool-mask"}  # row extra "attention"
 
 
 @dataclass
@@ -522,7 +522,8 @@ def train(cfg: SFTConfig, model: GPT, tokenizer: Tokenizer, train_examples: list
             "compile_seconds": compile_s,
             "timed_seconds": timed_s, "timed_steps": timed_steps,
             "conversations_per_s": rate(conversations),
-            "attention": ATTENTION_ROUTE if mode == "compile-pack" else "sdpa-causal",
+            "attention": (ATTENTION_NAMES[doc_attention_route(model.doc_attention, device)]
+                          if mode == "compile-pack" else "sdpa-causal"),
             "num_steps_planned": num_steps, "resumed_from_step": start_step,
             "checkpoint": ckpt_path,
         },
