@@ -1,11 +1,13 @@
 """
 Chat SFT: fine-tune on conversations, loss on the assistant's tokens only.
 
-Three ways to batch (SFTConfig.mode), so the cost of each can be measured side by side:
+Four ways to batch (SFTConfig.mode), so the cost of each can be measured side by side:
 - "eager-dynamic": pad each batch to its longest conversation, no compile (the original baseline).
 - "compile-pad":   pad every row to max_seq_len, torch.compile(dynamic=False): one shape, much padding.
 - "compile-pack":  best-fit several whole conversations into each fixed (B, T) row, attention kept
                    inside each conversation, torch.compile(dynamic=False). The default.
+- "eager-pack":    the same packed rows, no compile: compile-pack / eager-pack is what compiling gives,
+                   compile-pack / compile-pad what packing gives.
 
 Attention route for packed rows (GPT.forward(doc_ids=...), nanochat.gpt.doc_attention_route): on CUDA
 FlexAttention with a block mask built from the document ids, compiled, so blocks wholly across documents
@@ -37,7 +39,7 @@ from nanochat.common import (ConfigError, atomic_write_json, compute_init, devic
                              peak_memory_bytes, print0, reset_peak_memory, synchronize)
 from nanochat.gpt import GPT, GPTConfig, build_model, doc_attention_route
 from nanochat.optim import all_reduce_gradients, build_optimizers
-from nanochat.packing import MODES, Example, batch_for_mode, plan_batches, truncate
+from nanochat.packing import MODES, PACKED_MODES, Example, batch_for_mode, plan_batches, truncate
 from nanochat.synthetic import generate_conversations, read_conversations
 from nanochat.tokenizer import Tokenizer
 from nanochat.train_loop import _any_rank, _oom_handlers, read_metrics, write_metrics
@@ -53,7 +55,7 @@ class SFTConfig:
     init_from: str = ""         # checkpoint folder of the model to fine-tune; "" = a fresh model (benchmarks, tests)
     device_type: str = ""       # "" = auto (cuda, else cpu)
     # what to run
-    mode: str = "compile-pack"  # eager-dynamic | compile-pad | compile-pack
+    mode: str = "compile-pack"  # eager-dynamic | eager-pack | compile-pad | compile-pack
     data_path: str = ""         # JSONL or parquet of {"messages": [...]}; "" = the offline synthetic set
     num_conversations: int = 2000   # size of the synthetic set when data_path is ""
     val_conversations: int = 64     # held out (taken from the end of the data) for the validation loss
@@ -209,7 +211,7 @@ def resolve_batch_size(cfg: SFTConfig, model: GPT, world_size: int, device: torc
     if cfg.device_batch_size > 0:
         return cfg.device_batch_size, "config", {}
     from nanochat.auto_batch_size import resolve_device_batch_size
-    step = SFTTrialStep(cfg.max_seq_len, model.config.vocab_size, cfg.mode == "compile-pack", world_size)
+    step = SFTTrialStep(cfg.max_seq_len, model.config.vocab_size, cfg.mode in PACKED_MODES, world_size)
     dbs, _accum, source, info = resolve_device_batch_size(
         model, build_sft_optimizers, cfg.max_seq_len, default_total_batch_size(cfg, world_size), world_size, device,
         step_fn=step, compile=False, base_dir=cfg.base_dir or None, cache_extra={"recipe": "sft", "mode": cfg.mode})
@@ -377,7 +379,7 @@ def train(cfg: SFTConfig, model: GPT, tokenizer: Tokenizer, train_examples: list
         raise ConfigError(f"sft: {len(train_examples)} conversations make {len(plans)} micro-batches, fewer than "
                           f"one optimizer step needs ({micro_per_step}); add data or lower device_batch_size")
 
-    compiled = mode != "eager-dynamic"
+    compiled = mode.startswith("compile")
     counter = CompileCounter()
     if compiled:
         torch._dynamo.reset()  # fresh caches: a second model in this process must not eat the recompile limit
@@ -523,7 +525,7 @@ def train(cfg: SFTConfig, model: GPT, tokenizer: Tokenizer, train_examples: list
             "timed_seconds": timed_s, "timed_steps": timed_steps,
             "conversations_per_s": rate(conversations),
             "attention": (ATTENTION_NAMES[doc_attention_route(model.doc_attention, device)]
-                          if mode == "compile-pack" else "sdpa-causal"),
+                          if mode in PACKED_MODES else "sdpa-causal"),
             "num_steps_planned": num_steps, "resumed_from_step": start_step,
             "checkpoint": ckpt_path,
         },
@@ -557,11 +559,15 @@ def run(cfg: SFTConfig, should_stop: Callable[[], bool] | None = None) -> dict:
 
 
 # -----------------------------------------------------------------------------
-# Benchmark: the three modes on the same conversations, model init and batch size
+# Benchmark: the modes on the same conversations, model init and batch size
+
+ORIGINAL_BATCH_SIZE = 4  # the original SFT's conversations per batch (eager-dynamic's size when the bench's is automatic)
+
 
 def bench(cfg: SFTConfig, modes: tuple[str, ...] = MODES) -> list[dict]:
     """One row per mode. Every mode starts from the same weights (re-initialised or reloaded) and sees the
-    same conversations; checkpoints are not written. Compare real_tokens_per_s."""
+    same conversations, at the same device batch size (eager-dynamic at ORIGINAL_BATCH_SIZE when that
+    size is automatic); checkpoints are not written. Compare real_tokens_per_s (BENCH_RATIOS)."""
     cfg.validate()
     for mode in modes:
         if mode not in MODES:
@@ -574,15 +580,24 @@ def bench(cfg: SFTConfig, modes: tuple[str, ...] = MODES) -> list[dict]:
     for mode in modes:
         model.load_state_dict(initial_state)
         mode_cfg = replace(cfg, mode=mode, save_checkpoint=False)
-        rows.append(train(mode_cfg, model, tokenizer, train_examples, val_examples, dbs, source, None, meta))
+        mode_dbs, mode_source = dbs, source
+        if mode == "eager-dynamic" and cfg.device_batch_size == 0:
+            # the original as it was: eager, padded to the longest, ORIGINAL_BATCH_SIZE conversations a batch
+            mode_dbs, mode_source = ORIGINAL_BATCH_SIZE, "config"
+            mode_cfg = replace(mode_cfg, device_batch_size=ORIGINAL_BATCH_SIZE, total_batch_size=0)
+        rows.append(train(mode_cfg, model, tokenizer, train_examples, val_examples, mode_dbs, mode_source, None, meta))
     return rows
 
 
+# The three ratios of real tokens/s that attribute SFT's gain: (name, numerator mode, denominator mode)
+BENCH_RATIOS = (
+    ("compile-pack/compile-pad", "compile-pack", "compile-pad"),      # packing, both compiled
+    ("compile-pack/eager-pack", "compile-pack", "eager-pack"),        # compiling, both packed
+    ("compile-pack/eager-dynamic", "compile-pack", "eager-dynamic"),  # everything vs the original
+)
+
+
 def bench_ratios(rows: list[dict]) -> dict:
-    """compile-pack / compile-pad and compile-pack / eager-dynamic on real tokens/s."""
+    """BENCH_RATIOS on real tokens/s, for the pairs whose modes both ran."""
     real = {r["variant"]: r["real_tokens_per_s"] for r in rows}
-    out = {}
-    for other in ("compile-pad", "eager-dynamic"):
-        if real.get("compile-pack") and real.get(other):
-            out[f"compile-pack/{other}"] = real["compile-pack"] / real[other]
-    return out
+    return {name: real[a] / real[b] for name, a, b in BENCH_RATIOS if real.get(a) and real.get(b)}
