@@ -4,7 +4,7 @@ import random
 import pytest
 import torch
 
-from nanochat.packing import (MODES, PAD_DOC_ID, batch_for_mode, best_fit_decreasing, build_batch,
+from nanochat.packing import (MODES, PACKED_MODES, PAD_DOC_ID, batch_for_mode, best_fit_decreasing, build_batch,
                               plan_batches, truncate)
 
 
@@ -58,7 +58,7 @@ def test_every_conversation_appears_exactly_once(mode):
             assert len(plan) == B  # fixed shape, also for the last batch
         for row in plan:
             assert sum(positions(examples[i]) for i in row) <= T
-            if mode != "compile-pack":
+            if mode not in PACKED_MODES:
                 assert len(row) <= 1
 
 
@@ -101,7 +101,7 @@ def test_modes_supervise_the_same_tokens():
                 assert batch.inputs.size(1) == max(sum(lengths[i] for i in row) for row in plan)
             else:
                 assert batch.inputs.shape == (B, T)
-            assert (batch.doc_ids is not None) == (mode == "compile-pack")
+            assert (batch.doc_ids is not None) == (mode in PACKED_MODES)
             sup += batch.num_supervised
             real += batch.num_real
         totals[mode] = (sup, real)
