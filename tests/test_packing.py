@@ -181,3 +181,26 @@ def test_flex_on_cuda_matches_sdpa_forward_and_backward_compiled():
         assert loss == pytest.approx(ref_loss, rel=1e-4)
         for a, b in zip(grads, ref_grads):
             torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compile_pack_sft_on_cuda_takes_flex_attention():
+    """The SFT stage's packed, compiled path on CUDA: FlexAttention inside the compiled model, the
+    row says so, and it trains."""
+    from nanochat.chat_sft import SFTConfig, conversation_texts, render_examples, train
+    from nanochat.gpt import GPTConfig, build_model
+    from nanochat.synthetic import generate_conversations
+    from nanochat.tokenizer import Tokenizer
+    T = 256
+    convs = generate_conversations(200, seed=0, max_tokens=T)
+    tok = Tokenizer.train(conversation_texts(convs), 512)
+    torch.manual_seed(0)
+    model = build_model(GPTConfig.from_depth(2, tok.get_vocab_size(), T), torch.device("cuda"))
+    cfg = SFTConfig(mode="compile-pack", max_seq_len=T, device_batch_size=4, max_steps=6, save_checkpoint=False,
+                    val_conversations=0, init_lr_frac=1.0)
+    row = train(cfg, model, tok, render_examples(convs, tok, T, "test"), [], 4, "config")
+    print({k: row[k] for k in ("num_compiles", "real_tokens_per_s", "padding_fraction", "final_loss")})
+    assert row["extra"]["attention"] == "flex-document-mask"
+    assert row["compile"] is True and row["num_compiles"] >= 1
+    assert row["final_loss"] < row["extra"]["first_loss"]
