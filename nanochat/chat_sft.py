@@ -310,6 +310,10 @@ def _all_reduce_sum(values: list[float], device: torch.device, ddp: bool) -> lis
     return t.tolist()
 
 
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def _step_micro_batches(plans: list, first: int, plan_accum: int, rank: int, B: int) -> list:
     """This rank's rows of one optimizer step (its plan_accum planned micro-batches, consecutive in the
     plan), cut into micro-batches of B rows. Rows are independent, so the step's gradient does not depend
@@ -353,10 +357,12 @@ def train(cfg: SFTConfig, model: GPT, tokenizer: Tokenizer, train_examples: list
     # be smaller after an out-of-memory fallback. A restart plans as the interrupted attempt did
     # (its checkpoint says how) and keeps a fallback's smaller B, as train_loop does.
     plan_B = B
-    if ckpt_meta.get("plan_batch_size", 0) * ckpt_meta.get("plan_grad_accum", 0) == rows_per_rank:
-        plan_B = int(ckpt_meta["plan_batch_size"])
-        kept = int(ckpt_meta.get("device_batch_size", B))
-        if ckpt_meta.get("batch_size_source") == "fallback" and kept < B and rows_per_rank % kept == 0:
+    saved_plan_B, saved_plan_accum = ckpt_meta.get("plan_batch_size"), ckpt_meta.get("plan_grad_accum")
+    if _positive_int(saved_plan_B) and _positive_int(saved_plan_accum) and saved_plan_B * saved_plan_accum == rows_per_rank:
+        plan_B = saved_plan_B
+        kept = ckpt_meta.get("device_batch_size")
+        if (ckpt_meta.get("batch_size_source") == "fallback" and _positive_int(kept) and kept < B
+                and rows_per_rank % kept == 0):
             B, batch_size_source = kept, "fallback"
             accum = rows_per_rank // B
             print0(f"sft[{mode}] keeping the out-of-memory fallback of the interrupted run: "

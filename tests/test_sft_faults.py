@@ -237,3 +237,13 @@ def test_preempted_run_saves_before_it_evaluates(tmp_path, monkeypatch):
     assert row["state"] == "PREEMPTED" and row["steps"] == 2
     found = latest_valid_checkpoint(tmp_path / "sft" / "checkpoints", "cpu")
     assert found is not None and found["meta"]["step"] == 2
+    assert (found["meta"]["plan_batch_size"], found["meta"]["plan_grad_accum"]) == (4, 1)
+    # The batch geometry in a checkpoint's meta is untrusted: nonsense there is ignored, not a crash.
+    meta_path = Path(found["path"]) / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta.update(plan_batch_size="4", plan_grad_accum=[1], device_batch_size=True, batch_size_source="fallback")
+    meta_path.write_text(json.dumps(meta))
+    monkeypatch.setattr(chat_sft, "evaluate", real_evaluate)
+    row = chat_sft.run(cfg)
+    assert row["state"] == "COMPLETED" and row["extra"]["resumed_from_step"] == 2
+    assert (row["device_batch_size"], row["batch_size_source"]) == (4, "config")
