@@ -101,6 +101,7 @@ def _result(out):
     return json.loads([l for l in out.splitlines() if l.startswith("RESULT ")][-1][7:])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc for VmPeak")
 def test_real_out_of_memory_reruns_the_step_smaller_and_a_restart_keeps_it(tmp_path):
     out = _run_child(REAL_OOM_CHILD, [str(tmp_path / "sft")])
