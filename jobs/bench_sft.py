@@ -1,10 +1,12 @@
 """
-`python -m jobs bench sft`: the three SFT modes (eager-dynamic, compile-pad, compile-pack) on the same
-conversations, model init and batch size, in one process. Prints a table, then (with --json) one JSON
-object as the last line: per mode the three tokens/s figures, the padding fraction, the compile count
+`python -m jobs bench sft`: the four SFT modes (eager-dynamic, eager-pack, compile-pad, compile-pack) on
+the same conversations, model init and batch size, in one process. Prints a table, then (with --json) one
+JSON object as the last line: per mode the three tokens/s figures, the padding fraction, the compile count
 and compile seconds (the untimed first step's time beyond an ordinary step; inductor's on-disk cache
-can make a repeated compilation nearly free), and the ratios of compile-pack's real tokens/s to the
-other two modes'. Timings on a shared CPU are noisy: compare ratios from one run, and repeat.
+can make a repeated compilation nearly free), and three ratios of real tokens/s that attribute the gain
+(nanochat.chat_sft.BENCH_RATIOS): packing (compile-pack / compile-pad, both compiled), compiling
+(compile-pack / eager-pack, both packed) and everything (compile-pack / eager-dynamic, the original).
+Timings on a shared CPU are noisy: compare ratios from one run, and repeat.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from nanochat.packing import MODES
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
-    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated modes to run (default: all three)")
+    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated modes to run (default: all four)")
     parser.add_argument("--data", default="", help="conversations (JSONL or parquet); default: the offline synthetic set")
     parser.add_argument("--conversations", type=int, default=1000, help="size of the synthetic set")
     parser.add_argument("--init-from", default="", help="checkpoint folder to start from (default: a fresh model)")
@@ -59,8 +61,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"{r['variant']:<14} {r['tokens_per_s'] or 0:>10.0f} {r['real_tokens_per_s'] or 0:>11.0f} "
               f"{r['supervised_tokens_per_s'] or 0:>10.0f} {r['padding_fraction'] or 0:>8.3f} "
               f"{r['num_compiles']:>8d} {extra['compile_seconds']:>9.1f}")
+    labels = {"compile-pack/compile-pad": "packing (both compiled)", "compile-pack/eager-pack": "compiling (both packed)",
+              "compile-pack/eager-dynamic": "everything vs the original"}
     for name, value in ratios.items():
-        print(f"real tokens/s {name}: {value:.2f}x")
+        print(f"real tokens/s {name}: {value:.2f}x  ({labels.get(name, name)})")
     first = rows[0]
     if args.json:
         print(json.dumps({"command": "bench sft", "device": first["device_name"], "depth": first["depth"],

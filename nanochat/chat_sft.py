@@ -1,17 +1,19 @@
 """
 Chat SFT: fine-tune on conversations, loss on the assistant's tokens only.
 
-Three ways to batch (SFTConfig.mode), so the cost of each can be measured side by side:
+Four ways to batch (SFTConfig.mode), so the cost of each can be measured side by side:
 - "eager-dynamic": pad each batch to its longest conversation, no compile (the original baseline).
 - "compile-pad":   pad every row to max_seq_len, torch.compile(dynamic=False): one shape, much padding.
 - "compile-pack":  best-fit several whole conversations into each fixed (B, T) row, attention kept
                    inside each conversation, torch.compile(dynamic=False). The default.
+- "eager-pack":    the same packed rows, no compile: compile-pack / eager-pack is what compiling gives,
+                   compile-pack / compile-pad what packing gives.
 
-Attention route for packed rows: scaled_dot_product_attention with a boolean block-diagonal causal
-mask built from the document ids (GPT.forward(doc_ids=...)). FlexAttention would skip the masked
-blocks, but in torch 2.13 it has no backward on CPU ("FlexAttention does not support backward on
-CPU"), and this product must train on CPU for its tests and smoke pipeline; SDPA with a mask compiles,
-runs forward and backward on both CPU and CUDA, and its cost is measured, not assumed.
+Attention route for packed rows (GPT.forward(doc_ids=...), nanochat.gpt.doc_attention_route): on CUDA
+FlexAttention with a block mask built from the document ids, compiled, so blocks wholly across documents
+or above the diagonal are skipped; elsewhere scaled_dot_product_attention with the dense boolean
+block-diagonal causal mask, because FlexAttention has no backward on CPU in torch 2.13 and this product
+trains on CPU for its tests and smoke pipeline. Both compute the same loss (tests/test_packing.py).
 
 The loss is summed per micro-batch and divided by the number of supervised tokens in the whole
 optimizer step, counted over all micro-batches and all ranks before the first backward (nanochat
@@ -33,16 +35,16 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from nanochat.common import (ConfigError, atomic_write_json, compute_init, device_name,
-                             git_commit, peak_flops, peak_memory_bytes, print0, synchronize)
-from nanochat.gpt import GPT, GPTConfig, build_model
+from nanochat.common import (ConfigError, atomic_write_json, compute_init, device_name, git_commit, peak_flops,
+                             peak_memory_bytes, print0, reset_peak_memory, synchronize)
+from nanochat.gpt import GPT, GPTConfig, build_model, doc_attention_route
 from nanochat.optim import all_reduce_gradients, build_optimizers
-from nanochat.packing import MODES, Example, batch_for_mode, plan_batches, truncate
+from nanochat.packing import MODES, PACKED_MODES, Example, batch_for_mode, plan_batches, truncate
 from nanochat.synthetic import generate_conversations, read_conversations
 from nanochat.tokenizer import Tokenizer
-from nanochat.train_loop import read_metrics, write_metrics
+from nanochat.train_loop import _any_rank, _oom_handlers, read_metrics, write_metrics
 
-ATTENTION_ROUTE = "sdpa-bool-mask"  # see the module docstring for why not flex_attention
+ATTENTION_NAMES = {"flex": "flex-document-mask", "sdpa": "sdpa-bool-mask"}  # row extra "attention"
 
 
 @dataclass
@@ -53,7 +55,7 @@ class SFTConfig:
     init_from: str = ""         # checkpoint folder of the model to fine-tune; "" = a fresh model (benchmarks, tests)
     device_type: str = ""       # "" = auto (cuda, else cpu)
     # what to run
-    mode: str = "compile-pack"  # eager-dynamic | compile-pad | compile-pack
+    mode: str = "compile-pack"  # eager-dynamic | eager-pack | compile-pad | compile-pack
     data_path: str = ""         # JSONL or parquet of {"messages": [...]}; "" = the offline synthetic set
     num_conversations: int = 2000   # size of the synthetic set when data_path is ""
     val_conversations: int = 64     # held out (taken from the end of the data) for the validation loss
@@ -204,15 +206,16 @@ def default_total_batch_size(cfg: SFTConfig, world_size: int) -> int:
 
 def resolve_batch_size(cfg: SFTConfig, model: GPT, world_size: int, device: torch.device) -> tuple[int, str, dict]:
     """device_batch_size from the config, or (0) from the automatic batch size (probe or cache).
-    The probe runs eager (compile=False): compiled steps use no more memory than eager ones, so the
-    size found is safe for every mode, and a CPU probe does not pay a compilation per trial."""
+    The size is searched eager; on CUDA a compiled mode then confirms it with one compiled step (the
+    probe backs off if the compiled step does not fit: its kernels' workspaces differ from eager's).
+    On a CPU the compiled step uses no more memory than the eager one, so no compilation is paid."""
     if cfg.device_batch_size > 0:
         return cfg.device_batch_size, "config", {}
     from nanochat.auto_batch_size import resolve_device_batch_size
-    step = SFTTrialStep(cfg.max_seq_len, model.config.vocab_size, cfg.mode == "compile-pack", world_size)
+    step = SFTTrialStep(cfg.max_seq_len, model.config.vocab_size, cfg.mode in PACKED_MODES, world_size)
     dbs, _accum, source, info = resolve_device_batch_size(
         model, build_sft_optimizers, cfg.max_seq_len, default_total_batch_size(cfg, world_size), world_size, device,
-        step_fn=step, compile=False, base_dir=cfg.base_dir or None, cache_extra={"recipe": "sft", "mode": cfg.mode})
+        step_fn=step, compile=cfg.mode.startswith("compile") and device.type == "cuda", base_dir=cfg.base_dir or None, cache_extra={"recipe": "sft", "mode": cfg.mode})
     return int(dbs), str(source), dict(info or {})
 
 
@@ -280,20 +283,21 @@ def save_sft_checkpoint(cfg: SFTConfig, model: GPT, tokenizer_dir: str, optimize
     return save_checkpoint(checkpoint_dir(cfg.out_dir), step, model, optimizers, meta)
 
 
-def try_resume(cfg: SFTConfig, model: GPT, optimizers, device: torch.device) -> int:
-    """The step to start from: that of the newest valid SFT checkpoint in out_dir/checkpoints (0 if none).
-    The epoch plan is a function of the seed, so the run goes on with the micro-batch it would have taken."""
+def try_resume(cfg: SFTConfig, model: GPT, optimizers, device: torch.device) -> tuple[int, dict]:
+    """(step to start from, that checkpoint's meta): the newest valid SFT checkpoint in out_dir/checkpoints,
+    or (0, {}) if none. The epoch plan is a function of the seed and the planned micro-batch size kept in
+    the meta, so the run goes on with the micro-batch it would have taken."""
     if not cfg.out_dir:
-        return 0
+        return 0, {}
     from nanochat.checkpoint import check_model_config, latest_valid_checkpoint
     found = latest_valid_checkpoint(checkpoint_dir(cfg.out_dir), device)
     if found is None or found["meta"].get("stage") != "sft":
-        return 0
+        return 0, {}
     check_model_config(found["path"], found["meta"]["model_config"], model.config.to_dict())
     model.load_state_dict(found["model"])
     for opt, opt_state in zip(optimizers, found.get("optim") or []):
         opt.load_state_dict(opt_state)
-    return int(found["meta"]["step"])
+    return int(found["meta"]["step"]), dict(found["meta"])
 
 
 # -----------------------------------------------------------------------------
@@ -307,31 +311,74 @@ def _all_reduce_sum(values: list[float], device: torch.device, ddp: bool) -> lis
     return t.tolist()
 
 
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _step_micro_batches(plans: list, first: int, plan_accum: int, rank: int, B: int) -> list:
+    """This rank's rows of one optimizer step (its plan_accum planned micro-batches, consecutive in the
+    plan), cut into micro-batches of B rows. Rows are independent, so the step's gradient does not depend
+    on B: after an out-of-memory fallback the same rows are rerun in smaller pieces, and a restart keeps
+    the epoch plan it was made with. Consecutive, so that in the padding modes a rank's rows are the same
+    whether the step was planned as 4 rows x 1 or 2 rows x 2 (a fallback equals a run configured small)."""
+    rows = [row for k in range(plan_accum) for row in plans[first + rank * plan_accum + k]]
+    return [rows[i:i + B] for i in range(0, len(rows), B)]
+
+
 def train(cfg: SFTConfig, model: GPT, tokenizer: Tokenizer, train_examples: list[Example],
           val_examples: list[Example], device_batch_size: int, batch_size_source: str,
-          should_stop: Callable[[], bool] | None = None, meta: dict | None = None) -> dict:
-    """Fine-tune `model` in place and return the result row (a dict of RESULT_COLUMNS and extras)."""
+          should_stop: Callable[[], bool] | None = None, meta: dict | None = None,
+          batch_info: dict | None = None) -> dict:
+    """Fine-tune `model` in place and return the result row (a dict of RESULT_COLUMNS and extras).
+    batch_info: resolve_batch_size's info (its cache_key and cache_dir receive an out-of-memory fallback)."""
     started = time.time()
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     ddp = world > 1
     device = model.get_device()
+    batch_info = batch_info or {}
+    # This mode's peak only: not the batch-size probe's largest (failed) trial, nor a benchmark's earlier mode.
+    reset_peak_memory(device)
     T, B, mode = cfg.max_seq_len, device_batch_size, cfg.mode
     total = default_total_batch_size(cfg, world) if batch_size_source != "config" else cfg.total_batch_size
     accum = grad_accum_steps(total, B, T, world)
+    rows_per_rank = B * accum
     pad_id = tokenizer.get_bos_token_id()
     if T > model.rotary_seq_len:
         raise ConfigError(f"sft.max_seq_len: {T} is longer than the model's rotary table ({model.rotary_seq_len})")
 
-    # Plan every epoch up front: all ranks compute the same plan and take micro-batches in turn, so
+    optimizers = build_optimizers(model, unembedding_lr=cfg.unembedding_lr, embedding_lr=cfg.embedding_lr,
+                                  matrix_lr=cfg.matrix_lr, weight_decay=cfg.weight_decay)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] = group["initial_lr"] * cfg.init_lr_frac
+    start_step, ckpt_meta = try_resume(cfg, model, optimizers, device) if cfg.save_checkpoint else (0, {})
+
+    # The epoch plan is made with plan_B rows per planned micro-batch; B (the rows run at once) may
+    # be smaller after an out-of-memory fallback. A restart plans as the interrupted attempt did
+    # (its checkpoint says how) and keeps a fallback's smaller B, as train_loop does.
+    plan_B = B
+    saved_plan_B, saved_plan_accum = ckpt_meta.get("plan_batch_size"), ckpt_meta.get("plan_grad_accum")
+    if _positive_int(saved_plan_B) and _positive_int(saved_plan_accum) and saved_plan_B * saved_plan_accum == rows_per_rank:
+        plan_B = saved_plan_B
+        kept = ckpt_meta.get("device_batch_size")
+        if (ckpt_meta.get("batch_size_source") == "fallback" and _positive_int(kept) and kept < B
+                and rows_per_rank % kept == 0):
+            B, batch_size_source = kept, "fallback"
+            accum = rows_per_rank // B
+            print0(f"sft[{mode}] keeping the out-of-memory fallback of the interrupted run: "
+                   f"device_batch_size={B}, grad_accum={accum}")
+    plan_accum = rows_per_rank // plan_B
+
+    # Plan every epoch up front: all ranks compute the same plan and take their share of each step, so
     # they agree on the number of steps without talking.
     lengths = [len(ids) - 1 for ids, _ in train_examples]
     plans = []
     for epoch in range(cfg.num_epochs):
         order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
-        epoch_plans = plan_batches([lengths[i] for i in order], mode, B, T, cfg.pack_buffer)
+        epoch_plans = plan_batches([lengths[i] for i in order], mode, plan_B, T, cfg.pack_buffer)
         plans += [[[order[i] for i in row] for row in plan] for plan in epoch_plans]
-    micro_per_step = accum * world
+    micro_per_step = plan_accum * world
     num_steps = len(plans) // micro_per_step
     if cfg.max_steps:
         num_steps = min(num_steps, cfg.max_steps)
@@ -339,14 +386,7 @@ def train(cfg: SFTConfig, model: GPT, tokenizer: Tokenizer, train_examples: list
         raise ConfigError(f"sft: {len(train_examples)} conversations make {len(plans)} micro-batches, fewer than "
                           f"one optimizer step needs ({micro_per_step}); add data or lower device_batch_size")
 
-    optimizers = build_optimizers(model, unembedding_lr=cfg.unembedding_lr, embedding_lr=cfg.embedding_lr,
-                                  matrix_lr=cfg.matrix_lr, weight_decay=cfg.weight_decay)
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["lr"] = group["initial_lr"] = group["initial_lr"] * cfg.init_lr_frac
-    start_step = try_resume(cfg, model, optimizers, device) if cfg.save_checkpoint else 0
-
-    compiled = mode != "eager-dynamic"
+    compiled = mode.startswith("compile")
     counter = CompileCounter()
     if compiled:
         torch._dynamo.reset()  # fresh caches: a second model in this process must not eat the recompile limit
@@ -354,6 +394,7 @@ def train(cfg: SFTConfig, model: GPT, tokenizer: Tokenizer, train_examples: list
     else:
         train_model = model
     model.train()
+    oom = _oom_handlers()
 
     val_loss_before = evaluate(model, val_examples, cfg.eval_batch_size, T, pad_id) if start_step == 0 else None
     step = start_step
@@ -368,18 +409,39 @@ def train(cfg: SFTConfig, model: GPT, tokenizer: Tokenizer, train_examples: list
         synchronize(device)
         t0 = time.time()
         first = step * micro_per_step
-        my_plans = [plans[first + k * world + rank] for k in range(accum)]
-        batches = [batch_for_mode(train_examples, p, mode, T, pad_id) for p in my_plans]
+        batches = [batch_for_mode(train_examples, m, mode, T, pad_id)
+                   for m in _step_micro_batches(plans, first, plan_accum, rank, B)]
         # Count the step's supervised tokens over all micro-batches and ranks before any backward.
         n_sup = _all_reduce_sum([float(sum(b.num_supervised for b in batches))], device, ddp)[0]
         scale = world / max(n_sup, 1.0)  # gradients are averaged over ranks, so x world gives sum / n_sup
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # stays on the device: no sync per micro-batch
-        for b in batches:
-            b = b.to(device)
-            with autocast_context(device):
-                loss = train_model(b.inputs, b.targets, doc_ids=b.doc_ids, loss_reduction="sum")
-            (loss * scale).backward()
-            loss_sum += loss.detach()
+        while True:
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # stays on the device: no sync per micro-batch
+            out_of_memory = False
+            try:
+                for b in batches:
+                    b = b.to(device)
+                    with autocast_context(device):
+                        loss = train_model(b.inputs, b.targets, doc_ids=b.doc_ids, loss_reduction="sum")
+                    (loss * scale).backward()
+                    loss_sum += loss.detach()
+            except Exception as exc:  # only out-of-memory errors are handled; anything else re-raises
+                if oom is None or not oom[0](exc):
+                    raise
+                out_of_memory = True
+            loss = b = None
+            # Every rank learns whether any rank ran out of memory before anyone enters the gradient
+            # all-reduce, so one rank's OOM cannot leave the others waiting there.
+            if not _any_rank(out_of_memory, ddp, device):
+                break
+            # Drop this step's partial gradients and rerun the same rows in smaller micro-batches
+            # (at B=1 fallback_after_oom raises MemoryError, on every rank alike).
+            model.zero_grad(set_to_none=True)
+            B, accum = oom[1](B, accum, batch_info.get("cache_key"), batch_info.get("cache_dir"), device)
+            batch_size_source = "fallback"
+            print0(f"sft[{mode}] out of memory at step {step}: rerunning it with device_batch_size={B}, "
+                   f"grad_accum={accum}")
+            batches = [batch_for_mode(train_examples, m, mode, T, pad_id)
+                       for m in _step_micro_batches(plans, first, plan_accum, rank, B)]
         all_reduce_gradients(model)
         lr_mult = 1.0 - step / num_steps  # linear decay to zero, as nanochat's SFT
         for opt in optimizers:
@@ -412,7 +474,9 @@ def train(cfg: SFTConfig, model: GPT, tokenizer: Tokenizer, train_examples: list
                 write_metrics(metrics_path, metrics)
         if step % 10 == 0 or step == num_steps:
             print0(f"sft[{mode}] step {step}/{num_steps} loss {losses[-1]:.4f} dt {dt * 1000:.0f}ms")
-        if should_stop is not None and step < num_steps and should_stop():
+        # Ranks agree before acting on a stop request (USR2 may reach one rank only, or reach them at
+        # different steps): a rank that left the loop alone would leave the others in the next all-reduce.
+        if step < num_steps and _any_rank(bool(should_stop is not None and should_stop()), ddp, device):
             state = "PREEMPTED"
             if metrics_path:
                 write_metrics(metrics_path, metrics)
@@ -420,16 +484,20 @@ def train(cfg: SFTConfig, model: GPT, tokenizer: Tokenizer, train_examples: list
     synchronize(device)
     timed_s = time.time() - timed_start if timed_steps else 0.0
 
-    model.eval()
-    val_loss = evaluate(model, val_examples, cfg.eval_batch_size, T, pad_id)
+    # Saved before evaluation: on preemption the grace period goes to the checkpoint, and an eval
+    # crash never costs the trained weights. A preempted run is evaluated when it resumes and ends.
     ckpt_path = None
     if cfg.save_checkpoint and cfg.out_dir and rank == 0:
         tokenizer_dir = (meta or {}).get("tokenizer_dir") or str(Path(cfg.out_dir) / "tokenizer")
         if not (Path(tokenizer_dir) / "tokenizer.json").exists():
             tokenizer.save(tokenizer_dir)
-        ckpt_path = str(save_sft_checkpoint(cfg, model, tokenizer_dir, optimizers, step, meta or {}))
+        batch_meta = dict(device_batch_size=B, grad_accum_steps=accum, batch_size_source=batch_size_source,
+                          plan_batch_size=plan_B, plan_grad_accum=plan_accum)
+        ckpt_path = str(save_sft_checkpoint(cfg, model, tokenizer_dir, optimizers, step, dict(meta or {}, **batch_meta)))
     if ddp:
         dist.barrier()
+    model.eval()
+    val_loss = evaluate(model, val_examples, cfg.eval_batch_size, T, pad_id) if state == "COMPLETED" else None
 
     counts = _all_reduce_sum([timed["positions"], timed["real"], timed["supervised"], timed["conversations"]], device, ddp)
     positions, real, supervised, conversations = counts
@@ -463,7 +531,8 @@ def train(cfg: SFTConfig, model: GPT, tokenizer: Tokenizer, train_examples: list
             "compile_seconds": compile_s,
             "timed_seconds": timed_s, "timed_steps": timed_steps,
             "conversations_per_s": rate(conversations),
-            "attention": ATTENTION_ROUTE if mode == "compile-pack" else "sdpa-causal",
+            "attention": (ATTENTION_NAMES[doc_attention_route(model.doc_attention, device)]
+                          if mode in PACKED_MODES else "sdpa-causal"),
             "num_steps_planned": num_steps, "resumed_from_step": start_step,
             "checkpoint": ckpt_path,
         },
@@ -489,7 +558,7 @@ def run(cfg: SFTConfig, should_stop: Callable[[], bool] | None = None) -> dict:
     info = compute_init(cfg.device_type or None, seed=cfg.seed)
     model, tokenizer, meta, train_examples, val_examples = prepare(cfg, info.device)
     dbs, source, bs_info = resolve_batch_size(cfg, model, info.world_size, info.device)
-    row = train(cfg, model, tokenizer, train_examples, val_examples, dbs, source, should_stop, meta)
+    row = train(cfg, model, tokenizer, train_examples, val_examples, dbs, source, should_stop, meta, bs_info)
     row["extra"]["batch_size_info"] = bs_info
     if cfg.out_dir and info.is_master:
         atomic_write_json(Path(cfg.out_dir) / "sft_result.json", row)
@@ -497,11 +566,15 @@ def run(cfg: SFTConfig, should_stop: Callable[[], bool] | None = None) -> dict:
 
 
 # -----------------------------------------------------------------------------
-# Benchmark: the three modes on the same conversations, model init and batch size
+# Benchmark: the modes on the same conversations, model init and batch size
+
+ORIGINAL_BATCH_SIZE = 4  # the original SFT's conversations per batch (eager-dynamic's size when the bench's is automatic)
+
 
 def bench(cfg: SFTConfig, modes: tuple[str, ...] = MODES) -> list[dict]:
     """One row per mode. Every mode starts from the same weights (re-initialised or reloaded) and sees the
-    same conversations; checkpoints are not written. Compare real_tokens_per_s."""
+    same conversations, at the same device batch size (eager-dynamic at ORIGINAL_BATCH_SIZE when that
+    size is automatic); checkpoints are not written. Compare real_tokens_per_s (BENCH_RATIOS)."""
     cfg.validate()
     for mode in modes:
         if mode not in MODES:
@@ -514,15 +587,24 @@ def bench(cfg: SFTConfig, modes: tuple[str, ...] = MODES) -> list[dict]:
     for mode in modes:
         model.load_state_dict(initial_state)
         mode_cfg = replace(cfg, mode=mode, save_checkpoint=False)
-        rows.append(train(mode_cfg, model, tokenizer, train_examples, val_examples, dbs, source, None, meta))
+        mode_dbs, mode_source = dbs, source
+        if mode == "eager-dynamic" and cfg.device_batch_size == 0:
+            # the original as it was: eager, padded to the longest, ORIGINAL_BATCH_SIZE conversations a batch
+            mode_dbs, mode_source = ORIGINAL_BATCH_SIZE, "config"
+            mode_cfg = replace(mode_cfg, device_batch_size=ORIGINAL_BATCH_SIZE, total_batch_size=0)
+        rows.append(train(mode_cfg, model, tokenizer, train_examples, val_examples, mode_dbs, mode_source, None, meta))
     return rows
 
 
+# The three ratios of real tokens/s that attribute SFT's gain: (name, numerator mode, denominator mode)
+BENCH_RATIOS = (
+    ("compile-pack/compile-pad", "compile-pack", "compile-pad"),      # packing, both compiled
+    ("compile-pack/eager-pack", "compile-pack", "eager-pack"),        # compiling, both packed
+    ("compile-pack/eager-dynamic", "compile-pack", "eager-dynamic"),  # everything vs the original
+)
+
+
 def bench_ratios(rows: list[dict]) -> dict:
-    """compile-pack / compile-pad and compile-pack / eager-dynamic on real tokens/s."""
+    """BENCH_RATIOS on real tokens/s, for the pairs whose modes both ran."""
     real = {r["variant"]: r["real_tokens_per_s"] for r in rows}
-    out = {}
-    for other in ("compile-pad", "eager-dynamic"):
-        if real.get("compile-pack") and real.get(other):
-            out[f"compile-pack/{other}"] = real["compile-pack"] / real[other]
-    return out
+    return {name: real[a] / real[b] for name, a, b in BENCH_RATIOS if real.get(a) and real.get(b)}

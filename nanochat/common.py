@@ -195,12 +195,34 @@ def synchronize(device: torch.device) -> None:
 
 
 def peak_memory_bytes(device: torch.device) -> int:
-    """Peak allocated memory on CUDA; peak resident set size of this process on CPU."""
+    """Peak allocated memory on CUDA; on CPU the peak resident set size of this process since the last
+    reset_peak_memory() (Linux: VmHWM, which that reset lowers; elsewhere ru_maxrss, never reset)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     import resource
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss * 1024 if sys.platform != "darwin" else rss
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak: what a batch-size probe's largest (failed) trial or an earlier benchmark mode
+    allocated must not be reported as this stage's peak. CUDA: the allocator's peak statistics; CPU on
+    Linux: the resident-set high-water mark (writing 5 to /proc/self/clear_refs); elsewhere nothing."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
 
 
 # Per device, as torch.cuda.get_device_name() reports it: (bf16 dense peak FLOP/s, memory bandwidth in

@@ -11,6 +11,7 @@ Sizes derive from depth: width = 64 * depth (nanochat's aspect ratio).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass
 
 import torch
@@ -69,6 +70,55 @@ def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
     return (same & causal).unsqueeze(1)
 
 
+# Packed rows (doc_ids) can be attended two ways. "sdpa": scaled_dot_product_attention with the dense
+# (B, 1, T, T) mask above; a dense mask rules out the flash kernels, and every masked block is still
+# computed. "flex": FlexAttention with a block mask built from the same document ids; its compiled
+# kernels skip the blocks that lie wholly across documents or above the diagonal. FlexAttention has no
+# backward on CPU (torch 2.13: "FlexAttention does not support backward on CPU"), so "auto" takes flex
+# on CUDA and sdpa elsewhere; both compute the same function (tests/test_packing.py).
+DOC_ATTENTION_CHOICES = ("auto", "sdpa", "flex")
+
+
+def doc_attention_route(choice: str, device: torch.device) -> str:
+    """The attention used for packed rows on `device`: "flex" or "sdpa"."""
+    if choice not in DOC_ATTENTION_CHOICES:
+        raise ValueError(f"doc attention {choice!r}: choose one of {', '.join(DOC_ATTENTION_CHOICES)}")
+    if choice == "auto":
+        return "flex" if device.type == "cuda" else "sdpa"
+    return choice
+
+
+def document_block_mask(doc_ids: torch.Tensor):
+    """(B, T) document ids -> FlexAttention BlockMask with the mask of document_causal_mask()."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    B, T = doc_ids.shape
+
+    def same_document_causal(b, h, q_idx, kv_idx):
+        return (doc_ids[b, q_idx] == doc_ids[b, kv_idx]) & (q_idx >= kv_idx)
+
+    return create_block_mask(same_document_causal, B, None, T, T, device=doc_ids.device)
+
+
+_compiled_flex = None
+
+
+def flex_attention(q, k, v, block_mask, enable_gqa: bool = False):
+    """FlexAttention, compiled on CUDA: called uncompiled it materialises the whole score matrix. Inside
+    a torch.compile'd model the plain function is traced into the model's graph instead. Off CUDA (only
+    tests take flex there: it has no backward on CPU) the unfused reference, without a compilation."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention as flex
+    if torch.compiler.is_compiling():
+        return flex(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+    if q.device.type != "cuda":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "called without torch.compile()": intended here
+            return flex(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex, dynamic=False)
+    return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
@@ -99,6 +149,8 @@ class CausalSelfAttention(nn.Module):
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=(q.size(2) == k.size(2)), enable_gqa=enable_gqa)
             else:
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache_mask, enable_gqa=enable_gqa)
+        elif attn_mask is not None and not isinstance(attn_mask, torch.Tensor):  # a FlexAttention BlockMask
+            y = flex_attention(q, k, v, attn_mask, enable_gqa=enable_gqa)
         elif attn_mask is not None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=enable_gqa)
         else:
@@ -131,6 +183,7 @@ class Block(nn.Module):
 
 class GPT(nn.Module):
     softcap = 15.0
+    doc_attention = "auto"  # attention for packed rows (doc_ids): auto | sdpa | flex, see doc_attention_route()
 
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -203,7 +256,12 @@ class GPT(nn.Module):
             cos, sin = self.cos[:, start:start + T], self.sin[:, start:start + T]
         dtype = self.transformer.wte.weight.dtype
         cos_sin = (cos.to(dtype) if dtype == torch.bfloat16 else cos, sin.to(dtype) if dtype == torch.bfloat16 else sin)
-        attn_mask = document_causal_mask(doc_ids) if doc_ids is not None else None
+        attn_mask = None
+        if doc_ids is not None:
+            if doc_attention_route(self.doc_attention, doc_ids.device) == "flex":
+                attn_mask = document_block_mask(doc_ids)
+            else:
+                attn_mask = document_causal_mask(doc_ids)
 
         x = self.transformer.wte(idx)
         x = norm(x)

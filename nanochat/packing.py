@@ -9,6 +9,8 @@ Batching tokenized conversations for SFT, three ways:
 - best-fit packing ("compile-pack"): several whole conversations per row of a fixed (B, T) batch,
   chosen by best-fit decreasing over a buffer of conversations. One shape and little padding.
   Each position carries a document id so attention can be kept inside its own conversation.
+  "eager-pack" batches the same way without compiling, so packing's gain and compile's gain can be
+  measured apart.
 
 An example is a rendered conversation (ids, mask) from Tokenizer.render_conversation. A conversation
 of L tokens gives L-1 positions: inputs ids[:-1], targets ids[1:], and a target is supervised
@@ -25,7 +27,8 @@ from typing import Sequence
 
 import torch
 
-MODES = ("eager-dynamic", "compile-pad", "compile-pack")
+MODES = ("eager-dynamic", "eager-pack", "compile-pad", "compile-pack")
+PACKED_MODES = ("eager-pack", "compile-pack")  # best-fit packed rows with document ids
 
 Example = tuple[list[int], list[int]]   # (ids, mask) of one conversation
 Row = list[int]                         # indices of the examples placed in one row
@@ -96,7 +99,7 @@ def plan_batches(lengths: Sequence[int], mode: str, batch_size: int, seq_len: in
                  pack_buffer: int = 512) -> list[BatchPlan]:
     """Group examples (given by their number of positions, in stream order) into micro-batches.
     Padding modes take batch_size consecutive conversations per batch, one per row (the last batch
-    of a compile mode is topped up with empty rows so its shape stays fixed). compile-pack keeps a
+    of a compile mode is topped up with empty rows so its shape stays fixed). The packed modes keep a
     buffer of up to pack_buffer conversations, fills batch_size rows of seq_len by best-fit
     decreasing, and refills the buffer from the stream; leftovers wait for a later batch."""
     if mode not in MODES:
@@ -109,7 +112,7 @@ def plan_batches(lengths: Sequence[int], mode: str, batch_size: int, seq_len: in
     # Conversations with no position (a single token) carry nothing to learn from.
     stream = [i for i, n in enumerate(lengths) if n > 0]
     plans: list[BatchPlan] = []
-    if mode != "compile-pack":
+    if mode not in PACKED_MODES:
         for s in range(0, len(stream), batch_size):
             rows = [[i] for i in stream[s:s + batch_size]]
             if mode == "compile-pad":
@@ -167,11 +170,11 @@ def build_batch(examples: Sequence[Example], plan: BatchPlan, seq_len: int | Non
 def batch_for_mode(examples: Sequence[Example], plan: BatchPlan, mode: str, seq_len: int, pad_id: int) -> Batch:
     """The batch each mode feeds the model: eager-dynamic pads to the longest row; compile-pad pads to
     seq_len and needs no document mask (one conversation per row, padding only after it, and causal
-    attention never looks ahead); compile-pack pads to seq_len and carries document ids."""
+    attention never looks ahead); the packed modes pad to seq_len and carry document ids."""
     if mode == "eager-dynamic":
         return build_batch(examples, plan, None, pad_id, with_doc_ids=False)
     if mode == "compile-pad":
         return build_batch(examples, plan, seq_len, pad_id, with_doc_ids=False)
-    if mode == "compile-pack":
+    if mode in PACKED_MODES:
         return build_batch(examples, plan, seq_len, pad_id, with_doc_ids=True)
     raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")

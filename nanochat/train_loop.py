@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from nanochat.checkpoint import check_model_config, latest_valid_checkpoint, save_checkpoint, set_rng_state
 from nanochat.common import (ConfigError, DistInfo, atomic_write_text, device_name, peak_flops,
-                             peak_memory_bytes, print0, synchronize)
+                             peak_memory_bytes, print0, reset_peak_memory, synchronize)
 from nanochat.optim import all_reduce_gradients, build_optimizers
 
 METRICS_COLUMNS = ["step", "loss", "lrm", "tokens_per_s", "mfu", "peak_memory_bytes", "elapsed_s", "val_bpb"]
@@ -292,6 +292,7 @@ def train(cfg: TrainConfig, *, stage: str, model, tokenizer, tokenizer_dir: str,
 
     # Batch geometry first (the automatic probe may run trial steps on a copy of the state).
     B, grad_accum, batch_source, total_batch, batch_info = resolve_batch(cfg, model, world_size, device)
+    reset_peak_memory(device)  # the probe's largest (failed) trial is not this stage's peak
     T = cfg.seq_len
     rows_per_rank = B * grad_accum
     n_params = model.num_params()

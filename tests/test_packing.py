@@ -4,7 +4,7 @@ import random
 import pytest
 import torch
 
-from nanochat.packing import (MODES, PAD_DOC_ID, batch_for_mode, best_fit_decreasing, build_batch,
+from nanochat.packing import (MODES, PACKED_MODES, PAD_DOC_ID, batch_for_mode, best_fit_decreasing, build_batch,
                               plan_batches, truncate)
 
 
@@ -58,7 +58,7 @@ def test_every_conversation_appears_exactly_once(mode):
             assert len(plan) == B  # fixed shape, also for the last batch
         for row in plan:
             assert sum(positions(examples[i]) for i in row) <= T
-            if mode != "compile-pack":
+            if mode not in PACKED_MODES:
                 assert len(row) <= 1
 
 
@@ -101,7 +101,7 @@ def test_modes_supervise_the_same_tokens():
                 assert batch.inputs.size(1) == max(sum(lengths[i] for i in row) for row in plan)
             else:
                 assert batch.inputs.shape == (B, T)
-            assert (batch.doc_ids is not None) == (mode == "compile-pack")
+            assert (batch.doc_ids is not None) == (mode in PACKED_MODES)
             sup += batch.num_supervised
             real += batch.num_real
         totals[mode] = (sup, real)
@@ -114,3 +114,93 @@ def test_bad_inputs_raise():
         plan_batches([3, 4], "compile-sometimes", 2, 8)
     with pytest.raises(ValueError):
         plan_batches([3, 40], "compile-pack", 2, 8)
+
+
+# -----------------------------------------------------------------------------
+# Attention for packed rows: FlexAttention's block mask (CUDA) and SDPA's dense mask (CPU) agree
+
+def _packed_batch_and_model(n_head=4, n_kv_head=4, device="cpu", seed=0):
+    from nanochat.gpt import GPT, GPTConfig
+    torch.manual_seed(seed)
+    config = GPTConfig(sequence_len=160, vocab_size=97, n_layer=2, n_head=n_head, n_kv_head=n_kv_head, n_embd=128)
+    model = GPT(config).to(device).init_weights()
+    with torch.no_grad():  # random output projections: a fresh model's blocks are the identity
+        for block in model.transformer.h:
+            torch.nn.init.normal_(block.attn.c_proj.weight, std=0.3)
+            torch.nn.init.normal_(block.mlp.c_proj.weight, std=0.3)
+        torch.nn.init.normal_(model.lm_head.weight, std=0.2)
+    g = torch.Generator().manual_seed(seed)
+    lengths = [int(n) for n in torch.randint(5, 70, (14,), generator=g)]
+    examples = [(torch.randint(0, 97, (n,), generator=g).tolist(), [0] * (n // 2) + [1] * (n - n // 2)) for n in lengths]
+    plan = plan_batches([n - 1 for n in lengths], "compile-pack", 3, 160, pack_buffer=16)[0]
+    batch = build_batch(examples, plan, 160, 0, with_doc_ids=True).to(torch.device(device))
+    assert batch.doc_ids.max() >= 2 and (batch.doc_ids == PAD_DOC_ID).any()  # several documents and padding per row
+    return model, batch
+
+
+def _loss(model, batch, route):
+    model.doc_attention = route
+    return model(batch.inputs, batch.targets, doc_ids=batch.doc_ids, loss_reduction="sum")
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2])
+def test_flex_block_mask_and_sdpa_dense_mask_give_the_same_loss(n_kv_head):
+    """Forward on CPU (FlexAttention has no backward there), grouped-query attention included."""
+    from nanochat.gpt import doc_attention_route
+    model, batch = _packed_batch_and_model(n_kv_head=n_kv_head)
+    with torch.no_grad():
+        sdpa, flex = _loss(model, batch, "sdpa"), _loss(model, batch, "flex")
+        causal_only = model(batch.inputs, batch.targets, loss_reduction="sum")
+    assert float(flex) == pytest.approx(float(sdpa), rel=1e-5)
+    # negative control: attention across documents changes the loss, so the equality checks the mask
+    assert abs(float(causal_only) - float(sdpa)) > 1e-3 * abs(float(sdpa))
+    assert doc_attention_route("auto", torch.device("cpu")) == "sdpa"
+    assert doc_attention_route("auto", torch.device("cuda")) == "flex"
+    with pytest.raises(ValueError, match="doc attention"):
+        doc_attention_route("dense", torch.device("cpu"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_flex_on_cuda_matches_sdpa_forward_and_backward_compiled():
+    """On CUDA packed rows take FlexAttention by default; loss and gradients equal SDPA's dense mask,
+    eager (compiled flex kernel) and with the whole model compiled."""
+    model, batch = _packed_batch_and_model(n_kv_head=2, device="cuda")
+    assert model.doc_attention == "auto"
+
+    def loss_and_grads(m, route):
+        model.doc_attention = route
+        model.zero_grad(set_to_none=True)
+        loss = m(batch.inputs, batch.targets, doc_ids=batch.doc_ids, loss_reduction="sum")
+        loss.backward()
+        return float(loss), [p.grad.clone() for p in model.parameters()]
+
+    ref_loss, ref_grads = loss_and_grads(model, "sdpa")
+    for m in (model, torch.compile(model, dynamic=False)):
+        loss, grads = loss_and_grads(m, "auto")
+        assert loss == pytest.approx(ref_loss, rel=1e-4)
+        for a, b in zip(grads, ref_grads):
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compile_pack_sft_on_cuda_takes_flex_attention():
+    """The SFT stage's packed, compiled path on CUDA: FlexAttention inside the compiled model, the
+    row says so, and it trains."""
+    from nanochat.chat_sft import SFTConfig, conversation_texts, render_examples, train
+    from nanochat.gpt import GPTConfig, build_model
+    from nanochat.synthetic import generate_conversations
+    from nanochat.tokenizer import Tokenizer
+    T = 256
+    convs = generate_conversations(200, seed=0, max_tokens=T)
+    tok = Tokenizer.train(conversation_texts(convs), 512)
+    torch.manual_seed(0)
+    model = build_model(GPTConfig.from_depth(2, tok.get_vocab_size(), T), torch.device("cuda"))
+    cfg = SFTConfig(mode="compile-pack", max_seq_len=T, device_batch_size=4, max_steps=6, save_checkpoint=False,
+                    val_conversations=0, init_lr_frac=1.0)
+    row = train(cfg, model, tok, render_examples(convs, tok, T, "test"), [], 4, "config")
+    print({k: row[k] for k in ("num_compiles", "real_tokens_per_s", "padding_fraction", "final_loss")})
+    assert row["extra"]["attention"] == "flex-document-mask"
+    assert row["compile"] is True and row["num_compiles"] >= 1
+    assert row["final_loss"] < row["extra"]["first_loss"]

@@ -170,10 +170,14 @@ def test_load_conversations_jsonl_and_parquet(tmp_path):
 
 
 def test_bench_ratios():
+    """Three ratios attribute the gain: packing (both compiled), compiling (both packed), everything."""
     rows = [{"variant": "eager-dynamic", "real_tokens_per_s": 100.0},
+            {"variant": "eager-pack", "real_tokens_per_s": 160.0},
             {"variant": "compile-pad", "real_tokens_per_s": 50.0},
             {"variant": "compile-pack", "real_tokens_per_s": 200.0}]
-    assert bench_ratios(rows) == {"compile-pack/compile-pad": 4.0, "compile-pack/eager-dynamic": 2.0}
+    assert bench_ratios(rows) == {"compile-pack/compile-pad": 4.0, "compile-pack/eager-pack": 1.25,
+                                  "compile-pack/eager-dynamic": 2.0}
+    assert bench_ratios(rows[:1] + rows[2:]) == {"compile-pack/compile-pad": 4.0, "compile-pack/eager-dynamic": 2.0}
 
 
 def test_run_writes_a_loadable_checkpoint_and_resumes_after_preemption(tmp_path):
@@ -246,7 +250,7 @@ def test_two_ranks_take_the_same_step_as_one_rank_accumulating(tokenizer, tmp_pa
 
 
 @pytest.mark.slow
-def test_bench_sft_prints_three_modes_as_its_last_json_line(capsys):
+def test_bench_sft_prints_four_modes_and_three_ratios_as_its_last_json_line(capsys):
     from jobs import bench_sft
     rc = bench_sft.main(["--json", "--depth", "2", "--vocab-size", "512", "--seq-len", "128", "--batch-size", "2",
                          "--steps", "3", "--conversations", "150"])
@@ -256,8 +260,14 @@ def test_bench_sft_prints_three_modes_as_its_last_json_line(capsys):
     for mode, m in out["modes"].items():
         assert m["real_tokens_per_s"] > 0 and m["timed_steps"] == 2
         assert m["supervised_tokens_per_s"] <= m["real_tokens_per_s"] <= m["tokens_per_s"]
-        assert m["num_compiles"] == (0 if mode == "eager-dynamic" else 1)
-    assert out["modes"]["compile-pack"]["padding_fraction"] < out["modes"]["compile-pad"]["padding_fraction"]
-    assert out["ratios"]["compile-pack/compile-pad"] == pytest.approx(
-        out["modes"]["compile-pack"]["real_tokens_per_s"] / out["modes"]["compile-pad"]["real_tokens_per_s"])
+        assert m["num_compiles"] == (1 if mode.startswith("compile") else 0)
+    modes = out["modes"]
+    assert modes["compile-pack"]["padding_fraction"] < modes["compile-pad"]["padding_fraction"]
+    # eager-pack runs compile-pack's rows: the same padding and the same loss, without a compilation
+    assert modes["eager-pack"]["padding_fraction"] == modes["compile-pack"]["padding_fraction"]
+    assert modes["eager-pack"]["final_loss"] == pytest.approx(modes["compile-pack"]["final_loss"], rel=1e-3)
+    for name, a, b in (("compile-pack/compile-pad", "compile-pack", "compile-pad"),
+                       ("compile-pack/eager-pack", "compile-pack", "eager-pack"),
+                       ("compile-pack/eager-dynamic", "compile-pack", "eager-dynamic")):
+        assert out["ratios"][name] == pytest.approx(modes[a]["real_tokens_per_s"] / modes[b]["real_tokens_per_s"])
     assert bench_sft.main(["--modes", "compile-sometimes"]) == 2
