@@ -31,6 +31,7 @@ DEFAULT_PIPELINE = PIPELINES_DIR / "smoke.yaml"
 # stage kind -> (module, config class). The recipes follow docs/CONTRACTS.md:
 # module.run(cfg, should_stop=None) -> dict | list[dict].
 KINDS: dict[str, tuple[str, str]] = {
+    "data": ("nanochat.data_stage", "DataConfig"),  # fetch and verify datasets (where the network is)
     "probe": ("nanochat.auto_batch_size", "ProbeConfig"),
     "base_train": ("nanochat.base_train", "BaseTrainConfig"),
     "mid_train": ("nanochat.mid_train", "MidTrainConfig"),

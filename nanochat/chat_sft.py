@@ -33,12 +33,13 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from nanochat.common import (ConfigError, atomic_write_json, compute_init, device_name,
+from nanochat.common import (ConfigError, atomic_write_json, compute_init, device_name, get_base_dir,
                              git_commit, peak_flops, peak_memory_bytes, print0, synchronize)
+from nanochat.datasets_chat import read_mixture
 from nanochat.gpt import GPT, GPTConfig, build_model
 from nanochat.optim import all_reduce_gradients, build_optimizers
 from nanochat.packing import MODES, Example, batch_for_mode, plan_batches, truncate
-from nanochat.synthetic import generate_conversations, read_conversations
+from nanochat.synthetic import generate_conversations
 from nanochat.tokenizer import Tokenizer
 from nanochat.train_loop import read_metrics, write_metrics
 
@@ -95,10 +96,11 @@ class SFTConfig:
 # -----------------------------------------------------------------------------
 # Data
 
-def load_conversations(path: str | os.PathLike) -> list[dict]:
-    """Conversations from JSONL (one {"messages": [...]} per line) or parquet (a `messages` column);
+def load_conversations(path: str | os.PathLike, base_dir: str | os.PathLike = "", seed: int = 0) -> list[dict]:
+    """Conversations from JSONL (one {"messages": [...]} per line) or parquet (a `messages` column),
+    or a mixture of those and fetched sets (smoltalk:10000+gsm8k, nanochat.datasets_chat);
     ConfigError naming the file (and line) when they are malformed."""
-    return read_conversations(path)
+    return read_mixture(str(path), base_dir or get_base_dir(), seed)
 
 
 def synthetic_conversations(n: int, seed: int, max_tokens: int) -> list[dict]:
@@ -473,7 +475,7 @@ def train(cfg: SFTConfig, model: GPT, tokenizer: Tokenizer, train_examples: list
 def prepare(cfg: SFTConfig, device: torch.device) -> tuple[GPT, Tokenizer, dict, list[Example], list[Example]]:
     """Load the conversations, the model and tokenizer, and render train/val examples."""
     if cfg.data_path:
-        conversations, source = load_conversations(cfg.data_path), cfg.data_path
+        conversations, source = load_conversations(cfg.data_path, cfg.base_dir, cfg.seed), cfg.data_path
     else:
         conversations, source = synthetic_conversations(cfg.num_conversations, cfg.seed, cfg.max_seq_len), "synthetic"
     model, tokenizer, meta = load_or_build(cfg, conversations, device)
