@@ -54,6 +54,8 @@ class Resources:
     time_min: int = 60
     max_requeues: int = 1         # requeues after preemption/time limit before the stage fails
     signal_delay_s: int = 60      # USR2 this long before the time limit: the stage checkpoints
+    partition: str = ""           # "" = cluster.partition (a data stage may need one that reaches the internet)
+    constraint: str = ""          # "" = cluster.constraint
 
 
 RESOURCE_LIMITS = {  # key -> (min, max)
@@ -198,6 +200,8 @@ def config_class(kind: str):
 def _check_resources(err: SpecError, where: str, values: dict) -> None:
     _check_fields(err, where, values, Resources)
     for k, v in values.items():
+        if k not in RESOURCE_LIMITS:   # partition, constraint: names
+            continue
         lo, hi = RESOURCE_LIMITS[k]
         if not lo <= v <= hi:
             raise err(f"{where}.{k}", f"{v!r} out of range [{lo}, {hi}]")

@@ -89,8 +89,10 @@ class SFTConfig:
                 raise ConfigError(f"sft.{key}: must not be negative (got {getattr(self, key)})")
         if not self.data_path and self.num_conversations < 2:
             raise ConfigError(f"sft.num_conversations: need at least 2 (got {self.num_conversations})")
-        if self.data_path and not Path(self.data_path).exists():
-            raise ConfigError(f"sft.data_path: {self.data_path} does not exist")
+        from nanochat.datasets_chat import CHAT_SETS, mixture_parts
+        for part, _ in mixture_parts(self.data_path):   # fetched sets are checked when they are read
+            if part not in CHAT_SETS and not Path(part).exists():
+                raise ConfigError(f"sft.data_path: {part} does not exist")
 
 
 # -----------------------------------------------------------------------------

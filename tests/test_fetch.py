@@ -233,3 +233,14 @@ def test_data_stage_on_slurm_then_base_train(local_slurm, hub, tmp_path):
     dest = pretraining_dir(base, "fineweb-edu-100b")
     assert len(list(dest.glob("shard_*.parquet"))) == 4
     assert any(p.endswith("shard_01822.parquet") for m, p in hub.requests if m == "GET")
+
+
+def test_data_stage_partition_overrides_cluster():
+    from jobs import spec, submit
+    pipeline = spec.load_pipeline(spec.resolve_pipeline_path("artemis-a100"),
+                                  ["data.resources.partition=transfer", "data.resources.constraint=internet"])
+    data = submit._slurm_parameters(pipeline, pipeline.stages["data"], [])
+    base = submit._slurm_parameters(pipeline, pipeline.stages["base_train"], [])
+    assert (data["partition"], data["constraint"]) == ("transfer", "internet")
+    assert (base["partition"], base["constraint"]) == ("gpu", "a100-80gb")
+    assert "gpus_per_node" not in data
