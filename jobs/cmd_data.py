@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
+import sys
 import time
 from pathlib import Path
 
@@ -33,6 +33,7 @@ def add_arguments(p) -> None:
     f.add_argument("names", nargs="+", help="pretraining set, conversation sets, or one pipeline (name or path)")
     f.add_argument("--shards", type=int, default=0, help="pretraining shards incl. the validation shard")
     f.add_argument("--workers", type=int, default=8, help="parallel downloads (default: %(default)s)")
+    f.add_argument("--retries", type=int, default=5, help="attempts per file, with exponential backoff (default: %(default)s)")
     f.add_argument("--base-dir", default="", help="work directory (default: NANOCHAT_BASE_DIR or ~/.cache/nanochat)")
     f.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a pipeline value, as in submit")
@@ -220,7 +221,8 @@ def _fetch(args) -> int:
             raise ConfigError(f"{pipeline.source}: no stage of kind `data` to fetch")
         for s in stages:
             cfg = _config(s)
-            results.append(run_data(dataclasses.replace(cfg, base_dir=base_dir, workers=args.workers)))
+            results.append(run_data(dataclasses.replace(cfg, base_dir=base_dir, workers=args.workers,
+                                                        retries=args.retries)))
     else:
         unknown = [x for x in names if x not in known]
         if unknown:
@@ -232,7 +234,7 @@ def _fetch(args) -> int:
             raise ConfigError(f"--shards: give the number of {pre[0]} shards (incl. the validation shard)")
         results.append(run_data(DataConfig(pretraining=pre[0] if pre else "", num_shards=args.shards,
                                            conversations=[x for x in names if x in CHAT_SETS],
-                                           workers=args.workers, base_dir=base_dir)))
+                                           workers=args.workers, retries=args.retries, base_dir=base_dir)))
     seconds = time.perf_counter() - t0
     files = sum(r.get("files", 0) for r in results)
     fetched = sum(r.get("fetched", 0) for r in results)
@@ -245,8 +247,13 @@ def _fetch(args) -> int:
 
 def run(args) -> int:
     from jobs import spec
+    from nanochat.fetch import FetchError
     if args.action == "fetch":
-        return _fetch(args)
+        try:
+            return _fetch(args)
+        except FetchError as e:   # the work failed (network, a file that never verified): one line, exit 1
+            print(f"error: {e}", file=sys.stderr)
+            return 1
     pipeline = spec.load_pipeline(spec.resolve_pipeline_path(args.pipeline), args.sets)
     plan = plan_pipeline(pipeline, args.base_dir, fill=True)
     print(format_plan(plan), flush=True)
@@ -256,6 +263,5 @@ def run(args) -> int:
 
 
 if __name__ == "__main__":
-    import sys
     from jobs.cli import run_module
     sys.exit(run_module(sys.modules[__name__], None, "python -m jobs.cmd_data"))

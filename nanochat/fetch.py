@@ -163,15 +163,21 @@ def verify_file(path: Path, name: str, expected: dict) -> str:
     return ""
 
 
-def hub_file_info(repo_id: str, files: list[str], revision: str = "main", token=None) -> dict[str, dict]:
-    """Size and checksum of each file, from one `paths-info` request. A file the hub does not list is
-    an error naming it."""
+def hub_file_info(repo_id: str, files: list[str], revision: str = "main", token=None, retries: int = 5,
+                  backoff_s: float = 1.0, log=print) -> dict[str, dict]:
+    """Size and checksum of each file, from one `paths-info` request (retried with backoff). A file
+    the hub does not list is an error naming it."""
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError
-    try:
-        infos = HfApi(token=token).get_paths_info(repo_id, files, repo_type="dataset", revision=revision)
-    except HfHubHTTPError as e:
-        raise FetchError(f"{repo_id}: could not list files ({_one_line(e)})") from None
+    for attempt in range(1, retries + 1):
+        try:
+            infos = HfApi(token=token).get_paths_info(repo_id, files, repo_type="dataset", revision=revision)
+            break
+        except Exception as e:  # HTTP errors, connection errors, a malformed endpoint: all one line
+            if attempt == retries:
+                raise FetchError(f"{repo_id}: could not list files on {_endpoint()} after {retries} attempts "
+                                 f"({_one_line(e)})") from None
+            log(f"[fetch] {repo_id}: listing files failed ({_one_line(e)}); retrying")
+            time.sleep(backoff_s * 2 ** (attempt - 1))
     out = {}
     for info in infos:
         lfs = getattr(info, "lfs", None)
@@ -181,6 +187,11 @@ def hub_file_info(repo_id: str, files: list[str], revision: str = "main", token=
     if missing:
         raise ConfigError(f"{repo_id}/{missing[0]}: not on the hub (revision {revision})")
     return out
+
+
+def _endpoint() -> str:
+    from huggingface_hub import constants
+    return constants.ENDPOINT
 
 
 class FetchError(RuntimeError):
@@ -261,7 +272,7 @@ def fetch_files(repo_id: str, files: list[str], dest: str | os.PathLike, revisio
         check_present(dest, files, "HF_HUB_OFFLINE is set here (compute nodes have no internet)")
     with FileLock(str(dest / ".fetch.lock")):
         todo = [f for f in files if f not in set(present(dest, files))]   # another job may have done it
-        expected = hub_file_info(repo_id, todo, revision)
+        expected = hub_file_info(repo_id, todo, revision, retries=retries, backoff_s=backoff_s, log=log)
         total = sum(expected[f]["size"] or 0 for f in todo)
         log(f"[fetch] {repo_id}: {len(todo)} of {len(files)} files to fetch ({total / 1e6:.1f} MB) into {dest}")
         bar = _byte_bar(total, repo_id.split("/")[-1])

@@ -24,6 +24,7 @@ class FakeHub:
     def __init__(self):
         self.files: dict[tuple[str, str], bytes] = {}     # (repo_id, path) -> content
         self.faults: dict[tuple[str, str], list[str]] = defaultdict(list)
+        self.api_faults: list[str] = []                    # "500" answers to the next paths-info requests
         self.requests: list[tuple[str, str]] = []         # (method, path) of every request
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -140,6 +141,11 @@ class FakeHub:
                     self.send_error(404)
                     return
                 repo = f"{parts[2]}/{parts[3]}"
+                with hub.lock:
+                    fault = hub.api_faults.pop(0) if hub.api_faults else ""
+                if fault == "500":
+                    self.send_error(500)
+                    return
                 length = int(self.headers.get("Content-Length") or 0)
                 form = urllib.parse.parse_qs(self.rfile.read(length).decode())
                 out = []

@@ -244,3 +244,26 @@ def test_data_stage_partition_overrides_cluster():
     assert (data["partition"], data["constraint"]) == ("transfer", "internet")
     assert (base["partition"], base["constraint"]) == ("gpu", "a100-80gb")
     assert "gpus_per_node" not in data
+
+
+def test_listing_500_is_retried(hub, tmp_path):
+    add_fineweb(hub, 2)
+    hub.api_faults = ["500"]
+    s = fetch_pretraining_shards(tmp_path, "fineweb-edu-100b", 2, backoff_s=0.01)
+    assert s["fetched"] == 2
+    assert sum(1 for m, p in hub.requests if m == "POST") == 2
+
+
+def test_unreachable_hub_is_one_line_exit_1(tmp_path):
+    # nothing listens on this port: a connection error is the work failing (exit 1), one line, no traceback
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    r = _jobs(["data", "fetch", "fineweb-edu-100b", "--shards", "2", "--retries", "2"],
+              {"HF_ENDPOINT": f"http://127.0.0.1:{port}", "NANOCHAT_BASE_DIR": str(tmp_path), "HF_HUB_OFFLINE": "0"},
+              timeout=300)
+    assert r.returncode == 1, r.stderr
+    err = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "karpathy/fineweb-edu-100b-shuffle" in err[0] and "Traceback" not in r.stderr
+    assert not list((tmp_path / "data" / "fineweb-edu-100b").glob("shard_*"))
