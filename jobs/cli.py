@@ -28,6 +28,7 @@ EXTERNAL_COMMANDS = {
     "report": ("jobs.report", "build the report of one or more runs (CSV, Markdown summary, plots)"),
     "probe": ("jobs.cmd_probe", "find the largest device batch size that fits (and cache it)"),
     "chat": ("jobs.cmd_chat", "chat with a trained checkpoint"),
+    "data": ("jobs.cmd_data", "fetch and verify datasets (fetch), or print a pipeline's data plan (plan)"),
     "bench": ("jobs.cmd_bench", "benchmark each optimization against its baseline: train|sft|inference|batch|all"),
     "gpu-check": ("jobs.gpu_check", "check every GPU path on this machine's CUDA device, one JSON line (skips without CUDA)"),
 }
@@ -105,6 +106,7 @@ def cmd_submit(args) -> int:
     from jobs import runs, spec, submit
     path = spec.resolve_pipeline_path(args.pipeline)
     pipeline = spec.load_pipeline(path, args.sets)       # validates everything before any submission
+    importlib.import_module("jobs.cmd_data").check_pipeline_data(pipeline)   # shard counts, epochs over the data
     executor = submit.choose_executor(args.executor)
     if args.max_parallel < 1:
         raise spec.ConfigError(f"--max-parallel {args.max_parallel}: must be at least 1")

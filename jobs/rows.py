@@ -46,6 +46,7 @@ RESULT_COLUMNS: dict[str, tuple[str, str]] = {
     "num_compiles": ("Int64", "compilations (dynamo frames compiled)"),
     "final_loss": ("float64", "last training loss"),
     "val_bpb": ("float64", "validation bits per byte"),
+    "data_epochs": ("float64", "passes over the pretraining data the stage's token budget makes (base_train)"),
     "wall_time_s": ("float64", "job wall time in seconds"),
     "requeues": ("Int64", "times the job was requeued (preemption or time limit)"),
     "git_commit": ("string", "commit of the code that ran"),

@@ -31,6 +31,7 @@ DEFAULT_PIPELINE = PIPELINES_DIR / "smoke.yaml"
 # stage kind -> (module, config class). The recipes follow docs/CONTRACTS.md:
 # module.run(cfg, should_stop=None) -> dict | list[dict].
 KINDS: dict[str, tuple[str, str]] = {
+    "data": ("nanochat.data_stage", "DataConfig"),  # fetch and verify datasets (where the network is)
     "probe": ("nanochat.auto_batch_size", "ProbeConfig"),
     "base_train": ("nanochat.base_train", "BaseTrainConfig"),
     "mid_train": ("nanochat.mid_train", "MidTrainConfig"),
@@ -53,6 +54,8 @@ class Resources:
     time_min: int = 60
     max_requeues: int = 1         # requeues after preemption/time limit before the stage fails
     signal_delay_s: int = 60      # USR2 this long before the time limit: the stage checkpoints
+    partition: str = ""           # "" = cluster.partition (a data stage may need one that reaches the internet)
+    constraint: str = ""          # "" = cluster.constraint
 
 
 RESOURCE_LIMITS = {  # key -> (min, max)
@@ -197,6 +200,8 @@ def config_class(kind: str):
 def _check_resources(err: SpecError, where: str, values: dict) -> None:
     _check_fields(err, where, values, Resources)
     for k, v in values.items():
+        if k not in RESOURCE_LIMITS:   # partition, constraint: names
+            continue
         lo, hi = RESOURCE_LIMITS[k]
         if not lo <= v <= hi:
             raise err(f"{where}.{k}", f"{v!r} out of range [{lo}, {hi}]")

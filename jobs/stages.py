@@ -250,6 +250,9 @@ def run_stage(run_dir: str | os.PathLike, stage_name: str, task: int | None = No
         if stage.variants and (task is None or not 0 <= task < len(stage.variants)):
             raise ValueError(f"stage {stage_name} is an array of {len(stage.variants)}: give a task index")
         cfg, variant = build_config(run, pipeline, stage_name, task)
+        if kind != "data":
+            # compute nodes often have no internet: only the data stage may reach the hub
+            os.environ["HF_HUB_OFFLINE"] = "1"
         if "SLURM_JOB_ID" in os.environ:
             install_preemption_handler()
         _limit_threads()

@@ -78,8 +78,9 @@ def _slurm_parameters(pipeline, stage, dependency_ids: list[str]) -> dict:
     if r.mem_gb:
         params["mem"] = f"{int(r.mem_gb)}GB" if r.mem_gb == int(r.mem_gb) else f"{int(r.mem_gb * 1024)}MB"
     for key in ("partition", "account", "qos", "constraint"):
-        if getattr(c, key):
-            params[key] = getattr(c, key)
+        value = getattr(r, key, "") or getattr(c, key)   # a stage's partition/constraint wins over the cluster's
+        if value:
+            params[key] = value
     if dependency_ids:
         params["additional_parameters"].update({"dependency": "afterok:" + ":".join(dependency_ids),
                                                 "kill-on-invalid-dep": "yes"})

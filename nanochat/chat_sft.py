@@ -35,12 +35,13 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from nanochat.common import (ConfigError, atomic_write_json, compute_init, device_name, git_commit, peak_flops,
-                             peak_memory_bytes, print0, reset_peak_memory, synchronize)
+from nanochat.common import (ConfigError, atomic_write_json, compute_init, device_name, get_base_dir, git_commit,
+                             peak_flops, peak_memory_bytes, print0, reset_peak_memory, synchronize)
+from nanochat.datasets_chat import read_mixture
 from nanochat.gpt import GPT, GPTConfig, build_model, doc_attention_route
 from nanochat.optim import all_reduce_gradients, build_optimizers
 from nanochat.packing import MODES, PACKED_MODES, Example, batch_for_mode, plan_batches, truncate
-from nanochat.synthetic import generate_conversations, read_conversations
+from nanochat.synthetic import generate_conversations
 from nanochat.tokenizer import Tokenizer
 from nanochat.train_loop import _any_rank, _oom_handlers, read_metrics, write_metrics
 
@@ -90,17 +91,20 @@ class SFTConfig:
                 raise ConfigError(f"sft.{key}: must not be negative (got {getattr(self, key)})")
         if not self.data_path and self.num_conversations < 2:
             raise ConfigError(f"sft.num_conversations: need at least 2 (got {self.num_conversations})")
-        if self.data_path and not Path(self.data_path).exists():
-            raise ConfigError(f"sft.data_path: {self.data_path} does not exist")
+        from nanochat.datasets_chat import CHAT_SETS, mixture_parts
+        for part, _ in mixture_parts(self.data_path):   # fetched sets are checked when they are read
+            if part not in CHAT_SETS and not Path(part).exists():
+                raise ConfigError(f"sft.data_path: {part} does not exist")
 
 
 # -----------------------------------------------------------------------------
 # Data
 
-def load_conversations(path: str | os.PathLike) -> list[dict]:
-    """Conversations from JSONL (one {"messages": [...]} per line) or parquet (a `messages` column);
+def load_conversations(path: str | os.PathLike, base_dir: str | os.PathLike = "", seed: int = 0) -> list[dict]:
+    """Conversations from JSONL (one {"messages": [...]} per line) or parquet (a `messages` column),
+    or a mixture of those and fetched sets (smoltalk:10000+gsm8k, nanochat.datasets_chat);
     ConfigError naming the file (and line) when they are malformed."""
-    return read_conversations(path)
+    return read_mixture(str(path), base_dir or get_base_dir(), seed)
 
 
 def synthetic_conversations(n: int, seed: int, max_tokens: int) -> list[dict]:
@@ -542,7 +546,7 @@ def train(cfg: SFTConfig, model: GPT, tokenizer: Tokenizer, train_examples: list
 def prepare(cfg: SFTConfig, device: torch.device) -> tuple[GPT, Tokenizer, dict, list[Example], list[Example]]:
     """Load the conversations, the model and tokenizer, and render train/val examples."""
     if cfg.data_path:
-        conversations, source = load_conversations(cfg.data_path), cfg.data_path
+        conversations, source = load_conversations(cfg.data_path, cfg.base_dir, cfg.seed), cfg.data_path
     else:
         conversations, source = synthetic_conversations(cfg.num_conversations, cfg.seed, cfg.max_seq_len), "synthetic"
     model, tokenizer, meta = load_or_build(cfg, conversations, device)

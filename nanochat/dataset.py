@@ -73,3 +73,47 @@ def write_shard(path: str | os.PathLike, texts: list[str], row_group_size: int =
     """Write one shard atomically (temporary file in the same folder, then rename)."""
     table = pa.table({"text": pa.array(texts, type=pa.string())})
     return atomic_write(path, lambda tmp: pq.write_table(table, tmp, row_group_size=row_group_size, compression="zstd"))
+
+
+# -----------------------------------------------------------------------------
+# How much text a data folder holds, and how many passes over it a training run makes
+
+def shard_text_bytes(path: str | os.PathLike) -> int:
+    """Uncompressed bytes of a shard's `text` column, from the parquet footer (no data read):
+    UTF-8 bytes, about one per character of English text."""
+    md = open_shard(path).metadata
+    total = 0
+    for g in range(md.num_row_groups):
+        rg = md.row_group(g)
+        for c in range(rg.num_columns):
+            col = rg.column(c)
+            if col.path_in_schema == "text":
+                total += col.total_uncompressed_size
+    return total
+
+
+def chars_per_token(tokenizer, shard: str | os.PathLike, max_chars: int = 1_000_000) -> float:
+    """The tokenizer's compression on a sample of a shard (its first row groups, up to max_chars)."""
+    texts, n = [], 0
+    for t in iter_shard_texts(shard):
+        texts.append(t)
+        n += len(t)
+        if n >= max_chars:
+            break
+    tokens = sum(len(ids) for ids in tokenizer.encode(texts)) if texts else 0
+    return n / tokens if tokens else 1.0
+
+
+def data_epochs_guard(stage: str, data_dir: str | os.PathLike, consumed_tokens: float, data_tokens: float,
+                      max_epochs: float, log=print) -> float:
+    """Passes a run makes over its data. Over one: a loud warning. Over max_epochs: a ConfigError
+    naming the stage and the data folder (repeating a small corpus thousands of times only overfits)."""
+    epochs = consumed_tokens / max(data_tokens, 1.0)
+    if max_epochs > 0 and epochs > max_epochs:
+        raise ConfigError(f"{stage}: would make {epochs:,.0f} epochs over {data_dir} ({consumed_tokens:,.0f} tokens to "
+                          f"train on, ~{data_tokens:,.0f} in the data); the limit is max_data_epochs={max_epochs:g}: "
+                          "fetch more shards (a `data` stage) or train fewer steps")
+    if epochs > 1:
+        log(f"WARNING: {stage} will make {epochs:.1f} epochs over {data_dir} ({consumed_tokens:,.0f} tokens to train on, "
+            f"~{data_tokens:,.0f} in the data): the model sees the same text {epochs:.1f} times")
+    return epochs

@@ -12,15 +12,16 @@ from dataclasses import dataclass
 from typing import Callable
 
 from nanochat.checkpoint import load_model
-from nanochat.common import ConfigError, compute_cleanup, compute_init
+from nanochat.common import ConfigError, compute_cleanup, compute_init, get_base_dir
 from nanochat.dataloader import conversation_loader
-from nanochat.synthetic import generate_conversations, read_conversations
+from nanochat.datasets_chat import read_mixture
+from nanochat.synthetic import generate_conversations
 from nanochat.train_loop import TrainConfig, train
 
 
 @dataclass
 class MidTrainConfig(TrainConfig):
-    data_path: str = ""                # JSONL or parquet of conversations; "" = synthetic only
+    data_path: str = ""                # JSONL/parquet of conversations, or a mixture: smoltalk+mmlu+gsm8k; "" = synthetic only
     num_synthetic: int = 4000          # synthetic conversations mixed in (0: none)
     val_fraction: float = 0.05         # share of conversations held out for val bpb
     num_steps: int = 200               # mid-training is short; 0 = one pass (param/data ratio rule)
@@ -33,7 +34,7 @@ def load_mixture(cfg: MidTrainConfig, max_tokens: int) -> tuple[list[dict], list
     """(train, val) conversations: the user's file plus synthetic ones, shuffled with the seed."""
     convs: list[dict] = []
     if cfg.data_path:
-        convs += read_conversations(cfg.data_path)
+        convs += read_mixture(cfg.data_path, cfg.base_dir or get_base_dir(), cfg.seed)   # files and/or fetched sets
     if cfg.num_synthetic:
         convs += generate_conversations(cfg.num_synthetic, seed=cfg.seed, max_tokens=max_tokens)
     if len(convs) < 4:

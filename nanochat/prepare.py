@@ -124,9 +124,15 @@ def folder_documents(folder: Path) -> list[str]:
 def ensure_pretraining_data(base_dir: str | os.PathLike = "", source: str = "", num_shards: int = 4,
                             max_chars: int = DEFAULT_MAX_CHARS, row_group_size: int = 64) -> Path:
     """Returns the folder of shards to train on.
-    source: "" -> Python's own text; a folder holding shards -> used in place (nothing written);
+    source: "" -> Python's own text; a hub set name (fineweb-edu-100b, climbmix-400b) -> its fetched
+    shards under <base_dir>/data/<set> (missing files are an error naming them); a folder holding
+    shards -> used in place (nothing written);
     a folder of .txt/.jsonl -> written as shards under <base_dir>/data/<settings>."""
     base_dir = Path(base_dir or get_base_dir())
+    from nanochat.fetch import PRETRAINING_SETS, fetched_shards
+    if source in PRETRAINING_SETS:
+        # fetched by a `data` stage (or `python -m jobs data fetch`): checked offline, never downloaded here
+        return fetched_shards(base_dir, source)
     if source:
         src = Path(source)
         if not src.is_dir():

@@ -1,0 +1,267 @@
+"""
+`python -m jobs data fetch|plan ...`: the datasets of a run, by hand and at submit.
+
+    data fetch fineweb-edu-100b --shards 240        pretraining shards into <base_dir>/data/<set>/
+    data fetch smoltalk mmlu gsm8k                   conversation sets, converted to <base_dir>/data/chat/<set>.jsonl
+    data fetch artemis-a100                          every `data` stage of a pipeline, here (the login node)
+    data plan artemis-a100                           sets, shards, bytes, tokens, and the epochs each
+                                                     training stage makes over its data (no network)
+
+On clusters whose compute nodes have no internet, run `data fetch PIPELINE` on the login node
+before `submit`: the pipeline's own data stage then finds everything present and does no network work.
+
+check_pipeline_data (called by `submit` before anything is submitted) fills a data stage's
+num_shards from the training stages' token budgets, warns when a stage will make more than one
+epoch over its data, and refuses (exit 2) past the stage's max_data_epochs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+from nanochat.common import ConfigError, get_base_dir
+
+PRETRAIN_KINDS = ("base_train",)
+
+
+def add_arguments(p) -> None:
+    sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    f = sub.add_parser("fetch", help="fetch and verify datasets (sets by name, or a pipeline's data stages)")
+    f.add_argument("names", nargs="+", help="pretraining set, conversation sets, or one pipeline (name or path)")
+    f.add_argument("--shards", type=int, default=0, help="pretraining shards incl. the validation shard")
+    f.add_argument("--workers", type=int, default=8, help="parallel downloads (default: %(default)s)")
+    f.add_argument("--retries", type=int, default=5, help="attempts per file, with exponential backoff (default: %(default)s)")
+    f.add_argument("--base-dir", default="", help="work directory (default: NANOCHAT_BASE_DIR or ~/.cache/nanochat)")
+    f.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a pipeline value, as in submit")
+    f.add_argument("--json", action="store_true")
+    q = sub.add_parser("plan", help="print the data plan of a pipeline (no network)")
+    q.add_argument("pipeline", nargs="?", default=None)
+    q.add_argument("--base-dir", default="")
+    q.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    q.add_argument("--json", action="store_true")
+
+
+# -----------------------------------------------------------------------------
+# Planning (no network): what each stage needs and what its data holds
+
+def _config(stage):
+    from jobs.spec import config_class
+    cls = config_class(stage.kind)
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in stage.args.items() if k in names})
+
+
+def _world_size(stage) -> int:
+    return stage.resources.nodes * stage.resources.tasks_per_node
+
+
+def training_tokens(stage) -> tuple[float | None, str]:
+    """(tokens the stage trains on, how it was computed), or (None, why not) when the tokens per step
+    are only known once the batch size is probed."""
+    import torch
+    from nanochat.gpt import GPT, GPTConfig
+    cfg = _config(stage)
+    total = cfg.total_batch_size or (cfg.device_batch_size * cfg.seq_len * _world_size(stage)
+                                     if cfg.device_batch_size > 0 else 0)
+    if total <= 0:
+        return None, "tokens per step unknown until the probe (set total_batch_size)"
+    if cfg.num_steps:
+        return float(cfg.num_steps * total), f"{cfg.num_steps} steps x {total:,} tokens"
+    with torch.device("meta"):
+        n_params = GPT(GPTConfig.from_depth(cfg.depth, cfg.vocab_size, cfg.seq_len)).num_params()
+    steps = max(1, int(cfg.target_param_data_ratio * n_params // total))
+    return float(steps * total), f"{cfg.target_param_data_ratio:g} x {n_params / 1e6:,.0f}M params = {steps:,} steps x {total:,}"
+
+
+def _data_stage_for(pipeline, set_name: str):
+    for s in pipeline.stages.values():
+        if s.kind == "data" and s.args.get("pretraining") == set_name:
+            return s
+    return None
+
+
+def pretraining_data(pipeline, stage, base_dir: Path) -> dict:
+    """What a pretraining stage's data holds: {"source", "dir", "shards", "chars", "tokens", "how"}."""
+    from nanochat import fetch, prepare
+    from nanochat.dataset import SHARD_GLOB, shard_text_bytes
+    cfg = _config(stage)
+    src = cfg.data_source
+    if src in fetch.PRETRAINING_SETS:
+        ds = fetch.PRETRAINING_SETS[src]
+        dest = fetch.pretraining_dir(base_dir, src)
+        data_stage = _data_stage_for(pipeline, src)
+        shards = int(data_stage.args.get("num_shards") or 0) if data_stage else 0
+        how = f"fetched by stage {data_stage.name}" if data_stage else "already fetched"
+        if not data_stage:
+            shards = len(fetch.read_manifest(dest).get("files", {}))
+            if shards < 2:
+                raise ConfigError(f"{pipeline.source}: stages.{stage.name}.args.data_source: {src} is not fetched in "
+                                  f"{dest} and no `data` stage fetches it (add one, or: python -m jobs data fetch {src} --shards N)")
+        chars = max(shards - 1, 0) * ds.chars_per_shard
+        return {"source": src, "dir": str(dest), "shards": shards, "chars": chars,
+                "bytes": shards * ds.bytes_per_shard, "how": how}
+    if not src:
+        dest = prepare.data_dir(base_dir, "", cfg.num_shards, cfg.data_max_chars)
+        done = dest / prepare.DONE_FILE
+        total = json.loads(done.read_text()).get("num_chars", cfg.data_max_chars) if done.is_file() else cfg.data_max_chars
+        chars = total * (cfg.num_shards - 1) / cfg.num_shards
+        return {"source": "python-stdlib (offline)", "dir": str(dest), "shards": cfg.num_shards, "chars": chars,
+                "bytes": total, "how": "text shipped with Python"}
+    path = Path(src)
+    shards = sorted(path.glob(SHARD_GLOB)) if path.is_dir() else []
+    if len(shards) >= 2:
+        chars = sum(shard_text_bytes(s) for s in shards[:-1])
+        return {"source": src, "dir": str(path), "shards": len(shards), "chars": chars,
+                "bytes": sum(s.stat().st_size for s in shards), "how": "shards in place"}
+    files = [p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file()] if path.is_dir() else []
+    total = sum(p.stat().st_size for p in files)
+    return {"source": src, "dir": str(path), "shards": cfg.num_shards, "chars": total * (cfg.num_shards - 1) / cfg.num_shards,
+            "bytes": total, "how": "text files"}
+
+
+def plan_pipeline(pipeline, base_dir: str | Path = "", fill: bool = True, log=print) -> dict:
+    """The data plan. fill: give data stages with num_shards 0 the count their training stages need
+    (in pipeline.stages and pipeline.raw, so the run's resolved.yaml carries it). Raises ConfigError
+    (exit 2) when a training stage would pass max_data_epochs."""
+    from nanochat import fetch
+    from nanochat.datasets_chat import CHAT_SETS
+    from nanochat.dataset import data_epochs_guard
+    base_dir = Path(base_dir or get_base_dir())
+    train = {}
+    for s in pipeline.stages.values():
+        if s.kind in PRETRAIN_KINDS:
+            tokens, how = training_tokens(s)
+            train[s.name] = {"tokens": tokens, "how": how}
+    data_stages = []
+    for s in pipeline.stages.values():
+        if s.kind != "data":
+            continue
+        name, shards = s.args.get("pretraining") or "", int(s.args.get("num_shards") or 0)
+        entry = {"stage": s.name, "pretraining": name, "num_shards": shards, "conversations": list(s.args.get("conversations") or [])}
+        if name:
+            ds = fetch.pretraining_set(name)
+            if shards <= 0:
+                needs = [train[t.name]["tokens"] for t in pipeline.stages.values()
+                         if t.kind in PRETRAIN_KINDS and _config(t).data_source == name and train[t.name]["tokens"]]
+                if not needs:
+                    raise ConfigError(f"{pipeline.source}: stages.{s.name}.args.num_shards: 0 needs a training stage with "
+                                      f"data_source: {name} and a known token budget; give num_shards")
+                shards = fetch.shards_for_tokens(ds, max(needs))
+                entry["num_shards_from"] = "the training stages' token budget (+10%)"
+                if fill:
+                    s.args["num_shards"] = shards
+                    pipeline.raw["stages"][s.name].setdefault("args", {})
+                    pipeline.raw["stages"][s.name]["args"] = {**(pipeline.raw["stages"][s.name]["args"] or {}),
+                                                              "num_shards": shards}
+            entry.update(num_shards=shards, repo_id=ds.repo_id, bytes=shards * ds.bytes_per_shard,
+                         tokens=(shards - 1) * ds.chars_per_shard / fetch.CHARS_PER_TOKEN,
+                         present=len(fetch.present(fetch.pretraining_dir(base_dir, name), fetch.shard_files(ds, shards))))
+        entry["conversation_rows"] = {c: CHAT_SETS[c].approx_rows for c in entry["conversations"] if c in CHAT_SETS}
+        data_stages.append(entry)
+    for name, t in train.items():
+        stage = pipeline.stages[name]
+        d = pretraining_data(pipeline, stage, base_dir)
+        d["tokens"] = d["chars"] / fetch.CHARS_PER_TOKEN
+        t["data"] = d
+        if t["tokens"]:
+            t["epochs"] = data_epochs_guard(name, d["dir"], t["tokens"], d["tokens"],
+                                            float(getattr(_config(stage), "max_data_epochs", 0) or 0), log=log)
+    return {"pipeline": pipeline.name, "base_dir": str(base_dir), "chars_per_token": fetch.CHARS_PER_TOKEN,
+            "data_stages": data_stages, "training": train}
+
+
+def check_pipeline_data(pipeline, log=print) -> dict:
+    """submit's data check: fill num_shards, warn past one epoch, refuse past max_data_epochs (exit 2)."""
+    return plan_pipeline(pipeline, fill=True, log=log)
+
+
+def format_plan(plan: dict) -> str:
+    def n(x):
+        return "?" if x is None else f"{x / 1e9:,.2f}B" if x >= 1e9 else f"{x / 1e6:,.1f}M" if x >= 1e6 else f"{x:,.0f}"
+    lines = [f"data plan of {plan['pipeline']} (base_dir {plan['base_dir']}; tokens estimated at "
+             f"{plan['chars_per_token']} chars/token, the stages measure their own)"]
+    for d in plan["data_stages"]:
+        lines.append(f"  stage {d['stage']} (data):")
+        if d["pretraining"]:
+            lines.append(f"    {d['pretraining']:<18} {d['repo_id']}: {d['num_shards']} shards "
+                         f"({d['num_shards'] - 1} train + 1 validation), ~{d['bytes'] / 1e9:,.1f} GB, ~{n(d['tokens'])} tokens, "
+                         f"{d['present']} present" + (f"; count from {d['num_shards_from']}" if d.get("num_shards_from") else ""))
+        for c in d["conversations"]:
+            lines.append(f"    {c:<18} ~{d['conversation_rows'].get(c, 0):,} conversations")
+    for name, t in plan["training"].items():
+        d = t.get("data", {})
+        ep = t.get("epochs")
+        lines.append(f"  stage {name}: trains on {n(t['tokens'])} tokens ({t['how']}); data {d.get('source')} "
+                     f"({d.get('shards')} shards, ~{n(d.get('tokens'))} tokens) -> "
+                     + ("? epochs" if ep is None else f"{ep:,.2f} epochs"))
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+
+def _fetch(args) -> int:
+    from jobs import spec
+    from nanochat import fetch
+    from nanochat.data_stage import DataConfig, run as run_data
+    from nanochat.datasets_chat import CHAT_SETS
+    base_dir = args.base_dir or str(get_base_dir())
+    t0 = time.perf_counter()
+    names = args.names
+    known = set(fetch.PRETRAINING_SETS) | set(CHAT_SETS)
+    results = []
+    if len(names) == 1 and names[0] not in known:   # a pipeline: run its data stages here
+        pipeline = spec.load_pipeline(spec.resolve_pipeline_path(names[0]), args.sets)
+        plan_pipeline(pipeline, base_dir)
+        stages = [s for s in pipeline.stages.values() if s.kind == "data"]
+        if not stages:
+            raise ConfigError(f"{pipeline.source}: no stage of kind `data` to fetch")
+        for s in stages:
+            cfg = _config(s)
+            results.append(run_data(dataclasses.replace(cfg, base_dir=base_dir, workers=args.workers,
+                                                        retries=args.retries)))
+    else:
+        unknown = [x for x in names if x not in known]
+        if unknown:
+            raise ConfigError(f"{unknown[0]}: unknown set (known: {', '.join(sorted(known))}; or one pipeline name)")
+        pre = [x for x in names if x in fetch.PRETRAINING_SETS]
+        if len(pre) > 1:
+            raise ConfigError(f"{pre[1]}: fetch one pretraining set at a time")
+        if pre and args.shards <= 0:
+            raise ConfigError(f"--shards: give the number of {pre[0]} shards (incl. the validation shard)")
+        results.append(run_data(DataConfig(pretraining=pre[0] if pre else "", num_shards=args.shards,
+                                           conversations=[x for x in names if x in CHAT_SETS],
+                                           workers=args.workers, retries=args.retries, base_dir=base_dir)))
+    seconds = time.perf_counter() - t0
+    files = sum(r.get("files", 0) for r in results)
+    fetched = sum(r.get("fetched", 0) for r in results)
+    print(f"data: {files} shard files present ({fetched} fetched) and "
+          f"{sum(len(r.get('conversations', {})) for r in results)} conversation sets in {seconds:.2f} s", flush=True)
+    if args.json:
+        print(json.dumps({"results": results, "seconds": round(seconds, 3)}, sort_keys=True, default=str))
+    return 0
+
+
+def run(args) -> int:
+    from jobs import spec
+    from nanochat.fetch import FetchError
+    if args.action == "fetch":
+        try:
+            return _fetch(args)
+        except FetchError as e:   # the work failed (network, a file that never verified): one line, exit 1
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+    pipeline = spec.load_pipeline(spec.resolve_pipeline_path(args.pipeline), args.sets)
+    plan = plan_pipeline(pipeline, args.base_dir, fill=True)
+    print(format_plan(plan), flush=True)
+    if args.json:
+        print(json.dumps(plan, sort_keys=True, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    from jobs.cli import run_module
+    sys.exit(run_module(sys.modules[__name__], None, "python -m jobs.cmd_data"))

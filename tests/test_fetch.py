@@ -1,0 +1,269 @@
+"""Datasets from a hub: a real HTTP server on 127.0.0.1 (tests/hub_server.py) answers what
+huggingface_hub requests, with injected faults; the data stage on the local Slurm; the epochs guard."""
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from hub_server import FakeHub  # noqa: E402
+
+from nanochat.common import ConfigError  # noqa: E402
+from nanochat.fetch import (PRETRAINING_SETS, FetchError, fetch_pretraining_shards, fetched_shards,  # noqa: E402
+                            pretraining_dir, shard_files)
+
+REPO = Path(__file__).resolve().parent.parent
+FINEWEB = PRETRAINING_SETS["fineweb-edu-100b"]
+WORDS = ("the cat sat on a mat while rain fell over quiet hills and rivers ran toward the sea "
+         "students read books about history science music and the stars at night").split()
+
+
+def make_shard(i: int, docs: int = 120) -> bytes:
+    texts = [" ".join(WORDS[(i * 7 + j + k) % len(WORDS)] for k in range(60)) + f" doc {i}.{j}." for j in range(docs)]
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"text": texts}), buf, row_group_size=16)
+    return buf.getvalue()
+
+
+def parquet_bytes(rows: list[dict]) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), buf)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    h = FakeHub().start()
+    monkeypatch.setenv("HF_ENDPOINT", h.endpoint)
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    import huggingface_hub.constants as c
+    monkeypatch.setattr(c, "ENDPOINT", h.endpoint)
+    monkeypatch.setattr(c, "HUGGINGFACE_CO_URL_TEMPLATE", h.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", False)
+    yield h
+    h.stop()
+
+
+def add_fineweb(hub, n: int, faults: dict | None = None) -> list[str]:
+    names = shard_files(FINEWEB, n)
+    for i, name in enumerate(names):
+        hub.add(FINEWEB.repo_id, name, make_shard(i), (faults or {}).get(name))
+    return names
+
+
+def test_fetch_shards_then_noop_without_network(hub, tmp_path):
+    names = add_fineweb(hub, 8)
+    t0 = time.perf_counter()
+    s = fetch_pretraining_shards(tmp_path, "fineweb-edu-100b", 8, workers=4, backoff_s=0.01)
+    first = time.perf_counter() - t0
+    dest = pretraining_dir(tmp_path, "fineweb-edu-100b")
+    assert s["fetched"] == 8 and sorted(p.name for p in dest.glob("shard_*.parquet")) == names
+    assert names[-1] == "shard_01822.parquet"   # the pinned validation shard sorts last
+    for name in names:
+        assert (dest / name).read_bytes() == hub.files[(FINEWEB.repo_id, name)]
+    assert not (dest / ".staging").exists()
+    before = len(hub.requests)
+    t0 = time.perf_counter()
+    again = fetch_pretraining_shards(tmp_path, "fineweb-edu-100b", 8)
+    second = time.perf_counter() - t0
+    assert again["fetched"] == 0 and again["present"] == 8
+    assert len(hub.requests) == before, "a second run with everything present must not touch the network"
+    assert second < 0.5
+    print(f"\nfetch of 8 shards: {first:.2f} s; second (no-op) run: {second * 1000:.1f} ms")
+    assert fetched_shards(tmp_path, "fineweb-edu-100b") == dest
+
+
+# each fault and what must come of it: (fault queue for one file, fetched in the end?)
+FAULTS = {
+    "500 on the first try": (["500"], True),
+    "connection cut mid-file": (["cut"], True),
+    "truncated body": (["truncate"], True),
+    "wrong checksum": (["corrupt"], True),
+    "500 on every try": (["500!"], False),
+    "truncated body every time": (["truncate!"], False),
+    "wrong checksum every time": (["corrupt!"], False),
+}
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_fault_ends_complete_or_named_error(hub, tmp_path, fault):
+    queue, ok = FAULTS[fault]
+    names = add_fineweb(hub, 3, {shard_files(FINEWEB, 3)[1]: queue})
+    bad = names[1]
+    dest = pretraining_dir(tmp_path, "fineweb-edu-100b")
+    if ok:
+        fetch_pretraining_shards(tmp_path, "fineweb-edu-100b", 3, retries=3, backoff_s=0.01)
+        assert (dest / bad).read_bytes() == hub.files[(FINEWEB.repo_id, bad)]
+        if fault == "connection cut mid-file":   # resumed where it stopped, with a Range request
+            gets = [p for m, p in hub.requests if m == "GET" and p.endswith(bad)]
+            assert len(gets) == 2
+    else:
+        with pytest.raises(FetchError) as e:
+            fetch_pretraining_shards(tmp_path, "fineweb-edu-100b", 3, retries=2, backoff_s=0.01)
+        msg = str(e.value)
+        assert str(dest / bad) in msg and "\n" not in msg
+        assert not (dest / bad).exists(), "no half file in place"
+        # the other files were verified and kept: a rerun fetches only the failed one
+        others = [n for n in names if n != bad]
+        assert all((dest / n).is_file() for n in others)
+        hub.faults[(FINEWEB.repo_id, bad)] = []
+        before = len([r for r in hub.requests if r[0] == "GET"])
+        fetch_pretraining_shards(tmp_path, "fineweb-edu-100b", 3, backoff_s=0.01)
+        gets = [p for m, p in hub.requests[:] if m == "GET"][before:]
+        assert gets and all(p.endswith(bad) for p in gets)
+    assert not list(dest.rglob("*.incomplete")) and not (dest / ".staging").exists()
+
+
+def test_offline_training_names_missing_shard(hub, tmp_path, monkeypatch):
+    names = add_fineweb(hub, 4)
+    fetch_pretraining_shards(tmp_path, "fineweb-edu-100b", 4)
+    dest = pretraining_dir(tmp_path, "fineweb-edu-100b")
+    (dest / names[2]).unlink()
+    with pytest.raises(ConfigError, match=rf"{names[2]}: missing; fetch it where the network is"):
+        fetched_shards(tmp_path, "fineweb-edu-100b")
+    with pytest.raises(ConfigError, match="shard_00000.parquet: missing"):
+        fetched_shards(tmp_path / "elsewhere", "fineweb-edu-100b")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    n = len(hub.requests)
+    with pytest.raises(ConfigError, match=rf"{names[2]}: missing.*HF_HUB_OFFLINE"):
+        fetch_pretraining_shards(tmp_path, "fineweb-edu-100b", 4)
+    assert len(hub.requests) == n
+
+
+def test_conversation_sets_converted_and_mixed(hub, tmp_path):
+    from nanochat.datasets_chat import CHAT_SETS, ensure_chat_set, read_mixture
+    smol = CHAT_SETS["smoltalk"]
+    for i, f in enumerate(smol.files):
+        hub.add(smol.repo_id, f, parquet_bytes([
+            {"messages": [{"role": "system", "content": "be kind"}, {"role": "user", "content": f"hi {i}"},
+                          {"role": "assistant", "content": "hello"}]},
+            {"messages": [{"role": "user", "content": "only one"}]}]))   # malformed: skipped
+    hub.add("cais/mmlu", CHAT_SETS["mmlu"].files[0], parquet_bytes(
+        [{"train": {"question": "2+2?", "subject": "", "choices": ["3", "4", "5", "6"], "answer": 1}}]))
+    hub.add("openai/gsm8k", CHAT_SETS["gsm8k"].files[0], parquet_bytes(
+        [{"question": "Tom has 2 apples and buys 3. How many?", "answer": "He has 2+3=<<2+3=5>>5 apples.\n#### 5"}]),
+        ["500"])
+    for name in ("smoltalk", "mmlu", "gsm8k"):
+        ensure_chat_set(tmp_path, name, backoff_s=0.01)
+    convs = read_mixture("smoltalk+mmlu+gsm8k", tmp_path)
+    assert len(convs) == 4 + 1 + 1
+    mmlu = next(c for c in convs if "2+2?" in c["messages"][0]["content"])
+    assert mmlu["messages"][1] == {"role": "assistant", "content": "B"}
+    gsm = next(c for c in convs if "apples" in c["messages"][0]["content"])
+    assert gsm["messages"][1]["content"][1:3] == [{"type": "python", "text": "2+3"},
+                                                   {"type": "python_output", "text": "5"}]
+    assert len(read_mixture("smoltalk:2+gsm8k", tmp_path)) == 3
+    with pytest.raises(ConfigError, match=r"chat/mmlu.jsonl: missing; fetch it"):
+        read_mixture("mmlu", tmp_path / "other")
+
+
+def _pipeline(tmp_path: Path, data_args: dict, base_args: dict) -> Path:
+    import yaml
+    spec = {"name": "fetch-test", "results_dir": str(tmp_path / "results"),
+            "cluster": {"cpus_per_task": 2, "time_min": 10},
+            "defaults": {"args": {"depth": 1, "vocab_size": 300}},
+            "stages": {"data": {"kind": "data", "args": data_args},
+                       "base_train": {"kind": "base_train", "depends_on": ["data"],
+                                      "args": {"seq_len": 32, "device_batch_size": 2, "total_batch_size": 64,
+                                               "eval_every": 0, "eval_tokens": 128, "save_every": 0, **base_args}}}}
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _jobs(args, env_extra, timeout=600):
+    env = {**os.environ, "PYTHONPATH": str(REPO), **env_extra}
+    return subprocess.run([sys.executable, "-m", "jobs", *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=REPO, env=env)
+
+
+def test_guard_refuses_1000_epochs_before_submitting(tmp_path):
+    # a folder of 2 tiny shards (~2.6K tokens of training text) and a budget of ~1000 passes over it
+    data = tmp_path / "tiny"
+    data.mkdir()
+    for i, n in ((0, 4), (1, 4)):
+        (data / f"shard_{i:05d}.parquet").write_bytes(make_shard(i, n))
+    from nanochat.dataset import shard_text_bytes
+    tokens = shard_text_bytes(data / "shard_00000.parquet") / 4.8
+    steps = int(1000 * tokens / 64)
+    spec = _pipeline(tmp_path, {"conversations": []}, {"data_source": str(data), "num_steps": steps})
+    spec.write_text(spec.read_text().replace("  data:\n    args:\n      conversations: []\n    kind: data\n", ""))
+    spec.write_text(spec.read_text().replace("depends_on:\n    - data\n", "depends_on: []\n"))
+    base = tmp_path / "work"
+    r = _jobs(["submit", str(spec), "--executor", "local", "--run-id", "guarded"], {"NANOCHAT_BASE_DIR": str(base)})
+    assert r.returncode == 2, r.stdout + r.stderr
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and "base_train" in err[0] and str(data) in err[0] and "epochs" in err[0]
+    assert not (tmp_path / "results" / "guarded").exists() and not (base / "guarded").exists()
+
+
+def test_plan_artemis_offline():
+    r = _jobs(["data", "plan", "artemis-a100", "--json"], {"HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(r.stdout.strip().splitlines()[-1])
+    d = plan["data_stages"][0]
+    assert d["pretraining"] == "fineweb-edu-100b" and 200 < d["num_shards"] < 300
+    assert 0.5 < plan["training"]["base_train"]["epochs"] <= 1.0
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_data_stage_on_slurm_then_base_train(local_slurm, hub, tmp_path):
+    add_fineweb(hub, 4)
+    spec = _pipeline(tmp_path, {"pretraining": "fineweb-edu-100b", "num_shards": 4, "vocab_size": 300,
+                                "backoff_s": 0.1},
+                     {"data_source": "fineweb-edu-100b", "num_steps": 3})
+    base = tmp_path / "work"
+    r = _jobs(["submit", str(spec), "--executor", "slurm", "--wait", "--run-id", "fetched", "--json"],
+              {"NANOCHAT_BASE_DIR": str(base), "HF_ENDPOINT": hub.endpoint}, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["stages"] == {"data": "COMPLETED", "base_train": "COMPLETED"}
+    rows = {json.loads(p.read_text())["stage"]: json.loads(p.read_text())
+            for p in (tmp_path / "results" / "fetched" / "rows").glob("*.json")}
+    assert rows["base_train"]["data_epochs"] > 0
+    dest = pretraining_dir(base, "fineweb-edu-100b")
+    assert len(list(dest.glob("shard_*.parquet"))) == 4
+    assert any(p.endswith("shard_01822.parquet") for m, p in hub.requests if m == "GET")
+
+
+def test_data_stage_partition_overrides_cluster():
+    from jobs import spec, submit
+    pipeline = spec.load_pipeline(spec.resolve_pipeline_path("artemis-a100"),
+                                  ["data.resources.partition=transfer", "data.resources.constraint=internet"])
+    data = submit._slurm_parameters(pipeline, pipeline.stages["data"], [])
+    base = submit._slurm_parameters(pipeline, pipeline.stages["base_train"], [])
+    assert (data["partition"], data["constraint"]) == ("transfer", "internet")
+    assert (base["partition"], base["constraint"]) == ("gpu", "a100-80gb")
+    assert "gpus_per_node" not in data
+
+
+def test_listing_500_is_retried(hub, tmp_path):
+    add_fineweb(hub, 2)
+    hub.api_faults = ["500"]
+    s = fetch_pretraining_shards(tmp_path, "fineweb-edu-100b", 2, backoff_s=0.01)
+    assert s["fetched"] == 2
+    assert sum(1 for m, p in hub.requests if m == "POST") == 2
+
+
+def test_unreachable_hub_is_one_line_exit_1(tmp_path):
+    # nothing listens on this port: a connection error is the work failing (exit 1), one line, no traceback
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    r = _jobs(["data", "fetch", "fineweb-edu-100b", "--shards", "2", "--retries", "2"],
+              {"HF_ENDPOINT": f"http://127.0.0.1:{port}", "NANOCHAT_BASE_DIR": str(tmp_path), "HF_HUB_OFFLINE": "0"},
+              timeout=300)
+    assert r.returncode == 1, r.stderr
+    err = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "karpathy/fineweb-edu-100b-shuffle" in err[0] and "Traceback" not in r.stderr
+    assert not list((tmp_path / "data" / "fineweb-edu-100b").glob("shard_*"))
