@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -67,9 +68,15 @@ def create_run(pipeline: Pipeline, run_id: str | None, executor: str, overrides:
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "stages": list(pipeline.stages),
     }
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "resolved.yaml", yaml.safe_dump(pipeline.raw, sort_keys=False))
-    atomic_write_json(run_dir / "run.json", run)
+    created = not run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "resolved.yaml", yaml.safe_dump(pipeline.raw, sort_keys=False))
+        atomic_write_json(run_dir / "run.json", run)
+    except OSError:
+        if created:     # a full disk: leave no half-made run folder behind
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     return run, run_dir
 
 

@@ -251,6 +251,8 @@ def run_local(run: dict, run_dir: Path, pipeline, todo: list[str], max_parallel:
     running: dict[tuple[str, int | None], tuple[subprocess.Popen, float, object]] = {}
     task_failed: dict[str, bool] = {n: False for n in todo}
     pids: dict[str, list[int]] = {n: [] for n in todo}
+    logs: dict[tuple[str, int | None], Path] = {}
+    failed_log: dict[str, Path] = {}
     t_start = time.time()
     records = {n: {"executor": "local", "state": "PENDING",
                    "log": str(log_dir / (f"{n}.log" if pipeline.stages[n].variants == [] else f"{n}.<task>.log")),
@@ -282,9 +284,11 @@ def run_local(run: dict, run_dir: Path, pipeline, todo: list[str], max_parallel:
                 name, _ = key
                 if rc != 0:
                     task_failed[name] = True
+                    failed_log[name] = logs[key]
                 if not pending_tasks[name] and not any(k[0] == name for k in running):
                     if task_failed[name]:
-                        error = failed_row_error(run_dir, name, [f"local:{p}" for p in pids[name]])
+                        error = (failed_row_error(run_dir, name, [f"local:{p}" for p in pids[name]])
+                                 or _last_line(failed_log.get(name)))
                         set_state(name, "CANCELLED" if cancelled() else "FAILED", ended_at=time.time(),
                                   error=error, note=f"exit {rc}" + (f": {error}" if error else "")
                                   + f"; log {records[name]['log']}")
@@ -311,6 +315,7 @@ def run_local(run: dict, run_dir: Path, pipeline, todo: list[str], max_parallel:
                     proc = subprocess.Popen(_stage_command(run_dir, name, task), stdout=fh, stderr=subprocess.STDOUT,
                                             env=env, start_new_session=True)
                     running[(name, task)] = (proc, time.time(), fh)
+                    logs[(name, task)] = log_path
                     pids[name].append(proc.pid)
                     start = process_start_time(proc.pid)
                     if state[name] != "RUNNING":
@@ -357,6 +362,17 @@ def _stop_all(running: dict, grace_s: float = 10.0) -> None:
             fh.close()
         except (subprocess.TimeoutExpired, OSError):
             pass
+
+
+def _last_line(log: Path | None) -> str | None:
+    """The last line of a stage's log (a stage that could not write its row ends it with its error)."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            lines = [ln for ln in f.read().decode("utf-8", "replace").splitlines() if ln.strip()]
+    except (OSError, TypeError):
+        return None
+    return lines[-1].strip()[:500] if lines else None
 
 
 def _one_line(e: BaseException) -> str:

@@ -75,3 +75,136 @@ def test_a_local_runs_files_honour_the_umask(tmp_path):
     assert any(n.startswith("rows/") for n in names)
     bad = {p.relative_to(run_dir).as_posix(): oct(mode(p)) for p in files if mode(p) != 0o664}
     assert not bad
+
+
+# -----------------------------------------------------------------------------
+# A real full filesystem under the results folder: a small tmpfs (needs root to mount)
+
+@pytest.fixture
+def mount_tmpfs():
+    """mount_tmpfs(path, kib) mounts a tmpfs of that size at path; unmounted after the test."""
+    mounted = []
+
+    def mount(path: Path, kib: int, remount: bool = False) -> Path:
+        path.mkdir(parents=True, exist_ok=True)
+        opts = f"{'remount,' if remount else ''}size={kib}k"
+        if os.geteuid() != 0:
+            pytest.skip("mounting a small tmpfs (a real full disk) needs root")
+        out = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True, text=True)
+        if out.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {out.stderr.strip()}")
+        if not remount:
+            mounted.append(path)
+        return path
+
+    yield mount
+    for path in reversed(mounted):
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def fill(fs: Path) -> Path:
+    """Write into fs until it is full."""
+    filler = fs / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:
+            pass
+    return filler
+
+
+def used_pages(fs: Path) -> int:
+    st = os.statvfs(fs)
+    return (st.f_blocks - st.f_bfree) * st.f_frsize // 4096
+
+
+def cli(env, *argv):
+    return subprocess.run([sys.executable, "-m", "jobs", *argv], capture_output=True, text=True, env=env, cwd=REPO,
+                          timeout=300)
+
+
+def one_line_error(out, fs: Path) -> str:
+    """The command ended as the contract says: exit 1, one line on stderr naming a file on fs, and
+    with --json {"error", "exit_code"} as the last line of stdout."""
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "Traceback" not in out.stderr, out.stderr
+    err = out.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "No space left on device" in err[0], err
+    assert f"'{fs}/" in err[0], err                      # names the file it could not write
+    last = json.loads(out.stdout.strip().splitlines()[-1])
+    assert last["exit_code"] == 1 and last["error"] in err[0]
+    return err[0]
+
+
+@pytest.fixture
+def spec_env(tmp_path):
+    spec = tmp_path / "p.yaml"
+    spec.write_text(yaml.safe_dump(NOOP))
+    env = dict(os.environ, NANOCHAT_RESULTS_DIR=str(tmp_path / "fs"), NANOCHAT_BASE_DIR=str(tmp_path / "work"))
+    return tmp_path, spec, env
+
+
+def test_full_disk_at_submit_is_one_line_naming_the_file(spec_env, mount_tmpfs):
+    tmp, spec, env = spec_env
+    fs = mount_tmpfs(tmp / "fs", 64)
+    fill(fs)
+    out = cli(env, "submit", str(spec), "--executor", "local", "--run-id", "full", "--json")
+    err = one_line_error(out, fs)
+    assert f"{fs}/full/" in err
+    assert not (fs / "full").exists()                    # no half-made run folder left behind
+
+
+@pytest.mark.slow   # ~40 s on 2 busy cores: two runs
+def test_no_room_for_the_report_fails_the_command(spec_env, mount_tmpfs):
+    """With room for the run but not its report, every stage completes and the command still fails:
+    a run without its report is not done (it was a footnote on stderr, exit 0)."""
+    tmp, spec, env = spec_env
+    fs = mount_tmpfs(tmp / "fs", 4096)
+    # measure what a run needs, with and without its report, then leave room for the run alone
+    out = cli(env, "submit", str(spec), "--executor", "local", "--run-id", "measure")
+    assert out.returncode == 0, out.stdout + out.stderr
+    report_pages = sum(-(-p.stat().st_size // 4096) for p in (fs / "measure").iterdir()
+                       if p.name in ("report.csv", "summary.md") or p.suffix == ".png")
+    need = used_pages(fs) - report_pages + 1            # +1: a file being replaced exists twice for a moment
+    assert report_pages >= 2
+    subprocess.run(["rm", "-rf", str(fs / "measure")], check=True)
+    mount_tmpfs(fs, 4 * need, remount=True)
+
+    out = cli(env, "submit", str(spec), "--executor", "local", "--run-id", "full", "--json")
+    err = one_line_error(out, fs)
+    assert err.startswith("error: report not built: ") and f"{fs}/full/" in err
+    last = json.loads(out.stdout.strip().splitlines()[-1])
+    assert last["stages"] == {"a": "COMPLETED", "b": "COMPLETED"}     # the work itself is kept
+
+    out = cli(env, "report", "full", "--json")           # the report command: same one line, exit 1
+    one_line_error(out, fs)
+
+
+@pytest.mark.slow
+def test_a_marker_that_cannot_be_written_means_failed_everywhere(spec_env, mount_tmpfs):
+    """The rows and the status agree: a stage whose completion marker hit a full disk is FAILED in
+    its row, in jobs.json, in status and in the report, with the marker's path in its error."""
+    tmp, spec, env = spec_env
+    markers = mount_tmpfs(tmp / "fs" / "mk" / "markers", 16)    # the run folder's markers/ is a full disk
+    filler = fill(markers)
+    out = cli(env, "submit", str(spec), "--executor", "local", "--run-id", "mk", "--json")
+    assert out.returncode == 1, out.stdout + out.stderr
+    run_dir = tmp / "fs" / "mk"
+    row_states = {json.loads(p.read_text())["stage"]: json.loads(p.read_text())["state"]
+                  for p in (run_dir / "rows").glob("*.json")}
+    assert row_states == {"a": "FAILED"}                 # was COMPLETED here while the run said FAILED
+    last = json.loads(out.stdout.strip().splitlines()[-1])
+    assert last["stages"] == {"a": "FAILED", "b": "CANCELLED"} and last["exit_code"] == 1
+    assert f"completion marker not written: [Errno 28] No space left on device: '{markers}/a.done'" in last["error"]
+    assert f"a FAILED: " in out.stdout                   # the console shows the error, not only the log path
+    status = json.loads(cli(env, "status", "mk", "--json").stdout.strip().splitlines()[-1])
+    assert status["stages"]["a"]["state"] == "FAILED" and "a.done" in status["stages"]["a"]["error"]
+    import pandas as pd
+    report = pd.read_csv(run_dir / "report.csv")
+    assert set(report.loc[report["stage"] == "a", "state"]) == {"FAILED"}
+
+    filler.unlink()                                      # room again: resume finishes the run
+    out = cli(env, "resume", "mk", "--json")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1])["state"] == "COMPLETED"
