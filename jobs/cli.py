@@ -9,9 +9,12 @@
     stage-run RUN_DIR STAGE [--task I]                          (internal: what a local stage process runs)
 
 Every command module is imported when its command runs, so `--help` is fast and a module that is
-missing or broken only affects its own command. Exit codes: 0 ok, 1 the work failed, 2 bad input
-(nanochat.common.ConfigError: one line on stderr naming the file and the key).
-With --json the last line of standard output is one JSON object.
+missing or broken only affects its own command. Exit codes: 0 ok, 1 the work failed (also an
+OSError such as a full disk, and a report that could not be written: one line naming the file),
+2 bad input (nanochat.common.ConfigError, argparse errors: one line on stderr naming the file and
+the key), 130 Ctrl-C, 128+N stopped by signal N. `status` exits 1 once the run ended FAILED or CANCELLED.
+With --json the last line of standard output is one JSON object; a failing command's has "error"
+and "exit_code".
 """
 from __future__ import annotations
 
