@@ -234,8 +234,7 @@ def run_module_named(module_name: str, argv: list[str] | None, prog: str, descri
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        print(f"{prog}: not available ({e})", file=sys.stderr)
-        return 2
+        return _fail(f"{prog}: not available ({e})", 2, "--json" in (argv or []))
     return run_module(module, argv, prog, description)
 
 

@@ -127,9 +127,10 @@ def submit_slurm(run: dict, run_dir: Path, pipeline, todo: list[str], tasks: dic
     return records
 
 
-def _record(run_dir: Path, executor: str, records: dict) -> None:
+def _record(run_dir: Path, executor: str, records: dict, **top) -> None:
     def update(data):
         data["executor"] = executor
+        data.update(top)
         stages = data.setdefault("stages", {})
         for name, rec in records.items():
             old = stages.get(name)
@@ -271,8 +272,7 @@ def run_local(run: dict, run_dir: Path, pipeline, todo: list[str], max_parallel:
     if threading.current_thread() is threading.main_thread():
         handlers = {sig: signal.signal(sig, _raise_terminated) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        _record(run_dir, "local", records)
-        _update_jobs(run_dir, lambda d: d.update(driver=this_process()))
+        _record(run_dir, "local", records, driver=this_process())   # one write: no stage without its driver
         while True:
             # reap finished processes
             for key, (proc, t0, fh) in list(running.items()):

@@ -208,3 +208,39 @@ def test_a_marker_that_cannot_be_written_means_failed_everywhere(spec_env, mount
     out = cli(env, "resume", "mk", "--json")
     assert out.returncode == 0, out.stdout + out.stderr
     assert json.loads(out.stdout.strip().splitlines()[-1])["state"] == "COMPLETED"
+
+
+def stage_processes(run_dir: Path) -> list[int]:
+    """Live processes running a stage of this run folder."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if b"stage-run" in cmd and str(run_dir).encode() in cmd and state not in ("Z", "X"):
+            found.append(int(proc.name))
+    return found
+
+
+@pytest.mark.slow
+def test_disk_full_in_the_middle_of_a_local_run(spec_env, mount_tmpfs):
+    """Room for the run folder but not for the driver's next jobs.json: the driver stops the stage
+    it had just started, says which file in one line, and the run is not left stuck."""
+    tmp, spec, env = spec_env
+    fs = mount_tmpfs(tmp / "fs", 12)      # three pages: resolved.yaml, run.json, jobs.json, no fourth to replace it
+    out = cli(env, "submit", str(spec), "--executor", "local", "--run-id", "mid", "--json")
+    err = one_line_error(out, fs)
+    assert f"'{fs}/mid/jobs.json'" in err
+    assert not stage_processes(fs / "mid")                          # the stage it had started did not outlive it
+    recs = json.loads((fs / "mid" / "jobs.json").read_text())
+    assert recs["driver"]["pid"] and recs["driver"]["start"]
+    out = cli(env, "status", "mid", "--json")
+    assert out.returncode == 1                                     # not RUNNING forever
+    assert {n: s["state"] for n, s in json.loads(out.stdout.strip().splitlines()[-1])["stages"].items()} \
+        == {"a": "CANCELLED", "b": "CANCELLED"}
+    mount_tmpfs(fs, 4096, remount=True)                            # room again: resume finishes the run
+    out = cli(env, "resume", "mid", "--json")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1])["stages"] == {"a": "COMPLETED", "b": "COMPLETED"}
