@@ -275,12 +275,12 @@ def _fail(message: str, code: int, as_json: bool) -> int:
 def _call(fn, as_json: bool = False) -> int:
     """Exit codes: 0 ok, 1 the work failed (also an OSError such as a full disk: one line naming the
     file), 2 bad input (ConfigError), 130 Ctrl-C, 128+N when signal N (SIGTERM, SIGHUP) stopped it."""
-    from nanochat.common import ConfigError
     try:
         rc = fn()
     except KeyboardInterrupt:
         return _fail("interrupted", 130, as_json)
     except BaseException as e:
+        from nanochat.common import ConfigError
         if type(e).__name__ == "Terminated" and hasattr(e, "signum"):   # jobs.submit.Terminated
             return _fail(f"{e}: the run's running stages were stopped", 128 + e.signum, as_json)
         if isinstance(e, ConfigError):

@@ -235,8 +235,8 @@ def run_status(run_dir: Path) -> dict:
         if info["state"] in FAILED_STATES:
             # the console shows why a stage failed, not only where its log is
             ids = ([f"local:{p}" for p in rec.get("pids", [])] if executor == "local"
-                   else rec.get("task_job_ids") or [rec.get("job_id")] if rec.get("job_id") else None)
-            info["error"] = failed_row_error(run_dir, name, ids) or info.get("error")
+                   else rec.get("task_job_ids") or ([rec["job_id"]] if rec.get("job_id") else []))
+            info["error"] = (failed_row_error(run_dir, name, ids) if ids else None) or info.get("error")
         else:
             info.pop("error", None)
         stages[name] = info
@@ -332,7 +332,7 @@ def cancel_run(run_dir: Path) -> list[str]:
     else:
         atomic_write_text(run_dir / "cancel_requested", time.strftime("%Y-%m-%dT%H:%M:%SZ\n", time.gmtime()))
         if driver_state(jobs)[0] == "dead":
-            return settle_local_run(run_dir, cancelling=True)
+            return settle_local_run(run_dir)
         for name, rec in jobs.get("stages", {}).items():
             if rec.get("state") == "RUNNING":
                 for pid in _live_pids(rec):
@@ -341,12 +341,12 @@ def cancel_run(run_dir: Path) -> list[str]:
     return done
 
 
-def settle_local_run(run_dir: Path, cancelling: bool = False, grace_s: float = 10.0) -> list[str]:
-    """When a local run's driver died (kill -9, a crash), nobody else will finish its records:
-    stop the stage processes it left (SIGTERM, then SIGKILL after grace_s) and record each
-    unfinished stage as `status` shows it (FAILED if it was running, CANCELLED if it never started;
-    CANCELLED for one `cancel` had to stop). Returns 'local:PID' for each process stopped and
-    'stage: STATE' for each stage recorded."""
+def settle_local_run(run_dir: Path, grace_s: float = 10.0) -> list[str]:
+    """`cancel` of a local run whose driver died (kill -9, a crash): nobody else will finish its
+    records. Stop the stage processes it left (SIGTERM, then SIGKILL after grace_s) and record each
+    unfinished stage as `status` shows it (FAILED if it was running, CANCELLED if it never started),
+    CANCELLED for one whose process had to be stopped. Returns 'local:PID' for each process stopped
+    and 'stage: STATE' for each stage recorded."""
     from jobs.submit import _update_jobs
     run, pipeline, jobs = load_run(run_dir)
     if jobs.get("executor", run.get("executor")) != "local":
@@ -373,8 +373,7 @@ def settle_local_run(run_dir: Path, cancelling: bool = False, grace_s: float = 1
         st = status["stages"][name]
         state, error = st["state"], st.get("error")
         if orphans.get(name):
-            state, error = ("CANCELLED" if cancelling else "FAILED"), error or \
-                f"the local driver (pid {driver_rec['pid']}) died; its leftover process was stopped"
+            state, error = "CANCELLED", f"the local driver (pid {driver_rec['pid']}) had died; `cancel` stopped the stage"
         settled[name] = {"state": state, "error": error, "ended_at": time.time(),
                          "note": error or "the local driver died"}
 

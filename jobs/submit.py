@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from jobs.rows import failed_row_error
-from jobs.stages import StageEntry, marker_path, read_json
+from jobs.stages import StageEntry, _one_line, marker_path, read_json
 from nanochat.common import ConfigError, atomic_write_json
 
 
@@ -253,7 +253,7 @@ def run_local(run: dict, run_dir: Path, pipeline, todo: list[str], max_parallel:
     task_failed: dict[str, bool] = {n: False for n in todo}
     pids: dict[str, list[int]] = {n: [] for n in todo}
     logs: dict[tuple[str, int | None], Path] = {}
-    failed_log: dict[str, Path] = {}
+    failed_log: dict[str, tuple[Path, int]] = {}
     t_start = time.time()
     records = {n: {"executor": "local", "state": "PENDING",
                    "log": str(log_dir / (f"{n}.log" if pipeline.stages[n].variants == [] else f"{n}.<task>.log")),
@@ -284,11 +284,11 @@ def run_local(run: dict, run_dir: Path, pipeline, todo: list[str], max_parallel:
                 name, _ = key
                 if rc != 0:
                     task_failed[name] = True
-                    failed_log[name] = logs[key]
+                    failed_log[name] = (logs[key], rc)
                 if not pending_tasks[name] and not any(k[0] == name for k in running):
                     if task_failed[name]:
                         error = (failed_row_error(run_dir, name, [f"local:{p}" for p in pids[name]])
-                                 or _last_line(failed_log.get(name)))
+                                 or _why_it_ended(*failed_log[name]))
                         set_state(name, "CANCELLED" if cancelled() else "FAILED", ended_at=time.time(),
                                   error=error, note=f"exit {rc}" + (f": {error}" if error else "")
                                   + f"; log {records[name]['log']}")
@@ -331,6 +331,8 @@ def run_local(run: dict, run_dir: Path, pipeline, todo: list[str], max_parallel:
             time.sleep(0.2)
     except BaseException as e:
         # Ctrl-C, SIGTERM/SIGHUP, or this process failed (a full disk): no stage may outlive it
+        for sig in handlers:
+            signal.signal(sig, signal.SIG_IGN)   # a second SIGTERM must not cut the clean-up short
         _stop_all(running)
         why = "interrupted" if isinstance(e, (KeyboardInterrupt, Terminated)) else f"the driver failed: {_one_line(e)}"
         try:
@@ -364,8 +366,14 @@ def _stop_all(running: dict, grace_s: float = 10.0) -> None:
             pass
 
 
-def _last_line(log: Path | None) -> str | None:
-    """The last line of a stage's log (a stage that could not write its row ends it with its error)."""
+def _why_it_ended(log: Path, rc: int) -> str | None:
+    """A failed stage's one-line error when it left no row: the signal that killed it, else the last
+    line of its log (a stage that could not write its row ends its log with its error)."""
+    if rc < 0:
+        try:
+            return f"killed by {signal.Signals(-rc).name}"
+        except ValueError:
+            return f"killed by signal {-rc}"
     try:
         with open(log, "rb") as f:
             f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
@@ -373,11 +381,6 @@ def _last_line(log: Path | None) -> str | None:
     except (OSError, TypeError):
         return None
     return lines[-1].strip()[:500] if lines else None
-
-
-def _one_line(e: BaseException) -> str:
-    text = f"{type(e).__name__}: {e}".strip().splitlines()
-    return text[0][:500] if text else type(e).__name__
 
 
 def _kill_group(pid: int, sig=signal.SIGTERM) -> None:
