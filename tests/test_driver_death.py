@@ -150,3 +150,18 @@ def test_status_of_a_dead_driver_is_not_fooled_by_a_reused_pid(env, monkeypatch)
     assert status["state"] == "FAILED"
     assert {n: s["state"] for n, s in status["stages"].items()} == {"long": "FAILED", "after": "CANCELLED"}
     assert runs.cancel_run(run_dir) == ["long: FAILED", "after: CANCELLED"]     # and this process was not signalled
+
+
+def test_a_stage_killed_by_a_signal_says_so(env):
+    """The driver lives, its stage is killed -9 (as the OOM killer does): FAILED with the reason on
+    the console, its dependant CANCELLED, the command exits 1 and status agrees."""
+    tmp, spec, e = env
+    driver, pid, start = start_driver(tmp, spec, e, "oom")
+    os.kill(pid, signal.SIGKILL)
+    out, _ = driver.communicate(timeout=120)
+    assert driver.returncode == 1
+    assert "long: FAILED (exit -9: killed by SIGKILL; log " in out
+    assert "  long FAILED: killed by SIGKILL" in out
+    status = jobs_cli(e, "status", "oom", "--json")
+    assert status.returncode == 1
+    assert {n: s["state"] for n, s in last_json(status)["stages"].items()} == {"long": "FAILED", "after": "CANCELLED"}
