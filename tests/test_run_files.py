@@ -155,6 +155,24 @@ def test_full_disk_at_submit_is_one_line_naming_the_file(spec_env, mount_tmpfs):
     assert not (fs / "full").exists()                    # no half-made run folder left behind
 
 
+def test_a_file_size_limit_at_submit_is_one_line_naming_the_file(spec_env):
+    """The same without root: RLIMIT_FSIZE (EFBIG, "File too large") instead of a full tmpfs."""
+    import resource
+    import signal
+    tmp, spec, env = spec_env
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)     # a write past the limit then fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16, 16))
+
+    out = subprocess.run([sys.executable, "-m", "jobs", "submit", str(spec), "--executor", "local", "--run-id", "big",
+                          "--json"], capture_output=True, text=True, env=env, cwd=REPO, timeout=300, preexec_fn=limit)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    err = out.stderr.strip().splitlines()
+    assert err == [f"error: [Errno 27] File too large: '{tmp / 'fs' / 'big' / 'resolved.yaml'}'"]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"error": err[0][len("error: "):], "exit_code": 1}
+
+
 @pytest.mark.slow   # ~40 s on 2 busy cores: two runs
 def test_no_room_for_the_report_fails_the_command(spec_env, mount_tmpfs):
     """With room for the run but not its report, every stage completes and the command still fails:
