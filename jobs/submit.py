@@ -152,12 +152,15 @@ class Terminated(BaseException):
     """SIGTERM or SIGHUP reached a driver or a stage process. A BaseException, like
     KeyboardInterrupt, so that no `except Exception` in a recipe swallows it."""
 
-    def __init__(self, signum: int):
+    def __init__(self, signum: int, why: str = ""):
         self.signum = signum
-        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        super().__init__(f"stopped by {signal.Signals(signum).name}" + (f" ({why})" if why else ""))
 
 
 def _raise_terminated(signum, frame):
+    driver = os.environ.get("NANOCHAT_DRIVER_PID", "")
+    if driver.isdigit() and os.getppid() != int(driver):      # a stage whose driver is gone
+        raise Terminated(signum, f"its driver, pid {driver}, died")
     raise Terminated(signum)
 
 

@@ -89,7 +89,7 @@ def test_kill_9_of_the_driver_status_cancel_and_resume(env):
     assert out.returncode == 1, out.stdout + out.stderr          # the run ended FAILED: status says so
     assert status["state"] == "FAILED" and status["exit_code"] == 1
     assert {n: s["state"] for n, s in status["stages"].items()} == {"long": "FAILED", "after": "CANCELLED"}
-    assert status["stages"]["long"]["error"] and "\n" not in status["error"]
+    assert status["stages"]["long"]["error"] == f"Terminated: stopped by SIGTERM (its driver, pid {driver.pid}, died)"
     assert "long FAILED" in out.stdout                            # the console shows the stage's error line
 
     out = jobs_cli(e, "cancel", "k9", "--json")
