@@ -4,7 +4,8 @@ Run folders and their bookkeeping: create, status, wait, cancel, resume.
 A run folder is results/<run_id>/ (or $NANOCHAT_RESULTS_DIR/<run_id>/, or the spec's results_dir):
     resolved.yaml     the spec after --set overrides (what the stages read)
     run.json          run id, pipeline, git commit, work directory, executor, creation time
-    jobs.json         per stage: job id (Slurm) or pids/state (local), log path, earlier job ids
+    jobs.json         per stage: job id (Slurm) or pids, their start times and state (local), log path,
+                      error, earlier job ids; a local run's driver (pid, start time, host)
     markers/<stage>[.<task>].done   written by the stage entry on success (rank 0)
     rows/*.json       one result row per job (jobs/rows.py)
     logs/             local runs' stage logs (Slurm logs live in the submitit folder, see jobs.json)
