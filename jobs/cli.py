@@ -10,9 +10,12 @@
     stage-run RUN_DIR STAGE [--task I]                          (internal: what a local stage process runs)
 
 Every command module is imported when its command runs, so `--help` is fast and a module that is
-missing or broken only affects its own command. Exit codes: 0 ok, 1 the work failed, 2 bad input
-(nanochat.common.ConfigError: one line on stderr naming the file and the key).
-With --json the last line of standard output is one JSON object.
+missing or broken only affects its own command. Exit codes: 0 ok, 1 the work failed (also an
+OSError such as a full disk, and a report that could not be written: one line naming the file),
+2 bad input (nanochat.common.ConfigError, argparse errors: one line on stderr naming the file and
+the key), 130 Ctrl-C, 128+N stopped by signal N. `status` exits 1 once the run ended FAILED or CANCELLED.
+With --json the last line of standard output is one JSON object; a failing command's has "error"
+and "exit_code".
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import json
 import os
 import sys
 import time
+import traceback
 
 # command -> module providing add_arguments(parser) and run(args) -> int
 EXTERNAL_COMMANDS = {
@@ -54,10 +58,15 @@ def add_submit_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
 
 
-def _emit(args, obj: dict) -> None:
-    obj = {**obj, **getattr(args, "json_extra", {})}
+def _emit(args, obj: dict, exit_code: int = 0) -> int:
+    """Print the command's JSON object (with --json) and return its exit code. A failing command's
+    object carries "error" (one line) and "exit_code", like the one _call prints for an exception."""
+    obj = {**obj, **getattr(args, "json_extra", {}), "exit_code": exit_code}
+    if exit_code and not obj.get("error"):
+        obj["error"] = f"run {obj.get('state', 'failed')}"
     if getattr(args, "json", False):
         print(json.dumps(obj, sort_keys=True, default=str), flush=True)
+    return exit_code
 
 
 def _run_stages(args, run: dict, run_dir, pipeline, todo: list[str], tasks: dict, executor: str) -> int:
@@ -73,8 +82,7 @@ def _run_stages(args, run: dict, run_dir, pipeline, todo: list[str], tasks: dict
                   "submit_seconds": round(dt, 3), "jobs": {n: r["job_id"] for n, r in records.items()}}
         if not args.wait:
             result["state"] = "SUBMITTED"
-            _emit(args, result)
-            return 0
+            return _emit(args, result)
         status = runs.wait_for_run(run_dir, progress=lambda m: print(m, flush=True))
     else:
         print(f"run {run['run_id']} (local, at most {args.max_parallel} at once): {run_dir}", flush=True)
@@ -86,20 +94,34 @@ def _run_stages(args, run: dict, run_dir, pipeline, todo: list[str], tasks: dict
                   "wall_seconds": round(time.perf_counter() - t0, 1)}
         status = runs.run_status(run_dir)
     print(runs.format_status(status), flush=True)
-    _write_report(run_dir)
     result.update(state=status["state"], stages={n: s["state"] for n, s in status["stages"].items()})
-    _emit(args, result)
-    return 0 if status["state"] == "COMPLETED" else 1
+    error = runs.first_error(status)
+    report_error = _write_report(run_dir)
+    if report_error:
+        error = f"{error}; {report_error}" if error else report_error
+        print(f"error: {report_error}", file=sys.stderr, flush=True)
+    if error:
+        result["error"] = error
+    return _emit(args, result, 0 if status["state"] == "COMPLETED" and not report_error else 1)
 
 
-def _write_report(run_dir) -> None:
-    """Build the run's report when jobs.report is there; a report problem never fails the run."""
+def _write_report(run_dir) -> str | None:
+    """Build the run's report; the one-line reason when it could not be (a full disk): a run
+    without its report has not done all its work, so the command exits 1 (jobs.report names the file)."""
     try:
         report = importlib.import_module("jobs.report")
         report.build_report([run_dir])
         print(f"report: {run_dir}", flush=True)
-    except Exception as e:  # the report is a convenience here; `python -m jobs report RUN` shows errors
-        print(f"(report not built: {type(e).__name__}: {e})", file=sys.stderr, flush=True)
+        return None
+    except Exception as e:
+        return f"report not built: {_one_line(e)}"
+
+
+def _one_line(e: BaseException) -> str:
+    from nanochat.common import ConfigError
+    text = str(e) if isinstance(e, (ConfigError, OSError)) else f"{type(e).__name__}: {e}"
+    lines = text.strip().splitlines()
+    return lines[0][:500] if lines else type(e).__name__
 
 
 def cmd_submit(args) -> int:
@@ -118,8 +140,9 @@ def cmd_status(args) -> int:
     from jobs import runs
     status = runs.run_status(runs.find_run(args.run))
     print(runs.format_status(status), flush=True)
-    _emit(args, status)
-    return 0
+    error = runs.first_error(status)
+    code = runs.status_exit_code(status)      # 1 once the run ended FAILED or CANCELLED
+    return _emit(args, {**status, **({"error": error} if code and error else {})}, code)
 
 
 def cmd_cancel(args) -> int:
@@ -127,8 +150,7 @@ def cmd_cancel(args) -> int:
     run_dir = runs.find_run(args.run)
     done = runs.cancel_run(run_dir)
     print(f"cancelled: {', '.join(done) if done else 'nothing was running'}", flush=True)
-    _emit(args, {"run_dir": str(run_dir), "cancelled": done})
-    return 0
+    return _emit(args, {"run_dir": str(run_dir), "cancelled": done})
 
 
 def cmd_resume(args) -> int:
@@ -137,8 +159,7 @@ def cmd_resume(args) -> int:
     run, pipeline, todo, tasks = runs.resume_plan(run_dir)
     if not todo:
         print(f"run {run['run_id']}: every stage already completed", flush=True)
-        _emit(args, {"run_id": run["run_id"], "run_dir": str(run_dir), "state": "COMPLETED", "resubmitted": []})
-        return 0
+        return _emit(args, {"run_id": run["run_id"], "run_dir": str(run_dir), "state": "COMPLETED", "resubmitted": []})
     executor = submit.choose_executor(args.executor or run.get("executor", "auto"))
     runs.clear_cancel_flag(run_dir)
     print(f"resuming {run['run_id']}: {', '.join(todo)} (completed stages keep their outputs)", flush=True)
@@ -148,11 +169,18 @@ def cmd_resume(args) -> int:
 
 def cmd_stage_run(args) -> int:
     from jobs.stages import main_stage_run
-    return main_stage_run(args.run_dir, args.stage, args.task)
+    from jobs.submit import Terminated, follow_driver, stop_own_group
+    follow_driver()      # a local stage ends with its driver, and writes its row when stopped
+    try:
+        return main_stage_run(args.run_dir, args.stage, args.task)
+    except Terminated as e:
+        return 128 + e.signum
+    finally:
+        stop_own_group()
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m jobs",
+    parser = ArgumentParser(prog="python -m jobs",
                                      description="nanochat on Slurm: submit and follow the staged pipeline.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -198,8 +226,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in EXTERNAL_COMMANDS:
         module_name, help_text = EXTERNAL_COMMANDS[argv[0]]
         return run_module_named(module_name, argv[1:], f"python -m jobs {argv[0]}", help_text)
-    args = parser.parse_args(argv)
-    return _call(lambda: args.func(args))
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as e:
+        return _fail(str(e), 2, "--json" in argv)
+    return _call(lambda: args.func(args), getattr(args, "json", False))
 
 
 def run_module_named(module_name: str, argv: list[str] | None, prog: str, description: str | None = None) -> int:
@@ -207,32 +238,63 @@ def run_module_named(module_name: str, argv: list[str] | None, prog: str, descri
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        print(f"{prog}: not available ({e})", file=sys.stderr)
-        return 2
+        return _fail(f"{prog}: not available ({e})", 2, "--json" in (argv or []))
     return run_module(module, argv, prog, description)
 
 
 def run_module(module, argv: list[str] | None, prog: str, description: str | None = None) -> int:
     """Parse argv with the module's add_arguments and call its run(args), with the command line's
     exit codes (2 for a ConfigError). Every command module's own `python -m` entry uses it too."""
-    parser = argparse.ArgumentParser(prog=prog, description=description or (module.__doc__ or "").strip().split("\n")[0])
+    parser = ArgumentParser(prog=prog, description=description or (module.__doc__ or "").strip().split("\n")[0])
     module.add_arguments(parser)
-    args = parser.parse_args(argv)
-    return _call(lambda: module.run(args))
+    as_json = "--json" in (sys.argv[1:] if argv is None else argv)
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as e:
+        return _fail(str(e), 2, as_json)
+    return _call(lambda: module.run(args), getattr(args, "json", as_json))
 
 
-def _call(fn) -> int:
+class UsageError(Exception):
+    pass
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with its errors as one line and exit code 2 through _fail (so --json still ends
+    with a JSON object), instead of usage text and sys.exit."""
+
+    def error(self, message):
+        raise UsageError(f"{self.prog}: {message} (see --help)")
+
+
+def _fail(message: str, code: int, as_json: bool) -> int:
+    """A failing command's last words: one line on stderr, and with --json the JSON object
+    {"error": ..., "exit_code": ...} as the last line of stdout."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    if as_json:
+        print(json.dumps({"error": message, "exit_code": code}), flush=True)
+    return code
+
+
+def _call(fn, as_json: bool = False) -> int:
+    """Exit codes: 0 ok, 1 the work failed (also an OSError such as a full disk: one line naming the
+    file), 2 bad input (ConfigError), 130 Ctrl-C, 128+N when signal N (SIGTERM, SIGHUP) stopped it."""
     try:
         rc = fn()
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:
+        return _fail("interrupted", 130, as_json)
+    except BaseException as e:
         from nanochat.common import ConfigError
+        if type(e).__name__ == "Terminated" and hasattr(e, "signum"):   # jobs.submit.Terminated
+            return _fail(f"{e}: the run's running stages were stopped", 128 + e.signum, as_json)
         if isinstance(e, ConfigError):
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        raise
+            return _fail(str(e), 2, as_json)
+        if isinstance(e, OSError):
+            return _fail(_one_line(e), 1, as_json)
+        if isinstance(e, SystemExit) or not isinstance(e, Exception):
+            raise
+        traceback.print_exc()        # a bug: keep its traceback, and still end as the contract says
+        return _fail(_one_line(e), 1, as_json)
     return int(rc or 0)
 
 

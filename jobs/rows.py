@@ -97,3 +97,23 @@ def write_row(results_dir: str | Path, row: dict) -> Path:
     path = row_path(results_dir, row["stage"], row.get("job_id"))
     atomic_write_json(path, row)
     return path
+
+
+def failed_row_error(results_dir: str | Path, stage: str, job_ids: list[str] | None = None) -> str | None:
+    """The one-line error of the stage's newest FAILED row (of these job ids, where given): what the
+    console shows beside the log path when a stage fails."""
+    wanted = {str(j) for j in job_ids} if job_ids else None
+    best = None
+    for p in Path(results_dir, "rows").glob(f"{stage}__*.json"):
+        try:
+            row = json.loads(p.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(row, dict) or row.get("state") != "FAILED" or row.get("stage") != stage:
+            continue
+        job = str(row.get("job_id") or "")
+        if wanted is not None and job not in wanted and job.split("_")[0] not in wanted:
+            continue
+        if best is None or str(row.get("finished_at") or "") >= str(best.get("finished_at") or ""):
+            best = row
+    return (best.get("error") or "failed (no error recorded)") if best else None

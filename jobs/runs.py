@@ -4,7 +4,8 @@ Run folders and their bookkeeping: create, status, wait, cancel, resume.
 A run folder is results/<run_id>/ (or $NANOCHAT_RESULTS_DIR/<run_id>/, or the spec's results_dir):
     resolved.yaml     the spec after --set overrides (what the stages read)
     run.json          run id, pipeline, git commit, work directory, executor, creation time
-    jobs.json         per stage: job id (Slurm) or pids/state (local), log path, earlier job ids
+    jobs.json         per stage: job id (Slurm) or pids, their start times and state (local), log path,
+                      error, earlier job ids; a local run's driver (pid, start time, host)
     markers/<stage>[.<task>].done   written by the stage entry on success (rank 0)
     rows/*.json       one result row per job (jobs/rows.py)
     logs/             local runs' stage logs (Slurm logs live in the submitit folder, see jobs.json)
@@ -14,7 +15,9 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -23,7 +26,8 @@ import yaml
 
 from jobs.spec import REPO_ROOT, Pipeline
 from jobs.stages import load_run_pipeline, read_json
-from jobs.submit import _kill_group, missing_tasks, stage_completed
+from jobs.rows import failed_row_error
+from jobs.submit import _kill_group, missing_tasks, process_alive, stage_completed
 from nanochat.common import ConfigError, atomic_write_json, atomic_write_text, get_base_dir, git_commit
 
 # LOST: no longer queued, no accounting record, no marker and no row (see run_status)
@@ -65,9 +69,15 @@ def create_run(pipeline: Pipeline, run_id: str | None, executor: str, overrides:
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "stages": list(pipeline.stages),
     }
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "resolved.yaml", yaml.safe_dump(pipeline.raw, sort_keys=False))
-    atomic_write_json(run_dir / "run.json", run)
+    created = not run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "resolved.yaml", yaml.safe_dump(pipeline.raw, sort_keys=False))
+        atomic_write_json(run_dir / "run.json", run)
+    except OSError:
+        if created:     # a full disk: leave no half-made run folder behind
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     return run, run_dir
 
 
@@ -142,14 +152,40 @@ def _aggregate(states: list[str]) -> str:
     return states[0]
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def driver_state(jobs: dict) -> tuple[str, dict | None]:
+    """("alive" | "dead" | "unknown", the driver record) of a local run's driver process. The pid
+    and its start time name the process: a pid alone may belong to someone else after a crash.
+    From another host the answer is "unknown" (the records are trusted)."""
+    driver = jobs.get("driver") or ({"pid": jobs["driver_pid"]} if jobs.get("driver_pid") else None)
+    if not driver or not driver.get("pid"):
+        return "unknown", None
+    if driver.get("host") and driver["host"] != socket.gethostname():
+        return "unknown", driver
+    return ("alive" if process_alive(int(driver["pid"]), driver.get("start")) else "dead"), driver
+
+
+def _live_pids(rec: dict) -> list[int]:
+    starts = rec.get("pid_starts") or {}
+    return [p for p in rec.get("pids", []) if process_alive(int(p), starts.get(str(p)))]
+
+
+def _local_state(rec: dict, driver: str, driver_rec: dict | None) -> tuple[str, str | None]:
+    """A local stage's state and, when it failed, why; the driver's record is the truth while it
+    lives; once it is dead a stage it left PENDING never ran (CANCELLED) and one it left RUNNING
+    failed with it, unless its process still runs (then `cancel` stops it)."""
+    st = rec.get("state", "UNKNOWN")
+    if st not in ("PENDING", "RUNNING"):
+        return st, rec.get("error")
+    if driver == "alive" or (driver == "unknown" and driver_rec is not None):
+        return st, None
+    if driver == "unknown":   # a run folder from before the driver was recorded: the pids alone
+        return ("FAILED", "its process is gone") if st == "RUNNING" and not _live_pids(rec) else (st, None)
+    who = f"the local driver (pid {driver_rec['pid']}) died"
+    if st == "PENDING":
+        return "CANCELLED", f"{who} before the stage started"
+    if _live_pids(rec):
+        return "RUNNING", None
+    return "FAILED", f"{who} while the stage ran"
 
 
 def run_status(run_dir: Path) -> dict:
@@ -158,6 +194,7 @@ def run_status(run_dir: Path) -> dict:
     executor = jobs.get("executor", run.get("executor"))
     recs = jobs.get("stages", {})
     sacct = {}
+    driver, driver_rec = driver_state(jobs) if executor == "local" else ("unknown", None)
     if executor == "slurm":
         ids = []
         for rec in recs.values():
@@ -181,10 +218,7 @@ def run_status(run_dir: Path) -> dict:
             info["end"] = found[-1].get("end") if found else None
             info["tasks"] = {i: sacct[i]["state"] for i in ids if i in sacct} if rec.get("task_job_ids") else None
         elif executor == "local" and rec:
-            st = rec.get("state", "UNKNOWN")
-            if st == "RUNNING" and not any(_pid_alive(p) for p in rec.get("pids", [])):
-                st = "FAILED"  # the runner died with it
-            info["state"] = st
+            info["state"], info["error"] = _local_state(rec, driver, driver_rec)
             if rec.get("started_at"):
                 info["elapsed"] = round((rec.get("ended_at") or time.time()) - rec["started_at"], 1)
             info["job_id"] = "local:" + ",".join(str(p) for p in rec.get("pids", [])) if rec.get("pids") else None
@@ -199,13 +233,42 @@ def run_status(run_dir: Path) -> dict:
         if stage_completed(run_dir, pipeline, name):
             # the marker is the truth about success (a resumed run keeps earlier stages' outputs)
             info["state"] = "COMPLETED"
+        if info["state"] in FAILED_STATES:
+            # the console shows why a stage failed, not only where its log is
+            ids = ([f"local:{p}" for p in rec.get("pids", [])] if executor == "local"
+                   else rec.get("task_job_ids") or ([rec["job_id"]] if rec.get("job_id") else []))
+            info["error"] = (failed_row_error(run_dir, name, ids) if ids else None) or info.get("error")
+        else:
+            info.pop("error", None)
         stages[name] = info
     states = [s["state"] for s in stages.values()]
     overall = ("COMPLETED" if all(s == "COMPLETED" for s in states)
                else "RUNNING" if any(s in ACTIVE or s == "UNKNOWN" for s in states)
-               else "FAILED")
+               else "FAILED" if any(s not in ("COMPLETED", "CANCELLED", "SKIPPED") for s in states)
+               else "CANCELLED")
     return {"run_id": run["run_id"], "run_dir": str(run_dir), "executor": executor, "state": overall,
             "stages": stages}
+
+
+# a stage in one of these states did not do its work; `status` exits 1 when the run ended so
+FAILED_STATES = {"FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE",
+                 "PREEMPTED", "LOST", "NOT_SUBMITTED"}
+
+
+def status_exit_code(status: dict) -> int:
+    """0 while the run is COMPLETED or still RUNNING, 1 once it ended FAILED or CANCELLED."""
+    return 1 if status["state"] in ("FAILED", "CANCELLED") else 0
+
+
+def first_error(status: dict) -> str | None:
+    """'stage: error' of the first stage that failed with a known error (the run's one-line why)."""
+    for s in status["stages"].values():
+        if s["state"] != "CANCELLED" and s.get("error"):
+            return f"stage {s['stage']} {s['state']}: {s['error']}"
+    for s in status["stages"].values():
+        if s["state"] in FAILED_STATES:
+            return f"stage {s['stage']} {s['state']}" + (f": {s['error']}" if s.get("error") else "")
+    return None
 
 
 def _failed_row(run_dir: Path, stage: str, job_id: str | None) -> bool:
@@ -224,6 +287,9 @@ def format_status(status: dict) -> str:
     for s in status["stages"].values():
         lines.append(f"  {s['stage']:<18} {s['state']:<14} {str(s['elapsed'] or '-'):>10}  "
                      f"{str(s['job_id'] or '-'):<14} {s['log'] or '-'}")
+    for s in status["stages"].values():
+        if s.get("error"):
+            lines.append(f"  {s['stage']} {s['state']}: {s['error']}")
     return "\n".join(lines)
 
 
@@ -237,7 +303,8 @@ def wait_for_run(run_dir: Path, poll_s: float = 5.0, progress=print, timeout_s: 
         for name, s in status["stages"].items():
             if seen.get(name) != s["state"]:
                 seen[name] = s["state"]
-                progress(f"[{time.time() - t0:7.1f}s] {name}: {s['state']} (job {s['job_id']})")
+                progress(f"[{time.time() - t0:7.1f}s] {name}: {s['state']} (job {s['job_id']})"
+                         + (f": {s['error']}" if s.get("error") else ""))
         unknown = [n for n, s in status["stages"].items() if s["state"] == "UNKNOWN"]
         if unknown and not warned and time.time() - t0 > 60:
             warned = True  # without accounting (slurmdbd) a finished job is invisible: say so, do not hang quietly
@@ -251,7 +318,9 @@ def wait_for_run(run_dir: Path, poll_s: float = 5.0, progress=print, timeout_s: 
 
 
 def cancel_run(run_dir: Path) -> list[str]:
-    """scancel the run's Slurm jobs, or stop its local processes. Returns what was cancelled."""
+    """scancel the run's Slurm jobs, or stop its local processes. Returns what was cancelled.
+    A local run whose driver died is settled: its leftover stage processes are stopped and its
+    unfinished stages recorded FAILED or CANCELLED (settle_local_run)."""
     run, pipeline, jobs = load_run(run_dir)
     executor = jobs.get("executor", run.get("executor"))
     done = []
@@ -263,18 +332,66 @@ def cancel_run(run_dir: Path) -> list[str]:
             done = ids
     else:
         atomic_write_text(run_dir / "cancel_requested", time.strftime("%Y-%m-%dT%H:%M:%SZ\n", time.gmtime()))
+        if driver_state(jobs)[0] == "dead":
+            return settle_local_run(run_dir)
         for name, rec in jobs.get("stages", {}).items():
             if rec.get("state") == "RUNNING":
-                for pid in rec.get("pids", []):
-                    if _pid_alive(pid):
-                        _kill_group(pid, signal.SIGTERM)
-                        done.append(f"local:{pid}")
+                for pid in _live_pids(rec):
+                    _kill_group(pid, signal.SIGTERM)
+                    done.append(f"local:{pid}")
     return done
+
+
+def settle_local_run(run_dir: Path, grace_s: float = 10.0) -> list[str]:
+    """`cancel` of a local run whose driver died (kill -9, a crash): nobody else will finish its
+    records. Stop the stage processes it left (SIGTERM, then SIGKILL after grace_s) and record each
+    unfinished stage as `status` shows it (FAILED if it was running, CANCELLED if it never started),
+    CANCELLED for one whose process had to be stopped. Returns 'local:PID' for each process stopped
+    and 'stage: STATE' for each stage recorded."""
+    from jobs.submit import _update_jobs
+    run, pipeline, jobs = load_run(run_dir)
+    if jobs.get("executor", run.get("executor")) != "local":
+        return []
+    driver, driver_rec = driver_state(jobs)
+    if driver != "dead":
+        return []
+    recs = jobs.get("stages", {})
+    orphans = {name: _live_pids(rec) for name, rec in recs.items() if rec.get("state") == "RUNNING"}
+    for pids in orphans.values():
+        for pid in pids:
+            _kill_group(pid, signal.SIGTERM)
+    deadline = time.time() + grace_s
+    while any(_live_pids(recs[n]) for n in orphans) and time.time() < deadline:
+        time.sleep(0.1)
+    for name in orphans:
+        for pid in _live_pids(recs[name]):
+            _kill_group(pid, signal.SIGKILL)
+    status = run_status(run_dir)
+    settled = {}
+    for name, rec in recs.items():
+        if rec.get("state") not in ("PENDING", "RUNNING"):
+            continue
+        st = status["stages"][name]
+        state, error = st["state"], st.get("error")
+        if orphans.get(name):
+            state, error = "CANCELLED", f"the local driver (pid {driver_rec['pid']}) had died; `cancel` stopped the stage"
+        settled[name] = {"state": state, "error": error, "ended_at": time.time(),
+                         "note": error or "the local driver died"}
+
+    def update(data):
+        for name, rec in settled.items():
+            data["stages"].setdefault(name, {}).update(rec)
+    if settled:
+        _update_jobs(run_dir, update)
+    return ([f"local:{pid}" for pids in orphans.values() for pid in pids]
+            + [f"{name}: {rec['state']}" for name, rec in settled.items()])
 
 
 def resume_plan(run_dir: Path) -> tuple[dict, Pipeline, list[str], dict[str, list[int]]]:
     """What resume would run: every stage not completed (with its still-missing array tasks).
-    Refuses while any of the run's jobs is still active."""
+    Refuses while any of the run's jobs is still active. The stages of a local run whose driver died
+    are not: run_status shows them FAILED or CANCELLED (unless a process the driver left still runs;
+    then `cancel` stops it)."""
     run, pipeline, _ = load_run(run_dir)
     status = run_status(run_dir)
     active = [n for n, s in status["stages"].items() if s["state"] in ACTIVE]

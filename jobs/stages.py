@@ -270,13 +270,16 @@ def run_stage(run_dir: str | os.PathLike, stage_name: str, task: int | None = No
             _collect_metrics(run_dir, stage_name, variant, cfg)
             row = make_row(**base, kind=kind, variant=variant.name if variant else None, state="FAILED",
                            error=_one_line(e), wall_time_s=time.time() - t0)
-            write_row(run_dir, row)
+            try:
+                write_row(run_dir, row)
+            except OSError as w:   # a full disk: the stage's own error still goes up, not this one
+                print(f"[stage] could not write the FAILED row: {w}", file=sys.stderr, flush=True)
         traceback.print_exc()
         raise
 
     results = result if isinstance(result, list) else [result or {}]
     preempted = any((r or {}).get("state") == "PREEMPTED" for r in results)
-    rows = []
+    rows, written = [], []
     if rank == 0:
         _collect_metrics(run_dir, stage_name, variant, cfg)
         for i, r in enumerate(results):
@@ -290,12 +293,13 @@ def run_stage(run_dir: str | os.PathLike, stage_name: str, task: int | None = No
             if len(results) > 1:
                 # one file per variant row: the row path is keyed by stage and job id
                 row_stage = f"{stage_name}.{row['variant']}"
-                atomic_write_json(row_path(run_dir, row_stage, row["job_id"]), row)
+                written.append(row_path(run_dir, row_stage, row["job_id"]))
+                atomic_write_json(written[-1], row)
             elif row["state"] == "PREEMPTED":
                 # the requeued job keeps its id: keep this attempt's row beside the final one
                 atomic_write_json(row_path(run_dir, stage_name, f"{row['job_id']}.attempt{restarts}"), row)
             else:
-                write_row(run_dir, row)
+                written.append(write_row(run_dir, row))
             rows.append(row)
     if preempted:
         if rank == 0:
@@ -313,9 +317,15 @@ def run_stage(run_dir: str | os.PathLike, stage_name: str, task: int | None = No
         time.sleep(300)
         sys.exit(-1)
     if rank == 0:
-        atomic_write_json(marker_path(run_dir, stage_name, task if stage_name and pipeline.stages[stage_name].variants else None),
-                          {"stage": stage_name, "task": task, "finished_at": rows[-1]["finished_at"] if rows else None,
-                           "job_id": rows[-1]["job_id"] if rows else None})
+        marker = marker_path(run_dir, stage_name, task if stage_name and pipeline.stages[stage_name].variants else None)
+        try:
+            atomic_write_json(marker, {"stage": stage_name, "task": task,
+                                       "finished_at": rows[-1]["finished_at"] if rows else None,
+                                       "job_id": rows[-1]["job_id"] if rows else None})
+        except OSError as e:
+            # Without its marker the stage did not complete (status, resume): its rows must not say so.
+            _unsay_completed(written, rows, f"completion marker not written: {e}")
+            raise
     return rows[-1] if rows else {}
 
 
@@ -331,6 +341,20 @@ def _start_gpu_sampler(kind: str, cfg, rank: int):
     if sampler is None and device_type == "cuda":
         print(f"[stage] gpu_util_mean not measured: {why}", flush=True)
     return sampler
+
+
+def _unsay_completed(paths: list[Path], rows: list[dict], error: str) -> None:
+    """Rewrite the stage's COMPLETED rows as FAILED; where even that cannot be written (the disk
+    that refused the marker), remove them: removing needs no space."""
+    from nanochat.common import atomic_write_json
+    for path, row in zip(paths, rows):
+        try:
+            atomic_write_json(path, {**row, "state": "FAILED", "error": error})
+        except OSError:
+            try:
+                path.unlink()
+            except OSError:
+                pass
 
 
 def _collect_metrics(run_dir: Path, stage_name: str, variant, cfg) -> None:
@@ -382,6 +406,7 @@ def main_stage_run(run_dir: str, stage: str, task: int | None) -> int:
     """`python -m jobs stage-run RUN_DIR STAGE [--task I]` (what the local runner starts)."""
     try:
         run_stage(run_dir, stage, task)
-    except Exception:
+    except Exception as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr, flush=True)   # the log's last line: the console shows it
         return 1
     return 0

@@ -16,12 +16,15 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
-from jobs.stages import StageEntry, marker_path, read_json
+from jobs.rows import failed_row_error
+from jobs.stages import StageEntry, _one_line, marker_path, read_json
 from nanochat.common import ConfigError, atomic_write_json
 
 
@@ -125,9 +128,10 @@ def submit_slurm(run: dict, run_dir: Path, pipeline, todo: list[str], tasks: dic
     return records
 
 
-def _record(run_dir: Path, executor: str, records: dict) -> None:
+def _record(run_dir: Path, executor: str, records: dict, **top) -> None:
     def update(data):
         data["executor"] = executor
+        data.update(top)
         stages = data.setdefault("stages", {})
         for name, rec in records.items():
             old = stages.get(name)
@@ -145,15 +149,102 @@ def _stage_command(run_dir: Path, name: str, task: int | None) -> list[str]:
     return cmd + (["--task", str(task)] if task is not None else [])
 
 
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP reached a driver or a stage process. A BaseException, like
+    KeyboardInterrupt, so that no `except Exception` in a recipe swallows it."""
+
+    def __init__(self, signum: int, why: str = ""):
+        self.signum = signum
+        super().__init__(f"stopped by {signal.Signals(signum).name}" + (f" ({why})" if why else ""))
+
+
+def _raise_terminated(signum, frame):
+    driver = os.environ.get("NANOCHAT_DRIVER_PID", "")
+    if driver.isdigit() and os.getppid() != int(driver):      # a stage whose driver is gone
+        raise Terminated(signum, f"its driver, pid {driver}, died")
+    raise Terminated(signum)
+
+
+def process_start_time(pid: int) -> int | None:
+    """The kernel's start time of a live process (clock ticks after boot, /proc/PID/stat field 22),
+    None when there is no such process or it has exited (a zombie). With the pid it names one
+    process for good: a pid alone may be reused by an unrelated process after a crash."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except (OSError, ValueError):
+        return None
+    fields = text[text.rindex(")") + 2:].split()   # the command name may hold spaces and parentheses
+    return None if fields[0] in ("Z", "X") else int(fields[19])
+
+
+def process_alive(pid: int, start: int | None = None) -> bool:
+    """Is `pid` still the process that started at `start` (where recorded)?"""
+    if not Path("/proc/self/stat").exists():   # no procfs (macOS): the pid alone
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return True
+    now = process_start_time(pid)
+    return now is not None and (start is None or now == start)
+
+
+def this_process() -> dict:
+    return {"pid": os.getpid(), "start": process_start_time(os.getpid()), "host": socket.gethostname()}
+
+
+def follow_driver() -> None:
+    """In a local stage process: end with the driver that started it (kill -9 of the driver must not
+    leave the stage running with no parent) and, on SIGTERM or SIGHUP, raise Terminated so that the
+    stage still writes its FAILED row. Linux: prctl(PR_SET_PDEATHSIG); elsewhere a thread polls
+    the parent pid."""
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _raise_terminated)
+    driver = os.environ.get("NANOCHAT_DRIVER_PID", "")
+    if not driver.isdigit():
+        return
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)        # 1 = PR_SET_PDEATHSIG
+        watch = False
+    except (OSError, AttributeError):
+        watch = True
+    if os.getppid() != int(driver):                      # the driver died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+    elif watch:
+        import threading
+        def poll():
+            while os.getppid() == int(driver):
+                time.sleep(1.0)
+            os.kill(os.getpid(), signal.SIGTERM)
+        threading.Thread(target=poll, daemon=True, name="follow-driver").start()
+
+
+def stop_own_group() -> None:
+    """A stage process that leads its process group stops what it started (compile workers,
+    the probe's budget child) before it exits (only when the driver started it in a session of its own)."""
+    if os.environ.get("NANOCHAT_DRIVER_PID") and os.getpgrp() == os.getpid() == os.getsid(0):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        _kill_group(os.getpid())
+
+
 def run_local(run: dict, run_dir: Path, pipeline, todo: list[str], max_parallel: int = 1,
               tasks: dict[str, list[int]] | None = None, progress=print) -> dict[str, str]:
     """Run the stages in `todo` here, in dependency order, at most max_parallel processes at once.
-    Blocks until done. Returns {stage: final state}."""
+    Blocks until done. Returns {stage: final state}.
+
+    This process (the driver) is recorded in jobs.json (pid, start time, host), and so is each stage
+    process, so that `status`, `cancel` and `resume` can tell when it died. However it ends (Ctrl-C,
+    SIGTERM, SIGHUP, an error such as a full disk) it stops its stage processes first; after a
+    kill -9 they stop themselves (follow_driver)."""
     tasks = tasks or {}
     run_dir = Path(run_dir)
     log_dir = run_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, NANOCHAT_BASE_DIR=run["workdir"], PYTHONUNBUFFERED="1")
+    env = dict(os.environ, NANOCHAT_BASE_DIR=run["workdir"], PYTHONUNBUFFERED="1", NANOCHAT_DRIVER_PID=str(os.getpid()))
     # share the cores between the stages that may run at once (jobs.stages._limit_threads)
     env.setdefault("NANOCHAT_STAGE_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, max_parallel))))
     # the child must import this checkout's jobs/ and nanochat/ whatever the cwd
@@ -164,12 +255,13 @@ def run_local(run: dict, run_dir: Path, pipeline, todo: list[str], max_parallel:
                      for n in todo}
     running: dict[tuple[str, int | None], tuple[subprocess.Popen, float, object]] = {}
     task_failed: dict[str, bool] = {n: False for n in todo}
+    pids: dict[str, list[int]] = {n: [] for n in todo}
+    logs: dict[tuple[str, int | None], Path] = {}
+    failed_log: dict[str, tuple[Path, int]] = {}
     t_start = time.time()
     records = {n: {"executor": "local", "state": "PENDING",
                    "log": str(log_dir / (f"{n}.log" if pipeline.stages[n].variants == [] else f"{n}.<task>.log")),
                    "tasks": [t for t in pending_tasks[n] if t is not None] or None} for n in todo}
-    _record(run_dir, "local", records)
-    _update_jobs(run_dir, lambda d: d.update(driver_pid=os.getpid()))
 
     def set_state(name, st, **extra):
         state[name] = st
@@ -180,7 +272,11 @@ def run_local(run: dict, run_dir: Path, pipeline, todo: list[str], max_parallel:
         progress(f"[{time.time() - t_start:7.1f}s] {name}: {st}" + (f" ({extra['note']})" if extra.get("note") else ""))
 
     cancelled = lambda: (run_dir / "cancel_requested").exists()
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        handlers = {sig: signal.signal(sig, _raise_terminated) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
+        _record(run_dir, "local", records, driver=this_process())   # one write: no stage without its driver
         while True:
             # reap finished processes
             for key, (proc, t0, fh) in list(running.items()):
@@ -192,10 +288,14 @@ def run_local(run: dict, run_dir: Path, pipeline, todo: list[str], max_parallel:
                 name, _ = key
                 if rc != 0:
                     task_failed[name] = True
+                    failed_log[name] = (logs[key], rc)
                 if not pending_tasks[name] and not any(k[0] == name for k in running):
                     if task_failed[name]:
+                        error = (failed_row_error(run_dir, name, [f"local:{p}" for p in pids[name]])
+                                 or _why_it_ended(*failed_log[name]))
                         set_state(name, "CANCELLED" if cancelled() else "FAILED", ended_at=time.time(),
-                                  note=f"exit {rc}, log {log_dir / (name + '.log')}")
+                                  error=error, note=f"exit {rc}" + (f": {error}" if error else "")
+                                  + f"; log {records[name]['log']}")
                     else:
                         set_state(name, "COMPLETED", ended_at=time.time(), note=f"{time.time() - t0:.1f}s")
             # dependants of failed stages will never run
@@ -219,21 +319,72 @@ def run_local(run: dict, run_dir: Path, pipeline, todo: list[str], max_parallel:
                     proc = subprocess.Popen(_stage_command(run_dir, name, task), stdout=fh, stderr=subprocess.STDOUT,
                                             env=env, start_new_session=True)
                     running[(name, task)] = (proc, time.time(), fh)
+                    logs[(name, task)] = log_path
+                    pids[name].append(proc.pid)
+                    start = process_start_time(proc.pid)
                     if state[name] != "RUNNING":
-                        set_state(name, "RUNNING", started_at=time.time(), pids=[proc.pid], note=f"pid {proc.pid}, log {log_path}")
+                        set_state(name, "RUNNING", started_at=time.time(), pids=[proc.pid],
+                                  pid_starts={str(proc.pid): start}, note=f"pid {proc.pid}, log {log_path}")
                     else:
-                        _update_jobs(run_dir, lambda d, n=name, p=proc.pid: d["stages"][n].setdefault("pids", []).append(p))
+                        def add(d, n=name, p=proc.pid, st=start):
+                            d["stages"][n].setdefault("pids", []).append(p)
+                            d["stages"][n].setdefault("pid_starts", {})[str(p)] = st
+                        _update_jobs(run_dir, add)
             if not running and all(s not in ("PENDING", "RUNNING") for s in state.values()):
                 break
             time.sleep(0.2)
-    except KeyboardInterrupt:
-        for proc, _, _ in running.values():
-            _kill_group(proc.pid)
-        for name in todo:
-            if state[name] in ("PENDING", "RUNNING"):
-                set_state(name, "CANCELLED", note="interrupted")
+    except BaseException as e:
+        # Ctrl-C, SIGTERM/SIGHUP, or this process failed (a full disk): no stage may outlive it
+        for sig in handlers:
+            signal.signal(sig, signal.SIG_IGN)   # a second SIGTERM must not cut the clean-up short
+        _stop_all(running)
+        why = "interrupted" if isinstance(e, (KeyboardInterrupt, Terminated)) else f"the driver failed: {_one_line(e)}"
+        try:
+            for name in todo:
+                if state[name] in ("PENDING", "RUNNING"):
+                    set_state(name, "CANCELLED", ended_at=time.time(), note=why)
+        except Exception:
+            pass  # status works it out from the dead driver (jobs.runs.run_status)
         raise
+    finally:
+        for sig, old in handlers.items():
+            signal.signal(sig, old)
     return state
+
+
+def _stop_all(running: dict, grace_s: float = 10.0) -> None:
+    """SIGTERM every stage's process group, give them grace_s to write their rows, then SIGKILL."""
+    for proc, _, _ in running.values():
+        _kill_group(proc.pid)
+    deadline = time.time() + grace_s
+    for proc, _, fh in running.values():
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            pass
+        _kill_group(proc.pid, signal.SIGKILL)    # and whatever the stage left in its group
+        try:
+            proc.wait(timeout=5)
+            fh.close()
+        except (subprocess.TimeoutExpired, OSError):
+            pass
+
+
+def _why_it_ended(log: Path, rc: int) -> str | None:
+    """A failed stage's one-line error when it left no row: the signal that killed it, else the last
+    line of its log (a stage that could not write its row ends its log with its error)."""
+    if rc < 0:
+        try:
+            return f"killed by {signal.Signals(-rc).name}"
+        except ValueError:
+            return f"killed by signal {-rc}"
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            lines = [ln for ln in f.read().decode("utf-8", "replace").splitlines() if ln.strip()]
+    except (OSError, TypeError):
+        return None
+    return lines[-1].strip()[:500] if lines else None
 
 
 def _kill_group(pid: int, sig=signal.SIGTERM) -> None:

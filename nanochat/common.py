@@ -4,12 +4,13 @@ peak-FLOPs table. Nothing here knows about Slurm or pipelines.
 """
 from __future__ import annotations
 
+import errno
 import importlib
 import json
 import os
+import secrets
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -41,23 +42,50 @@ def print0(*args, **kwargs):
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """write(tmp_path) writes the whole file under a temporary name in the same folder; it is then
-    fsynced and renamed over `path`. On any error the temporary file is removed and `path` is untouched."""
+    fsynced and renamed over `path`. On any error the temporary file is removed and `path` is untouched.
+    The file gets the mode a plain open() would give (0666 less the umask): on a shared work
+    directory a team's umask decides who can read run files, not this helper (mkstemp's 0600 would).
+    An OSError (a full disk, a read-only folder) names the file it could not write."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _create_temporary(path)
+    except OSError as e:
+        raise _naming(e, path, None) from None
     try:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(e, OSError):
+            raise _naming(e, path, tmp) from None
         raise
     return path
+
+
+def _create_temporary(path: Path) -> str:
+    """A new empty file beside `path`, created with mode 0666 so that the umask applies."""
+    for _ in range(100):
+        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(path))
+
+
+def _naming(e: OSError, path: Path, tmp: str | None) -> OSError:
+    """An OSError whose message names a path: `path` where the error named none or only the
+    temporary file (ENOSPC from write() names no file at all)."""
+    if e.filename is not None and os.fspath(e.filename) != tmp:
+        return e
+    return OSError(e.errno, e.strerror or str(e), str(path)) if e.errno else OSError(f"{path}: {e}")
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -104,3 +104,42 @@ def test_slurm_executor_without_slurm_is_bad_input(env, capsys, monkeypatch):
     rc = cli.main(["submit", str(path), "--executor", "slurm"])
     assert rc == 2
     assert "--executor slurm: no Slurm here" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,code,needle", [
+    (["status", "no-such-run", "--json"], 2, "no-such-run: no such run"),
+    (["resume", "no-such-run", "--json"], 2, "no-such-run: no such run"),
+    (["submit", "NOOP", "--executor", "local", "--set", "b.stepz=3", "--json"], 2, "stages.b.args.stepz: unknown key"),
+    (["submit", "NOOP", "--max-parallel", "many", "--json"], 2, "--max-parallel: invalid int value: 'many'"),
+    (["report", "no-such-run", "--json"], 2, "no-such-run"),
+])
+def test_json_failures_end_with_an_error_object(env, capsys, argv, code, needle):
+    """With --json a failing command's last stdout line is {"error": ..., "exit_code": ...}, and
+    stderr has the same error as one line (argparse's usage errors included)."""
+    path = env / "noop.yaml"
+    path.write_text(yaml.safe_dump(NOOP))
+    rc = cli.main([str(path) if a == "NOOP" else a for a in argv])
+    out, err = capsys.readouterr()
+    assert rc == code
+    last = json.loads(out.strip().splitlines()[-1])
+    assert last["exit_code"] == code and needle in last["error"]
+    assert err.strip().splitlines() == [f"error: {last['error']}"]
+
+
+def test_a_failed_stage_shows_its_error_and_status_exits_1(env):
+    path = env / "noop.yaml"
+    path.write_text(yaml.safe_dump(NOOP))
+    out = run_cli("submit", str(path), "--executor", "local", "--json", "--run-id", "bad", "--set", "b.fail=true")
+    assert out.returncode == 1
+    why = "RuntimeError: noop stage asked to fail (args.fail: true)"
+    assert f"b: FAILED (exit 1: {why}; log " in out.stdout           # the driver's progress line
+    assert f"  b FAILED: {why}" in out.stdout                         # under the status table
+    last = json.loads(out.stdout.strip().splitlines()[-1])
+    assert last["exit_code"] == 1 and last["error"] == f"stage b FAILED: {why}"
+
+    out = run_cli("status", "bad", "--json")
+    assert out.returncode == 1                                        # the run ended FAILED
+    status = json.loads(out.stdout.strip().splitlines()[-1])
+    assert status["state"] == "FAILED" and status["stages"]["b"]["error"] == why and status["exit_code"] == 1
+    assert f"  b FAILED: {why}" in out.stdout
+    assert "error" not in status["stages"]["a"]
