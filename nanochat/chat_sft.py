@@ -38,7 +38,8 @@ from nanochat.common import (ConfigError, atomic_write_json, compute_init, devic
 from nanochat.gpt import GPT, GPTConfig, build_model
 from nanochat.optim import all_reduce_gradients, build_optimizers
 from nanochat.packing import MODES, Example, batch_for_mode, plan_batches, truncate
-from nanochat.synthetic import generate_conversations, read_conversations
+from nanochat.conversations import read_conversations
+from nanochat.synthetic import generate_conversations
 from nanochat.tokenizer import Tokenizer
 from nanochat.train_loop import read_metrics, write_metrics
 
@@ -97,7 +98,8 @@ class SFTConfig:
 
 def load_conversations(path: str | os.PathLike) -> list[dict]:
     """Conversations from JSONL (one {"messages": [...]} per line) or parquet (a `messages` column);
-    ConfigError naming the file (and line) when they are malformed."""
+    ConfigError naming the file and its 1-based line when one is malformed (nanochat.conversations:
+    the same check `submit` runs before anything is submitted)."""
     return read_conversations(path)
 
 

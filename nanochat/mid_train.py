@@ -14,7 +14,8 @@ from typing import Callable
 from nanochat.checkpoint import load_model
 from nanochat.common import ConfigError, compute_cleanup, compute_init
 from nanochat.dataloader import conversation_loader
-from nanochat.synthetic import generate_conversations, read_conversations
+from nanochat.conversations import read_conversations  # the check `submit` runs too
+from nanochat.synthetic import generate_conversations
 from nanochat.train_loop import TrainConfig, train
 
 

@@ -22,7 +22,8 @@ from pathlib import Path
 from filelock import FileLock
 
 from nanochat.common import ConfigError, atomic_write_json, get_base_dir
-from nanochat.dataset import SHARD_GLOB, iter_shard_texts, list_shards, shard_name, split_shards, write_shard
+from nanochat.dataset import (SHARD_GLOB, iter_shard_texts, list_shards, open_shard, shard_name, split_shards,
+                              write_shard)
 from nanochat.tokenizer import TOKENIZER_FILE, Tokenizer, iter_texts_for_training
 
 DONE_FILE = "prepared.json"
@@ -91,9 +92,9 @@ def python_stdlib_documents(max_chars: int = DEFAULT_MAX_CHARS) -> list[str]:
     return docs
 
 
-def folder_documents(folder: Path) -> list[str]:
-    """.txt files (one document each) and .jsonl files (a `text` field per line), sorted by path."""
-    docs: list[str] = []
+def iter_folder_documents(folder: Path):
+    """.txt files (one document each) and .jsonl files (a `text` field per line), sorted by path,
+    one document at a time; a bad line is a ConfigError naming the file and its 1-based line."""
     files = sorted(p for p in folder.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file())
     if not files:
         raise ConfigError(f"{folder}: no .txt or .jsonl files (and no {SHARD_GLOB} shards) in the data source")
@@ -101,21 +102,40 @@ def folder_documents(folder: Path) -> list[str]:
         if path.suffix == ".txt":
             text = path.read_text(encoding="utf-8", errors="replace")
             if text.strip():
-                docs.append(text)
+                yield text
             continue
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                text = obj["text"]
-            except (ValueError, KeyError, TypeError):
-                raise ConfigError(f"{path}:{lineno}: expected a JSON object with a 'text' field") from None
-            if not isinstance(text, str):
-                raise ConfigError(f"{path}:{lineno}: 'text' must be a string")
-            if text.strip():
-                docs.append(text)
-    return docs
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                    text = obj["text"]
+                except (ValueError, KeyError, TypeError):
+                    raise ConfigError(f"{path}:{lineno}: expected a JSON object with a 'text' field") from None
+                if not isinstance(text, str):
+                    raise ConfigError(f"{path}:{lineno}: 'text' must be a string")
+                if text.strip():
+                    yield text
+
+
+def folder_documents(folder: Path) -> list[str]:
+    return list(iter_folder_documents(folder))
+
+
+def check_data_source(source: str | os.PathLike) -> None:
+    """What ensure_pretraining_data will read, checked without writing anything (submit time):
+    a folder of shards (each opens as parquet with a `text` column), or of .txt/.jsonl text."""
+    src = Path(source)
+    if not src.is_dir():
+        raise ConfigError(f"{src}: data_source folder not found")
+    if any(src.glob(SHARD_GLOB)):
+        train_shards, val_shard = split_shards(src)
+        for shard in [*train_shards, val_shard]:
+            open_shard(shard)
+        return
+    for _ in iter_folder_documents(src):
+        pass
 
 
 # -----------------------------------------------------------------------------
