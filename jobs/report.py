@@ -411,10 +411,13 @@ class Optimization:
 # (optimization, row kind, metric, baseline side, optimized side); a side is (label, variant names,
 # batch-size sources): a row belongs to it by its variant, or by where its batch size came from.
 # The auto batch size pair goes by source because pipelines name the fixed-batch variant freely
-# ("baseline", "fixed-32"): config = fixed, probe/cache/fallback = found automatically.
+# ("baseline", "fixed-32"): config = fixed, probe/cache/fallback = found automatically. A fixed
+# batch that an out-of-memory fallback shrank ("config+oom_fallback") stays on the fixed side: the
+# comparison is between what was asked for, not what the fallback made of it.
 # Rows of kind "bench" (the bench commands) count as well: the variant names tell the pairs apart.
-FIXED_BATCH = ("baseline", ("baseline",), ("config",))
+FIXED_BATCH = ("baseline", ("baseline",), ("config", "config+oom_fallback"))
 AUTO_BATCH = ("auto", ("auto",), ("probe", "cache", "fallback"))
+BATCH_SOURCES = FIXED_BATCH[2] + AUTO_BATCH[2]
 OPTIMIZATION_PAIRS = [
     ("auto batch size", "base_train", "tokens_per_s", FIXED_BATCH, AUTO_BATCH),
     ("auto batch size", "base_train", "mfu", FIXED_BATCH, AUTO_BATCH),
@@ -438,7 +441,10 @@ def _side(df: pd.DataFrame, kind: str, side: tuple, metric: str) -> tuple[float 
     variant, variants, sources = side
     by_variant = df["kind"].isin([kind, "bench"]).fillna(False) & df["variant"].isin(variants).fillna(False)
     # by source only within the stage kind itself: other benchmarks also run at a configured batch
-    by_source = (df["kind"] == kind).fillna(False) & df["batch_size_source"].isin(sources).fillna(False)
+    of_kind = (df["kind"] == kind).fillna(False)
+    by_source = of_kind & df["batch_size_source"].isin(sources).fillna(False)
+    if sources:  # a row whose source says fixed or found sits on that side only, whatever its variant is called
+        by_variant &= ~(of_kind & df["batch_size_source"].isin(BATCH_SOURCES).fillna(False))
     rows = df[by_variant | by_source]
     if rows.empty:
         return None, 0, f"no {variant} row"

@@ -30,7 +30,7 @@ RESULT_COLUMNS: dict[str, tuple[str, str]] = {
     "n_params": ("Int64", "model parameter count"),
     "seq_len": ("Int64", "sequence length (tokens per row)"),
     "device_batch_size": ("Int64", "rows per forward/backward on one device"),
-    "batch_size_source": ("string", "where device_batch_size came from: probe, cache or config"),
+    "batch_size_source": ("string", "where device_batch_size came from: probe, cache, config, fallback (OOM after probe/cache) or config+oom_fallback"),
     "total_batch_size": ("Int64", "tokens per optimizer step over all ranks"),
     "grad_accum_steps": ("Int64", "micro-steps per optimizer step"),
     "steps": ("Int64", "optimizer steps taken in this job"),

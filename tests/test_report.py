@@ -501,3 +501,19 @@ def test_array_task_rows_gather_into_one_table(tmp_path):
     assert [(p.kind, p.detail) for p in run.problems] == [("missing", "stage sweep (job 777_1) wrote no row")]
     figs = rp.run_figures(run.rows)
     assert figs[("sweep", "dbs8", "tokens_per_s")] == 800.0 and figs[("sweep", "dbs32", "tokens_per_s")] == 3200.0
+
+
+def test_a_fixed_batch_that_fell_back_after_oom_stays_on_the_fixed_side():
+    """Issue 11 item 6: a configured batch shrunk by the OOM fallback is still the baseline, and a
+    row's batch-size source decides its side even when its variant name says otherwise."""
+    def row(variant, source, tps, job):
+        return make_row(run_id="b", stage="base_train", kind="base_train", variant=variant, job_id=job,
+                        state="COMPLETED", device_batch_size=16, batch_size_source=source, tokens_per_s=tps,
+                        mfu=tps / 100)
+    df = rp.rows_frame([row("fixed-32", "config", 1000.0, "5_0"),
+                        row("fixed-64", "config+oom_fallback", 800.0, "5_1"),   # asked 64, fell back to 16
+                        row("auto", "probe", 1300.0, "5_2"),
+                        row("baseline", "cache", 1200.0, "5_3")])               # misnamed, but found by the cache
+    tps = [o for o in rp.optimizations(df) if o.name == "auto batch size" and o.metric == "tokens_per_s"][0]
+    assert (tps.n_baseline, tps.baseline) == (2, 900.0)
+    assert (tps.n_optimized, tps.optimized) == (2, 1250.0)
