@@ -19,11 +19,10 @@ import os
 import sysconfig
 from pathlib import Path
 
-from filelock import FileLock
-
 from nanochat.common import ConfigError, atomic_write_json, get_base_dir
 from nanochat.dataset import (SHARD_GLOB, iter_shard_texts, list_shards, open_shard, shard_name, split_shards,
                               write_shard)
+from nanochat.locking import file_lock
 from nanochat.tokenizer import TOKENIZER_FILE, Tokenizer, iter_texts_for_training
 
 DONE_FILE = "prepared.json"
@@ -160,7 +159,7 @@ def ensure_pretraining_data(base_dir: str | os.PathLike = "", source: str = "", 
     out.mkdir(parents=True, exist_ok=True)
     wanted = {"source": str(Path(source).resolve()) if source else "python-stdlib", "num_shards": num_shards,
               "max_chars": max_chars}
-    with FileLock(str(out / ".prepare.lock")):
+    with file_lock(str(out / ".prepare.lock")):
         done = out / DONE_FILE
         if done.exists():
             have = json.loads(done.read_text())
@@ -185,7 +184,7 @@ def ensure_tokenizer(base_dir: str | os.PathLike = "", vocab_size: int = 4096, d
     data_path = Path(data_path) if data_path else data_dir(base_dir)
     tok_dir = tokenizer_dir(base_dir, vocab_size, data_path)
     tok_dir.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(tok_dir / ".tokenizer.lock")):
+    with file_lock(str(tok_dir / ".tokenizer.lock")):
         if (tok_dir / TOKENIZER_FILE).exists():
             tok = Tokenizer.load(tok_dir)
             if tok.get_vocab_size() != vocab_size:
