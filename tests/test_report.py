@@ -197,9 +197,13 @@ def test_missing_partial_and_corrupt_files_are_listed_not_fatal(tmp_path, capsys
     partial = next(p for p in out["problems"] if p["path"] == "rows/chat__local-204.json")
     assert "unreadable tokens_per_s='fast'" in partial["detail"] and "missing keys:" in partial["detail"]
 
-    # The rest still stands: 10 good rows + the partial one, their ratios, the plots.
+    # The rest still stands: 10 good rows + the partial one, their ratios, the plots; and the stage
+    # that died without a row still has its line, from the runner's record (no sacct here).
     df = rp.read_report_csv(folder / "report.csv")
-    assert len(df) == 11
+    assert len(df) == 12
+    tok = df[df["stage"] == "tokenizer"].iloc[0]
+    assert (tok["state"], tok["job_id"], json.loads(tok["extra"])) == ("FAILED", "local:99", {"row_from": "jobs.json"})
+    assert tok["row_problem"] == "no row file: built from jobs.json" and "wrote no result row" in tok["error"]
     chat = df[df["stage"] == "chat"].iloc[0]
     assert chat["state"] == "FAILED" and pd.isna(chat["tokens_per_s"]) and chat["wall_time_s"] == 3.5
     assert json.loads(chat["extra"]) == {"temperature": 0.8}
