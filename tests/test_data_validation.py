@@ -161,3 +161,13 @@ def test_submit_refuses_variant_names_that_are_not_path_safe(tmp_path, name):
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {path}: stages.a.variants[1].name: "), lines
     assert _nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["a/b", "..", "../x"])
+def test_a_grid_name_that_is_not_path_safe_is_refused(tmp_path, name):
+    """A grid's name names its row files (rows/<name>__<job>.json), as a variant name does."""
+    from jobs.array import load_grid
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump({"name": name, "grid": {"x": [1, 2]}}))
+    with pytest.raises(ConfigError, match=rf"{path}: name .*no '/' or '..'"):
+        load_grid(path)
