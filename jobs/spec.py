@@ -45,6 +45,7 @@ FILLED_BY_JOBS = ("base_dir", "out_dir")
 DATA_FILE_CHECKS: dict[str, tuple[str, str]] = {
     "data_path": ("nanochat.conversations", "check_conversation_file"),   # sft, mid_train: JSONL / parquet
     "data_source": ("nanochat.prepare", "check_data_source"),             # base_train: shards or text folder
+    "init_from": ("nanochat.checkpoint", "resolve_checkpoint_dir"),       # a checkpoint path (not a stage name)
 }
 
 
@@ -428,7 +429,8 @@ def check_data_files(err: SpecError, stages: dict[str, Stage]) -> None:
         for where, args in sides:
             for key, (module_name, func_name) in DATA_FILE_CHECKS.items():
                 path = args.get(key)
-                if not isinstance(path, str) or not path or (key, path) in checked:
+                if not isinstance(path, str) or not path or (key, path) in checked or \
+                        (key == "init_from" and path in stages):   # an earlier stage's checkpoints: not there yet
                     continue
                 try:
                     getattr(importlib.import_module(module_name), func_name)(path)

@@ -171,3 +171,16 @@ def test_a_grid_name_that_is_not_path_safe_is_refused(tmp_path, name):
     path.write_text(yaml.safe_dump({"name": name, "grid": {"x": [1, 2]}}))
     with pytest.raises(ConfigError, match=rf"{path}: name .*no '/' or '..'"):
         load_grid(path)
+
+
+def test_an_init_from_path_must_hold_a_checkpoint_at_submit(tmp_path):
+    """init_from naming a stage is that stage's future checkpoints; a path must be one now."""
+    raw = {"stages": {"bench": {"kind": "inference_bench", "args": {"init_from": str(tmp_path / "nope")}}}}
+    with pytest.raises(ConfigError, match=rf"p.yaml: stages.bench.args.init_from: {tmp_path / 'nope'}: checkpoint folder not found"):
+        spec.parse_pipeline(raw, "p.yaml")
+    (tmp_path / "empty").mkdir()
+    raw["stages"]["bench"]["args"]["init_from"] = str(tmp_path / "empty")
+    with pytest.raises(ConfigError, match="no valid checkpoint in this folder"):
+        spec.parse_pipeline(raw, "p.yaml")
+    ok = {"stages": {"a": {"kind": "noop"}, "b": {"kind": "noop", "depends_on": ["a"], "args": {"init_from": "a"}}}}
+    spec.parse_pipeline(ok, "p.yaml")
