@@ -68,4 +68,4 @@ def test_a_cancelled_slurm_job_gets_a_report_row_from_sacct(tmp_path, local_slur
     assert "wrote no result row; sacct: CANCELLED" in killed["error"]
     assert json.loads(killed["extra"]) == {"row_from": "sacct"} and killed["sacct_elapsed_s"] >= 3
     summary = (run_dir / "summary.md").read_text()
-    assert "CANCELLED" in summary
+    assert f"error in {slow}: the job wrote no result row; sacct: CANCELLED" in summary
