@@ -91,19 +91,15 @@ def _parquet_rows(path: Path) -> Iterator[tuple[str, object]]:
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, object]]:
     try:
-        f = open(path, encoding="utf-8")
+        f = open(path, "rb")  # bytes, decoded line by line: a bad byte is named by its own line
     except OSError as e:
         raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
     with f:
-        lineno = 0
-        while True:
+        for lineno, raw in enumerate(f, 1):
             try:
-                line = f.readline()
+                line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise ConfigError(f"{path}:{lineno + 1}: not UTF-8 text ({e.reason})") from None
-            if not line:
-                return
-            lineno += 1
+                raise ConfigError(f"{path}:{lineno}: not UTF-8 text ({e.reason})") from None
             if not line.strip():
                 continue
             try:

@@ -184,3 +184,10 @@ def test_an_init_from_path_must_hold_a_checkpoint_at_submit(tmp_path):
         spec.parse_pipeline(raw, "p.yaml")
     ok = {"stages": {"a": {"kind": "noop"}, "b": {"kind": "noop", "depends_on": ["a"], "args": {"init_from": "a"}}}}
     spec.parse_pipeline(ok, "p.yaml")
+
+
+def test_a_line_that_is_not_utf8_is_named(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_bytes(json.dumps(GOOD).encode() + b"\n" + b'{"messages": "\xff\xfe"}\n')
+    with pytest.raises(ConfigError, match=rf"{path}:2: not UTF-8 text"):
+        check_conversation_file(path)
