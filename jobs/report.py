@@ -270,20 +270,24 @@ def _resolved_stages(folder: Path) -> dict[str, dict]:
 
 
 def rows_for_jobs_without_rows(run_id: str, stage: str, job_ids: list[str], recorded_state, sacct: SacctResult,
-                               spec: dict) -> list[dict]:
+                               spec: dict, like: dict | None = None) -> list[dict]:
     """A job killed outright (scancel, kill -9, time limit, node failure) writes no row of its own.
     Its line in the report is built from what sacct says (or, without sacct, from the runner's own
     record): state as sacct has it (OUT_OF_MEMORY -> OOM, as rows name it), the error saying so, and
-    extra.row_from naming where the line came from. Jobs still pending or running get none."""
+    extra.row_from naming where the line came from. Jobs still pending or running get none.
+    like: the job's PREEMPTED row, when it was killed after a requeue (kind and variant from it)."""
     built = []
     for job_id in job_ids:
         job = sacct.jobs.get(job_id)
         if job is not None:
-            if job.state not in SACCT_ENDED_BADLY:
+            if job.state not in SACCT_ENDED_BADLY or (like is not None and job.state == "PREEMPTED"):
                 continue
             state, source = ("OOM" if job.state == "OUT_OF_MEMORY" else job.state), "sacct"
-            error = (f"the job wrote no result row; sacct: {job.state}, exit code {job.exit_code}, "
+            what = "no result row after its requeue" if like is not None else "no result row"
+            error = (f"the job wrote {what}; sacct: {job.state}, exit code {job.exit_code}, "
                      f"signal {job.signal}, elapsed {job.elapsed_s} s")
+        elif like is not None:
+            continue
         elif recorded_state in RECORDED_ENDED_BADLY:
             state, source = recorded_state, "jobs.json"
             error = f"the job wrote no result row; the runner recorded it {recorded_state}"
@@ -296,6 +300,9 @@ def rows_for_jobs_without_rows(run_id: str, stage: str, job_ids: list[str], reco
         row.update(run_id=run_id, stage=stage, kind=spec.get("kind"), job_id=job_id, array_task=task,
                    variant=variants[task] if task is not None and task < len(variants) else None,
                    state=state, error=error, extra=json.dumps({"row_from": source}))
+        if like is not None:
+            row.update(kind=like.get("kind"), variant=like.get("variant"), array_task=like.get("array_task"),
+                       requeues=like.get("requeues"))
         row["row_file"] = None
         row["row_problem"] = f"no row file: built from {source}"
         built.append(row)
@@ -426,6 +433,11 @@ def load_run(folder: Path, price_per_gpu_hour: float = DEFAULT_PRICE_PER_GPU_HOU
             (f" ({'; '.join(said)})" if said else "")
         problems.append(Problem(run_id, f"rows/{name}__*.json", "missing", detail))
         rows += rows_for_jobs_without_rows(run_id, name, ids, state, sacct, specs.get(name, {}))
+    # A job requeued after preemption keeps its id and its PREEMPTED row until the rerun overwrites it:
+    # killed in between (or out of time again), that row is its last word, so sacct's end is added.
+    for r in [r for r in rows if r["state"] == "PREEMPTED" and r["job_id"]]:
+        if sum(1 for o in rows if o["job_id"] == r["job_id"]) == 1:
+            rows += rows_for_jobs_without_rows(run_id, r["stage"], [r["job_id"]], None, sacct, {}, like=r)
 
     df = join_sacct(rows_frame(rows), sacct, price_per_gpu_hour)
     # Stages in the pipeline's order (run.json), then any others by name; array tasks in order.

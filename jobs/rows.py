@@ -21,7 +21,7 @@ RESULT_COLUMNS: dict[str, tuple[str, str]] = {
     "variant": ("string", "which side of a comparison (e.g. baseline, auto, eager-dynamic, compile-pack, kv-eager)"),
     "job_id": ("string", "Slurm job id (with _task for arrays), or local:<pid>"),
     "array_task": ("Int64", "SLURM_ARRAY_TASK_ID, empty outside arrays"),
-    "state": ("string", "COMPLETED, FAILED, PREEMPTED (requeued) or OOM"),
+    "state": ("string", "COMPLETED, FAILED, PREEMPTED (requeued) or OOM; on a line the report built for a job that wrote no row, sacct's state (CANCELLED, TIMEOUT, ...)"),
     "error": ("string", "one-line error when state is not COMPLETED"),
     "node": ("string", "host name the job ran on"),
     "device_name": ("string", "GPU name, or cpu"),

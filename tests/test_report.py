@@ -521,3 +521,25 @@ def test_a_fixed_batch_that_fell_back_after_oom_stays_on_the_fixed_side():
     tps = [o for o in rp.optimizations(df) if o.name == "auto batch size" and o.metric == "tokens_per_s"][0]
     assert (tps.n_baseline, tps.baseline) == (2, 900.0)
     assert (tps.n_optimized, tps.optimized) == (2, 1250.0)
+
+
+def test_a_job_killed_after_its_requeue_gets_sacct_s_end(tmp_path, monkeypatch):
+    """A preempted job writes a PREEMPTED row and requeues under the same id; its rerun overwrites
+    that row. Killed before the rerun writes one, the PREEMPTED row would be its last word: the
+    report adds sacct's end. (sacct's answer is given here: a requeue cycle takes minutes on the
+    local Slurm; tests/test_report_killed_jobs.py asks the real sacct about a real cancelled job.)"""
+    from jobs.sacct import SacctJob, SacctResult
+    folder = tmp_path / "rq"
+    write_row(folder, make_row(run_id="rq", stage="train", kind="base_train", variant="auto", job_id="42",
+                               state="PREEMPTED", requeues=0))
+    write_row(folder, make_row(run_id="rq", stage="other", kind="noop", job_id="43", state="PREEMPTED"))
+    (folder / "run.json").write_text(json.dumps({"run_id": "rq", "stages": ["train", "other"], "executor": "slurm"}))
+    (folder / "jobs.json").write_text(json.dumps({"stages": {"train": {"job_id": "42"}, "other": {"job_id": "43"}}}))
+    said = SacctResult(True, jobs={"42": SacctJob("42", "TIMEOUT", 600, 0, 15),
+                                   "43": SacctJob("43", "RUNNING", 5, 0, 0)})     # 43: its rerun is on its way
+    monkeypatch.setattr(rp, "query_sacct", lambda ids: said)
+    run = rp.load_run(folder)
+    assert list(zip(run.rows["job_id"], run.rows["state"])) == [("42", "PREEMPTED"), ("42", "TIMEOUT"), ("43", "PREEMPTED")]
+    end = run.rows.iloc[1]
+    assert (end["kind"], end["variant"], end["requeues"]) == ("base_train", "auto", 0)
+    assert end["error"].startswith("the job wrote no result row after its requeue; sacct: TIMEOUT")
