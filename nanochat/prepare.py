@@ -91,14 +91,17 @@ def python_stdlib_documents(max_chars: int = DEFAULT_MAX_CHARS) -> list[str]:
     return docs
 
 
-def iter_folder_documents(folder: Path):
+def iter_folder_documents(folder: Path, read_txt: bool = True):
     """.txt files (one document each) and .jsonl files (a `text` field per line), sorted by path,
-    one document at a time; a bad line is a ConfigError naming the file and its 1-based line."""
+    one document at a time; a bad line is a ConfigError naming the file and its 1-based line.
+    read_txt=False skips the .txt files (checking: read with errors="replace", they cannot be bad)."""
     files = sorted(p for p in folder.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file())
     if not files:
         raise ConfigError(f"{folder}: no .txt or .jsonl files (and no {SHARD_GLOB} shards) in the data source")
     for path in files:
         if path.suffix == ".txt":
+            if not read_txt:
+                continue
             text = path.read_text(encoding="utf-8", errors="replace")
             if text.strip():
                 yield text
@@ -133,7 +136,7 @@ def check_data_source(source: str | os.PathLike) -> None:
         for shard in [*train_shards, val_shard]:
             open_shard(shard)
         return
-    for _ in iter_folder_documents(src):
+    for _ in iter_folder_documents(src, read_txt=False):
         pass
 
 
