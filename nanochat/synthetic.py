@@ -135,13 +135,9 @@ def generate_conversations(n: int, seed: int = 0, max_tokens: int = 2048, tail_a
 
 
 # -----------------------------------------------------------------------------
-# Reading and writing
+# Writing (reading, with the schema check, is nanochat.conversations)
 
 def write_jsonl(path: str | Path, convs: list[dict]) -> Path:
     path = Path(path)
     atomic_write_text(path, "".join(json.dumps(c, ensure_ascii=False) + "\n" for c in convs))
     return path
-
-
-# Reading (and the schema check) lives in nanochat.conversations, shared with `submit`'s validation.
-from nanochat.conversations import read_conversations  # noqa: E402,F401  (re-exported)
