@@ -83,7 +83,11 @@ def load_grid(path: str | os.PathLike) -> dict:
     if command is not None and (not isinstance(command, list) or not command
                                 or not all(isinstance(a, (str, int, float)) for a in command)):
         raise ConfigError(f"{path}: 'command' must be a non-empty list of arguments")
-    return {"name": str(spec.get("name") or path.stem), "kind": str(spec.get("kind") or "array"),
+    name = str(spec.get("name") or path.stem)
+    from jobs.spec import VARIANT_NAME_RE
+    if not VARIANT_NAME_RE.fullmatch(name) or ".." in name:  # it names the row files: rows/<name>__<job>.json
+        raise ConfigError(f"{path}: name {name!r}: letters, digits, _, - and . only (no '/' or '..')")
+    return {"name": name, "kind": str(spec.get("kind") or "array"),
             "rows": rows, "command": [str(a) for a in command] if command else None, "path": str(path)}
 
 

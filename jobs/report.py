@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pandas as pd
+import yaml
 from matplotlib.figure import Figure  # the object API: no pyplot, no global figure state
 
 from jobs.rows import RESULT_COLUMNS
@@ -244,6 +245,70 @@ def _job_ids(entry: dict) -> list[str]:
     return [str(j) for j in (ids if isinstance(ids, list) else [ids])]
 
 
+# Slurm states of a job that ended without success (sacct's words); a job in any other state is
+# still pending or running (or completed: then its missing row is only a problem, not a failure).
+SACCT_ENDED_BADLY = ("FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE",
+                     "PREEMPTED")
+# The runner's own record (jobs.json) of a stage that ended without a row, where sacct has no word
+RECORDED_ENDED_BADLY = ("FAILED", "CANCELLED", "TIMEOUT")
+
+
+def _resolved_stages(folder: Path) -> dict[str, dict]:
+    """{stage: {"kind", "variants": [names]}} from the run's resolved.yaml; {} when unreadable."""
+    try:
+        raw = yaml.safe_load((folder / "resolved.yaml").read_text(encoding="utf-8"))
+        stages = raw.get("stages") if isinstance(raw, dict) else None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return {}
+    out = {}
+    for name, body in (stages.items() if isinstance(stages, dict) else []):
+        if isinstance(body, dict):
+            variants = body.get("variants") if isinstance(body.get("variants"), list) else []
+            out[str(name)] = {"kind": body.get("kind") if isinstance(body.get("kind"), str) else None,
+                              "variants": [v.get("name") if isinstance(v, dict) else None for v in variants]}
+    return out
+
+
+def rows_for_jobs_without_rows(run_id: str, stage: str, job_ids: list[str], recorded_state, sacct: SacctResult,
+                               spec: dict, like: dict | None = None) -> list[dict]:
+    """A job killed outright (scancel, kill -9, time limit, node failure) writes no row of its own.
+    Its line in the report is built from what sacct says (or, without sacct, from the runner's own
+    record): state as sacct has it (OUT_OF_MEMORY -> OOM, as rows name it), the error saying so, and
+    extra.row_from naming where the line came from. Jobs still pending or running get none.
+    like: the job's PREEMPTED row, when it was killed after a requeue (kind and variant from it)."""
+    built = []
+    for job_id in job_ids:
+        job = sacct.jobs.get(job_id)
+        if job is not None:
+            if job.state not in SACCT_ENDED_BADLY or (like is not None and job.state == "PREEMPTED"):
+                continue
+            state, source = ("OOM" if job.state == "OUT_OF_MEMORY" else job.state), "sacct"
+            what = "no result row after its requeue" if like is not None else "no result row"
+            error = (f"the job wrote {what}; sacct: {job.state}, exit code {job.exit_code}, "
+                     f"signal {job.signal}, elapsed {job.elapsed_s} s")
+        elif like is not None:
+            continue
+        elif recorded_state in RECORDED_ENDED_BADLY:
+            state, source = recorded_state, "jobs.json"
+            error = f"the job wrote no result row; the runner recorded it {recorded_state}"
+        else:
+            continue
+        _, _, task = job_id.partition("_")
+        task = int(task) if task.isdigit() else None
+        variants = spec.get("variants") or []
+        row = {col: None for col in RESULT_COLUMNS}
+        row.update(run_id=run_id, stage=stage, kind=spec.get("kind"), job_id=job_id, array_task=task,
+                   variant=variants[task] if task is not None and task < len(variants) else None,
+                   state=state, error=error, extra=json.dumps({"row_from": source}))
+        if like is not None:
+            row.update(kind=like.get("kind"), variant=like.get("variant"), array_task=like.get("array_task"),
+                       requeues=like.get("requeues"))
+        row["row_file"] = None
+        row["row_problem"] = f"no row file: built from {source}"
+        built.append(row)
+    return built
+
+
 def rows_frame(rows: list[dict]) -> pd.DataFrame:
     """The typed table: one line per row, ALL_COLUMNS in order, dtypes from the schema."""
     df = pd.DataFrame({col: [r.get(col) for r in rows] for col in ALL_COLUMNS})
@@ -359,6 +424,7 @@ def load_run(folder: Path, price_per_gpu_hour: float = DEFAULT_PRICE_PER_GPU_HOU
 
     job_ids = [r["job_id"] for r in rows if r["job_id"]] + [j for ids, _ in missing_jobs.values() for j in ids]
     sacct = query_sacct(job_ids) if use_sacct else SacctResult(False, "sacct not asked (--no-sacct)")
+    specs = _resolved_stages(folder)
     for name, (ids, state) in missing_jobs.items():
         said = [f"job {j}: sacct {sacct.jobs[j].state} exit {sacct.jobs[j].exit_code}" for j in ids if j in sacct.jobs]
         if state and not said:
@@ -366,6 +432,12 @@ def load_run(folder: Path, price_per_gpu_hour: float = DEFAULT_PRICE_PER_GPU_HOU
         detail = f"stage {name} (job {', '.join(ids) or 'never submitted'}) wrote no row" + \
             (f" ({'; '.join(said)})" if said else "")
         problems.append(Problem(run_id, f"rows/{name}__*.json", "missing", detail))
+        rows += rows_for_jobs_without_rows(run_id, name, ids, state, sacct, specs.get(name, {}))
+    # A job requeued after preemption keeps its id and its PREEMPTED row until the rerun overwrites it:
+    # killed in between (or out of time again), that row is its last word, so sacct's end is added.
+    for r in [r for r in rows if r["state"] == "PREEMPTED" and r["job_id"]]:
+        if sum(1 for o in rows if o["job_id"] == r["job_id"]) == 1:
+            rows += rows_for_jobs_without_rows(run_id, r["stage"], [r["job_id"]], None, sacct, {}, like=r)
 
     df = join_sacct(rows_frame(rows), sacct, price_per_gpu_hour)
     # Stages in the pipeline's order (run.json), then any others by name; array tasks in order.
@@ -411,10 +483,13 @@ class Optimization:
 # (optimization, row kind, metric, baseline side, optimized side); a side is (label, variant names,
 # batch-size sources): a row belongs to it by its variant, or by where its batch size came from.
 # The auto batch size pair goes by source because pipelines name the fixed-batch variant freely
-# ("baseline", "fixed-32"): config = fixed, probe/cache/fallback = found automatically.
+# ("baseline", "fixed-32"): config = fixed, probe/cache/fallback = found automatically. A fixed
+# batch that an out-of-memory fallback shrank ("config+oom_fallback") stays on the fixed side: the
+# comparison is between what was asked for, not what the fallback made of it.
 # Rows of kind "bench" (the bench commands) count as well: the variant names tell the pairs apart.
-FIXED_BATCH = ("baseline", ("baseline",), ("config",))
+FIXED_BATCH = ("baseline", ("baseline",), ("config", "config+oom_fallback"))
 AUTO_BATCH = ("auto", ("auto",), ("probe", "cache", "fallback"))
+BATCH_SOURCES = FIXED_BATCH[2] + AUTO_BATCH[2]
 OPTIMIZATION_PAIRS = [
     ("auto batch size", "base_train", "tokens_per_s", FIXED_BATCH, AUTO_BATCH),
     ("auto batch size", "base_train", "mfu", FIXED_BATCH, AUTO_BATCH),
@@ -438,7 +513,10 @@ def _side(df: pd.DataFrame, kind: str, side: tuple, metric: str) -> tuple[float 
     variant, variants, sources = side
     by_variant = df["kind"].isin([kind, "bench"]).fillna(False) & df["variant"].isin(variants).fillna(False)
     # by source only within the stage kind itself: other benchmarks also run at a configured batch
-    by_source = (df["kind"] == kind).fillna(False) & df["batch_size_source"].isin(sources).fillna(False)
+    of_kind = (df["kind"] == kind).fillna(False)
+    by_source = of_kind & df["batch_size_source"].isin(sources).fillna(False)
+    if sources:  # a row whose source says fixed or found sits on that side only, whatever its variant is called
+        by_variant &= ~(of_kind & df["batch_size_source"].isin(BATCH_SOURCES).fillna(False))
     rows = df[by_variant | by_source]
     if rows.empty:
         return None, 0, f"no {variant} row"

@@ -41,6 +41,13 @@ KINDS: dict[str, tuple[str, str]] = {
 }
 # Fields every recipe config has that the jobs layer fills; a spec may not set them.
 FILLED_BY_JOBS = ("base_dir", "out_dir")
+# Stage args naming user-supplied data -> the library check the stage's own loader runs on it, so a
+# bad line fails `submit` (before any job) with the message the stage would have given hours later.
+DATA_FILE_CHECKS: dict[str, tuple[str, str]] = {
+    "data_path": ("nanochat.datasets_chat", "check_mixture"),   # sft, mid_train: JSONL / parquet files of a mixture
+    "data_source": ("nanochat.prepare", "check_data_source"),             # base_train: shards or text folder
+    "init_from": ("nanochat.checkpoint", "resolve_checkpoint_dir"),       # a checkpoint path (not a stage name)
+}
 
 
 @dataclass
@@ -115,7 +122,9 @@ TOP_KEYS = ("name", "description", "results_dir", "cluster", "defaults", "stages
 DEFAULTS_KEYS = ("args", "resources")
 STAGE_KEYS = ("kind", "depends_on", "resources", "args", "variants")
 VARIANT_KEYS = ("name", "args")
+# Stage and variant names become path components (rows/<stage>__..., <stage>/<variant>/): no '/', '..' or spaces.
 STAGE_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]*$")
+VARIANT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
 class SpecError:
@@ -313,8 +322,8 @@ def parse_pipeline(raw: dict, source: str, check_args: bool = True) -> Pipeline:
     stages: dict[str, Stage] = {}
     own_args: dict[str, set] = {}   # keys set in the stage's own args (not through defaults.args)
     for name, body in stages_raw.items():
-        where = f"stages.{name}"
-        if not isinstance(name, str) or not STAGE_NAME_RE.match(name):
+        where = f"stages.{name}" if str(name).isprintable() else f"stages.{name!r}"  # the error stays one line
+        if not isinstance(name, str) or not STAGE_NAME_RE.fullmatch(name):
             raise err(where, "stage names are letters, digits, _ and -, starting with a letter")
         if not isinstance(body, dict):
             raise err(where, "expected a mapping (kind, depends_on, resources, args, variants)")
@@ -354,6 +363,9 @@ def parse_pipeline(raw: dict, source: str, check_args: bool = True) -> Pipeline:
             _check_keys(err, vwhere, v, VARIANT_KEYS)
             if not isinstance(v.get("name"), str) or not v["name"]:
                 raise err(f"{vwhere}.name", "missing (a short label such as baseline or auto)")
+            if not VARIANT_NAME_RE.fullmatch(v["name"]) or ".." in v["name"]:
+                raise err(f"{vwhere}.name", f"{v['name']!r}: variant names are letters, digits, _, - and . "
+                                            "(no '/' or '..'), starting with a letter or digit")
             if not isinstance(v.get("args") or {}, dict):
                 raise err(f"{vwhere}.args", "expected a mapping")
             variants.append(Variant(name=v["name"], args=dict(v.get("args") or {})))
@@ -399,6 +411,7 @@ def parse_pipeline(raw: dict, source: str, check_args: bool = True) -> Pipeline:
         for k in default_args:
             if k not in known:
                 raise err(f"defaults.args.{k}", f"unknown key in every stage's kind{_suggest(str(k), known)}")
+        check_data_files(err, stages)
     for s in stages.values():
         init_from = s.args.get("init_from")
         if isinstance(init_from, str) and init_from in stages and init_from not in _ancestors(stages, s.name):
@@ -435,6 +448,28 @@ def _check_serves(err: SpecError, stages: dict[str, Stage], probe: Stage, own: s
     if "memory_budget_gb" in own:
         raise err(f"stages.{probe.name}.args.memory_budget_gb",
                   f"{served} probes under the default CPU budget; an entry made under another is never read by it")
+
+
+def check_data_files(err: SpecError, stages: dict[str, Stage]) -> None:
+    """Every data file or folder a stage (or one of its variants) will read, checked now: the first
+    problem is a ConfigError naming the key, the file and its 1-based line. Each path is read once."""
+    checked: set[tuple[str, str]] = set()
+    for s in stages.values():
+        sides = [(f"stages.{s.name}.args", s.args)] + \
+            [(f"stages.{s.name}.variants[{i}].args", {**s.args, **v.args}) for i, v in enumerate(s.variants)]
+        for where, args in sides:
+            for key, (module_name, func_name) in DATA_FILE_CHECKS.items():
+                path = args.get(key)
+                if not isinstance(path, str) or not path or (key, path) in checked or \
+                        (key == "init_from" and path in stages):   # an earlier stage's checkpoints: not there yet
+                    continue
+                try:
+                    getattr(importlib.import_module(module_name), func_name)(path)
+                except ConfigError as e:
+                    raise err(f"{where}.{key}", str(e)) from None
+                except OSError as e:  # unreadable folder or file: still one line naming it
+                    raise err(f"{where}.{key}", f"{e.filename or path}: cannot read ({e.strerror or e})") from None
+                checked.add((key, path))
 
 
 def _topological_order(err: SpecError, stages: dict[str, Stage]) -> list[str]:

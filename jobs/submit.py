@@ -49,9 +49,9 @@ def choose_executor(name: str) -> str:
 
 def _update_jobs(run_dir: Path, update) -> dict:
     """Read-modify-write jobs.json under a file lock (the local runner and cancel both write it)."""
-    from filelock import FileLock
+    from nanochat.locking import file_lock
     path = Path(run_dir) / "jobs.json"
-    with FileLock(str(path) + ".lock"):
+    with file_lock(str(path) + ".lock"):
         data = read_json(path, {"stages": {}})
         update(data)
         atomic_write_json(path, data)

@@ -55,10 +55,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from filelock import FileLock, Timeout
+from filelock import Timeout
 
 from nanochat.common import (ConfigError, atomic_write_json, autodetect_device_type, device_name,
                              device_total_memory, get_base_dir, peak_memory_bytes, print0)
+from nanochat.locking import file_lock
 
 # Bump when the trial step changes in a way that changes its memory: old cache entries stop matching.
 STEP_VERSION = 1
@@ -708,7 +709,7 @@ def write_cache(cache_dir, key: str, entry: dict, lock_timeout_s: float = 60.0) 
     entry = dict(entry, key=key)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(path) + ".lock", timeout=lock_timeout_s):
+        with file_lock(str(path) + ".lock", timeout=lock_timeout_s):
             with warnings.catch_warnings():   # the reader already warned about a corrupt entry
                 warnings.simplefilter("ignore")
                 old = read_cache(cache_dir, key) if path.exists() else None

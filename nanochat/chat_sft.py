@@ -43,7 +43,8 @@ from nanochat.optim import all_reduce_gradients, build_optimizers
 from nanochat.packing import MODES, PACKED_MODES, Example, batch_for_mode, plan_batches, truncate
 from nanochat.synthetic import generate_conversations
 from nanochat.tokenizer import Tokenizer
-from nanochat.train_loop import _any_rank, _oom_handlers, read_metrics, write_metrics
+from nanochat.train_loop import (OOM_FALLBACK_SOURCES, _any_rank, _oom_handlers, read_metrics, source_after_oom,
+                                 write_metrics)
 
 ATTENTION_NAMES = {"flex": "flex-document-mask", "sdpa": "sdpa-bool-mask"}  # row extra "attention"
 
@@ -366,9 +367,9 @@ def train(cfg: SFTConfig, model: GPT, tokenizer: Tokenizer, train_examples: list
     if _positive_int(saved_plan_B) and _positive_int(saved_plan_accum) and saved_plan_B * saved_plan_accum == rows_per_rank:
         plan_B = saved_plan_B
         kept = ckpt_meta.get("device_batch_size")
-        if (ckpt_meta.get("batch_size_source") == "fallback" and _positive_int(kept) and kept < B
+        if (ckpt_meta.get("batch_size_source") in OOM_FALLBACK_SOURCES and _positive_int(kept) and kept < B
                 and rows_per_rank % kept == 0):
-            B, batch_size_source = kept, "fallback"
+            B, batch_size_source = kept, source_after_oom(batch_size_source)
             accum = rows_per_rank // B
             print0(f"sft[{mode}] keeping the out-of-memory fallback of the interrupted run: "
                    f"device_batch_size={B}, grad_accum={accum}")
@@ -441,7 +442,7 @@ def train(cfg: SFTConfig, model: GPT, tokenizer: Tokenizer, train_examples: list
             # (at B=1 fallback_after_oom raises MemoryError, on every rank alike).
             model.zero_grad(set_to_none=True)
             B, accum = oom[1](B, accum, batch_info.get("cache_key"), batch_info.get("cache_dir"), device)
-            batch_size_source = "fallback"
+            batch_size_source = source_after_oom(batch_size_source)  # a configured batch stays the fixed side
             print0(f"sft[{mode}] out of memory at step {step}: rerunning it with device_batch_size={B}, "
                    f"grad_accum={accum}")
             batches = [batch_for_mode(train_examples, m, mode, T, pad_id)

@@ -23,10 +23,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from filelock import FileLock
 
 from nanochat.common import ConfigError, atomic_write_text
+from nanochat.conversations import check_conversation_file, read_conversations
 from nanochat.fetch import fetch_files
+from nanochat.locking import file_lock
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,7 @@ def ensure_chat_set(base_dir, name: str, workers: int = 4, retries: int = 5, bac
         return json.loads(done.read_text())
     fetch_files(cs.repo_id, list(cs.files), hub_dir(base_dir, name), workers=workers, retries=retries,
                 backoff_s=backoff_s, log=log)
-    with FileLock(str(out) + ".lock"):
+    with file_lock(str(out) + ".lock"):
         if out.is_file() and done.is_file():
             return json.loads(done.read_text())
         convert, lines, skipped = CONVERTERS[name], [], 0
@@ -177,9 +178,17 @@ def mixture_files(spec: str, base_dir) -> list[Path]:
     return files
 
 
+def check_mixture(spec: str) -> None:
+    """Submit-time check of a data_path: the user's own files of a mixture are read and checked line by
+    line (nanochat.conversations, the loaders' own check); hub sets are made later by the data stage
+    and checked, offline, when the stage that reads them starts."""
+    for part, _ in mixture_parts(spec):
+        if part not in CHAT_SETS:
+            check_conversation_file(part)
+
+
 def read_mixture(spec: str, base_dir, seed: int = 0) -> list[dict]:
     """All conversations of a mixture, shuffled together with the seed (files as read_conversations reads them)."""
-    from nanochat.synthetic import read_conversations
     convs: list[dict] = []
     parts = mixture_parts(spec)
     for path, (_, count) in zip(mixture_files(spec, base_dir), parts):
@@ -193,5 +202,5 @@ def read_mixture(spec: str, base_dir, seed: int = 0) -> list[dict]:
     return convs
 
 
-__all__ = ["CHAT_SETS", "chat_set", "ensure_chat_set", "read_mixture", "mixture_files", "mixture_parts",
+__all__ = ["CHAT_SETS", "chat_set", "ensure_chat_set", "read_mixture", "check_mixture", "mixture_files", "mixture_parts",
            "converted_path", "smoltalk_conversation", "mmlu_conversation", "gsm8k_conversation"]

@@ -31,10 +31,10 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
-from filelock import FileLock
 
 from nanochat.common import ConfigError, atomic_write_json
 from nanochat.dataset import shard_name
+from nanochat.locking import file_lock
 
 MANIFEST = "fetched.json"
 STAGING = ".staging"
@@ -270,7 +270,7 @@ def fetch_files(repo_id: str, files: list[str], dest: str | os.PathLike, revisio
         return summary
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         check_present(dest, files, "HF_HUB_OFFLINE is set here (compute nodes have no internet)")
-    with FileLock(str(dest / ".fetch.lock")):
+    with file_lock(str(dest / ".fetch.lock")):
         todo = [f for f in files if f not in set(present(dest, files))]   # another job may have done it
         expected = hub_file_info(repo_id, todo, revision, retries=retries, backoff_s=backoff_s, log=log)
         total = sum(expected[f]["size"] or 0 for f in todo)

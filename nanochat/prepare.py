@@ -19,10 +19,10 @@ import os
 import sysconfig
 from pathlib import Path
 
-from filelock import FileLock
-
 from nanochat.common import ConfigError, atomic_write_json, get_base_dir
-from nanochat.dataset import SHARD_GLOB, iter_shard_texts, list_shards, shard_name, split_shards, write_shard
+from nanochat.dataset import (SHARD_GLOB, iter_shard_texts, list_shards, open_shard, shard_name, split_shards,
+                              write_shard)
+from nanochat.locking import file_lock
 from nanochat.tokenizer import TOKENIZER_FILE, Tokenizer, iter_texts_for_training
 
 DONE_FILE = "prepared.json"
@@ -91,31 +91,56 @@ def python_stdlib_documents(max_chars: int = DEFAULT_MAX_CHARS) -> list[str]:
     return docs
 
 
-def folder_documents(folder: Path) -> list[str]:
-    """.txt files (one document each) and .jsonl files (a `text` field per line), sorted by path."""
-    docs: list[str] = []
+def iter_folder_documents(folder: Path, read_txt: bool = True):
+    """.txt files (one document each) and .jsonl files (a `text` field per line), sorted by path,
+    one document at a time; a bad line is a ConfigError naming the file and its 1-based line.
+    read_txt=False skips the .txt files (checking: read with errors="replace", they cannot be bad)."""
     files = sorted(p for p in folder.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file())
     if not files:
         raise ConfigError(f"{folder}: no .txt or .jsonl files (and no {SHARD_GLOB} shards) in the data source")
     for path in files:
         if path.suffix == ".txt":
+            if not read_txt:
+                continue
             text = path.read_text(encoding="utf-8", errors="replace")
             if text.strip():
-                docs.append(text)
+                yield text
             continue
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                text = obj["text"]
-            except (ValueError, KeyError, TypeError):
-                raise ConfigError(f"{path}:{lineno}: expected a JSON object with a 'text' field") from None
-            if not isinstance(text, str):
-                raise ConfigError(f"{path}:{lineno}: 'text' must be a string")
-            if text.strip():
-                docs.append(text)
-    return docs
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                    text = obj["text"]
+                except (ValueError, KeyError, TypeError):
+                    raise ConfigError(f"{path}:{lineno}: expected a JSON object with a 'text' field") from None
+                if not isinstance(text, str):
+                    raise ConfigError(f"{path}:{lineno}: 'text' must be a string")
+                if text.strip():
+                    yield text
+
+
+def folder_documents(folder: Path) -> list[str]:
+    return list(iter_folder_documents(folder))
+
+
+def check_data_source(source: str | os.PathLike) -> None:
+    """What ensure_pretraining_data will read, checked without writing anything (submit time):
+    a folder of shards (each opens as parquet with a `text` column), or of .txt/.jsonl text."""
+    from nanochat.fetch import PRETRAINING_SETS
+    if str(source) in PRETRAINING_SETS:
+        return   # fetched by the data stage; checked offline, naming a missing file, when training starts
+    src = Path(source)
+    if not src.is_dir():
+        raise ConfigError(f"{src}: data_source folder not found")
+    if any(src.glob(SHARD_GLOB)):
+        train_shards, val_shard = split_shards(src)
+        for shard in [*train_shards, val_shard]:
+            open_shard(shard)
+        return
+    for _ in iter_folder_documents(src, read_txt=False):
+        pass
 
 
 # -----------------------------------------------------------------------------
@@ -146,7 +171,7 @@ def ensure_pretraining_data(base_dir: str | os.PathLike = "", source: str = "", 
     out.mkdir(parents=True, exist_ok=True)
     wanted = {"source": str(Path(source).resolve()) if source else "python-stdlib", "num_shards": num_shards,
               "max_chars": max_chars}
-    with FileLock(str(out / ".prepare.lock")):
+    with file_lock(str(out / ".prepare.lock")):
         done = out / DONE_FILE
         if done.exists():
             have = json.loads(done.read_text())
@@ -171,7 +196,7 @@ def ensure_tokenizer(base_dir: str | os.PathLike = "", vocab_size: int = 4096, d
     data_path = Path(data_path) if data_path else data_dir(base_dir)
     tok_dir = tokenizer_dir(base_dir, vocab_size, data_path)
     tok_dir.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(tok_dir / ".tokenizer.lock")):
+    with file_lock(str(tok_dir / ".tokenizer.lock")):
         if (tok_dir / TOKENIZER_FILE).exists():
             tok = Tokenizer.load(tok_dir)
             if tok.get_vocab_size() != vocab_size:

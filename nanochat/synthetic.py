@@ -135,59 +135,9 @@ def generate_conversations(n: int, seed: int = 0, max_tokens: int = 2048, tail_a
 
 
 # -----------------------------------------------------------------------------
-# Reading and writing
+# Writing (reading, with the schema check, is nanochat.conversations)
 
 def write_jsonl(path: str | Path, convs: list[dict]) -> Path:
     path = Path(path)
     atomic_write_text(path, "".join(json.dumps(c, ensure_ascii=False) + "\n" for c in convs))
     return path
-
-
-def _check_conversation(obj, where: str) -> dict:
-    if not isinstance(obj, dict) or not isinstance(obj.get("messages"), list) or not obj["messages"]:
-        raise ConfigError(f"{where}: expected an object with a non-empty 'messages' list")
-    for j, m in enumerate(obj["messages"]):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise ConfigError(f"{where}: message {j} needs 'role' and 'content'")
-        c = m["content"]
-        if not isinstance(c, str):
-            if not isinstance(c, list) or not all(isinstance(p, dict) and "type" in p and "text" in p for p in c):
-                raise ConfigError(f"{where}: message {j} content must be a string or a list of {{type, text}} parts")
-    return obj
-
-
-def read_conversations(path: str | Path) -> list[dict]:
-    """JSONL (one {"messages": [...]} per line) or parquet with a `messages` column (a list of
-    structs, or JSON strings)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: conversation file not found")
-    convs = []
-    if path.suffix == ".parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-        try:
-            table = pq.read_table(path)
-        except (pa.ArrowException, OSError) as e:
-            raise ConfigError(f"{path}: corrupt parquet file ({e})") from None
-        if "messages" not in table.column_names:
-            raise ConfigError(f"{path}: no 'messages' column (columns: {table.column_names})")
-        for i, msgs in enumerate(table.column("messages").to_pylist()):
-            if isinstance(msgs, str):
-                msgs = json.loads(msgs)
-            for m in msgs or []:
-                if isinstance(m.get("content"), list):  # parquet structs carry every field; drop empty ones
-                    m["content"] = [{k: v for k, v in p.items() if v is not None} for p in m["content"]]
-            convs.append(_check_conversation({"messages": msgs}, f"{path}: row {i}"))
-    else:
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except ValueError as e:
-                raise ConfigError(f"{path}:{lineno}: invalid JSON ({e})") from None
-            convs.append(_check_conversation(obj, f"{path}:{lineno}"))
-    if not convs:
-        raise ConfigError(f"{path}: no conversations")
-    return convs

@@ -137,6 +137,15 @@ def _oom_handlers():
 # -----------------------------------------------------------------------------
 # Batch size
 
+# batch_size_source after a run-time out-of-memory fallback. A configured (fixed) batch stays the
+# fixed side of the report's auto-vs-fixed comparison: it is marked, never counted as found.
+OOM_FALLBACK_SOURCES = ("fallback", "config+oom_fallback")
+
+
+def source_after_oom(source: str) -> str:
+    return "config+oom_fallback" if source in ("config", "config+oom_fallback") else "fallback"
+
+
 def resolve_compile(setting, device: torch.device) -> bool:
     """compile: auto (on for cuda, off elsewhere) | on | off (a bool also works)."""
     flag = COMPILE_CHOICES[str(setting).lower()]
@@ -320,9 +329,9 @@ def train(cfg: TrainConfig, *, stage: str, model, tokenizer, tokenizer_dir: str,
             resumed_loss = ckpt["meta"].get("loss")
             # an out-of-memory fallback before the restart: keep its smaller batch (same rows per step)
             m = ckpt["meta"]
-            if (m.get("batch_size_source") == "fallback" and m.get("device_batch_size", B) < B
+            if (m.get("batch_size_source") in OOM_FALLBACK_SOURCES and m.get("device_batch_size", B) < B
                     and m["device_batch_size"] * m.get("grad_accum_steps", 0) == rows_per_rank):
-                B, grad_accum, batch_source = m["device_batch_size"], m["grad_accum_steps"], "fallback"
+                B, grad_accum, batch_source = m["device_batch_size"], m["grad_accum_steps"], source_after_oom(batch_source)
             print0(f"[{stage}] resumed from {ckpt['path']} at step {start_step}")
             del ckpt
 
@@ -392,7 +401,7 @@ def train(cfg: TrainConfig, *, stage: str, model, tokenizer, tokenizer_dir: str,
                 p.grad = None
             B, grad_accum = oom_handlers[1](B, grad_accum, batch_info.get("cache_key"),
                                             batch_info.get("cache_dir"), device)
-            batch_source = "fallback"
+            batch_source = source_after_oom(batch_source)
             print0(f"[{stage}] out of memory at step {step}: rerunning it with device_batch_size={B}, "
                    f"grad_accum={grad_accum}")
         all_reduce_gradients(model)

@@ -13,7 +13,8 @@ from nanochat.common import ConfigError
 from nanochat.dataloader import conversation_loader, pretraining_loader
 from nanochat.dataset import list_shards, open_shard, shard_name, split_shards, write_shard
 from nanochat.prepare import data_dir, ensure_pretraining_data, ensure_tokenizer
-from nanochat.synthetic import generate_conversations, read_conversations, write_jsonl
+from nanochat.conversations import read_conversations
+from nanochat.synthetic import generate_conversations, write_jsonl
 from nanochat.tokenizer import Tokenizer
 
 VOCAB = 512

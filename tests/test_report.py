@@ -197,9 +197,13 @@ def test_missing_partial_and_corrupt_files_are_listed_not_fatal(tmp_path, capsys
     partial = next(p for p in out["problems"] if p["path"] == "rows/chat__local-204.json")
     assert "unreadable tokens_per_s='fast'" in partial["detail"] and "missing keys:" in partial["detail"]
 
-    # The rest still stands: 10 good rows + the partial one, their ratios, the plots.
+    # The rest still stands: 10 good rows + the partial one, their ratios, the plots; and the stage
+    # that died without a row still has its line, from the runner's record (no sacct here).
     df = rp.read_report_csv(folder / "report.csv")
-    assert len(df) == 11
+    assert len(df) == 12
+    tok = df[df["stage"] == "tokenizer"].iloc[0]
+    assert (tok["state"], tok["job_id"], json.loads(tok["extra"])) == ("FAILED", "local:99", {"row_from": "jobs.json"})
+    assert tok["row_problem"] == "no row file: built from jobs.json" and "wrote no result row" in tok["error"]
     chat = df[df["stage"] == "chat"].iloc[0]
     assert chat["state"] == "FAILED" and pd.isna(chat["tokens_per_s"]) and chat["wall_time_s"] == 3.5
     assert json.loads(chat["extra"]) == {"temperature": 0.8}
@@ -501,3 +505,41 @@ def test_array_task_rows_gather_into_one_table(tmp_path):
     assert [(p.kind, p.detail) for p in run.problems] == [("missing", "stage sweep (job 777_1) wrote no row")]
     figs = rp.run_figures(run.rows)
     assert figs[("sweep", "dbs8", "tokens_per_s")] == 800.0 and figs[("sweep", "dbs32", "tokens_per_s")] == 3200.0
+
+
+def test_a_fixed_batch_that_fell_back_after_oom_stays_on_the_fixed_side():
+    """Issue 11 item 6: a configured batch shrunk by the OOM fallback is still the baseline, and a
+    row's batch-size source decides its side even when its variant name says otherwise."""
+    def row(variant, source, tps, job):
+        return make_row(run_id="b", stage="base_train", kind="base_train", variant=variant, job_id=job,
+                        state="COMPLETED", device_batch_size=16, batch_size_source=source, tokens_per_s=tps,
+                        mfu=tps / 100)
+    df = rp.rows_frame([row("fixed-32", "config", 1000.0, "5_0"),
+                        row("fixed-64", "config+oom_fallback", 800.0, "5_1"),   # asked 64, fell back to 16
+                        row("auto", "probe", 1300.0, "5_2"),
+                        row("baseline", "cache", 1200.0, "5_3")])               # misnamed, but found by the cache
+    tps = [o for o in rp.optimizations(df) if o.name == "auto batch size" and o.metric == "tokens_per_s"][0]
+    assert (tps.n_baseline, tps.baseline) == (2, 900.0)
+    assert (tps.n_optimized, tps.optimized) == (2, 1250.0)
+
+
+def test_a_job_killed_after_its_requeue_gets_sacct_s_end(tmp_path, monkeypatch):
+    """A preempted job writes a PREEMPTED row and requeues under the same id; its rerun overwrites
+    that row. Killed before the rerun writes one, the PREEMPTED row would be its last word: the
+    report adds sacct's end. (sacct's answer is given here: a requeue cycle takes minutes on the
+    local Slurm; tests/test_report_killed_jobs.py asks the real sacct about a real cancelled job.)"""
+    from jobs.sacct import SacctJob, SacctResult
+    folder = tmp_path / "rq"
+    write_row(folder, make_row(run_id="rq", stage="train", kind="base_train", variant="auto", job_id="42",
+                               state="PREEMPTED", requeues=0))
+    write_row(folder, make_row(run_id="rq", stage="other", kind="noop", job_id="43", state="PREEMPTED"))
+    (folder / "run.json").write_text(json.dumps({"run_id": "rq", "stages": ["train", "other"], "executor": "slurm"}))
+    (folder / "jobs.json").write_text(json.dumps({"stages": {"train": {"job_id": "42"}, "other": {"job_id": "43"}}}))
+    said = SacctResult(True, jobs={"42": SacctJob("42", "TIMEOUT", 600, 0, 15),
+                                   "43": SacctJob("43", "RUNNING", 5, 0, 0)})     # 43: its rerun is on its way
+    monkeypatch.setattr(rp, "query_sacct", lambda ids: said)
+    run = rp.load_run(folder)
+    assert list(zip(run.rows["job_id"], run.rows["state"])) == [("42", "PREEMPTED"), ("42", "TIMEOUT"), ("43", "PREEMPTED")]
+    end = run.rows.iloc[1]
+    assert (end["kind"], end["variant"], end["requeues"]) == ("base_train", "auto", 0)
+    assert end["error"].startswith("the job wrote no result row after its requeue; sacct: TIMEOUT")

@@ -111,9 +111,9 @@ def test_real_out_of_memory_reruns_the_step_smaller_and_a_restart_keeps_it(tmp_p
     assert "out of memory at step 0" in out             # the allocator refused batch 4 under the limit
     assert r["ref"][:3] == [2, 2, 4]
     # the first attempt fell back to 2 x 2 (the same 4 rows per step) and took its two steps
-    assert r["first"] == ["PREEMPTED", 2, 2, "fallback", 2, 4 * 256]
+    assert r["first"] == ["PREEMPTED", 2, 2, "config+oom_fallback", 2, 4 * 256]   # configured: stays the fixed side
     # the restart (no limit now, configured at 4) keeps the fallback's size from the checkpoint
-    assert r["second"][:6] == ["COMPLETED", 2, 2, "fallback", 2, 2]
+    assert r["second"][:6] == ["COMPLETED", 2, 2, "config+oom_fallback", 2, 2]
     # no step lost or repeated: the weights are those of the run configured at 2 x 2 from the start
     assert r["max_diff"] == 0.0, r
     assert r["second"][6] == r["ref"][3]
@@ -187,14 +187,14 @@ def _ranks(out_dir, world_size, timeout=180, **env_extra):
 
 
 @pytest.mark.slow
-def test_one_rank_out_of_memory_both_fall_back_and_match_one_process(tmp_path, fp32_muon):
+def test_one_rank_out_of_memory_both_fall_back_and_match_two_ranks_configured_smaller(tmp_path, fp32_muon):
     """Only rank 1 runs out of memory: both ranks learn of it before the gradient all-reduce, both
     rerun the step at 2 x 2, and the weights equal those of two ranks configured at 2 x 2."""
     rows, outs = _ranks(tmp_path / "two", 2, OOM_RANK="1")
     assert "out of memory at step 0" in outs[0]   # rank 0 fell back because rank 1 ran out
     for r in rows:
         assert (r["state"], r["device_batch_size"], r["grad_accum_steps"], r["batch_size_source"]) == \
-            ("COMPLETED", 2, 2, "fallback")
+            ("COMPLETED", 2, 2, "config+oom_fallback")
         assert r["total_batch_size"] == 4 * 256 * 2 and r["steps"] == 4
     ref_rows, _ = _ranks(tmp_path / "ref", 2, CONFIG_B="2")
     assert (ref_rows[0]["device_batch_size"], ref_rows[0]["grad_accum_steps"]) == (2, 2)

@@ -73,6 +73,12 @@ BAD = [
     (lambda d: d["stages"]["b"]["resources"].update(signal_delay_s=600), "stages.b.resources.signal_delay_s", "shorter than time_min"),
     (lambda d: d["stages"]["b"].update(args={"init_from": "c"}), "stages.b.args.init_from", "must be in depends_on"),
     (lambda d: d.update(stages={}), "stages", "at least one stage"),
+    # variant names become path components (rows, stage folders): validated like stage names
+    (lambda d: d["stages"]["c"]["variants"][0].update(name="a/b"), "stages.c.variants[0].name", "no '/'"),
+    (lambda d: d["stages"]["c"]["variants"][0].update(name=".."), "stages.c.variants[0].name", "no '/'"),
+    (lambda d: d["stages"]["c"]["variants"][0].update(name="a b"), "stages.c.variants[0].name", "variant names"),
+    (lambda d: d["stages"]["c"]["variants"][0].update(name="x\n"), "stages.c.variants[0].name", "variant names"),
+    (lambda d: d["stages"].update({"e\n": {"kind": "noop"}}), "stages.'e", "stage names are"),
 ]
 
 
