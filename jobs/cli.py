@@ -27,6 +27,7 @@ EXTERNAL_COMMANDS = {
     "report": ("jobs.report", "build the report of one or more runs (CSV, Markdown summary, plots)"),
     "probe": ("jobs.cmd_probe", "find the largest device batch size that fits (and cache it)"),
     "chat": ("jobs.cmd_chat", "chat with a trained checkpoint"),
+    "eval": ("jobs.cmd_eval", "evaluate a checkpoint: CORE (--tasks core) or the chat tasks, a report card"),
     "bench": ("jobs.cmd_bench", "benchmark each optimization against its baseline: train|sft|inference|batch|all"),
 }
 

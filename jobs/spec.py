@@ -36,6 +36,8 @@ KINDS: dict[str, tuple[str, str]] = {
     "mid_train": ("nanochat.mid_train", "MidTrainConfig"),
     "sft": ("nanochat.chat_sft", "SFTConfig"),
     "inference_bench": ("nanochat.inference_bench", "InferenceBenchConfig"),
+    "base_eval": ("nanochat.evaluate", "BaseEvalConfig"),   # CORE (after base/mid training)
+    "chat_eval": ("nanochat.evaluate", "ChatEvalConfig"),   # ARC, MMLU, GSM8K, HumanEval, ChatCORE (after SFT)
     "noop": ("jobs.stages", "NoopConfig"),  # built in: tests a cluster (sleep, fail, checkpoint, all-reduce)
 }
 # Fields every recipe config has that the jobs layer fills; a spec may not set them.
