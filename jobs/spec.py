@@ -390,6 +390,9 @@ def parse_pipeline(raw: dict, source: str, check_args: bool = True) -> Pipeline:
                        and not all(f.name in v.args for v in s.variants or [Variant("", {})])]
             if missing:
                 raise err(f"stages.{s.name}.args.{missing[0]}", "missing required key")
+            check = getattr(cls, "check_args", None)   # a recipe's own value checks (e.g. chat_eval's task names)
+            for key, message in (check(merged) if check is not None else []):
+                raise err(f"stages.{s.name}.args.{key}", message)
         known = {f.name for s in stages.values() for f in dataclasses.fields(config_class(s.kind))}
         for k in default_args:
             if k not in known:

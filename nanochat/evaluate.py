@@ -57,6 +57,23 @@ class ChatEvalConfig:
     init_from: str = ""
     device_type: str = ""
 
+    @staticmethod
+    def check_args(args: dict) -> list[tuple[str, str]]:
+        """(key, problem) for values the run would refuse; the pipeline spec calls it before submitting."""
+        problems = []
+        tasks = [t.strip() for t in str(args.get("tasks", ChatEvalConfig.tasks)).split(",") if t.strip()]
+        unknown = [t for t in tasks if t not in CHAT_TASKS]
+        if unknown or not tasks:
+            problems.append(("tasks", f"unknown task {unknown[0] if unknown else '(none)'!r}; known: {', '.join(CHAT_TASKS)}"))
+        if args.get("first_token", "independent") not in ("independent", "broadcast"):
+            problems.append(("first_token", f"must be independent or broadcast, got {args['first_token']!r}"))
+        for key in ("num_samples", "batch_size", "max_new_tokens"):
+            if key in args and int(args[key]) < 1:
+                problems.append((key, f"must be at least 1, got {args[key]}"))
+        if int(args.get("num_samples", 1)) > 1 and float(args.get("temperature", 0.0)) == 0.0:
+            problems.append(("temperature", "num_samples > 1 needs temperature > 0 (greedy samples are all alike)"))
+        return problems
+
 
 def _reduce(values: list[float], ddp: bool, op: str = "sum") -> list[float]:
     t = torch.tensor(values, dtype=torch.float64)
@@ -176,14 +193,9 @@ def _load_chat_task(task: str, data_dir):
 def run_chat_eval(cfg: ChatEvalConfig, info, model, tokenizer) -> list[dict]:
     from nanochat.engine import Engine
     from nanochat.tasks.common import resolve_data_dir
+    for key, message in ChatEvalConfig.check_args(vars(cfg)):
+        raise ConfigError(f"{key}: {message}")
     tasks = [t.strip() for t in cfg.tasks.split(",") if t.strip()]
-    unknown = [t for t in tasks if t not in CHAT_TASKS]
-    if unknown or not tasks:
-        raise ConfigError(f"tasks: unknown task {unknown[0] if unknown else '(none)'!r}; known: {', '.join(CHAT_TASKS)}")
-    if cfg.first_token not in ("independent", "broadcast"):
-        raise ConfigError(f"first_token: must be independent or broadcast, got {cfg.first_token!r}")
-    if cfg.num_samples < 1 or cfg.batch_size < 1:
-        raise ConfigError("num_samples and batch_size: must be at least 1")
     data_dir = resolve_data_dir(cfg.data_dir, cfg.base_dir)
     data = {t: _limit(_load_chat_task(t, data_dir), cfg) for t in tasks}   # all read before any work
     engine = Engine(model, tokenizer)

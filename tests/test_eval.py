@@ -126,3 +126,26 @@ def test_two_gloo_ranks_match_one_process(ckpt):
     for task in ("arc_easy", "mmlu", "gsm8k"):
         assert two[0][task]["world_size"] == 2 and two[0][task]["num_examples"] == 5   # 3 + 2 examples, summed
         assert two[0][task]["accuracy"] == two[1][task]["accuracy"] == one[task]["accuracy"]
+
+
+def test_pipeline_refuses_bad_eval_args_before_submitting():
+    from jobs.spec import load_pipeline
+    for setting, key in (("chat_eval.tasks=arc_hard", "stages.chat_eval.args.tasks"),
+                         ("chat_eval.first_token=shared", "stages.chat_eval.args.first_token"),
+                         ("chat_eval.temperature=0.0", "stages.chat_eval.args.temperature")):
+        with pytest.raises(ConfigError, match=key):
+            load_pipeline(REPO / "pipelines" / "smoke.yaml", [setting])
+
+
+def test_report_card_in_summary_and_comparison():
+    from jobs.report import eval_figures, report_card_md, rows_frame
+    from jobs.rows import make_row
+    rows = [make_row(run_id="r", stage="chat_eval", kind="chat_eval", variant=t, state="COMPLETED",
+                     extra={"accuracy": acc, "num_examples": 4, "eval_seconds": 2.0, "examples_per_s": 2.0,
+                            "pass_at_k": pk, "k": 2, "first_token": ft})
+            for t, acc, pk, ft in (("gsm8k", 0.5, 0.5, "independent"), ("gsm8k.broadcast", 0.25, 0.25, "broadcast"))]
+    df = rows_frame(rows)
+    card = "\n".join(report_card_md(df))
+    assert "## Report card" in card and "near chance" in card and "gsm8k.broadcast" in card
+    figs = eval_figures(df)
+    assert figs[("chat_eval", "gsm8k", "pass_at_k")] == 0.5 and figs[("chat_eval", "gsm8k.broadcast", "accuracy")] == 0.25
