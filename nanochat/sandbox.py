@@ -26,7 +26,6 @@ which is why the namespace is preferred where it is available.
 from __future__ import annotations
 
 import os
-import resource
 import shutil
 import signal
 import stat
@@ -39,9 +38,15 @@ from pathlib import Path
 
 NOBODY = 65534
 
-# Runs in the child before the program: `python -I -B -c GUARD program.py`.
+# Runs in the child before the program: `python -I -B -c GUARD LIMITS [--no-fork|--no-hook] program.py`.
 GUARD = r'''
-import os, sys
+import os, sys, resource
+# Limits first, from argv[1]: "cpu_s,address_space_bytes,file_bytes,processes" (set here rather than in
+# a preexec_fn, which is unsafe in a caller with threads, as torch's evaluator is).
+cpu, mem, fsize, nproc = (int(x) for x in sys.argv.pop(1).split(","))
+for which, value in ((resource.RLIMIT_CPU, cpu), (resource.RLIMIT_AS, mem), (resource.RLIMIT_FSIZE, fsize),
+                     (resource.RLIMIT_NPROC, nproc), (resource.RLIMIT_CORE, 0)):
+    resource.setrlimit(which, (value, value))
 ROOT = os.path.realpath(os.getcwd())
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 PATH_EVENTS = {"os.remove", "os.rmdir", "os.rename", "os.replace", "shutil.rmtree", "os.truncate",
@@ -124,18 +129,6 @@ def isolation() -> str:
     return "guard"
 
 
-def _limits(timeout_s: float, memory_bytes: int, max_processes: int, max_file_bytes: int):
-    cpu = max(1, int(timeout_s + 1))
-
-    def apply() -> None:   # runs in the child between fork and exec
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-        resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
-        resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes))
-        resource.setrlimit(resource.RLIMIT_NPROC, (max_processes, max_processes))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    return apply
-
-
 def run_python(program: str, timeout_s: float = 10.0, memory_bytes: int = 1 << 30, max_processes: int = 32,
                max_file_bytes: int = 16 << 20, mode: str | None = None, audit_hook: bool = True) -> SandboxResult:
     """Run `program` (Python source) in a sandboxed child and report how it ended. Never raises for
@@ -153,7 +146,8 @@ def run_python(program: str, timeout_s: float = 10.0, memory_bytes: int = 1 << 3
         if not audit_hook and mode != "namespace":
             raise ValueError("the audit hook can only be left out in namespace mode")
         flags = ["--no-fork"] if mode == "guard" else [] if audit_hook else ["--no-hook"]
-        argv = [python, "-I", "-B", "-c", GUARD, *flags, "program.py"]
+        limits = f"{max(1, int(timeout_s + 1))},{memory_bytes},{max_file_bytes},{max_processes}"
+        argv = [python, "-I", "-B", "-c", GUARD, limits, *flags, "program.py"]
         if mode == "namespace":
             os.chown(workdir, NOBODY, NOBODY)
             os.chown(Path(workdir, "program.py"), NOBODY, NOBODY)
@@ -168,8 +162,7 @@ def run_python(program: str, timeout_s: float = 10.0, memory_bytes: int = 1 << 3
         fd_err, err_path = tempfile.mkstemp(prefix="nanochat-sandbox-err-")
         with os.fdopen(fd_out, "wb") as out, os.fdopen(fd_err, "wb") as err:
             proc = subprocess.Popen(argv, cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                    start_new_session=True, close_fds=True,
-                                    preexec_fn=_limits(timeout_s, memory_bytes, max_processes, max_file_bytes))
+                                    start_new_session=True, close_fds=True)
             timed_out = False
             try:
                 proc.wait(timeout=timeout_s)
