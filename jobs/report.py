@@ -728,6 +728,8 @@ def eval_table(df: pd.DataFrame) -> pd.DataFrame:
                       "num_examples": extra.get("num_examples"), "eval_seconds": extra.get("eval_seconds"),
                       "chance": extra.get("chance", extra.get("random_baseline")),
                       **{m: extra.get(m) for m in EVAL_FIGURES}})
+    # per stage: the tasks, then the combined metric (CORE, ChatCORE: the rows without an accuracy)
+    lines.sort(key=lambda l: (str(l["stage"]), l["accuracy"] is None, str(l["task"])))
     return pd.DataFrame(lines)
 
 

@@ -149,3 +149,13 @@ def test_report_card_in_summary_and_comparison():
     assert "## Report card" in card and "near chance" in card and "gsm8k.broadcast" in card
     figs = eval_figures(df)
     assert figs[("chat_eval", "gsm8k", "pass_at_k")] == 0.5 and figs[("chat_eval", "gsm8k.broadcast", "accuracy")] == 0.25
+
+
+def test_cli_eval_prints_rows_and_json(ckpt):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "jobs", "eval", str(ckpt), "--tasks", "core", "--data-dir", "fixtures",
+                        "--max-per-task", "2", "--json"], cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = json.loads(p.stdout.strip().splitlines()[-1])["rows"]
+    assert [r["variant"] for r in rows][-1] == "CORE" and "examples_per_s" in rows[0]
+    assert "name_a_thing" in p.stdout
