@@ -159,3 +159,47 @@ def test_cli_eval_prints_rows_and_json(ckpt):
     rows = json.loads(p.stdout.strip().splitlines()[-1])["rows"]
     assert [r["variant"] for r in rows][-1] == "CORE" and "examples_per_s" in rows[0]
     assert "name_a_thing" in p.stdout
+
+
+def test_independent_first_token_raises_pass_at_k(tmp_path, capsys):
+    """The first-token fix measured as quality. A model that learned two answers per question, half
+    starting "Yes" (then the right number) and half "No" (a wrong one): with the broadcast first
+    token all k samples share one start, so pass@k stays near pass@1 (1/2); with independent first
+    tokens pass@k approaches 1 - (1/2)^k. Same model, same seeds, only first_token differs."""
+    questions = [(f"What is {a} plus {b}?", a + b) for a, b in ((12, 5), (7, 9), (21, 4), (3, 30), (15, 15), (8, 6))]
+    convs = []
+    for q, n in questions:
+        convs.append({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": f"Yes #### {n}"}]})
+        convs.append({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": f"No #### {n + 1}"}]})
+    tok = Tokenizer.train([json.dumps(c) for c in convs] * 20 + ["0123456789 #"] * 20, 300)
+    tok.save(tmp_path / "tok")
+    seqs = [tok.render_conversation(c)[0] for c in convs]
+    T = max(map(len, seqs))
+    x = torch.zeros(len(seqs), T - 1, dtype=torch.long)
+    y = torch.full((len(seqs), T - 1), -1, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        x[i, :len(s) - 1], y[i, :len(s) - 1] = torch.tensor(s[:-1]), torch.tensor(s[1:])
+    torch.manual_seed(0)
+    cfg = GPTConfig(sequence_len=64, vocab_size=tok.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
+    model = build_model(cfg, "cpu")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    for _ in range(150):
+        loss = model(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    save_checkpoint(tmp_path / "ckpt", 1, model, [], {"model_config": cfg.to_dict(), "tokenizer_dir": str(tmp_path / "tok")})
+    with open(tmp_path / "gsm8k.jsonl", "w") as f:
+        for q, n in questions:
+            f.write(json.dumps({"question": q, "answer": f"{n}\n#### {n}"}) + "\n")
+    rows = {r["variant"]: r for r in evaluate.run(evaluate.ChatEvalConfig(
+        init_from=str(tmp_path / "ckpt"), data_dir=str(tmp_path), tasks="gsm8k", num_samples=4, temperature=1.0,
+        top_k=0, max_new_tokens=8, compare_broadcast=True, device_type="cpu"))}
+    ind, bc = rows["gsm8k"], rows["gsm8k.broadcast"]
+    with capsys.disabled():
+        print(f"\nfirst token   pass@1  pass@4  (6 problems, 4 samples each, temperature 1)\n"
+              f"independent   {ind['pass_at_1']:.3f}   {ind['pass_at_k']:.3f}\n"
+              f"broadcast     {bc['pass_at_1']:.3f}   {bc['pass_at_k']:.3f}")
+    assert 0.2 < ind["pass_at_1"] < 0.8 and 0.2 < bc["pass_at_1"] < 0.8    # the model learned both starts
+    assert ind["pass_at_k"] > bc["pass_at_k"]
+    assert bc["pass_at_k"] == pytest.approx(bc["pass_at_1"])    # broadcast: the samples all start alike
