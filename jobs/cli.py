@@ -33,6 +33,7 @@ EXTERNAL_COMMANDS = {
     "probe": ("jobs.cmd_probe", "find the largest device batch size that fits (and cache it)"),
     "chat": ("jobs.cmd_chat", "chat with a trained checkpoint"),
     "data": ("jobs.cmd_data", "fetch and verify datasets (fetch), or print a pipeline's data plan (plan)"),
+    "eval": ("jobs.cmd_eval", "evaluate a checkpoint: CORE (--tasks core) or the chat tasks, a report card"),
     "bench": ("jobs.cmd_bench", "benchmark each optimization against its baseline: train|sft|inference|batch|all"),
     "gpu-check": ("jobs.gpu_check", "check every GPU path on this machine's CUDA device, one JSON line (skips without CUDA)"),
 }

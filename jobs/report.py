@@ -593,6 +593,7 @@ def run_figures(df: pd.DataFrame) -> dict[tuple[str, str, str], float]:
             values = group[metric].dropna()
             if not values.empty:
                 figures[(stage, variant, metric)] = float(values.astype("float64").mean())
+    figures.update(eval_figures(done))
     for metric in ("gpu_hours", "cost"):
         values = df[metric].dropna()
         if not values.empty:
@@ -771,6 +772,7 @@ def run_summary_md(run: RunData, price: float, plots: list[str]) -> str:
                  f"cost: ${float(cost):.2f} at ${price:g}/GPU-hour")
     parts += ["", "## Optimizations: baseline vs optimized, measured in this run", "",
               optimizations_md(optimizations(df)), ""]
+    parts += report_card_md(df)
     for stage, group in df.groupby(df["stage"].fillna("(no stage)"), sort=False):  # pipeline order
         kind = group["kind"].dropna()
         parts += [f"## Stage {stage}" + (f" ({kind.iloc[0]})" if not kind.empty else ""), ""]
@@ -785,6 +787,53 @@ def run_summary_md(run: RunData, price: float, plots: list[str]) -> str:
     if plots:
         parts += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     return "\n".join(parts)
+
+
+# -----------------------------------------------------------------------------
+# The report card: evaluation stages (base_eval, chat_eval) keep their figures in `extra`
+
+EVAL_KINDS = ("base_eval", "chat_eval")
+EVAL_FIGURES = ["accuracy", "centered", "pass_at_1", "pass_at_k", "examples_per_s"]
+
+
+def eval_table(df: pd.DataFrame) -> pd.DataFrame:
+    """One line per evaluated task of the COMPLETED evaluation rows, its figures taken out of `extra`."""
+    rows = df[df["kind"].isin(EVAL_KINDS) & (df["state"] == "COMPLETED")] if "kind" in df else df.iloc[:0]
+    lines = []
+    for _, r in rows.iterrows():
+        extra = _extra(r)
+        lines.append({"stage": r["stage"], "task": r["variant"], "k": extra.get("k"), "first_token": extra.get("first_token"),
+                      "num_examples": extra.get("num_examples"), "eval_seconds": extra.get("eval_seconds"),
+                      "chance": extra.get("chance", extra.get("random_baseline")),
+                      **{m: extra.get(m) for m in EVAL_FIGURES}})
+    # per stage: the tasks, then the combined metric (CORE, ChatCORE: the rows without an accuracy)
+    lines.sort(key=lambda l: (str(l["stage"]), l["accuracy"] is None, str(l["task"])))
+    return pd.DataFrame(lines)
+
+
+def eval_figures(df: pd.DataFrame) -> dict[tuple[str, str, str], float]:
+    """(stage, task, figure) -> value, for comparing runs (`jobs report RUN1 RUN2 --baseline RUN`)."""
+    figures = {}
+    for _, r in eval_table(df).iterrows():
+        for m in EVAL_FIGURES:
+            if r[m] is not None and not pd.isna(r[m]):
+                figures[(str(r["stage"]).split(".")[0], str(r["task"]), m)] = float(r[m])
+    return figures
+
+
+def report_card_md(df: pd.DataFrame) -> list[str]:
+    table = eval_table(df)
+    if table.empty:
+        return []
+    cols = ["stage", "task", "accuracy", "chance", "centered", "pass_at_1", "pass_at_k", "k", "first_token",
+            "num_examples", "eval_seconds", "examples_per_s"]
+    parts = ["## Report card", "",
+             "Accuracy per task; centered = (accuracy - chance) / (1 - chance); CORE and ChatCORE are the means "
+             "of centered. pass@k rows: k samples per problem, with the engine's independent first token and, "
+             "as `<task>.broadcast`, the old broadcast first token on the same model. A tiny (smoke) model's "
+             "numbers are near chance: they show the path works, not that the model is good.", "",
+             md_table(cols, [[_cell(r[c]) for c in cols] for _, r in table.iterrows()]), ""]
+    return parts
 
 
 def problems_md(problems: list[Problem]) -> list[str]:

@@ -37,6 +37,8 @@ KINDS: dict[str, tuple[str, str]] = {
     "mid_train": ("nanochat.mid_train", "MidTrainConfig"),
     "sft": ("nanochat.chat_sft", "SFTConfig"),
     "inference_bench": ("nanochat.inference_bench", "InferenceBenchConfig"),
+    "base_eval": ("nanochat.evaluate", "BaseEvalConfig"),   # CORE (after base/mid training)
+    "chat_eval": ("nanochat.evaluate", "ChatEvalConfig"),   # ARC, MMLU, GSM8K, HumanEval, ChatCORE (after SFT)
     "noop": ("jobs.stages", "NoopConfig"),  # built in: tests a cluster (sleep, fail, checkpoint, all-reduce)
 }
 # Fields every recipe config has that the jobs layer fills; a spec may not set them.
@@ -407,6 +409,9 @@ def parse_pipeline(raw: dict, source: str, check_args: bool = True) -> Pipeline:
                        and not all(f.name in v.args for v in s.variants or [Variant("", {})])]
             if missing:
                 raise err(f"stages.{s.name}.args.{missing[0]}", "missing required key")
+            check = getattr(cls, "check_args", None)   # a recipe's own value checks (e.g. chat_eval's task names)
+            for key, message in (check(merged) if check is not None else []):
+                raise err(f"stages.{s.name}.args.{key}", message)
         known = {f.name for s in stages.values() for f in dataclasses.fields(config_class(s.kind))}
         for k in default_args:
             if k not in known:

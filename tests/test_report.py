@@ -463,7 +463,7 @@ def test_report_of_a_real_smoke_run(tmp_path):
     # The smoke pipeline cut short (a few steps per stage): ~1.5 CPU-minutes instead of ~5.
     short = ["base_train.num_steps=4", "base_train.save_every=0", "base_train.log_every=2",
              "base_train.eval_tokens=2048", "mid_train.num_steps=2", "sft.max_steps=2", "sft.num_conversations=40",
-             "inference_bench.new_tokens=8"]
+             "inference_bench.new_tokens=8", "base_eval.max_per_task=2", "chat_eval.max_per_task=1"]
     cmd = [sys.executable, "-m", "jobs", "submit", "pipelines/smoke.yaml", "--executor", "local", "--wait"]
     cmd += [a for kv in short for a in ("--set", kv)]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
@@ -478,7 +478,8 @@ def test_report_of_a_real_smoke_run(tmp_path):
     assert len(df) >= 1 and info["rows"] == len(df)
     assert set(df["state"]) <= {"COMPLETED", "SKIPPED"}  # kv-graph is SKIPPED without CUDA
     assert df["wall_time_s"].notna().all() and (df["gpus"].fillna(0) == 0).all()
-    assert list(dict.fromkeys(df["stage"])) == ["probe", "base_train", "mid_train", "sft", "inference_bench"]
+    assert list(dict.fromkeys(df["stage"])) == ["probe", "base_train", "mid_train", "sft", "inference_bench",
+                                                "base_eval", "chat_eval"]
     assert out["problems"] == []
     kv = next(o for o in info["optimizations"] if o["optimized_label"] == "kv-eager")
     tps = df.set_index("variant")["tokens_per_s"]

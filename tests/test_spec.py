@@ -130,4 +130,4 @@ def test_shipped_pipelines_validate(path):
 
 def test_smoke_pipeline_has_the_five_stages_in_order():
     p = spec.load_pipeline(spec.DEFAULT_PIPELINE)
-    assert [s.kind for s in p.stages.values()] == ["probe", "base_train", "mid_train", "sft", "inference_bench"]
+    assert [s.kind for s in p.stages.values()] == ["probe", "base_train", "mid_train", "sft", "inference_bench", "base_eval", "chat_eval"]
