@@ -2,7 +2,7 @@
 `python -m jobs <command>` (also installed as `nanochat-jobs`).
 
     submit PIPELINE [--executor auto|slurm|local] [--set KEY=VALUE ...] [--wait] [--json] [--run-id ID]
-                    [--max-parallel N]
+                    [--max-parallel N] [--dry-run]
     status RUN [--json]          cancel RUN [--json]          resume RUN [--wait] [--json] [--max-parallel N]
     report RUN [RUN ...] [--baseline RUN] [--json]              (jobs.report)
     probe ... (jobs.cmd_probe)   chat ... (jobs.cmd_chat)     bench train|sft|inference|batch|all (jobs.cmd_bench)
@@ -55,6 +55,9 @@ def add_submit_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-id", default=None, help="name the run (default: <pipeline>-<UTC time>-<random>)")
     p.add_argument("--max-parallel", type=int, default=_default_max_parallel(),
                    help="local executor: most stage processes at once (default: %(default)s here)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate and print per stage the sbatch script, resources, dependencies, outputs, logs "
+                        "and the data plan (and sbatch --test-only's answer where Slurm answers); submit nothing")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
 
 
@@ -128,10 +131,15 @@ def cmd_submit(args) -> int:
     from jobs import runs, spec, submit
     path = spec.resolve_pipeline_path(args.pipeline)
     pipeline = spec.load_pipeline(path, args.sets)       # validates everything before any submission
-    importlib.import_module("jobs.cmd_data").check_pipeline_data(pipeline)   # shard counts, epochs over the data
+    if not getattr(args, "dry_run", False):    # the dry run checks (and prints) the data plan itself
+        importlib.import_module("jobs.cmd_data").check_pipeline_data(pipeline)   # shard counts, epochs over the data
     executor = submit.choose_executor(args.executor)
     if args.max_parallel < 1:
         raise spec.ConfigError(f"--max-parallel {args.max_parallel}: must be at least 1")
+    if getattr(args, "dry_run", False):
+        from jobs import dryrun
+        plan = dryrun.dry_run(pipeline, runs.checked_run_id(pipeline, args.run_id), executor, args.max_parallel)
+        return _emit(args, plan)
     run, run_dir = runs.create_run(pipeline, args.run_id, executor, args.sets)
     return _run_stages(args, run, run_dir, pipeline, list(pipeline.stages), {}, executor)
 

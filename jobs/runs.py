@@ -50,13 +50,20 @@ def new_run_id(pipeline: Pipeline) -> str:
     return f"{pipeline.name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(2)}"
 
 
-def create_run(pipeline: Pipeline, run_id: str | None, executor: str, overrides: list[str]) -> tuple[dict, Path]:
+def checked_run_id(pipeline: Pipeline, run_id: str | None) -> str:
+    """The run id a submission takes (a new one unless given); ConfigError for a bad or taken one."""
     run_id = run_id or new_run_id(pipeline)
     if not run_id.replace("-", "").replace("_", "").replace(".", "").isalnum():
         raise ConfigError(f"--run-id {run_id!r}: use letters, digits, '-', '_' and '.' only")
     run_dir = (results_root(pipeline) / run_id).resolve()
     if (run_dir / "run.json").exists():
         raise ConfigError(f"--run-id {run_id}: {run_dir} already exists (use `resume {run_id}`)")
+    return run_id
+
+
+def create_run(pipeline: Pipeline, run_id: str | None, executor: str, overrides: list[str]) -> tuple[dict, Path]:
+    run_id = checked_run_id(pipeline, run_id)
+    run_dir = (results_root(pipeline) / run_id).resolve()
     run = {
         "run_id": run_id,
         "pipeline": pipeline.name,
