@@ -3,7 +3,8 @@
 
     submit PIPELINE [--executor auto|slurm|local] [--set KEY=VALUE ...] [--wait] [--json] [--run-id ID]
                     [--max-parallel N] [--dry-run]
-    status RUN [--json]          cancel RUN [--json]          resume RUN [--wait] [--json] [--max-parallel N]
+    status RUN [--json]          cancel RUN [--json]          logs RUN [STAGE] [--follow] [--task N]
+    resume RUN [--wait] [--json] [--max-parallel N]
     report RUN [RUN ...] [--baseline RUN] [--json]              (jobs.report)
     probe ... (jobs.cmd_probe)   chat ... (jobs.cmd_chat)     bench train|sft|inference|batch|all (jobs.cmd_bench)
     gpu-check [--out FILE] (jobs.gpu_check: every GPU path, short; one line and exit 0 without CUDA)
@@ -33,6 +34,7 @@ EXTERNAL_COMMANDS = {
     "probe": ("jobs.cmd_probe", "find the largest device batch size that fits (and cache it)"),
     "chat": ("jobs.cmd_chat", "chat with a trained checkpoint"),
     "data": ("jobs.cmd_data", "fetch and verify datasets (fetch), or print a pipeline's data plan (plan)"),
+    "logs": ("jobs.logs", "a stage's stdout/stderr (Slurm or local), earlier attempts first; --follow, --task N"),
     "bench": ("jobs.cmd_bench", "benchmark each optimization against its baseline: train|sft|inference|batch|all"),
     "gpu-check": ("jobs.gpu_check", "check every GPU path on this machine's CUDA device, one JSON line (skips without CUDA)"),
 }
