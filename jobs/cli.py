@@ -3,7 +3,7 @@
 
     submit PIPELINE [--executor auto|slurm|local] [--set KEY=VALUE ...] [--wait] [--json] [--run-id ID]
                     [--max-parallel N] [--dry-run]
-    status RUN [--json]          cancel RUN [--json]          logs RUN [STAGE] [--follow] [--task N]
+    status RUN [--watch] [--json] cancel RUN [--json]          logs RUN [STAGE] [--follow] [--task N]
     resume RUN [--wait] [--json] [--max-parallel N]
     report RUN [RUN ...] [--baseline RUN] [--json]              (jobs.report)
     probe ... (jobs.cmd_probe)   chat ... (jobs.cmd_chat)     bench train|sft|inference|batch|all (jobs.cmd_bench)
@@ -75,7 +75,7 @@ def _emit(args, obj: dict, exit_code: int = 0) -> int:
 
 
 def _run_stages(args, run: dict, run_dir, pipeline, todo: list[str], tasks: dict, executor: str) -> int:
-    from jobs import runs, submit
+    from jobs import progress, runs, submit
     if executor == "slurm":
         t0 = time.perf_counter()
         records = submit.submit_slurm(run, run_dir, pipeline, todo, tasks)
@@ -88,12 +88,15 @@ def _run_stages(args, run: dict, run_dir, pipeline, todo: list[str], tasks: dict
         if not args.wait:
             result["state"] = "SUBMITTED"
             return _emit(args, result)
-        status = runs.wait_for_run(run_dir, progress=lambda m: print(m, flush=True))
+        with progress.Watcher(run_dir, progress.use_live(args.json), poll_s=5.0) as watch:
+            status = runs.wait_for_run(run_dir, progress=watch.print,
+                                       on_status=lambda st: setattr(watch, "latest_status", st))
     else:
         print(f"run {run['run_id']} (local, at most {args.max_parallel} at once): {run_dir}", flush=True)
         t0 = time.perf_counter()
-        submit.run_local(run, run_dir, pipeline, todo, max_parallel=max(1, args.max_parallel), tasks=tasks,
-                         progress=lambda m: print(m, flush=True))
+        with progress.Watcher(run_dir, progress.use_live(args.json), poll_s=1.0) as watch:
+            submit.run_local(run, run_dir, pipeline, todo, max_parallel=max(1, args.max_parallel), tasks=tasks,
+                             progress=watch.print)
         print(f"local run finished in {time.perf_counter() - t0:.1f} s", flush=True)
         result = {"run_id": run["run_id"], "run_dir": str(run_dir), "executor": "local",
                   "wall_seconds": round(time.perf_counter() - t0, 1)}
@@ -147,9 +150,22 @@ def cmd_submit(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from jobs import runs
-    status = runs.run_status(runs.find_run(args.run))
+    from jobs import progress, runs
+    run_dir = runs.find_run(args.run)
+    if args.watch:      # follow the run to its end, its stage lines refreshed
+        with progress.Watcher(run_dir, progress.use_live(args.json), poll_s=args.interval) as watch:
+            while True:
+                watch.latest_status = status = runs.run_status(run_dir)
+                if all(s["state"] in runs.TERMINAL or s["state"] == "NOT_SUBMITTED" for s in status["stages"].values()):
+                    break
+                time.sleep(args.interval)
+    status = runs.run_status(run_dir)
     print(runs.format_status(status), flush=True)
+    run, pipeline, _ = runs.load_run(run_dir)
+    lines = progress.stage_lines(run, pipeline, status)
+    if not args.watch and any(ln["step"] is not None for ln in lines):
+        print("progress:\n" + "\n".join(progress.plain_line(ln) for ln in lines), flush=True)
+    status["progress"] = lines
     error = runs.first_error(status)
     code = runs.status_exit_code(status)      # 1 once the run ended FAILED or CANCELLED
     return _emit(args, {**status, **({"error": error} if code and error else {})}, code)
@@ -198,8 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_submit_arguments(p)
     p.set_defaults(func=cmd_submit)
 
-    p = sub.add_parser("status", help="each stage's state, elapsed time, job id and log")
+    p = sub.add_parser("status", help="each stage's state, elapsed time, job id, log and progress (step, loss, tok/s, ETA)")
     p.add_argument("run", help="run id or run folder")
+    p.add_argument("--watch", action="store_true",
+                   help="follow the run to its end: stage lines refreshed in place on a terminal, plain lines otherwise")
+    p.add_argument("--interval", type=float, default=5.0, help="--watch: seconds between polls (default 5)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
 

@@ -300,13 +300,17 @@ def format_status(status: dict) -> str:
     return "\n".join(lines)
 
 
-def wait_for_run(run_dir: Path, poll_s: float = 5.0, progress=print, timeout_s: float | None = None) -> dict:
-    """Follow a Slurm run until every stage is finished (sacct), printing each change."""
+def wait_for_run(run_dir: Path, poll_s: float = 5.0, progress=print, timeout_s: float | None = None,
+                 on_status=None) -> dict:
+    """Follow a Slurm run until every stage is finished (sacct), printing each change; on_status(status)
+    after each poll (the live progress lines reuse it rather than ask Slurm again)."""
     seen: dict[str, str] = {}
     t0 = time.time()
     warned = False
     while True:
         status = run_status(run_dir)
+        if on_status is not None:
+            on_status(status)
         for name, s in status["stages"].items():
             if seen.get(name) != s["state"]:
                 seen[name] = s["state"]
