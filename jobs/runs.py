@@ -37,13 +37,19 @@ ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZI
           "REQUEUE_HOLD", "REQUEUE_FED", "STAGE_OUT", "SIGNALING"}
 
 
+def _home() -> Path:
+    """The checkout this code runs from, or the working directory for an installed (non-editable)
+    copy, whose REPO_ROOT is site-packages: results never go there."""
+    return REPO_ROOT if (REPO_ROOT / "pyproject.toml").is_file() else Path.cwd()
+
+
 def results_root(pipeline: Pipeline | None = None) -> Path:
-    """Spec key results_dir, else $NANOCHAT_RESULTS_DIR, else <repo>/results."""
+    """Spec key results_dir, else $NANOCHAT_RESULTS_DIR, else <repo>/results (./results when installed)."""
     if pipeline is not None and pipeline.results_dir:
         p = Path(pipeline.results_dir)
-        return p if p.is_absolute() else REPO_ROOT / p
+        return p if p.is_absolute() else _home() / p
     env = os.environ.get("NANOCHAT_RESULTS_DIR")
-    return Path(env) if env else REPO_ROOT / "results"
+    return Path(env) if env else _home() / "results"
 
 
 def new_run_id(pipeline: Pipeline) -> str:
@@ -130,9 +136,12 @@ def slurm_job_states(job_ids: list[str]) -> dict[str, dict]:
     except (OSError, subprocess.TimeoutExpired):
         pass
     try:
-        # squeue -j with ids it no longer knows may fail; ask for all jobs and keep ours
-        res = subprocess.run(["squeue", "-h", "-o", "%i|%T|%M"], capture_output=True, text=True, timeout=30)
-        if res.returncode == 0:
+        # only this run's jobs (not the whole cluster's queue: thousands of lines on a big cluster).
+        # squeue -j fails with "Invalid job id" when none of the ids is queued any more (Slurm 22.05
+        # with a single id): that is an answer too, "none of them is queued".
+        res = subprocess.run(["squeue", "--me", "-h", "-j", ",".join(ids), "-o", "%i|%T|%M"],
+                             capture_output=True, text=True, timeout=30)
+        if res.returncode == 0 or "Invalid job id" in res.stderr:
             out["_squeue_ok"] = {"state": "OK"}
         for line in res.stdout.splitlines():
             parts = line.strip().split("|")

@@ -25,7 +25,8 @@ import yaml
 from nanochat.common import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-PIPELINES_DIR = REPO_ROOT / "pipelines"
+# a checkout's pipelines/, else the copy an installed package carries (pyproject.toml: jobs.pipelines)
+PIPELINES_DIR = REPO_ROOT / "pipelines" if (REPO_ROOT / "pipelines").is_dir() else Path(__file__).resolve().parent / "pipelines"
 DEFAULT_PIPELINE = PIPELINES_DIR / "smoke.yaml"
 
 # stage kind -> (module, config class). The recipes follow docs/CONTRACTS.md:
