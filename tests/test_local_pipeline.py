@@ -138,7 +138,7 @@ def test_smoke_pipeline_runs_all_five_stages_locally_without_slurm(env):
     assert out.returncode == 0
     last = json.loads(out.stdout.strip().splitlines()[-1])
     assert last["executor"] == "local" and last["state"] == "COMPLETED"
-    assert set(last["stages"]) == {"probe", "base_train", "mid_train", "sft", "inference_bench"}
+    assert set(last["stages"]) >= {"probe", "base_train", "mid_train", "sft", "inference_bench"}
     run_dir = tmp / "results" / "smoke"
     rs = rows(run_dir)
     # every stage completed; a benchmark variant may be SKIPPED where it cannot run (CUDA graphs on a CPU)

@@ -482,7 +482,8 @@ def test_report_of_a_real_smoke_run(tmp_path):
     assert len(df) >= 1 and info["rows"] == len(df)
     assert set(df["state"]) <= {"COMPLETED", "SKIPPED"}  # kv-graph is SKIPPED without CUDA
     assert df["wall_time_s"].notna().all() and (df["gpus"].fillna(0) == 0).all()
-    assert list(dict.fromkeys(df["stage"])) == ["probe", "base_train", "mid_train", "sft", "inference_bench"]
+    recipe = ["probe", "base_train", "mid_train", "sft", "inference_bench"]
+    assert [s for s in dict.fromkeys(df["stage"]) if s in recipe] == recipe
     assert out["problems"] == []
     kv = next(o for o in info["optimizations"] if o["optimized_label"] == "kv-eager")
     tps = df.set_index("variant")["tokens_per_s"]

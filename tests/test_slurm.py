@@ -202,7 +202,7 @@ def test_smoke_pipeline_on_slurm_runs_five_stages_in_order(slurm):
     info = last_json(out)
     print(f"submitted five stages in {info['submit_seconds']:.2f} s; whole smoke pipeline {time.time() - t0:.0f} s")
     order = ["probe", "base_train", "mid_train", "sft", "inference_bench"]
-    assert set(info["jobs"]) == set(order)
+    assert set(info["jobs"]) >= set(order)     # and the baseline stages beside the recipe
     acct = sacct(list(info["jobs"].values()))
     for stage in order:
         assert acct[info["jobs"][stage]]["state"] == "COMPLETED", stage
@@ -210,7 +210,7 @@ def test_smoke_pipeline_on_slurm_runs_five_stages_in_order(slurm):
         assert acct[info["jobs"][after]]["start"] >= acct[info["jobs"][before]]["end"], (before, after)
     rs = rows(Path(info["run_dir"]))
     # every stage completed; a benchmark variant may be SKIPPED where it cannot run (CUDA graphs on a CPU)
-    assert {r["stage"] for r in rs if r["state"] == "COMPLETED"} == set(order)
+    assert {r["stage"] for r in rs if r["state"] == "COMPLETED"} == set(info["jobs"])
     assert {r["state"] for r in rs} <= {"COMPLETED", "SKIPPED"}
 
 
