@@ -16,6 +16,7 @@ STAMP := $(VENV)/.installed
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
 	@echo "  variables: PIPELINE=$(PIPELINE) EXECUTOR=$(EXECUTOR) (auto|slurm|local) RUN=<run id> TORCH_SPEC=$(TORCH_SPEC)"
+	@echo "  see also: python -m jobs submit PIPELINE --dry-run | status RUN --watch | logs RUN [STAGE] --follow"
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)

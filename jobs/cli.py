@@ -2,8 +2,9 @@
 `python -m jobs <command>` (also installed as `nanochat-jobs`).
 
     submit PIPELINE [--executor auto|slurm|local] [--set KEY=VALUE ...] [--wait] [--json] [--run-id ID]
-                    [--max-parallel N]
-    status RUN [--json]          cancel RUN [--json]          resume RUN [--wait] [--json] [--max-parallel N]
+                    [--max-parallel N] [--dry-run]
+    status RUN [--watch] [--json] cancel RUN [--json]          logs RUN [STAGE] [--follow] [--task N]
+    resume RUN [--wait] [--json] [--max-parallel N]
     report RUN [RUN ...] [--baseline RUN] [--json]              (jobs.report)
     probe ... (jobs.cmd_probe)   chat ... (jobs.cmd_chat)     bench train|sft|inference|batch|all (jobs.cmd_bench)
     gpu-check [--out FILE] (jobs.gpu_check: every GPU path, short; one line and exit 0 without CUDA)
@@ -25,7 +26,10 @@ import json
 import os
 import sys
 import time
-import traceback
+
+# run_module and run_module_named are re-exported: command modules' `__main__` blocks import them from here
+from jobs.command import ArgumentParser, UsageError, _call, _fail, _one_line  # noqa: F401
+from jobs.command import run_module, run_module_named  # noqa: F401
 
 # command -> module providing add_arguments(parser) and run(args) -> int
 EXTERNAL_COMMANDS = {
@@ -34,6 +38,7 @@ EXTERNAL_COMMANDS = {
     "chat": ("jobs.cmd_chat", "chat with a trained checkpoint"),
     "data": ("jobs.cmd_data", "fetch and verify datasets (fetch), or print a pipeline's data plan (plan)"),
     "eval": ("jobs.cmd_eval", "evaluate a checkpoint: CORE (--tasks core) or the chat tasks, a report card"),
+    "logs": ("jobs.logs", "a stage's stdout/stderr (Slurm or local), earlier attempts first; --follow, --task N"),
     "bench": ("jobs.cmd_bench", "benchmark each optimization against its baseline: train|sft|inference|batch|all"),
     "gpu-check": ("jobs.gpu_check", "check every GPU path on this machine's CUDA device, one JSON line (skips without CUDA)"),
 }
@@ -56,6 +61,9 @@ def add_submit_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-id", default=None, help="name the run (default: <pipeline>-<UTC time>-<random>)")
     p.add_argument("--max-parallel", type=int, default=_default_max_parallel(),
                    help="local executor: most stage processes at once (default: %(default)s here)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate and print per stage the sbatch script, resources, dependencies, outputs, logs "
+                        "and the data plan (and sbatch --test-only's answer where Slurm answers); submit nothing")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
 
 
@@ -71,7 +79,7 @@ def _emit(args, obj: dict, exit_code: int = 0) -> int:
 
 
 def _run_stages(args, run: dict, run_dir, pipeline, todo: list[str], tasks: dict, executor: str) -> int:
-    from jobs import runs, submit
+    from jobs import progress, runs, submit
     if executor == "slurm":
         t0 = time.perf_counter()
         records = submit.submit_slurm(run, run_dir, pipeline, todo, tasks)
@@ -84,12 +92,15 @@ def _run_stages(args, run: dict, run_dir, pipeline, todo: list[str], tasks: dict
         if not args.wait:
             result["state"] = "SUBMITTED"
             return _emit(args, result)
-        status = runs.wait_for_run(run_dir, progress=lambda m: print(m, flush=True))
+        with progress.Watcher(run_dir, progress.use_live(args.json), poll_s=5.0) as watch:
+            status = runs.wait_for_run(run_dir, progress=watch.print,
+                                       on_status=lambda st: setattr(watch, "latest_status", st))
     else:
         print(f"run {run['run_id']} (local, at most {args.max_parallel} at once): {run_dir}", flush=True)
         t0 = time.perf_counter()
-        submit.run_local(run, run_dir, pipeline, todo, max_parallel=max(1, args.max_parallel), tasks=tasks,
-                         progress=lambda m: print(m, flush=True))
+        with progress.Watcher(run_dir, progress.use_live(args.json), poll_s=1.0) as watch:
+            submit.run_local(run, run_dir, pipeline, todo, max_parallel=max(1, args.max_parallel), tasks=tasks,
+                             progress=watch.print)
         print(f"local run finished in {time.perf_counter() - t0:.1f} s", flush=True)
         result = {"run_id": run["run_id"], "run_dir": str(run_dir), "executor": "local",
                   "wall_seconds": round(time.perf_counter() - t0, 1)}
@@ -118,29 +129,40 @@ def _write_report(run_dir) -> str | None:
         return f"report not built: {_one_line(e)}"
 
 
-def _one_line(e: BaseException) -> str:
-    from nanochat.common import ConfigError
-    text = str(e) if isinstance(e, (ConfigError, OSError)) else f"{type(e).__name__}: {e}"
-    lines = text.strip().splitlines()
-    return lines[0][:500] if lines else type(e).__name__
-
-
 def cmd_submit(args) -> int:
     from jobs import runs, spec, submit
     path = spec.resolve_pipeline_path(args.pipeline)
     pipeline = spec.load_pipeline(path, args.sets)       # validates everything before any submission
-    importlib.import_module("jobs.cmd_data").check_pipeline_data(pipeline)   # shard counts, epochs over the data
+    if not getattr(args, "dry_run", False):    # the dry run checks (and prints) the data plan itself
+        importlib.import_module("jobs.cmd_data").check_pipeline_data(pipeline)   # shard counts, epochs over the data
     executor = submit.choose_executor(args.executor)
     if args.max_parallel < 1:
         raise spec.ConfigError(f"--max-parallel {args.max_parallel}: must be at least 1")
+    if getattr(args, "dry_run", False):
+        from jobs import dryrun
+        plan = dryrun.dry_run(pipeline, runs.checked_run_id(pipeline, args.run_id), executor, args.max_parallel)
+        return _emit(args, plan)
     run, run_dir = runs.create_run(pipeline, args.run_id, executor, args.sets)
     return _run_stages(args, run, run_dir, pipeline, list(pipeline.stages), {}, executor)
 
 
 def cmd_status(args) -> int:
-    from jobs import runs
-    status = runs.run_status(runs.find_run(args.run))
+    from jobs import progress, runs
+    run_dir = runs.find_run(args.run)
+    if args.watch:      # follow the run to its end, its stage lines refreshed
+        with progress.Watcher(run_dir, progress.use_live(args.json), poll_s=args.interval) as watch:
+            while True:
+                watch.latest_status = status = runs.run_status(run_dir)
+                if all(s["state"] in runs.TERMINAL or s["state"] == "NOT_SUBMITTED" for s in status["stages"].values()):
+                    break
+                time.sleep(args.interval)
+    status = runs.run_status(run_dir)
     print(runs.format_status(status), flush=True)
+    run, pipeline, _ = runs.load_run(run_dir)
+    lines = progress.stage_lines(run, pipeline, status)
+    if not args.watch and any(ln["step"] is not None for ln in lines):
+        print("progress:\n" + "\n".join(progress.plain_line(ln) for ln in lines), flush=True)
+    status["progress"] = lines
     error = runs.first_error(status)
     code = runs.status_exit_code(status)      # 1 once the run ended FAILED or CANCELLED
     return _emit(args, {**status, **({"error": error} if code and error else {})}, code)
@@ -189,8 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_submit_arguments(p)
     p.set_defaults(func=cmd_submit)
 
-    p = sub.add_parser("status", help="each stage's state, elapsed time, job id and log")
+    p = sub.add_parser("status", help="each stage's state, elapsed time, job id, log and progress (step, loss, tok/s, ETA)")
     p.add_argument("run", help="run id or run folder")
+    p.add_argument("--watch", action="store_true",
+                   help="follow the run to its end: stage lines refreshed in place on a terminal, plain lines otherwise")
+    p.add_argument("--interval", type=float, default=5.0, help="--watch: seconds between polls (default 5)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
 
@@ -232,71 +257,6 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         return _fail(str(e), 2, "--json" in argv)
     return _call(lambda: args.func(args), getattr(args, "json", False))
-
-
-def run_module_named(module_name: str, argv: list[str] | None, prog: str, description: str | None = None) -> int:
-    """run_module for a module imported by name; a module that cannot be imported is exit code 2."""
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        return _fail(f"{prog}: not available ({e})", 2, "--json" in (argv or []))
-    return run_module(module, argv, prog, description)
-
-
-def run_module(module, argv: list[str] | None, prog: str, description: str | None = None) -> int:
-    """Parse argv with the module's add_arguments and call its run(args), with the command line's
-    exit codes (2 for a ConfigError). Every command module's own `python -m` entry uses it too."""
-    parser = ArgumentParser(prog=prog, description=description or (module.__doc__ or "").strip().split("\n")[0])
-    module.add_arguments(parser)
-    as_json = "--json" in (sys.argv[1:] if argv is None else argv)
-    try:
-        args = parser.parse_args(argv)
-    except UsageError as e:
-        return _fail(str(e), 2, as_json)
-    return _call(lambda: module.run(args), getattr(args, "json", as_json))
-
-
-class UsageError(Exception):
-    pass
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse with its errors as one line and exit code 2 through _fail (so --json still ends
-    with a JSON object), instead of usage text and sys.exit."""
-
-    def error(self, message):
-        raise UsageError(f"{self.prog}: {message} (see --help)")
-
-
-def _fail(message: str, code: int, as_json: bool) -> int:
-    """A failing command's last words: one line on stderr, and with --json the JSON object
-    {"error": ..., "exit_code": ...} as the last line of stdout."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    if as_json:
-        print(json.dumps({"error": message, "exit_code": code}), flush=True)
-    return code
-
-
-def _call(fn, as_json: bool = False) -> int:
-    """Exit codes: 0 ok, 1 the work failed (also an OSError such as a full disk: one line naming the
-    file), 2 bad input (ConfigError), 130 Ctrl-C, 128+N when signal N (SIGTERM, SIGHUP) stopped it."""
-    try:
-        rc = fn()
-    except KeyboardInterrupt:
-        return _fail("interrupted", 130, as_json)
-    except BaseException as e:
-        from nanochat.common import ConfigError
-        if type(e).__name__ == "Terminated" and hasattr(e, "signum"):   # jobs.submit.Terminated
-            return _fail(f"{e}: the run's running stages were stopped", 128 + e.signum, as_json)
-        if isinstance(e, ConfigError):
-            return _fail(str(e), 2, as_json)
-        if isinstance(e, OSError):
-            return _fail(_one_line(e), 1, as_json)
-        if isinstance(e, SystemExit) or not isinstance(e, Exception):
-            raise
-        traceback.print_exc()        # a bug: keep its traceback, and still end as the contract says
-        return _fail(_one_line(e), 1, as_json)
-    return int(rc or 0)
 
 
 if __name__ == "__main__":

@@ -469,6 +469,7 @@ class Optimization:
     n_baseline: int = 0     # rows averaged on each side
     n_optimized: int = 0
     note: str = ""          # "not measured in this run" and why, when a side is missing
+    not_applicable: str = ""  # why this device cannot measure it (a CUDA-only variant on a CPU, MFU without a peak)
 
     @property
     def ratio(self) -> float | None:
@@ -568,6 +569,19 @@ def first_token_comparison(df: pd.DataFrame) -> Optimization:
     return opt
 
 
+def _not_applicable(df: pd.DataFrame, kind: str, metric: str, *whys: str) -> str:
+    """Why this device cannot give the figure at all, or "" when it could have (then the pair is
+    "not measured in this run"): a side whose rows were SKIPPED (kv-graph needs CUDA), or MFU on a
+    CPU, whose peak FLOPs are not known."""
+    for why in whys:
+        if "(SKIPPED)" in why:
+            return why.split("(SKIPPED)", 1)[1].lstrip(": ") or "skipped on this device"
+    devices = set(df.loc[(df["kind"] == kind).fillna(False), "device_name"].dropna())
+    if metric == "mfu" and devices == {"cpu"}:
+        return "MFU needs the device's peak FLOPs, which are not known for a CPU"
+    return ""
+
+
 def optimizations(df: pd.DataFrame) -> list[Optimization]:
     out = []
     for name, kind, metric, base, opt in OPTIMIZATION_PAIRS:
@@ -576,6 +590,7 @@ def optimizations(df: pd.DataFrame) -> list[Optimization]:
         o.optimized, o.n_optimized, why_o = _side(df, kind, opt, metric)
         if o.baseline is None or o.optimized is None:
             o.note = f"{NOT_MEASURED}: " + "; ".join(w for w in (why_b, why_o) if w)
+            o.not_applicable = _not_applicable(df, kind, metric, why_b, why_o)
         out.append(o)
     out.append(first_token_comparison(df))
     return out
@@ -748,12 +763,27 @@ def _cell(v):
 
 
 def optimizations_md(opts: list[Optimization]) -> str:
+    """The pairs as a table; those this device cannot measure listed below it, with why."""
     lines = []
     for o in opts:
+        if o.ratio is None and o.not_applicable:
+            continue
         lines.append([o.name, o.metric, f"{o.baseline_label} (n={o.n_baseline})", o.baseline,
                       f"{o.optimized_label} (n={o.n_optimized})", o.optimized,
                       _ratio(o.ratio) if o.ratio is not None else o.note])
-    return md_table(["optimization", "figure", "baseline", "value", "optimized", "value", "ratio"], lines)
+    out = md_table(["optimization", "figure", "baseline", "value", "optimized", "value", "ratio"], lines)
+    skipped = [o for o in opts if o.ratio is None and o.not_applicable]
+    if skipped:
+        out += "\n\nNot measurable on this device:\n" + "\n".join(
+            f"- {o.name}, {o.metric} ({o.baseline_label} vs {o.optimized_label}): {o.not_applicable}" for o in skipped)
+    return out
+
+
+CPU_RATIOS = ("These ratios were measured on a CPU, both sides in this run on the same cores. They show that each "
+              "optimization works end to end and which way it moves this tiny model here. They do not predict "
+              "the size of the effect on a GPU: there a larger batch fills thousands of cores, compilation fuses "
+              "kernels and launches, and the KV cache saves memory-bound recomputation, each at costs a CPU does not "
+              "have. GPU figures come only from a GPU run (results/reference/README.md).")
 
 
 def run_summary_md(run: RunData, price: float, plots: list[str]) -> str:
@@ -773,6 +803,8 @@ def run_summary_md(run: RunData, price: float, plots: list[str]) -> str:
     parts += ["", "## Optimizations: baseline vs optimized, measured in this run", "",
               optimizations_md(optimizations(df)), ""]
     parts += report_card_md(df)
+    if set(df["device_name"].dropna()) == {"cpu"}:
+        parts += [CPU_RATIOS, ""]
     for stage, group in df.groupby(df["stage"].fillna("(no stage)"), sort=False):  # pipeline order
         kind = group["kind"].dropna()
         parts += [f"## Stage {stage}" + (f" ({kind.iloc[0]})" if not kind.empty else ""), ""]
@@ -1017,5 +1049,5 @@ def run(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     import sys
-    from jobs.cli import run_module
+    from jobs.command import run_module
     sys.exit(run_module(sys.modules[__name__], None, "python -m jobs.report"))

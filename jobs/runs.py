@@ -37,26 +37,39 @@ ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZI
           "REQUEUE_HOLD", "REQUEUE_FED", "STAGE_OUT", "SIGNALING"}
 
 
+def _home() -> Path:
+    """The checkout this code runs from, or the working directory for an installed (non-editable)
+    copy, whose REPO_ROOT is site-packages: results never go there."""
+    return REPO_ROOT if (REPO_ROOT / "pyproject.toml").is_file() else Path.cwd()
+
+
 def results_root(pipeline: Pipeline | None = None) -> Path:
-    """Spec key results_dir, else $NANOCHAT_RESULTS_DIR, else <repo>/results."""
+    """Spec key results_dir, else $NANOCHAT_RESULTS_DIR, else <repo>/results (./results when installed)."""
     if pipeline is not None and pipeline.results_dir:
         p = Path(pipeline.results_dir)
-        return p if p.is_absolute() else REPO_ROOT / p
+        return p if p.is_absolute() else _home() / p
     env = os.environ.get("NANOCHAT_RESULTS_DIR")
-    return Path(env) if env else REPO_ROOT / "results"
+    return Path(env) if env else _home() / "results"
 
 
 def new_run_id(pipeline: Pipeline) -> str:
     return f"{pipeline.name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(2)}"
 
 
-def create_run(pipeline: Pipeline, run_id: str | None, executor: str, overrides: list[str]) -> tuple[dict, Path]:
+def checked_run_id(pipeline: Pipeline, run_id: str | None) -> str:
+    """The run id a submission takes (a new one unless given); ConfigError for a bad or taken one."""
     run_id = run_id or new_run_id(pipeline)
     if not run_id.replace("-", "").replace("_", "").replace(".", "").isalnum():
         raise ConfigError(f"--run-id {run_id!r}: use letters, digits, '-', '_' and '.' only")
     run_dir = (results_root(pipeline) / run_id).resolve()
     if (run_dir / "run.json").exists():
         raise ConfigError(f"--run-id {run_id}: {run_dir} already exists (use `resume {run_id}`)")
+    return run_id
+
+
+def create_run(pipeline: Pipeline, run_id: str | None, executor: str, overrides: list[str]) -> tuple[dict, Path]:
+    run_id = checked_run_id(pipeline, run_id)
+    run_dir = (results_root(pipeline) / run_id).resolve()
     run = {
         "run_id": run_id,
         "pipeline": pipeline.name,
@@ -123,9 +136,12 @@ def slurm_job_states(job_ids: list[str]) -> dict[str, dict]:
     except (OSError, subprocess.TimeoutExpired):
         pass
     try:
-        # squeue -j with ids it no longer knows may fail; ask for all jobs and keep ours
-        res = subprocess.run(["squeue", "-h", "-o", "%i|%T|%M"], capture_output=True, text=True, timeout=30)
-        if res.returncode == 0:
+        # only this run's jobs (not the whole cluster's queue: thousands of lines on a big cluster).
+        # squeue -j fails with "Invalid job id" when none of the ids is queued any more (Slurm 22.05
+        # with a single id): that is an answer too, "none of them is queued".
+        res = subprocess.run(["squeue", "--me", "-h", "-j", ",".join(ids), "-o", "%i|%T|%M"],
+                             capture_output=True, text=True, timeout=30)
+        if res.returncode == 0 or "Invalid job id" in res.stderr:
             out["_squeue_ok"] = {"state": "OK"}
         for line in res.stdout.splitlines():
             parts = line.strip().split("|")
@@ -293,13 +309,17 @@ def format_status(status: dict) -> str:
     return "\n".join(lines)
 
 
-def wait_for_run(run_dir: Path, poll_s: float = 5.0, progress=print, timeout_s: float | None = None) -> dict:
-    """Follow a Slurm run until every stage is finished (sacct), printing each change."""
+def wait_for_run(run_dir: Path, poll_s: float = 5.0, progress=print, timeout_s: float | None = None,
+                 on_status=None) -> dict:
+    """Follow a Slurm run until every stage is finished (sacct), printing each change; on_status(status)
+    after each poll (the live progress lines reuse it rather than ask Slurm again)."""
     seen: dict[str, str] = {}
     t0 = time.time()
     warned = False
     while True:
         status = run_status(run_dir)
+        if on_status is not None:
+            on_status(status)
         for name, s in status["stages"].items():
             if seen.get(name) != s["state"]:
                 seen[name] = s["state"]

@@ -25,7 +25,8 @@ import yaml
 from nanochat.common import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-PIPELINES_DIR = REPO_ROOT / "pipelines"
+# a checkout's pipelines/, else the copy an installed package carries (pyproject.toml: jobs.pipelines)
+PIPELINES_DIR = REPO_ROOT / "pipelines" if (REPO_ROOT / "pipelines").is_dir() else Path(__file__).resolve().parent / "pipelines"
 DEFAULT_PIPELINE = PIPELINES_DIR / "smoke.yaml"
 
 # stage kind -> (module, config class). The recipes follow docs/CONTRACTS.md:
@@ -120,7 +121,7 @@ class Pipeline:
     default_args: dict = field(default_factory=dict)   # defaults.args (each stage takes the keys its kind knows)
 
 
-TOP_KEYS = ("name", "description", "results_dir", "cluster", "defaults", "stages")
+TOP_KEYS = ("name", "description", "results_dir", "cluster", "defaults", "stages", "tracking")
 DEFAULTS_KEYS = ("args", "resources")
 STAGE_KEYS = ("kind", "depends_on", "resources", "args", "variants")
 VARIANT_KEYS = ("name", "args")
@@ -293,6 +294,8 @@ def parse_pipeline(raw: dict, source: str, check_args: bool = True) -> Pipeline:
     """Validate everything and build the Pipeline. check_args imports each kind's config class."""
     err = SpecError(source)
     _check_keys(err, "", raw, TOP_KEYS)
+    from jobs.tracking import check_spec     # experiment trackers (jobs/tracking.py); imports no tracker
+    check_spec(source, raw.get("tracking"))
     for k in ("name", "description", "results_dir"):
         if k in raw and not isinstance(raw[k], str):
             raise err(k, f"expected str, got {type(raw[k]).__name__} {raw[k]!r}")

@@ -274,6 +274,7 @@ def run_stage(run_dir: str | os.PathLike, stage_name: str, task: int | None = No
                 write_row(run_dir, row)
             except OSError as w:   # a full disk: the stage's own error still goes up, not this one
                 print(f"[stage] could not write the FAILED row: {w}", file=sys.stderr, flush=True)
+            _track(pipeline, run, run_dir, stage_name, variant, cfg, [row])
         traceback.print_exc()
         raise
 
@@ -301,6 +302,7 @@ def run_stage(run_dir: str | os.PathLike, stage_name: str, task: int | None = No
             else:
                 written.append(write_row(run_dir, row))
             rows.append(row)
+        _track(pipeline, run, run_dir, stage_name, variant, cfg, rows)
     if preempted:
         if rank == 0:
             limit = pipeline.stages[stage_name].resources.max_requeues
@@ -355,6 +357,15 @@ def _unsay_completed(paths: list[Path], rows: list[dict], error: str) -> None:
                 path.unlink()
             except OSError:
                 pass
+
+
+def _track(pipeline, run: dict, run_dir: Path, stage_name: str, variant, cfg, rows: list[dict]) -> None:
+    """The spec's experiment trackers get this stage's metrics and rows (jobs/tracking.py; off by default)."""
+    if pipeline is not None and pipeline.raw.get("tracking"):
+        from jobs.tracking import send
+        out_dir = getattr(cfg, "out_dir", "") if cfg is not None else ""
+        send(pipeline.raw["tracking"], run, Path(run_dir), stage_name if variant is None else f"{stage_name}.{variant.name}",
+             Path(out_dir) / "metrics.csv" if out_dir else None, rows)
 
 
 def _collect_metrics(run_dir: Path, stage_name: str, variant, cfg) -> None:

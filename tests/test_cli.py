@@ -143,3 +143,12 @@ def test_a_failed_stage_shows_its_error_and_status_exits_1(env):
     assert status["state"] == "FAILED" and status["stages"]["b"]["error"] == why and status["exit_code"] == 1
     assert f"  b FAILED: {why}" in out.stdout
     assert "error" not in status["stages"]["a"]
+
+
+def test_report_and_the_command_line_do_not_import_each_other():
+    """jobs.report's own entry uses jobs.command (the shared frame), not jobs.cli: no import circle."""
+    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "jobs.report", "--help"], capture_output=True,
+                         text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0 and "usage: python -m jobs.report" in out.stdout
+    imported = {line.split("|")[-1].strip() for line in out.stderr.splitlines() if "|" in line}
+    assert "jobs.command" in imported and "jobs.cli" not in imported

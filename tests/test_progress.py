@@ -1,0 +1,68 @@
+"""Live progress (jobs/progress.py): stage lines read from the metrics files the training loop writes,
+plain lines when stdout is not a terminal, on a real local run; `status --watch`."""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from jobs import progress, runs, spec
+from nanochat.train_loop import write_metrics
+
+REPO = Path(__file__).resolve().parent.parent
+
+TINY_TRAIN = {"kind": "base_train", "args": {
+    "depth": 2, "vocab_size": 512, "seq_len": 64, "device_batch_size": 4, "total_batch_size": 512,
+    "num_steps": 12, "eval_tokens": 2048, "log_every": 3, "eval_every": 0, "save_every": 0, "compile": "off"}}
+
+
+def test_stage_lines_read_the_metrics_file_and_estimate_the_eta(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_RESULTS_DIR", str(tmp_path / "results"))
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "work"))
+    pipeline = spec.parse_pipeline({"name": "p", "stages": {"train": TINY_TRAIN, "after": {"kind": "noop", "depends_on": ["train"]}}}, "p.yaml")
+    run, run_dir = runs.create_run(pipeline, "r", "local", [])
+    out = Path(run["workdir"]) / "r" / "train"
+    out.mkdir(parents=True)
+    # what the training loop writes: 3 then 6 steps, 2 s apart
+    write_metrics(out / "metrics.csv", [{"step": 3, "loss": 5.5, "tokens_per_s": 1000.0, "mfu": None, "elapsed_s": 4.0},
+                                        {"step": 6, "loss": 4.25, "tokens_per_s": 1200.0, "mfu": 0.31, "elapsed_s": 6.0}])
+    status = {"stages": {"train": {"state": "RUNNING", "elapsed": 9.5}, "after": {"state": "PENDING", "elapsed": None}}}
+    lines = progress.stage_lines(run, pipeline, status)
+    train, after = lines
+    assert (train["step"], train["total"], train["loss"], train["tokens_per_s"]) == (6, 12, 4.25, 1200.0)
+    assert train["elapsed_s"] == 9.5                  # the stage's wall time, not the loop's
+    assert train["eta_s"] == pytest.approx(6 * 2.0 / 3)   # 6 steps left at 2/3 s a step
+    assert after["step"] is None and after["state"] == "PENDING"
+    text = progress.plain_line(train)
+    assert "step 6/12" in text and "loss 4.2500" in text and "tok/s 1,200" in text and "MFU 31.00%" in text and "ETA 4s" in text
+    # the rich table renders the same fields
+    from rich.console import Console
+    console = Console(file=open(os.devnull, "w"), record=True, width=140)
+    console.print(progress.table(lines, "run r"))
+    text = console.export_text()
+    assert "6/12" in text and "4.2500" in text
+
+
+@pytest.mark.slow
+def test_wait_prints_plain_progress_lines_when_not_a_terminal(tmp_path):
+    env = dict(os.environ, NANOCHAT_RESULTS_DIR=str(tmp_path / "results"), NANOCHAT_BASE_DIR=str(tmp_path / "work"))
+    spec_path = tmp_path / "prog.yaml"
+    spec_path.write_text(yaml.safe_dump({"name": "prog", "stages": {"base_train": TINY_TRAIN}}))
+    out = subprocess.run([sys.executable, "-m", "jobs", "submit", str(spec_path), "--executor", "local", "--run-id", "pr", "--json"],
+                         capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = [ln for ln in out.stdout.splitlines() if re.match(r"\s+base_train\s+(RUNNING|COMPLETED)\s+step", ln)]
+    assert lines, out.stdout
+    assert "\x1b[" not in out.stdout                 # no escape codes in a pipe
+    assert re.search(r"COMPLETED\s+step 12/12\s+loss \d", lines[-1])
+    assert json.loads(out.stdout.strip().splitlines()[-1])["state"] == "COMPLETED"
+    # status shows the same lines; --watch on a finished run prints them and ends with the run's exit code
+    st = subprocess.run([sys.executable, "-m", "jobs", "status", "pr", "--watch", "--interval", "0.5", "--json"],
+                        capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    assert st.returncode == 0 and "step 12/12" in st.stdout
+    result = json.loads(st.stdout.strip().splitlines()[-1])
+    assert result["progress"][0]["step"] == 12 and result["progress"][0]["total"] == 12
