@@ -4,8 +4,8 @@
 and, with --json, one JSON object as the last line: tokens/s, MFU where the device's bf16 peak is
 known, device batch size and its source. --device-batch-size 0 lets nanochat.auto_batch_size
 choose; --baseline-batch-size N also runs a fixed batch of N and reports auto / fixed.
---compare-precision runs the fp32 step and the `fast` one (bf16 autocast where the device has fast
-bf16: CUDA, CPUs with AMX or AVX512-BF16) alternately, --rounds times each, and reports the best
+--compare-precision runs the fp32 step and the `fast` one (bf16 autocast on CUDA and CPUs with AMX,
+fp32 elsewhere: nanochat.train_loop.train_precision_route) alternately, --rounds times each, and reports the best
 tokens/s of each, their ratio and how far the fast run's final loss is from fp32's (same data, init).
 """
 from __future__ import annotations
@@ -28,9 +28,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=6, help="optimizer steps per variant; the first is untimed")
     parser.add_argument("--vocab-size", type=int, default=2048)
     parser.add_argument("--precision", default="auto", choices=["auto", "fast", "fp32", "bf16"],
-                        help="matmul precision (auto: bf16 on cuda, fp32 on cpu; fast: bf16 where the CPU has it)")
+                        help="matmul precision (auto: bf16 on cuda, fp32 on cpu; fast: bf16 also on CPUs with AMX)")
     parser.add_argument("--compare-precision", action="store_true",
-                        help="run fp32 and fast alternately and report the ratio and the final-loss gap")
+                        help="run fp32 and fast (--fast-as bf16 forces bf16) alternately; report the ratio and the final-loss gap")
+    parser.add_argument("--fast-as", default="fast", choices=["fast", "bf16"],
+                        help="the precision compared against fp32 (bf16: force autocast, to measure it on any CPU)")
     parser.add_argument("--rounds", type=int, default=2, help="alternations of --compare-precision; best counts")
     parser.add_argument("--compile", default="auto", help="auto (on for cuda) | on | off")
     parser.add_argument("--device", default="", help="cpu, cuda or mps (default: auto)")
@@ -88,11 +90,11 @@ def _compare_precision(args: argparse.Namespace) -> int:
     if args.rounds < 1:
         raise ConfigError(f"bench train --rounds: need at least 1, got {args.rounds}")
     device = torch.device(args.device or autodetect_device_type())
-    routes = {name: train_precision_route(name, device) for name in ("fp32", "fast")}
+    routes = {"fp32": "fp32", "fast": train_precision_route(args.fast_as, device)}
     best: dict[str, dict] = {}
     for _ in range(args.rounds):      # alternate, so a load change on a shared machine hits both
         for name in routes:
-            row = _variant(args, args.device_batch_size, args.total_batch_size, precision=name)
+            row = _variant(args, args.device_batch_size, args.total_batch_size, precision=routes[name])
             if name not in best or row["tokens_per_s"] > best[name]["tokens_per_s"]:
                 best[name] = row
     out = {"bench": "train", "depth": args.depth, "seq_len": args.seq_len, "steps": args.steps,
