@@ -457,9 +457,73 @@ def check_decode(model, tokens: list[int], max_tokens: int, num_samples: int = 1
             "first_bad_step": int(bad[0]) if len(bad) else None, "tokens": generated}
 
 
-def prepare_for_inference(model):
-    """eval mode; bf16 weights on CUDA (decode is bound by reading weights: half the bytes)."""
-    model.eval()
-    if model.get_device().type == "cuda":
-        model.to(torch.bfloat16)
+# -----------------------------------------------------------------------------
+# Decode precision: what the weights are stored in while generating
+
+# fp32: the exact reference (every baseline and check_decode). bf16: half the bytes (CUDA's default).
+# int8: weight-only int8 with one scale per output channel, activations in bf16 (torch's
+# _weight_int8pack_mm, the kernel gpt-fast and torchao use on CPU): a quarter of fp32's bytes, and a
+# batch-1 decode step is bound by reading the weights. It needs fast bf16 on the CPU (AMX or
+# AVX512-BF16): without them its bf16 activations are emulated and it is slower than fp32.
+DECODE_PRECISIONS = ("auto", "fp32", "bf16", "int8")
+
+
+def decode_precision_route(choice: str, device: torch.device | str) -> str:
+    """The precision `choice` means on `device`: auto is bf16 on CUDA, int8 on a CPU with fast bf16,
+    fp32 on any other CPU (and mps)."""
+    from nanochat.cpu_features import cpu_has_fast_bf16
+    if choice not in DECODE_PRECISIONS:
+        raise ValueError(f"decode precision {choice!r}: choose one of {', '.join(DECODE_PRECISIONS)}")
+    device = torch.device(device)
+    if choice != "auto":
+        return choice
+    if device.type == "cuda":
+        return "bf16"
+    if device.type == "cpu" and cpu_has_fast_bf16():
+        return "int8"
+    return "fp32"
+
+
+class Int8Linear(torch.nn.Module):
+    """A bias-free nn.Linear with its weight stored as int8 rows and one bf16 scale per row
+    (symmetric, round to nearest). Inputs are cast to bf16; outputs are bf16."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        if linear.bias is not None:
+            raise ValueError("Int8Linear: the model's linears have no bias")
+        w = linear.weight.detach().float()
+        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("weight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous())
+        self.register_buffer("scale", scale.to(torch.bfloat16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16).contiguous()
+        return torch._weight_int8pack_mm(x2, self.weight, self.scale).view(*shape[:-1], self.out_features)
+
+
+def quantize_int8_(model):
+    """In place: bf16 everywhere, then every nn.Linear (blocks and lm_head) as an Int8Linear. The
+    embedding stays bf16 (a lookup reads one row per token, not the matrix)."""
+    model.to(torch.bfloat16)
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, torch.nn.Linear):
+                setattr(module, name, Int8Linear(child))
     return model
+
+
+def prepare_for_inference(model, precision: str = "auto"):
+    """In place: eval mode and the decode precision (decode_precision_route); returns the precision
+    used. Decode is bound by reading the weights, so fewer bytes per weight is the speed."""
+    model.eval()
+    route = decode_precision_route(precision, model.get_device())
+    if route == "bf16":
+        model.to(torch.bfloat16)
+    elif route == "int8":
+        quantize_int8_(model)
+    else:
+        model.float()
+    return route

@@ -4,6 +4,16 @@ Inference benchmark (stage kind inference_bench): the same prompt decoded by
 - kv-eager:  the KV cache, eager decode
 - kv-static: the static-cache decode step run eagerly (CPU only: the CUDA-graph code path, uncaptured)
 - kv-graph:  the static-cache decode step captured as a CUDA graph (CUDA only; skipped elsewhere)
+- kv-fast:   the eager KV decode in the fast precision the device allows (engine.decode_precision_route:
+             int8 weights with bf16 activations on a CPU with AMX or AVX512-BF16); skipped where that
+             is the timed dtype anyway. Its quality guard: over `quality_prompts` random prompts, each
+             decoded greedily for new_tokens in fp32, the share of positions where the fast model's
+             greedy token (fed the fp32 tokens so far) equals fp32's, and the fp32 run's length of
+             exact free-running agreement.
+- kv-eager-xN: kv-eager with N = multi_samples rows (samples) at once: rows share every weight read,
+             so tokens/s should grow nearly N-fold; speedup_vs_1_sample is the ratio to kv-eager.
+All timed variants run interleaved, repeat by repeat (best of `repeats`), so a loaded machine slows
+each alike; speedup_vs_eager is each one's tokens/s over kv-eager's from this same run.
 One result row per variant: tokens/s, time to first token, time per output token, memory-bandwidth
 use against the roofline, whether its greedy output equals the naive one, and the speedup over
 naive measured in this same run.
@@ -27,7 +37,8 @@ import torch
 
 from nanochat.common import (ConfigError, atomic_write_json, autodetect_device_type, device_name, git_commit, peak_bandwidth,
                              peak_memory_bytes, synchronize)
-from nanochat.engine import Engine, check_decode, full_fp32_matmuls, generate_naive
+from nanochat.engine import (DECODE_PRECISIONS, Engine, check_decode, decode_precision_route, full_fp32_matmuls,
+                             generate_naive, prepare_for_inference)
 from nanochat.gpt import GPTConfig, build_model
 
 
@@ -47,6 +58,9 @@ class InferenceBenchConfig:
     repeats: int = 1             # timed runs per variant; the fastest counts (shared machines are noisy)
     threads: int = 0             # CPU: torch threads for the run (0 = leave torch's default)
     dtype: str = ""              # weights in the timed runs: "" = bfloat16 on CUDA, float32 elsewhere
+    precision: str = "auto"      # kv-fast's weights: auto | fp32 | bf16 | int8 (engine.decode_precision_route)
+    multi_samples: int = 8       # rows of kv-eager-xN (1: no multi-sample variant)
+    quality_prompts: int = 10    # prompts in kv-fast's quality guard (0: no guard)
 
     def validate(self) -> None:
         if not isinstance(self.threads, int) or self.threads < 0:
@@ -55,6 +69,13 @@ class InferenceBenchConfig:
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"inference_bench: {key} must be a positive integer, got {value!r}")
+        for key in ("multi_samples", "quality_prompts"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < (1 if key == "multi_samples" else 0):
+                raise ConfigError(f"inference_bench: {key} must be a {'positive' if key == 'multi_samples' else 'non-negative'} "
+                                  f"integer, got {value!r}")
+        if self.precision not in DECODE_PRECISIONS:
+            raise ConfigError(f"inference_bench: precision must be one of {', '.join(DECODE_PRECISIONS)}, got {self.precision!r}")
         if self.new_tokens < 2:
             raise ConfigError("inference_bench: new_tokens must be at least 2 (time per output token needs two)")
         if self.dtype not in ("", "float32", "bfloat16"):
@@ -91,18 +112,21 @@ def _decode_bytes_per_step(model, num_samples: int, context: float) -> float:
     tokens) plus the K and V of the context for each row."""
     c = model.config
     elem = model.transformer.wte.weight.element_size()
-    weights = (model.num_params() - model.transformer.wte.weight.numel() + num_samples * c.n_embd) * elem
+    skip = {id(model.transformer.wte.weight), id(model.cos), id(model.sin)}
+    # parameters and buffers (an int8 model keeps its weights and scales as buffers), in their own dtypes
+    stored = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()] if id(t) not in skip)
+    weights = stored + num_samples * c.n_embd * elem
     head_dim = c.n_embd // c.n_head
     kv = 2 * c.n_layer * c.n_kv_head * head_dim * context * num_samples * elem
     return weights + kv
 
 
-def _timed_engine_run(engine: Engine, prompt: list[int], cfg: InferenceBenchConfig, device) -> dict:
-    outputs = [[] for _ in range(cfg.num_samples)]
+def _timed_engine_run(engine: Engine, prompt: list[int], cfg: InferenceBenchConfig, device, num_samples: int) -> dict:
+    outputs = [[] for _ in range(num_samples)]
     synchronize(device)
     t0 = time.perf_counter()
     t_first = None
-    for column, _ in engine.generate(prompt, num_samples=cfg.num_samples, max_tokens=cfg.new_tokens,
+    for column, _ in engine.generate(prompt, num_samples=num_samples, max_tokens=cfg.new_tokens,
                                      temperature=0.0, use_tools=False, stop_at_end=False):
         if t_first is None:
             t_first = time.perf_counter()   # the tokens are on the host: no sync needed
@@ -123,9 +147,9 @@ def _timed_naive_run(model, prompt: list[int], cfg: InferenceBenchConfig, device
     return {"outputs": outputs, "ttft": ttft, "total": total}
 
 
-def _warm_up(engine: Engine, prompt: list[int], cfg: InferenceBenchConfig) -> None:
+def _warm_up(engine: Engine, prompt: list[int], cfg: InferenceBenchConfig, num_samples: int) -> None:
     # Same shapes as the timed run (a captured graph is keyed by them); stop after a few steps.
-    gen = engine.generate(prompt, num_samples=cfg.num_samples, max_tokens=cfg.new_tokens,
+    gen = engine.generate(prompt, num_samples=num_samples, max_tokens=cfg.new_tokens,
                           temperature=0.0, use_tools=False, stop_at_end=False)
     for i, _ in enumerate(gen):
         if i >= 3:
@@ -163,13 +187,28 @@ def run(cfg: InferenceBenchConfig, should_stop=None, raise_on_mismatch: bool = T
     return rows
 
 
-def _best_of(repeats: int, fn) -> dict:
-    best = None
-    for _ in range(repeats):
-        result = fn()
-        if best is None or result["total"] < best["total"]:
-            best = result
-    return best
+@torch.inference_mode()
+def greedy_agreement(reference, fast, prompts: list[list[int]], new_tokens: int) -> dict:
+    """The fast model against the reference (fp32) on greedy decoding. Per prompt the reference decodes
+    new_tokens greedily; the fast model then reads prompt + those tokens in one forward and its argmax
+    at each generated position is compared (teacher forcing: one early near-tie does not decide every
+    later position). Also the mean length of exact free-running agreement (fast decoding on its own)."""
+    agree = total = 0
+    prefix = []
+    ref_engine, fast_engine = Engine(reference, decode="eager"), Engine(fast, decode="eager")
+    for prompt in prompts:
+        ref = [c[0] for c, _ in ref_engine.generate(prompt, max_tokens=new_tokens, temperature=0.0,
+                                                    use_tools=False, stop_at_end=False)]
+        ids = torch.tensor([prompt + ref[:-1]], dtype=torch.long, device=fast.get_device())
+        guess = fast(ids)[0, len(prompt) - 1:].argmax(dim=-1).tolist()
+        agree += sum(a == b for a, b in zip(guess, ref))
+        total += len(ref)
+        free = [c[0] for c, _ in fast_engine.generate(prompt, max_tokens=new_tokens, temperature=0.0,
+                                                      use_tools=False, stop_at_end=False)]
+        same = next((i for i, (a, b) in enumerate(zip(free, ref)) if a != b), len(ref))
+        prefix.append(same)
+    return {"greedy_agreement": agree / total if total else None, "quality_prompts": len(prompts),
+            "free_running_prefix_mean": sum(prefix) / len(prefix) if prefix else None}
 
 
 def _run(cfg: InferenceBenchConfig, should_stop=None) -> list[dict]:
@@ -201,11 +240,29 @@ def _run(cfg: InferenceBenchConfig, should_stop=None) -> list[dict]:
         if checks:
             naive_fp32 = generate_naive(model, prompt, cfg.new_tokens, num_samples=cfg.num_samples)
     timed_dtype = getattr(torch, cfg.dtype) if cfg.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    timed_precision = {torch.float32: "fp32", torch.bfloat16: "bf16"}[timed_dtype]
+    fast_precision = decode_precision_route(cfg.precision, device)
+    fast_model = None
+    if fast_precision != timed_precision:
+        import copy
+        fast_model = copy.deepcopy(model)      # from the fp32 weights, before the cast below
+        prepare_for_inference(fast_model, fast_precision)
     model.to(timed_dtype)      # bf16 on CUDA: decode is bound by reading weights, half the bytes
+    variants.append("kv-fast")
+    multi = f"kv-eager-x{cfg.multi_samples}" if cfg.multi_samples > 1 and cfg.num_samples == 1 else None
+    if multi:
+        variants.append(multi)
+    quality = None
+    if fast_model is not None and cfg.quality_prompts:
+        prompts = [torch.randint(0, max(1, vocab - 16), (cfg.prompt_len,), generator=g).tolist()
+                   for _ in range(cfg.quality_prompts)]
+        with full_fp32_matmuls():
+            quality = greedy_agreement(model if timed_dtype == torch.float32 else model.float(), fast_model,
+                                       prompts, cfg.new_tokens)
+        model.to(timed_dtype)
 
     name = device_name(device)
     bandwidth_peak = peak_bandwidth(name) if device.type == "cuda" else None
-    bytes_per_step = _decode_bytes_per_step(model, cfg.num_samples, cfg.prompt_len + cfg.new_tokens / 2)
     common = {
         "kind": "inference_bench", "device_name": name, "world_size": 1, "depth": model.config.n_layer,
         "n_params": model.num_params(), "seq_len": total_len, "device_batch_size": cfg.num_samples,
@@ -216,16 +273,21 @@ def _run(cfg: InferenceBenchConfig, should_stop=None) -> list[dict]:
     }
 
     rows: list[dict] = []
-    measured: dict[str, dict] = {}
+    runners = {}     # variant -> (rows decoded together, () -> timed result)
     for variant in variants:
-        if should_stop is not None and should_stop():
-            break
         row = dict(common, variant=variant)
+        rows.append(row)
         if variant == "kv-graph" and device.type != "cuda":
             row.update(state="SKIPPED", skip_reason="CUDA graph capture needs a CUDA device (running on "
                        f"{device.type}); kv-static runs the same decode step uncaptured")
-            rows.append(row)
             continue
+        if variant == "kv-fast":
+            row.update(precision=fast_precision, weights_dtype=fast_precision)
+            if fast_model is None:
+                row.update(state="SKIPPED", skip_reason=f"the fast precision here ({fast_precision}) is the timed dtype")
+                continue
+            if quality is not None:
+                row.update(quality)
         check = checks.get(variant)
         if check is not None:
             row.update(decode_check="pass" if check["ok"] else "FAIL", decode_check_max_logit_diff=check["max_logit_diff"],
@@ -236,25 +298,40 @@ def _run(cfg: InferenceBenchConfig, should_stop=None) -> list[dict]:
                 row.update(state="FAILED", error=(
                     f"decode check failed (fp32): max |logit - full forward| {check['max_logit_diff']:.3g} > "
                     f"{check['tolerance']:g}, first at step {check['first_bad_step']}"))
-                rows.append(row)
                 continue
-        t_start = time.perf_counter()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
         if variant == "naive":
             generate_naive(model, prompt, 2, num_samples=cfg.num_samples)   # warm-up
-            result = _best_of(cfg.repeats, lambda: _timed_naive_run(model, prompt, cfg, device))
-        else:
-            engine = Engine(model, decode=decode_of[variant])
-            _warm_up(engine, prompt, cfg)
-            result = _best_of(cfg.repeats, lambda: _timed_engine_run(engine, prompt, cfg, device))
-        measured[variant] = result
-        tokens = cfg.num_samples * cfg.new_tokens
+            runners[variant] = (cfg.num_samples, lambda: _timed_naive_run(model, prompt, cfg, device))
+            continue
+        n = cfg.multi_samples if variant == multi else cfg.num_samples
+        engine = Engine(fast_model if variant == "kv-fast" else model,
+                        decode=decode_of.get(variant, "eager"))
+        _warm_up(engine, prompt, cfg, n)
+        runners[variant] = (n, lambda engine=engine, n=n: _timed_engine_run(engine, prompt, cfg, device, n))
+
+    # interleaved: every variant once per repeat, the fastest of each counts
+    measured: dict[str, dict] = {}
+    t_start = time.perf_counter()
+    for _ in range(cfg.repeats):
+        for variant, (_n, fn) in runners.items():
+            if should_stop is not None and should_stop():
+                break
+            result = fn()
+            if variant not in measured or result["total"] < measured[variant]["total"]:
+                measured[variant] = result
+    wall = time.perf_counter() - t_start
+    for row in rows:
+        result = measured.get(row["variant"])
+        if result is None:
+            continue
+        n = runners[row["variant"]][0]
+        m = fast_model if row["variant"] == "kv-fast" else model
+        bytes_per_step = _decode_bytes_per_step(m, n, cfg.prompt_len + cfg.new_tokens / 2)
         tpot = (result["total"] - result["ttft"]) / (cfg.new_tokens - 1)
         achieved = bytes_per_step / tpot
         row.update(
-            state="COMPLETED",
-            tokens_per_s=tokens / result["total"],
+            state="COMPLETED", rows_decoded=n,
+            tokens_per_s=n * cfg.new_tokens / result["total"],
             ttft_s=result["ttft"],
             tpot_s=tpot,
             decode_bytes_per_step=bytes_per_step,
@@ -262,12 +339,12 @@ def _run(cfg: InferenceBenchConfig, should_stop=None) -> list[dict]:
             peak_bandwidth_bytes_per_s=bandwidth_peak,
             bandwidth_util=(100.0 * achieved / bandwidth_peak) if bandwidth_peak else None,
             peak_memory_bytes=peak_memory_bytes(device),
-            wall_time_s=time.perf_counter() - t_start,
+            wall_time_s=wall,
         )
-        rows.append(row)
 
     # side-by-side figures, all from this run
     naive = measured.get("naive")
+    eager = next((r for r in rows if r["variant"] == "kv-eager" and r.get("state") == "COMPLETED"), None)
     for row in rows:
         result = measured.get(row["variant"])
         if result is None:
@@ -278,6 +355,9 @@ def _run(cfg: InferenceBenchConfig, should_stop=None) -> list[dict]:
                 mismatch = _first_mismatch(naive["outputs"], result["outputs"])
                 row["greedy_identical"] = mismatch is None
                 row["greedy_first_mismatch"] = mismatch
+        if eager is not None and row["variant"] in ("kv-fast", multi):
+            ratio = row["tokens_per_s"] / eager["tokens_per_s"]
+            row["speedup_vs_eager" if row["variant"] == "kv-fast" else "speedup_vs_1_sample"] = ratio
 
     # independent first tokens: N samples at temperature 1 from one prefill
     if not (should_stop is not None and should_stop()):
@@ -306,8 +386,11 @@ def summary(rows: list[dict]) -> dict:
         out["variants"][row["variant"]] = {k: row.get(k) for k in (
             "state", "skip_reason", "error", "tokens_per_s", "ttft_s", "tpot_s", "bandwidth_bytes_per_s", "bandwidth_util",
             "greedy_identical", "decode_check", "decode_check_max_logit_diff", "greedy_identical_fp32",
-            "speedup_vs_naive", "peak_memory_bytes") if row.get(k) is not None or k == "state"}
-    done = [r for r in rows if r.get("state") == "COMPLETED" and r["variant"] != "naive"]
+            "speedup_vs_naive", "peak_memory_bytes", "precision", "speedup_vs_eager", "speedup_vs_1_sample",
+            "greedy_agreement", "free_running_prefix_mean", "quality_prompts", "rows_decoded")
+            if row.get(k) is not None or k == "state"}
+    # greedy equality with naive holds for the variants in the timed dtype (kv-fast has its own guard)
+    done = [r for r in rows if r.get("state") == "COMPLETED" and r["variant"] not in ("naive", "kv-fast")]
     out["greedy_identical"] = all(r.get("greedy_identical") for r in done) if done else None
     checked = [r for r in rows if r.get("decode_check") is not None]
     # True only when every cached variant that ran passed the fp32 check against the full forward
@@ -316,4 +399,11 @@ def summary(rows: list[dict]) -> dict:
     out["speedup_kv_vs_naive"] = kv.get("speedup_vs_naive") if kv else None
     graph = next((r for r in rows if r["variant"] == "kv-graph" and r.get("state") == "COMPLETED"), None)
     out["speedup_graph_vs_naive"] = graph.get("speedup_vs_naive") if graph else None
+    fast = next((r for r in rows if r["variant"] == "kv-fast" and r.get("state") == "COMPLETED"), None)
+    out["fast_precision"] = next((r.get("precision") for r in rows if r["variant"] == "kv-fast"), None)
+    out["speedup_fast_vs_eager"] = fast.get("speedup_vs_eager") if fast else None
+    out["fast_greedy_agreement"] = fast.get("greedy_agreement") if fast else None
+    multi = next((r for r in rows if r["variant"].startswith("kv-eager-x") and r.get("state") == "COMPLETED"), None)
+    out["speedup_multi_sample"] = multi.get("speedup_vs_1_sample") if multi else None
+    out["multi_samples"] = multi.get("rows_decoded") if multi else None
     return out

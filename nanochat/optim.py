@@ -10,14 +10,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-
-def _cpu_has_fast_bf16() -> bool:
-    """AMX or AVX512-BF16: bf16 matmuls are then about twice as fast as fp32 on the CPU."""
-    cpu = torch.cpu
-    return any(getattr(cpu, name, lambda: False)() for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+from nanochat.cpu_features import cpu_has_fast_bf16
 
 
-_NS_DTYPE_CPU = torch.bfloat16 if _cpu_has_fast_bf16() else torch.float32
+_NS_DTYPE_CPU = torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
 
 
 def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5) -> Tensor:

@@ -5,7 +5,8 @@ The training loop shared by base and mid training (nanochat's recipe):
   Muon momentum warms up 0.85 -> 0.95 over the first 300 steps
 - gradient accumulation to an exact total batch in tokens:
   total_batch_size == device_batch_size * seq_len * world_size * grad_accum_steps
-- bf16 autocast and torch.compile on CUDA; fp32 and eager on CPU
+- bf16 autocast and torch.compile on CUDA; fp32 and eager on CPU unless asked (precision: fast takes
+  bf16 autocast on CPUs with AMX)
 - torch.distributed from the environment; gradients averaged with all_reduce_gradients
 - each optimizer step's data is fetched whole (rows of tokens) and sliced into micro-batches,
   so on an out-of-memory error the same step can be rerun with half the device batch
@@ -59,6 +60,7 @@ class TrainConfig:
     keep_checkpoints: int = 2          # step folders kept
     log_every: int = 10                # metrics.csv row every N steps (and the last step)
     compile: str = "auto"              # auto (on for cuda, off for cpu) | on | off
+    precision: str = "auto"            # auto | fast | fp32 | bf16: matmul precision (train_precision_route)
     seed: int = 42
     num_streams: int = 0               # data streams; 0 = world_size (see dataloader.py)
 
@@ -77,6 +79,8 @@ def validate_common(cfg: TrainConfig) -> None:
         raise ConfigError(f"{name}.keep_checkpoints={cfg.keep_checkpoints}: must be >= 1")
     if not 0.0 <= cfg.warmdown_ratio <= 1.0:
         raise ConfigError(f"{name}.warmdown_ratio={cfg.warmdown_ratio}: must be in [0, 1]")
+    if cfg.precision not in PRECISION_CHOICES:
+        raise ConfigError(f"{name}.precision={cfg.precision!r}: expected one of {', '.join(PRECISION_CHOICES)}")
     if str(cfg.compile).lower() not in COMPILE_CHOICES:
         raise ConfigError(f"{name}.compile={cfg.compile!r}: expected one of auto, on, off")
     if cfg.device_type not in ("", "cpu", "cuda", "mps"):
@@ -144,6 +148,35 @@ OOM_FALLBACK_SOURCES = ("fallback", "config+oom_fallback")
 
 def source_after_oom(source: str) -> str:
     return "config+oom_fallback" if source in ("config", "config+oom_fallback") else "fallback"
+
+
+# auto: bf16 autocast on CUDA, fp32 on a CPU (the CPU run is the exact reference the tests and smoke
+# runs compare against). fast: bf16 autocast where it makes a training step faster: CUDA and CPUs with
+# AMX (nanochat.cpu_features.cpu_has_amx); fp32 on other CPUs: with AVX512-BF16 alone the casts cost
+# more than the matmuls save (measured 0.53x), without it bf16 is emulated.
+# fp32 / bf16: as said, anywhere. Weights, gradients and optimizer state stay fp32 in every case.
+PRECISION_CHOICES = ("auto", "fast", "fp32", "bf16")
+
+
+def train_precision_route(choice: str, device: torch.device) -> str:
+    """"bf16" (autocast) or "fp32" for `choice` on `device`."""
+    from nanochat.cpu_features import cpu_has_amx
+    if choice not in PRECISION_CHOICES:
+        raise ValueError(f"precision {choice!r}: choose one of {', '.join(PRECISION_CHOICES)}")
+    if choice in ("fp32", "bf16"):
+        return choice
+    if device.type == "cuda":
+        return "bf16"
+    if choice == "fast" and device.type == "cpu" and cpu_has_amx():
+        return "bf16"
+    return "fp32"
+
+
+def autocast_context(precision: str, device: torch.device):
+    """A zero-argument factory of the autocast context for a routed precision."""
+    if precision == "bf16":
+        return lambda: torch.amp.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
 
 
 def resolve_compile(setting, device: torch.device) -> bool:
@@ -294,8 +327,8 @@ def train(cfg: TrainConfig, *, stage: str, model, tokenizer, tokenizer_dir: str,
     rank, world_size, ddp = dist_info.rank, dist_info.world_size, dist_info.ddp
     out_dir = Path(cfg.out_dir) if cfg.out_dir else None
     ckpt_root = out_dir / "checkpoints" if out_dir else None
-    autocast_ctx = ((lambda: torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16))
-                    if device.type == "cuda" else contextlib.nullcontext)
+    precision = train_precision_route(cfg.precision, device)
+    autocast_ctx = autocast_context(precision, device)
     opt_factory = functools.partial(build_optimizers, unembedding_lr=cfg.unembedding_lr, embedding_lr=cfg.embedding_lr,
                                     matrix_lr=cfg.matrix_lr, weight_decay=cfg.weight_decay)
 

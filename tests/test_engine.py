@@ -301,7 +301,7 @@ def test_inference_bench_rows(tmp_path):
                                diversity_samples=16, out_dir=str(tmp_path))
     rows = run_bench(cfg)
     by = {r["variant"]: r for r in rows}
-    assert set(by) == {"naive", "kv-eager", "kv-static", "kv-graph"}
+    assert set(by) == {"naive", "kv-eager", "kv-static", "kv-graph", "kv-fast"}   # no -xN: already 2 rows
     assert by["kv-graph"]["state"] == "SKIPPED" and "CUDA" in by["kv-graph"]["skip_reason"]
     assert by["naive"]["state"] == "COMPLETED" and "greedy_identical" not in by["naive"]
     for name in ("naive", "kv-eager", "kv-static"):

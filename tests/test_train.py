@@ -176,3 +176,45 @@ def test_bench_train_prints_json(base_dir, capsys):
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["bench"] == "train" and out["tokens_per_s"] > 0 and out["mfu"] is None
     assert out["variants"]["config"]["device_batch_size"] == 4
+
+
+def test_train_precision_follows_the_hardware(monkeypatch):
+    import nanochat.cpu_features
+    from nanochat.train_loop import train_precision_route
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(nanochat.cpu_features, "cpu_has_amx", lambda: True)
+    assert train_precision_route("fast", cpu) == "bf16"
+    assert train_precision_route("auto", cpu) == "fp32"     # the CPU default stays the exact reference
+    monkeypatch.setattr(nanochat.cpu_features, "cpu_has_amx", lambda: False)
+    assert train_precision_route("fast", cpu) == "fp32"     # AVX512-BF16 alone measured slower: fall back
+    assert train_precision_route("auto", cuda) == "bf16" and train_precision_route("fast", cuda) == "bf16"
+    assert train_precision_route("fp32", cuda) == "fp32" and train_precision_route("bf16", cpu) == "bf16"
+    with pytest.raises(ValueError, match="precision 'fp16'"):
+        train_precision_route("fp16", cpu)
+    with pytest.raises(ConfigError, match="precision='half'"):
+        base_train.run(base_train.BaseTrainConfig(precision="half"))
+
+
+@pytest.mark.parametrize("fast_as", ["fast", "bf16"])
+def test_bench_train_compares_fast_precision_with_fp32(base_dir, capsys, fast_as):
+    """The fast step runs in bf16 on a CPU with AMX (its loss then differs from fp32's, which proves
+    the autocast took effect) and stays within 2% of fp32's loss; elsewhere it is fp32 itself."""
+    import argparse
+    import json
+    import nanochat.cpu_features
+    from jobs import bench_train
+    p = argparse.ArgumentParser()
+    bench_train.add_arguments(p)
+    args = p.parse_args(["--depth", "2", "--seq-len", "64", "--device-batch-size", "4", "--steps", "6",
+                         "--vocab-size", str(VOCAB), "--base-dir", str(base_dir), "--compare-precision", "--rounds", "1", "--fast-as", fast_as,
+                         "--data-source", str(data_dir(base_dir, num_shards=3, max_chars=400_000)), "--json"])
+    assert bench_train.run(args) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    fp32, fast = out["variants"]["fp32"], out["variants"]["fast"]
+    assert fp32["precision"] == "fp32"
+    assert fast["precision"] == ("bf16" if fast_as == "bf16" or nanochat.cpu_features.cpu_has_amx() else "fp32")
+    assert out["ratio_fast_vs_fp32"] > 0 and out["final_loss_gap"] < 0.02
+    if fast["precision"] == "bf16":
+        assert fast["final_loss"] != fp32["final_loss"]
+    else:
+        assert fast["final_loss"] == fp32["final_loss"]
