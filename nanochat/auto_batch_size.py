@@ -940,6 +940,7 @@ class ProbeConfig:
     total_batch_size: int = 0           # tokens per optimizer step; 0 = seq_len * world_size * 64
     world_size: int = 1                 # ranks the training will use (the probe itself runs on one)
     compile: bool | str = "off"         # as the training stage's: auto (on for cuda) | on | off
+    precision: str = "auto"             # as the training stage's (train_loop.train_precision_route): autocast changes memory
     memory_budget_gb: float = 0.0       # CPU only; 0 = half the total memory
     safety_margin: float = DEFAULT_SAFETY_MARGIN
     stop_gain: float = DEFAULT_STOP_GAIN  # < 0 disables the speed check
@@ -951,11 +952,14 @@ class ProbeConfig:
 
 
 # The ProbeConfig keys a probe with `serves` takes from the training stage it serves.
-SERVED_KEYS = ("init_from", "device_type", "depth", "seq_len", "vocab_size", "total_batch_size", "world_size", "compile")
+SERVED_KEYS = ("init_from", "device_type", "depth", "seq_len", "vocab_size", "total_batch_size", "world_size", "compile",
+               "precision")
 
 
 def validate_probe_config(cfg: ProbeConfig) -> None:
-    from nanochat.train_loop import COMPILE_CHOICES
+    from nanochat.train_loop import COMPILE_CHOICES, PRECISION_CHOICES
+    if cfg.precision not in PRECISION_CHOICES:
+        raise ConfigError(f"probe.precision: expected one of {', '.join(PRECISION_CHOICES)}, got {cfg.precision!r}")
     for name in ("depth", "seq_len", "vocab_size", "world_size"):
         if int(getattr(cfg, name)) < 1:
             raise ConfigError(f"probe.{name}: must be a positive integer, got {getattr(cfg, name)!r}")
@@ -990,7 +994,8 @@ def probe_options(cfg: ProbeConfig, model, device: torch.device) -> dict:
     """resolve_device_batch_size's arguments for this probe: the training's (train_loop.auto_batch_options),
     plus the probe's own search settings."""
     from nanochat.train_loop import auto_batch_options
-    return dict(**auto_batch_options(model, cfg.seq_len, probe_total_batch_size(cfg), cfg.world_size, device, cfg.compile),
+    return dict(**auto_batch_options(model, cfg.seq_len, probe_total_batch_size(cfg), cfg.world_size, device, cfg.compile,
+                                     cfg.precision),
                 safety_margin=cfg.safety_margin, stop_gain=(cfg.stop_gain if cfg.stop_gain >= 0 else None),
                 memory_budget_gb=(cfg.memory_budget_gb or None))
 

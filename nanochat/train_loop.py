@@ -186,20 +186,23 @@ def resolve_compile(setting, device: torch.device) -> bool:
 
 
 def auto_batch_options(model, seq_len: int, total_batch_size: int, world_size: int, device: torch.device,
-                       compile_setting) -> dict:
+                       compile_setting, precision: str = "auto") -> dict:
     """The arguments (and so the cache key) of the automatic device batch size for a base or mid
     training run: THE one place they are derived. The training loop and the probe stage that serves
     it both call this, so the entry a probe writes is the entry training reads. build_optimizers
-    itself: optimizer memory does not depend on the learning rates."""
+    itself: optimizer memory does not depend on the learning rates; the trial steps run under the
+    training's own autocast (bf16 activations take half the memory of fp32 ones)."""
+    autocast = "bfloat16" if train_precision_route(precision, device) == "bf16" else None
     return dict(model=model, optimizers_factory=build_optimizers, seq_len=seq_len, total_batch_size=total_batch_size,
                 world_size=world_size, device=device, compile=resolve_compile(compile_setting, device),
-                vocab_size=model.config.vocab_size)
+                vocab_size=model.config.vocab_size, autocast_dtype=autocast)
 
 
 def batch_cache_key(cfg: TrainConfig, model, world_size: int, device: torch.device) -> str:
     """The batch-size cache key this training config looks up (model may live on the meta device)."""
     from nanochat.auto_batch_size import key_inputs
-    return key_inputs(**auto_batch_options(model, cfg.seq_len, cfg.total_batch_size, world_size, device, cfg.compile)).key
+    return key_inputs(**auto_batch_options(model, cfg.seq_len, cfg.total_batch_size, world_size, device, cfg.compile,
+                                         cfg.precision)).key
 
 
 def resolve_batch(cfg: TrainConfig, model, world_size: int, device: torch.device, opt_factory=None) -> tuple[int, int, str, int, dict]:
@@ -215,7 +218,7 @@ def resolve_batch(cfg: TrainConfig, model, world_size: int, device: torch.device
         if cfg.total_batch_size <= 0:
             raise ConfigError(f"{name}.total_batch_size must be set (tokens per step) when device_batch_size=0")
         B, accum, source, info = resolve_device_batch_size(
-            **auto_batch_options(model, T, cfg.total_batch_size, world_size, device, cfg.compile),
+            **auto_batch_options(model, T, cfg.total_batch_size, world_size, device, cfg.compile, cfg.precision),
             base_dir=cfg.base_dir or None)
         total = cfg.total_batch_size
     else:

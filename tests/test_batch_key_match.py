@@ -89,7 +89,8 @@ def test_probe_stage_writes_the_key_its_training_stage_reads(path, executor, dev
                 continue
             mid_cfg, _ = build_config(run, pipeline, mid.name, None)
             base_cfg, _ = build_config(run, pipeline, served_name, tasks[0])
-            if (mid_cfg.seq_len, mid_cfg.total_batch_size, mid_cfg.compile) == (base_cfg.seq_len, base_cfg.total_batch_size, base_cfg.compile):
+            if (mid_cfg.seq_len, mid_cfg.total_batch_size, mid_cfg.compile, mid_cfg.precision) == \
+                    (base_cfg.seq_len, base_cfg.total_batch_size, base_cfg.compile, base_cfg.precision):
                 mid_key = batch_cache_key(mid_cfg, training_model(base_cfg), world_size_at_run_time(executor, mid), device)
                 assert mid_key == written, f"{path.name}: {mid.name} misses the probe's entry"
                 mids_checked.append(mid.name)
@@ -97,6 +98,25 @@ def test_probe_stage_writes_the_key_its_training_stage_reads(path, executor, dev
         assert 0 < probe_cfg.time_limit_s < probe.resources.time_min * 60
     if path.stem in ("smoke", "artemis-a100"):
         assert mids_checked == ["mid_train"]    # their mid_train has base_train's shape: a cache hit too
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_training_precision_reaches_the_probe_key(precision, device, tmp_path):
+    """A training stage's precision changes its activations' memory: the probe that serves it trials
+    under the same autocast (and so writes the entry that stage reads), and the key differs from the
+    default precision's wherever the two routes differ."""
+    run = {"run_id": "keys", "workdir": str(tmp_path), "executor": "slurm"}
+    keys = {}
+    for p in ("auto", precision):
+        pipeline = load_pipeline(resolve_pipeline_path("artemis-a100"), [f"base_train.precision={p}"])
+        probe_cfg, _ = build_config(run, pipeline, "probe", None)
+        assert probe_cfg.precision == p
+        cfg, _ = build_config(run, pipeline, "base_train", None)
+        keys[p] = batch_cache_key(cfg, training_model(cfg), world_size_at_run_time("slurm", pipeline.stages["base_train"]), device)
+        assert probe_cache_key(probe_cfg, device) == keys[p], p
+    # auto is bf16 on CUDA and fp32 on a CPU: the other one must have its own entry
+    same_route = (device.type == "cuda") == (precision == "bf16")
+    assert (keys["auto"] == keys[precision]) == same_route
 
 
 @pytest.mark.parametrize("grid_path", GRIDS, ids=[g.stem for g in GRIDS])
