@@ -346,7 +346,7 @@ cmd_status() {
     local name file
     local nodes
     # the nodes that run (pid files), else the nodes this call would start
-    nodes="$(cd "$DIR/run" 2>/dev/null && compgen -G 'slurmd-*.pid' | sed 's/\.pid$//' | sort -V)"
+    nodes="$(cd "$DIR/run" 2>/dev/null && compgen -G 'slurmd*.pid' | sed 's/\.pid$//' | sort -V)"
     [[ -n "$nodes" ]] || nodes="$(node_names | sed 's/^/slurmd-/')"
     for name in munged mysqld mysqld_safe slurmdbd slurmctld $nodes; do
         file="$DIR/run/$name.pid"; [[ $name == mysqld ]] && file="$DIR/mysql/mysqld.pid"
