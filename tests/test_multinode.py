@@ -197,7 +197,7 @@ def max_diff(a: dict, b: dict) -> float:
 TWO_NODES = {"nodes": 2, "tasks_per_node": 1, "cpus_per_task": 1, "time_min": 10, "max_requeues": 1}
 TRAIN_STEPS = 120
 TRAIN_ARGS = {"depth": 2, "vocab_size": 512, "seq_len": 64, "device_batch_size": 4, "total_batch_size": 2 * 4 * 64,
-              "num_steps": TRAIN_STEPS, "save_every": 10, "log_every": 20, "eval_tokens": 1024, "eval_every": 0}
+              "num_steps": TRAIN_STEPS, "save_every": 10, "keep_checkpoints": 50, "log_every": 20, "eval_tokens": 1024, "eval_every": 0}
 _preempt = {}
 
 
@@ -286,9 +286,11 @@ def test_batch_size_probe_on_two_nodes_ranks_agree(slurm2):
     assert row["state"] == "COMPLETED" and row["world_size"] == 2 and row["batch_size_source"] == "probe"
     assert row["device_batch_size"] * row["grad_accum_steps"] == 8
     meta = load_checkpoint(list_checkpoints(root / "work" / "mn-probe" / "train" / "checkpoints")[-1], with_optim=False)["meta"]
-    # each rank's loader advanced by the same agreed number of rows
-    assert sorted(meta["loader"]) == ["0", "1"]
-    assert json.dumps(meta["loader"]["0"], sort_keys=True).count(":") == json.dumps(meta["loader"]["1"], sort_keys=True).count(":")
+    # each rank read its own stream and advanced it by the same agreed number of rows
+    loaders = meta["loader"]
+    assert sorted(loaders) == ["0", "1"] and [loaders[r]["stream"] for r in ("0", "1")] == [0, 1]
+    assert [{k: loaders[r][k] for k in ("epoch", "group", "offset")} for r in ("0", "1")].count(
+        {k: loaders["0"][k] for k in ("epoch", "group", "offset")}) == 2, {r: {k: v for k, v in l.items() if k != "buffer"} for r, l in loaders.items()}
 
 
 @pytest.mark.slurm
