@@ -321,7 +321,7 @@ cmd_up() {
     if write_configs; then
         # The configs changed (first run, or a new CPU count): daemons running on the old ones restart.
         if pid_alive "$DIR/run/slurmctld.pid" || pid_alive "$DIR/run/slurmdbd.pid" \
-           || compgen -G "$DIR/run/slurmd*.pid" >/dev/null; then
+           || compgen -G "$DIR/run/slurmd-*.pid" >/dev/null || pid_alive "$DIR/run/slurmd.pid"; then
             log "configuration changed: restarting the Slurm daemons"
             stop_slurmds
             stop_pidfile slurmctld "$DIR/run/slurmctld.pid"
@@ -346,7 +346,8 @@ cmd_status() {
     local name file
     local nodes
     # the nodes that run (pid files), else the nodes this call would start
-    nodes="$(cd "$DIR/run" 2>/dev/null && compgen -G 'slurmd*.pid' | sed 's/\.pid$//' | sort -V)"
+    nodes="$(cd "$DIR/run" 2>/dev/null && compgen -G 'slurmd-*.pid' | sed 's/\.pid$//' | sort -V)"
+    pid_alive "$DIR/run/slurmd.pid" && nodes="slurmd $nodes"   # the one-node layout's, before a restart
     [[ -n "$nodes" ]] || nodes="$(node_names | sed 's/^/slurmd-/')"
     for name in munged mysqld mysqld_safe slurmdbd slurmctld $nodes; do
         file="$DIR/run/$name.pid"; [[ $name == mysqld ]] && file="$DIR/mysql/mysqld.pid"
