@@ -167,6 +167,10 @@ def rows(run_dir: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((Path(run_dir) / "rows").glob("*.json"))]
 
 
+def extra(row: dict) -> dict:
+    return json.loads(row["extra"] or "{}")
+
+
 def sacct_fields(job: str, fmt: str = "State,NodeList,NNodes") -> list[str]:
     out = subprocess.run(["sacct", "-X", "-n", "-P", "-j", job, f"--format={fmt}"], capture_output=True, text=True,
                          timeout=60).stdout.strip().splitlines()
@@ -196,8 +200,9 @@ def max_diff(a: dict, b: dict) -> float:
 
 TWO_NODES = {"nodes": 2, "tasks_per_node": 1, "cpus_per_task": 1, "time_min": 10, "max_requeues": 1}
 TRAIN_STEPS = 120
+# num_streams=2 in every run: one process then reads exactly the rows the two ranks read (dataloader.py)
 TRAIN_ARGS = {"depth": 2, "vocab_size": 512, "seq_len": 64, "device_batch_size": 4, "total_batch_size": 2 * 4 * 64,
-              "num_steps": TRAIN_STEPS, "save_every": 10, "keep_checkpoints": 50, "log_every": 20, "eval_tokens": 1024, "eval_every": 0}
+              "num_steps": TRAIN_STEPS, "num_streams": 2, "save_every": 10, "keep_checkpoints": 50, "log_every": 20, "eval_tokens": 1024, "eval_every": 0}
 _preempt = {}
 
 
@@ -220,7 +225,7 @@ def test_two_node_stage_on_usr2_checkpoints_once_and_requeues(slurm2):
     subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=30)
     preempted = wait_until(lambda: [r for r in rows(run_dir) if r["state"] == "PREEMPTED"], 120)
     assert preempted and len(preempted) == 1 and preempted[0]["world_size"] == 2
-    _preempt.update(job=job, run_dir=run_dir, stopped_at=preempted[0]["step"], t0=time.time())
+    _preempt.update(job=job, run_dir=run_dir, stopped_at=extra(preempted[0])["step"], t0=time.time())
 
 
 @pytest.mark.slurm
@@ -365,7 +370,7 @@ def test_killed_rank_fails_the_stage_promptly_and_resume_continues(slurm2):
     assert second["resubmitted"] == ["train", "after"] and second["state"] == "COMPLETED"
     done = [r for r in rows(run_dir) if r["state"] == "COMPLETED" and r["stage"] == "train"]
     assert done and done[0]["world_size"] == 2
-    assert done[0]["start_step"] == last_ckpt > 0 and done[0]["step"] == TRAIN_STEPS   # from the last checkpoint
+    assert extra(done[0])["start_step"] == last_ckpt > 0 and extra(done[0])["step"] == TRAIN_STEPS   # from the last checkpoint
 
 
 @pytest.mark.slurm
@@ -379,7 +384,7 @@ def test_two_node_preempted_stage_resumes_to_identical_weights(slurm2):
     assert done, "the requeued two-node job did not finish"
     row = done[0]
     assert row["job_id"] == job and row["requeues"] == 1 and row["world_size"] == 2
-    assert row["start_step"] == _preempt["stopped_at"] and 0 < _preempt["stopped_at"] < TRAIN_STEPS
+    assert extra(row)["start_step"] == _preempt["stopped_at"] and 0 < _preempt["stopped_at"] < TRAIN_STEPS
     # both ranks caught the signal (one on each node) and stopped at the same step: one checkpoint there
     logs = sorted((root / "work" / "mn-preempt" / "submitit" / "train").glob(f"{job}_*_log.out"))
     assert len(logs) == 2 and all("caught signal" in p.read_text() for p in logs), [p.name for p in logs]
