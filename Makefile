@@ -47,7 +47,7 @@ bench: setup ## benchmark each optimization against its baseline on this machine
 gpu-check: ## every GPU path, short (under 8 min on one H100/H200): one JSON line; skips without CUDA
 	@$(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m jobs gpu-check $(if $(OUT_JSON),--out $(OUT_JSON),)
 
-slurm-up: ## start a real single-node Slurm (with accounting) on localhost
+slurm-up: ## start a real two-node Slurm (with accounting) on localhost (slurm_local.sh up --nodes N for more)
 	bash sbatch/slurm_local.sh up
 
 slurm-down: ## stop the local Slurm

@@ -12,6 +12,7 @@ import secrets
 import subprocess
 import sys
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable
 
@@ -133,13 +134,21 @@ class DistInfo:
 
 def _env_rank_info(env=None):
     """(rank, local rank, world size): RANK/LOCAL_RANK/WORLD_SIZE from torchrun, or
-    SLURM_PROCID/SLURM_LOCALID/SLURM_NTASKS from srun."""
+    SLURM_PROCID/SLURM_LOCALID/SLURM_NTASKS from srun. Half a description (RANK without
+    WORLD_SIZE, a rank outside the world) is an error, not a silent single process."""
     env = os.environ if env is None else env
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"])
-    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
-        return int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"])
-    return 0, 0, 1
+    if ("RANK" in env) != ("WORLD_SIZE" in env):
+        raise RuntimeError("torch.distributed environment incomplete: RANK and WORLD_SIZE must be set together "
+                           f"(RANK={env.get('RANK')!r}, WORLD_SIZE={env.get('WORLD_SIZE')!r})")
+    if "RANK" in env:
+        rank, local_rank, world = int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"])
+    elif "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        rank, local_rank, world = int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"])
+    else:
+        return 0, 0, 1
+    if not 0 <= rank < world:
+        raise RuntimeError(f"torch.distributed environment inconsistent: rank {rank} is not in a world of {world}")
+    return rank, local_rank, world
 
 
 def local_cuda_index(local_rank: int, device_count: int) -> int:
@@ -176,24 +185,73 @@ def compute_init(device_type: str | None = None, seed: int = 42) -> DistInfo:
         # the last all-reduce's tensors aborts the process ("terminate called without an active
         # exception", exit -6). Imported first, the defaults are None.
         importlib.import_module("torch.distributed.nn.functional")
-        os.environ.setdefault("MASTER_ADDR", _slurm_master_addr())
-        os.environ.setdefault("MASTER_PORT", str(29500 + int(os.environ.get("SLURM_JOB_ID", "0")) % 1000))
+        if "MASTER_ADDR" not in os.environ:
+            os.environ["MASTER_ADDR"] = _slurm_master_addr()
+        if "MASTER_PORT" not in os.environ:
+            os.environ["MASTER_PORT"] = str(rendezvous_port(os.environ.get("SLURM_JOB_ID", "")))
         backend = "nccl" if device_type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
+        # A bounded wait: a rank whose peer died (a node lost mid-run) fails its collective after
+        # this long instead of the default 30 min (gloo), so the stage FAILS and can be resumed.
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=dist_timeout(),
                                 **({"device_id": device} if device_type == "cuda" else {}))
     return DistInfo(ddp=ddp, rank=rank, local_rank=local_rank, world_size=world_size, device=device)
 
 
+def dist_timeout() -> timedelta:
+    """How long a collective (and the rendezvous) may wait for the other ranks:
+    NANOCHAT_DIST_TIMEOUT_S seconds, default 600."""
+    raw = os.environ.get("NANOCHAT_DIST_TIMEOUT_S", "600")
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise RuntimeError(f"NANOCHAT_DIST_TIMEOUT_S: {raw!r} is not a positive number of seconds")
+    return timedelta(seconds=seconds)
+
+
+# MASTER_PORT from the Slurm job id: 20000 + id mod 10000, below Linux's ephemeral range
+# (32768-60999) so no outgoing connection holds it. Two jobs on one node share a port only when
+# their ids differ by a multiple of 10000 and both still run there.
+RENDEZVOUS_PORT_BASE, RENDEZVOUS_PORT_SPAN = 20000, 10000
+
+
+def rendezvous_port(job_id: str | int) -> int:
+    digits = "".join(ch for ch in str(job_id).split("_")[0] if ch.isdigit())
+    return RENDEZVOUS_PORT_BASE + (int(digits) if digits else 0) % RENDEZVOUS_PORT_SPAN
+
+
+def _first_host(nodelist: str) -> str:
+    """The first host of a Slurm hostlist ("gpu[07-09,12],cpu1" -> "gpu07"), for machines without
+    scontrol; scontrol is asked first (it is what Slurm itself uses)."""
+    depth, head = 0, ""
+    for ch in nodelist.strip():
+        if ch == "," and depth == 0:
+            break
+        depth += (ch == "[") - (ch == "]")
+        head += ch
+    if "[" not in head:
+        return head
+    prefix, rest = head.split("[", 1)
+    ranges, suffix = rest.split("]", 1)
+    return prefix + ranges.split(",")[0].split("-")[0] + suffix
+
+
 def _slurm_master_addr() -> str:
+    """The rendezvous host: the job's first node as `scontrol show hostnames $SLURM_JOB_NODELIST`
+    lists it (every rank computes the same name). Without a node list there is no knowing where
+    rank 0 runs: a one-line error instead of a guess that hangs the other nodes."""
     nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
-    if nodelist:
-        try:
-            out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=10)
-            if out.returncode == 0 and out.stdout.strip():
-                return out.stdout.split()[0]
-        except (OSError, subprocess.TimeoutExpired):
-            pass
-    return "127.0.0.1"
+    if not nodelist:
+        raise RuntimeError("torch.distributed environment incomplete: MASTER_ADDR is not set and there is no "
+                           "SLURM_JOB_NODELIST to take the first node from (launch with srun/torchrun, or set MASTER_ADDR)")
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.split()[0]
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return _first_host(nodelist)
 
 
 def compute_cleanup() -> None:

@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
-# A real single-node Slurm (22.05, Debian packages) on localhost, with accounting, for tests and
+# A real Slurm (22.05, Debian packages) of N nodes on localhost, with accounting, for tests and
 # for trying the suite on a laptop or a CI machine. Runs everything as root.
 #
-#   bash sbatch/slurm_local.sh up       install (apt) if needed, write configs, start, wait until usable
-#   bash sbatch/slurm_local.sh status   what runs, the node, the queue
-#   bash sbatch/slurm_local.sh down     stop every daemon this script started
+#   bash sbatch/slurm_local.sh up [--nodes N]   install (apt) if needed, write configs, start, wait until usable
+#   bash sbatch/slurm_local.sh status           what runs, the nodes, the queue
+#   bash sbatch/slurm_local.sh down             stop every daemon this script started
 #
 # What runs: munged (auth), mysqld_safe/mariadbd (private datadir, own socket and port, so a
-# system MariaDB is left alone), slurmdbd (accounting -> sacct works), slurmctld, slurmd.
+# system MariaDB is left alone), slurmdbd (accounting -> sacct works), slurmctld, and one slurmd
+# per node (`slurmd -N nK`: nodes n1..nN on this host, each with its own Port=). The node names go
+# into /etc/hosts (127.0.0.1), since a job's rendezvous address is its first node's name.
 # State, spool, logs, pid files and the database live under $NANOCHAT_SLURM_DIR
 # (default /tmp/nanochat-slurm). The daemons read /etc/slurm/*.conf (SLURM_CONF does not reach
 # every process that needs it), so this script writes slurm.conf, slurmdbd.conf and cgroup.conf there.
 #
-# Knobs (environment): NANOCHAT_SLURM_DIR, NANOCHAT_SLURM_CPUS (CPUs declared on the node line,
-# default max(16, nproc): more than the cores, so an array of small tasks runs concurrently),
+# Knobs (environment): NANOCHAT_SLURM_DIR, NANOCHAT_SLURM_NODES (default 2: the multi-node tests
+# need two; --nodes wins), NANOCHAT_SLURM_CPUS (CPUs declared in all, split over the nodes, at least
+# 8 each; default max(16, nproc): more than the cores, so an array of small tasks runs concurrently),
 # NANOCHAT_SLURM_CLUSTER (default "nanochat"), NANOCHAT_SLURM_DB_PORT (default 3307),
 # NANOCHAT_SLURM_TIMEOUT (seconds `up` waits for the node and sacct, default 120).
 set -uo pipefail
@@ -22,6 +25,8 @@ DIR="${NANOCHAT_SLURM_DIR:-/tmp/nanochat-slurm}"
 CLUSTER="${NANOCHAT_SLURM_CLUSTER:-nanochat}"
 DB_PORT="${NANOCHAT_SLURM_DB_PORT:-3307}"
 TIMEOUT="${NANOCHAT_SLURM_TIMEOUT:-120}"
+NODES="${NANOCHAT_SLURM_NODES:-2}"
+PORT_BASE=17000   # slurmd of node nK listens on PORT_BASE + K
 ETC=/etc/slurm
 HOST="$(hostname -s)"
 DB_SOCK="$DIR/mysql/mysqld.sock"
@@ -72,12 +77,16 @@ write_if_changed() {
 
 write_configs() {
     mkdir -p "$ETC" "$DIR"/{state,spool,log,run}
-    local cpus mem_mb
+    local cpus mem_mb node_lines="" k
     cpus="${NANOCHAT_SLURM_CPUS:-$(( $(nproc) > 16 ? $(nproc) : 16 ))}"
-    # RealMemory below the machine's (slurmd refuses a node that claims more than it has).
-    mem_mb=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 * 8 / 10 ))
+    cpus=$(( cpus / NODES > 8 ? cpus / NODES : 8 ))
+    # RealMemory below the machine's (slurmd refuses a node that claims more than it has), split.
+    mem_mb=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 * 8 / 10 / NODES ))
+    for k in $(seq "$NODES"); do
+        node_lines+="NodeName=n$k NodeHostname=$HOST NodeAddr=127.0.0.1 Port=$(( PORT_BASE + k )) CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN"$'\n'
+    done
     local changed=1
-    write_if_changed "$ETC/slurm.conf" "# Written by sbatch/slurm_local.sh: single-node Slurm on localhost for tests.
+    write_if_changed "$ETC/slurm.conf" "# Written by sbatch/slurm_local.sh: a $NODES-node Slurm on localhost for tests.
 ClusterName=$CLUSTER
 SlurmctldHost=$HOST(127.0.0.1)
 SlurmUser=root
@@ -89,9 +98,9 @@ AuthInfo=cred_expire=10
 StateSaveLocation=$DIR/state
 SlurmdSpoolDir=$DIR/spool/%n
 SlurmctldPidFile=$DIR/run/slurmctld.pid
-SlurmdPidFile=$DIR/run/slurmd.pid
+SlurmdPidFile=$DIR/run/slurmd-%n.pid
 SlurmctldLogFile=$DIR/log/slurmctld.log
-SlurmdLogFile=$DIR/log/slurmd.log
+SlurmdLogFile=$DIR/log/slurmd-%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
 ProctrackType=proctrack/linuxproc
@@ -118,11 +127,11 @@ AccountingStorageHost=127.0.0.1
 JobAcctGatherType=jobacct_gather/linux
 JobAcctGatherFrequency=10
 JobCompType=jobcomp/none
-# The node declares more CPUs than the machine has, so several small jobs run at once;
-# config_overrides makes slurmd accept the declared (not the detected) resources.
+# Each node declares more CPUs than the machine has, so several small jobs run at once;
+# config_overrides makes slurmd accept the declared (not the detected) resources. One slurmd per
+# node on this host (slurmd -N nK), each on its own port.
 SlurmdParameters=config_overrides
-NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
-PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP" && changed=0
+${node_lines}PartitionName=debug Nodes=$(node_names | paste -sd,) Default=YES MaxTime=INFINITE State=UP" && changed=0
     write_if_changed "$ETC/cgroup.conf" "# Written by sbatch/slurm_local.sh. 22.05 has no 'disabled' cgroup plugin; v1 without systemd loads.
 CgroupPlugin=cgroup/v1
 IgnoreSystemd=yes" && changed=0
@@ -212,36 +221,64 @@ start_slurmctld() {
     slurmctld 9>&- || die "slurmctld did not start (log: $DIR/log/slurmctld.log)"
 }
 
+node_names() { local k; for k in $(seq "$NODES"); do echo "n$k"; done; }
+
 start_slurmd() {
-    pid_alive "$DIR/run/slurmd.pid" && return 0
-    mkdir -p "$DIR/spool/$HOST"
-    slurmd 9>&- || die "slurmd did not start (log: $DIR/log/slurmd.log)"
+    local n
+    for n in $(node_names); do
+        pid_alive "$DIR/run/slurmd-$n.pid" && continue
+        mkdir -p "$DIR/spool/$n"
+        slurmd -N "$n" 9>&- || die "slurmd -N $n did not start (log: $DIR/log/slurmd-$n.log)"
+    done
 }
 
-node_state() { sinfo -h -N -n "$HOST" -o %t 2>/dev/null | head -1; }
+# Node names resolve to this host: a job's master address is its first node's name. /etc/hosts is
+# rewritten in place (it is often a bind mount that cannot be replaced by a rename).
+write_hosts() {
+    local line="127.0.0.1 $(node_names | tr '\n' ' ')# nanochat-slurm-nodes" rest
+    grep -qxF "$line" /etc/hosts 2>/dev/null && return 0
+    rest="$(grep -v '# nanochat-slurm-nodes$' /etc/hosts 2>/dev/null)"
+    printf '%s\n%s\n' "$rest" "$line" >/etc/hosts || die "cannot write /etc/hosts (node names must resolve)"
+}
+
+node_state() { sinfo -h -N -n "$1" -o %t 2>/dev/null | head -1; }
+
+all_nodes_in() {   # all_nodes_in STATE... -> 0 when every node's state is one of them
+    local n st
+    for n in $(node_names); do
+        st="$(node_state "$n")"
+        [[ " $* " == *" $st "* ]] || return 1
+    done
+}
 
 wait_usable() {
     local deadline=$(( SECONDS + TIMEOUT )) state=""
+    local n ready
     while (( SECONDS < deadline )); do
-        state="$(node_state)"
-        case "$state" in
-            idle|mix|alloc|comp|idle~|mix-|alloc-)
-                if sacct -n -X -S now-1minutes -o jobid >/dev/null 2>&1; then return 0; fi ;;
-            down*|drain*|drng*|fail*|inval*)
-                # A node that was stopped or reconfigured comes back DOWN: it is ours, resume it.
-                scontrol update nodename="$HOST" state=resume >/dev/null 2>&1 || true ;;
-        esac
+        ready=1 state=""
+        for n in $(node_names); do
+            state+="$n=$(node_state "$n") "
+            case "$(node_state "$n")" in
+                idle|mix|alloc|comp|idle~|mix-|alloc-) ;;
+                down*|drain*|drng*|fail*|inval*)
+                    # A node that was stopped or reconfigured comes back DOWN: it is ours, resume it.
+                    ready=0; scontrol update nodename="$n" state=resume >/dev/null 2>&1 || true ;;
+                *) ready=0 ;;
+            esac
+        done
+        if (( ready )) && sacct -n -X -S now-1minutes -o jobid >/dev/null 2>&1; then return 0; fi
         sleep 0.5
     done
-    log "node state: '${state:-none}' after ${TIMEOUT}s"
-    for f in slurmctld slurmd slurmdbd; do log "--- tail of $DIR/log/$f.log"; tail -8 "$DIR/log/$f.log" >&2 2>/dev/null; done
-    die "Slurm did not become usable within ${TIMEOUT}s (node idle and sacct answering)"
+    log "node states: '${state:-none}' after ${TIMEOUT}s"
+    for f in slurmctld slurmdbd $(node_names | sed 's/^/slurmd-/'); do log "--- tail of $DIR/log/$f.log"; tail -8 "$DIR/log/$f.log" >&2 2>/dev/null; done
+    die "Slurm did not become usable within ${TIMEOUT}s (nodes idle and sacct answering)"
 }
 
 all_up() {
-    pid_alive "$DIR/run/slurmctld.pid" && pid_alive "$DIR/run/slurmd.pid" && pid_alive "$DIR/run/slurmdbd.pid" \
-        && pid_alive "$DIR/mysql/mysqld.pid" || return 1
-    case "$(node_state)" in idle|mix|alloc|comp) ;; *) return 1 ;; esac
+    local n
+    pid_alive "$DIR/run/slurmctld.pid" && pid_alive "$DIR/run/slurmdbd.pid" && pid_alive "$DIR/mysql/mysqld.pid" || return 1
+    for n in $(node_names); do pid_alive "$DIR/run/slurmd-$n.pid" || return 1; done
+    all_nodes_in idle mix alloc comp || return 1
     sacct -n -X -S now-1minutes -o jobid >/dev/null 2>&1
 }
 
@@ -258,8 +295,16 @@ stop_pidfile() {   # stop_pidfile NAME FILE: SIGTERM, wait up to 15 s, then SIGK
     log "stopped $name"
 }
 
+stop_slurmds() {   # every node's slurmd this script started, whatever the node count (and the one-node layout's)
+    local f
+    for f in "$DIR"/run/slurmd-*.pid "$DIR/run/slurmd.pid"; do
+        [[ -e "$f" ]] || continue
+        f="${f##*/}"; stop_pidfile "${f%.pid}" "$DIR/run/$f"
+    done
+}
+
 cmd_down() {
-    stop_pidfile slurmd "$DIR/run/slurmd.pid"
+    stop_slurmds
     stop_pidfile slurmctld "$DIR/run/slurmctld.pid"
     stop_pidfile slurmdbd "$DIR/run/slurmdbd.pid"
     # mariadbd first: on its clean exit mysqld_safe (a shell loop that ignores SIGTERM while it
@@ -275,29 +320,36 @@ cmd_up() {
     mkdir -p "$DIR"/{log,run}
     if write_configs; then
         # The configs changed (first run, or a new CPU count): daemons running on the old ones restart.
-        if pid_alive "$DIR/run/slurmctld.pid" || pid_alive "$DIR/run/slurmd.pid" || pid_alive "$DIR/run/slurmdbd.pid"; then
+        if pid_alive "$DIR/run/slurmctld.pid" || pid_alive "$DIR/run/slurmdbd.pid" \
+           || compgen -G "$DIR/run/slurmd-*.pid" >/dev/null || pid_alive "$DIR/run/slurmd.pid"; then
             log "configuration changed: restarting the Slurm daemons"
-            stop_pidfile slurmd "$DIR/run/slurmd.pid"
+            stop_slurmds
             stop_pidfile slurmctld "$DIR/run/slurmctld.pid"
             stop_pidfile slurmdbd "$DIR/run/slurmdbd.pid"
         fi
     elif all_up; then
-        log "already up ($HOST, $(sinfo -h -o '%C' | awk -F/ '{print $4}') CPUs declared)"
+        log "already up ($NODES nodes on $HOST, $(sinfo -h -o '%C' | awk -F/ '{print $4}') CPUs declared)"
         return 0
     fi
     install_packages
+    write_hosts
     start_munge
     start_mariadb
     start_slurmdbd
     start_slurmctld
     start_slurmd
     wait_usable
-    log "up in $(( SECONDS - t0 ))s: node $HOST $(node_state), cluster $CLUSTER, configs in $ETC, state in $DIR"
+    log "up in $(( SECONDS - t0 ))s: nodes n[1-$NODES] on $HOST, cluster $CLUSTER, configs in $ETC, state in $DIR"
 }
 
 cmd_status() {
     local name file
-    for name in munged mysqld mysqld_safe slurmdbd slurmctld slurmd; do
+    local nodes
+    # the nodes that run (pid files), else the nodes this call would start
+    nodes="$(cd "$DIR/run" 2>/dev/null && compgen -G 'slurmd-*.pid' | sed 's/\.pid$//' | sort -V)"
+    pid_alive "$DIR/run/slurmd.pid" && nodes="slurmd $nodes"   # the one-node layout's, before a restart
+    [[ -n "$nodes" ]] || nodes="$(node_names | sed 's/^/slurmd-/')"
+    for name in munged mysqld mysqld_safe slurmdbd slurmctld $nodes; do
         file="$DIR/run/$name.pid"; [[ $name == mysqld ]] && file="$DIR/mysql/mysqld.pid"
         if pid_alive "$file"; then echo "$name: running (pid $(cat "$file"))"; else echo "$name: not running"; fi
     done
@@ -314,6 +366,15 @@ cmd_status() {
 # which every daemon start closes (`9>&-`) so a daemon never inherits and holds the lock.
 main() {
     local cmd="${1:-}"
+    shift || true
+    while (( $# )); do
+        case "$1" in
+            --nodes) NODES="${2:-}"; shift 2 || true ;;
+            --nodes=*) NODES="${1#--nodes=}"; shift ;;
+            *) echo "usage: $0 up|down|status [--nodes N]" >&2; exit 2 ;;
+        esac
+    done
+    [[ "$NODES" =~ ^[1-9][0-9]?$ ]] || { echo "error: --nodes / NANOCHAT_SLURM_NODES: '$NODES' is not a node count (1-99)" >&2; exit 2; }
     case "$cmd" in
         up|down)
             [[ $(id -u) -eq 0 ]] || die "this script runs the Slurm daemons as root; run it as root (or with sudo)"
@@ -332,7 +393,7 @@ main() {
                 cmd_down
             fi ;;
         status) cmd_status ;;
-        *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
+        *) echo "usage: $0 up|down|status [--nodes N]" >&2; exit 2 ;;
     esac
 }
 
