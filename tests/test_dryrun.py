@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from jobs.spec import load_pipeline, resolve_pipeline_path
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -61,7 +63,9 @@ def test_dry_run_reports_a_request_the_partition_refuses(tmp_path, local_slurm):
     answers = [s["test_only"] for s in result["stages"].values()]
     assert not any(a["ok"] for a in answers)
     assert any("partition" in a["answer"] or "gres" in a["answer"] for a in answers)
-    assert "REFUSED" in out.stdout and "0 fit, 6 refused" in out.stdout
+    n = len(result["stages"])   # every stage of the pipeline was asked, and every one refused
+    assert n == len(load_pipeline(resolve_pipeline_path("artemis-a100")).stages)
+    assert "REFUSED" in out.stdout and f"0 fit, {n} refused" in out.stdout
     assert not (tmp_path / "results").exists()
 
 

@@ -114,8 +114,15 @@ def test_stage_puts_the_samplers_mean_in_its_rows_also_when_it_fails(tmp_path, m
     assert asked == ["cpu"]
     assert {r["gpu_util_mean"] for r in _rows(run_dir)} == {15.0}     # readings 10 (start) and 20 (stop)
 
-    _run, run_dir = _pipeline(tmp_path / "b", monkeypatch, {**TINY, "init_from": str(tmp_path / "none")})
-    with pytest.raises(Exception, match="none"):
+    # a recipe that fails while the sampler runs (a bad checkpoint path is refused at submit now, so
+    # the failure is the recipe's own)
+    import nanochat.inference_bench
+
+    def failing_recipe(cfg, should_stop=None):
+        raise RuntimeError("the recipe failed")
+    monkeypatch.setattr(nanochat.inference_bench, "run", failing_recipe)
+    _run, run_dir = _pipeline(tmp_path / "b", monkeypatch, TINY)
+    with pytest.raises(RuntimeError, match="the recipe failed"):
         stages.run_stage(run_dir, "infer")
     [row] = _rows(run_dir)
     assert row["state"] == "FAILED" and row["gpu_util_mean"] == 15.0
