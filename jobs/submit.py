@@ -158,9 +158,21 @@ class Terminated(BaseException):
         super().__init__(f"stopped by {signal.Signals(signum).name}" + (f" ({why})" if why else ""))
 
 
+def _driver_gone(driver: int, wait_s: float = 1.0) -> bool:
+    """Whether this stage's driver died. PR_SET_PDEATHSIG fires when the *thread* that started us
+    exits: while a killed driver's other threads are still being torn down, getppid() can name the
+    driver for a few milliseconds more, so give the reparenting a moment before answering no."""
+    deadline = time.monotonic() + wait_s
+    while os.getppid() == driver:
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 def _raise_terminated(signum, frame):
     driver = os.environ.get("NANOCHAT_DRIVER_PID", "")
-    if driver.isdigit() and os.getppid() != int(driver):      # a stage whose driver is gone
+    if driver.isdigit() and _driver_gone(int(driver)):      # a stage whose driver is gone
         raise Terminated(signum, f"its driver, pid {driver}, died")
     raise Terminated(signum)
 
