@@ -185,9 +185,13 @@ def compute_init(device_type: str | None = None, seed: int = 42) -> DistInfo:
         # the last all-reduce's tensors aborts the process ("terminate called without an active
         # exception", exit -6). Imported first, the defaults are None.
         importlib.import_module("torch.distributed.nn.functional")
-        if "MASTER_ADDR" not in os.environ:
+        # Ranks from srun (no torchrun): the job decides where to meet. A MASTER_ADDR/MASTER_PORT
+        # inherited from the shell (or process) that submitted the job names some other rendezvous,
+        # and every job submitted from it would collide on that one port.
+        from_srun = "RANK" not in os.environ and "SLURM_JOB_ID" in os.environ
+        if from_srun or "MASTER_ADDR" not in os.environ:
             os.environ["MASTER_ADDR"] = _slurm_master_addr()
-        if "MASTER_PORT" not in os.environ:
+        if from_srun or "MASTER_PORT" not in os.environ:
             os.environ["MASTER_PORT"] = str(rendezvous_port(os.environ.get("SLURM_JOB_ID", "")))
         backend = "nccl" if device_type == "cuda" else "gloo"
         # A bounded wait: a rank whose peer died (a node lost mid-run) fails its collective after

@@ -395,3 +395,27 @@ def test_two_node_preempted_stage_resumes_to_identical_weights(slurm2):
     resumed = final_weights(root / "work" / "mn-preempt" / "train")
     assert all(torch.equal(resumed[k], _preempt["reference"][k]) for k in resumed)   # bit for bit
     assert wait_until(lambda: sacct_fields(job)[0] == "COMPLETED", 60)
+
+
+def test_srun_ranks_ignore_a_rendezvous_inherited_from_the_submitting_shell(monkeypatch):
+    # A job inherits its submitter's environment: a MASTER_PORT left there (by an earlier in-process
+    # run, or a user's shell) named one port for every job, so concurrent jobs collided. Under srun the
+    # job's own first node and job-id port win. (init_process_group is stopped right after the env is set.)
+    import nanochat.common as common
+    for key in list(os.environ):
+        if key.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_")):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("PATH", VENV_BIN)   # no scontrol: the hostlist itself is read
+    for key, value in {"SLURM_JOB_ID": "1234", "SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0",
+                       "SLURM_JOB_NODELIST": "n[1-2]", "MASTER_PORT": "20000", "MASTER_ADDR": "stale-host"}.items():
+        monkeypatch.setenv(key, value)
+
+    class Stop(Exception):
+        pass
+
+    def stop(**kw):
+        raise Stop
+    monkeypatch.setattr(common.dist, "init_process_group", stop)
+    with pytest.raises(Stop):
+        compute_init("cpu")
+    assert (os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]) == ("n1", str(rendezvous_port(1234)))

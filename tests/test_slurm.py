@@ -204,8 +204,10 @@ def test_smoke_pipeline_on_slurm_runs_every_stage_in_order(slurm):
     order = ["probe", "base_train", "mid_train", "sft", "inference_bench"]
     assert set(info["jobs"]) == {"probe", "base_train", "batch_baseline", "mid_train", "sft", "sft_baselines", "inference_bench", "base_eval", "chat_eval"}
     acct = sacct(list(info["jobs"].values()))
-    for stage in info["jobs"]:
-        assert acct[info["jobs"][stage]]["state"] == "COMPLETED", stage
+    for stage, job in info["jobs"].items():
+        # an array stage (sft_baselines) is one job whose tasks sacct lists as JOB_0, JOB_1, ...
+        tasks = [k for k in acct if k == job or k.startswith(f"{job}_")]
+        assert tasks and all(acct[k]["state"] == "COMPLETED" for k in tasks), (stage, tasks)
     for before, after in list(zip(order, order[1:])) + [("mid_train", "base_eval"), ("sft", "chat_eval")]:
         assert acct[info["jobs"][after]]["start"] >= acct[info["jobs"][before]]["end"], (before, after)
     rs = rows(Path(info["run_dir"]))

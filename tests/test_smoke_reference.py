@@ -20,7 +20,7 @@ def test_the_smoke_pipeline_runs_a_baseline_for_each_optimization():
     sft_modes = {v.args.get("mode") or s.args.get("mode") for s in p.stages.values() if s.kind == "sft"
                  for v in (s.variants or [None]) if v is not None} | {s.args.get("mode") for s in p.stages.values()
                                                                       if s.kind == "sft" and not s.variants}
-    assert {"eager-dynamic", "compile-pad", "compile-pack"} <= sft_modes
+    assert {"eager-dynamic", "eager-pack", "compile-pad", "compile-pack"} <= sft_modes
     assert any(s.kind == "inference_bench" for s in p.stages.values())
 
 
@@ -29,7 +29,7 @@ def test_the_cpu_reference_has_four_measured_ratios_and_no_not_measured_line(tmp
     rep = rp.build_report([folder], tmp_path, use_sacct=False)
     (run,) = rep.runs
     opts = rp.optimizations(run.rows)
-    assert {o.name for o in opts if o.ratio is not None} == FOUR
+    assert FOUR <= {o.name for o in opts if o.ratio is not None}   # and SFT's packing / compile split
     # every pair either has its ratio, or is one this device cannot measure (said why, apart)
     assert all(o.ratio is not None or o.not_applicable for o in opts)
     summary = (folder / "summary.md").read_text()
