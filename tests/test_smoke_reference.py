@@ -8,7 +8,7 @@ from jobs import report as rp
 from jobs import spec
 
 REPO = Path(__file__).resolve().parent.parent
-REFERENCE = REPO / "results" / "reference" / "cpu-xeon-2core" / "smoke"
+REFERENCE = REPO / "results" / "reference" / "cpu-epyc-2core" / "smoke"
 FOUR = {"auto batch size", "KV cache", "compile for SFT", "independent first token"}
 
 
