@@ -1,6 +1,6 @@
 """
 `python -m jobs gpu-check [--out FILE] [--budget-s S]` (also `make gpu-check`): every GPU path of the
-product, short, on this machine's CUDA device, in one command meant for a lent GPU (under 8 minutes on
+product, short, on this machine's CUDA device, in one command meant for a lent GPU (sized for under 8 minutes on
 one H100/H200). Progress goes to stderr; the last line of stdout is one JSON object of results, with
 one entry per check:
 
