@@ -6,7 +6,7 @@ and tokenizers. This is the one place that decides which kind of lock a folder g
   when its holder dies, however it dies.
 - "soft" (filelock.SoftFileLock) where it does not: some Lustre mounts (mounted without -o flock),
   NFS without a lock manager, some FUSE filesystems answer flock with ENOSYS, ENOLCK or EOPNOTSUPP,
-  and filelock then raises NotImplementedError (or a bare OSError) instead of locking. A soft lock
+  and filelock then raises NotImplementedError (ENOSYS, before 3.24) or the OSError itself instead of locking. A soft lock
   is the lock file itself, created with O_CREAT|O_EXCL and holding its holder's pid and host; a
   lock file left behind by a process that died on the same host is removed by the next contender.
 

@@ -40,7 +40,7 @@ MISSING = [errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP]
 
 
 def test_the_real_call_sites_lock_where_flock_is_missing(tmp_path):
-    """Before nanochat.locking, filelock's FileLock raised NotImplementedError (ENOSYS, filelock < 3.2x)
+    """Before nanochat.locking, filelock's FileLock raised NotImplementedError (ENOSYS, filelock before 3.24)
     or the OSError itself (ENOLCK, EOPNOTSUPP, any filelock), and only Timeout was caught: the probe
     stage failed, and so did `submit`'s bookkeeping. One child (torch imports once) per errno in turn."""
     out = child(f"""
