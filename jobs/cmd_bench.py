@@ -21,7 +21,7 @@ BENCHES = {
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="bench", required=True, metavar="WHICH")
     for name, (module_name, help_text) in BENCHES.items():
-        p = sub.add_parser(name, help=help_text)
+        p = sub.add_parser(name, help=help_text.replace("%", "%%"))  # argparse %-formats help
         p.set_defaults(bench_module=module_name)
         try:
             importlib.import_module(module_name).add_arguments(p)

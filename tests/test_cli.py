@@ -41,6 +41,13 @@ def test_help_lists_every_command():
         assert command in out.stdout
 
 
+def test_bench_help_shows_each_benchmark_s_text():
+    # a "%" in a help text is argparse formatting: unescaped, it printed the action's dict
+    out = run_cli("bench", "--help")
+    assert out.returncode == 0
+    assert "85%" in out.stdout and "option_strings" not in out.stdout
+
+
 def test_bad_spec_is_exit_2_with_one_line_naming_file_and_key(env):
     bad = dict(NOOP, stages={"a": {"kind": "noop", "args": {"secnds": 1}}})
     path = env / "bad.yaml"
