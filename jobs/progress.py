@@ -87,6 +87,8 @@ def stage_lines(run: dict, pipeline, status: dict) -> list[dict]:
                 line["total"] = total_steps(stage) if variant is None else total_steps(_with_args(stage, variant))
                 if rows:
                     last = rows[-1]
+                    # the stage's own count once it runs (SFT's depends on its data; max_steps is a cap)
+                    line["total"] = int(_float(last.get("num_steps")) or 0) or line["total"]
                     line.update(step=int(last["step"]), loss=_float(last.get("loss")),
                                 tokens_per_s=_float(last.get("tokens_per_s")), mfu=_float(last.get("mfu")),
                                 elapsed_s=_float(last.get("elapsed_s")))

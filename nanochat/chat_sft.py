@@ -474,7 +474,8 @@ def train(cfg: SFTConfig, model: GPT, tokenizer: Tokenizer, train_examples: list
             positions = sum(b.num_positions for b in batches) * world
             metrics.append({"step": step, "loss": round(losses[-1], 6), "lrm": round(lr_mult, 6),
                             "tokens_per_s": round(positions / max(dt, 1e-9), 2),
-                            "peak_memory_bytes": peak_memory_bytes(device), "elapsed_s": round(time.time() - t_start, 3)})
+                            "peak_memory_bytes": peak_memory_bytes(device), "elapsed_s": round(time.time() - t_start, 3),
+                            "num_steps": num_steps})
             if step % 10 == 0 or step == num_steps:
                 write_metrics(metrics_path, metrics)
         if step % 10 == 0 or step == num_steps:

@@ -32,7 +32,8 @@ from nanochat.common import (ConfigError, DistInfo, atomic_write_text, device_na
                              peak_memory_bytes, print0, reset_peak_memory, synchronize)
 from nanochat.optim import all_reduce_gradients, build_optimizers
 
-METRICS_COLUMNS = ["step", "loss", "lrm", "tokens_per_s", "mfu", "peak_memory_bytes", "elapsed_s", "val_bpb"]
+# num_steps: the steps this stage runs in all (SFT knows it only once its data is planned)
+METRICS_COLUMNS = ["step", "loss", "lrm", "tokens_per_s", "mfu", "peak_memory_bytes", "elapsed_s", "val_bpb", "num_steps"]
 COMPILE_CHOICES = {"auto": None, "on": True, "true": True, "1": True, "off": False, "false": False, "0": False}
 
 
@@ -478,7 +479,7 @@ def train(cfg: TrainConfig, *, stage: str, model, tokenizer, tokenizer_dir: str,
             row = {"step": step, "loss": round(loss_value, 6), "lrm": round(lrm, 6), "tokens_per_s": round(tps, 2),
                    "mfu": mfu_percent(flops_per_token, tps, device, world_size),
                    "peak_memory_bytes": peak_memory_bytes(device), "elapsed_s": round(time.time() - t_start, 3),
-                   "val_bpb": val_this}
+                   "val_bpb": val_this, "num_steps": num_steps}
             metrics.append(row)
             interval_tokens, interval_seconds = 0, 0.0
             if metrics_path:

@@ -47,6 +47,23 @@ def test_stage_lines_read_the_metrics_file_and_estimate_the_eta(tmp_path, monkey
     assert "6/12" in text and "4.2500" in text
 
 
+def test_a_stage_s_own_step_count_replaces_the_cap_from_its_arguments(tmp_path, monkeypatch):
+    # SFT's max_steps is a cap: with 18 steps of data the stage runs 18, and its line must say so
+    monkeypatch.setenv("NANOCHAT_RESULTS_DIR", str(tmp_path / "results"))
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "work"))
+    pipeline = spec.parse_pipeline({"name": "p", "stages": {"sft": {"kind": "sft", "args": {"max_steps": 25}}}}, "p.yaml")
+    run, _ = runs.create_run(pipeline, "r", "local", [])
+    status = {"stages": {"sft": {"state": "RUNNING", "elapsed": 5.0}}}
+    assert progress.stage_lines(run, pipeline, status)[0]["total"] == 25
+    out = Path(run["workdir"]) / "r" / "sft"
+    out.mkdir(parents=True)
+    write_metrics(out / "metrics.csv", [{"step": 10, "loss": 1.0, "elapsed_s": 2.0, "num_steps": 18},
+                                        {"step": 18, "loss": 0.9, "elapsed_s": 3.6, "num_steps": 18}])
+    status["stages"]["sft"]["state"] = "COMPLETED"
+    line = progress.stage_lines(run, pipeline, status)[0]
+    assert (line["step"], line["total"]) == (18, 18)
+
+
 @pytest.mark.slow
 def test_wait_prints_plain_progress_lines_when_not_a_terminal(tmp_path):
     env = dict(os.environ, NANOCHAT_RESULTS_DIR=str(tmp_path / "results"), NANOCHAT_BASE_DIR=str(tmp_path / "work"))

@@ -1,9 +1,8 @@
 """Chat SFT: one compilation for many batch lengths, the same loss padded or packed, the loss
 normalised over the whole step, and the bench's JSON line."""
+import csv
 import json
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -198,6 +197,9 @@ def test_run_writes_a_loadable_checkpoint_and_resumes_after_preemption(tmp_path)
     row = run(cfg)
     assert row["state"] == "COMPLETED"
     assert row["extra"]["resumed_from_step"] == 2 and row["steps"] == 4
+    with open(tmp_path / "sft" / "metrics.csv") as f:
+        last = list(csv.DictReader(f))[-1]
+    assert (last["step"], last["num_steps"]) == ("6", "6")   # the total the live progress shows
     model, tok, meta = load_model(tmp_path / "sft" / "checkpoints", "cpu")
     assert meta["step"] == 6 and meta["stage"] == "sft" and meta["sft_mode"] == "eager-dynamic"
     assert model.config.n_layer == 2 and tok.get_vocab_size() == 512
