@@ -100,6 +100,8 @@ def stage_lines(run: dict, pipeline, status: dict) -> list[dict]:
             wall = info.get("elapsed")
             wall = float(wall) if isinstance(wall, (int, float)) else _slurm_seconds(wall) if isinstance(wall, str) else None
             line["elapsed_s"] = wall if wall is not None else line["elapsed_s"]
+            if line["state"] == "PENDING":
+                line["elapsed_s"] = None   # sacct says 00:00:00 for a job that has not started
             lines.append(line)
     return lines
 

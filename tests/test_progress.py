@@ -37,6 +37,8 @@ def test_stage_lines_read_the_metrics_file_and_estimate_the_eta(tmp_path, monkey
     assert train["elapsed_s"] == 9.5                  # the stage's wall time, not the loop's
     assert train["eta_s"] == pytest.approx(6 * 2.0 / 3)   # 6 steps left at 2/3 s a step
     assert after["step"] is None and after["state"] == "PENDING"
+    status["stages"]["after"]["elapsed"] = "00:00:00"     # what sacct says of a job not started yet
+    assert progress.stage_lines(run, pipeline, status)[1]["elapsed_s"] is None
     text = progress.plain_line(train)
     assert "step 6/12" in text and "loss 4.2500" in text and "tok/s 1,200" in text and "MFU 31.00%" in text and "ETA 4s" in text
     # the rich table renders the same fields
