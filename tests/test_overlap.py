@@ -249,3 +249,18 @@ def test_step_rows_prefetch_state_and_errors():
         failing.next()
     failing.close()
     assert not any(t.name == "nanochat-prefetch" and t.is_alive() for t in threading.enumerate())
+
+
+def test_probe_trial_step_of_several_ranks_holds_the_buffers_without_collectives():
+    # the batch-size probe's ranks must never meet in a collective mid-trial: no process group here
+    from nanochat.auto_batch_size import TrainStep, reserve_gradient_buckets, reserve_muon_gather
+    from nanochat.gpt import GPT, GPTConfig
+    from nanochat.optim import build_optimizers
+    model = GPT(GPTConfig.from_depth(1, 320, 16))
+    model.init_weights()
+    optimizers = build_optimizers(model)
+    assert not torch.distributed.is_initialized()
+    TrainStep(16, 320, world_size=2)(model, optimizers, 2)
+    n = sum(p.numel() for p in model.parameters())
+    assert reserve_gradient_buckets(model).numel() == n  # GradientBuckets' buffers: one gradient's worth
+    assert reserve_muon_gather(optimizers).numel() == sum(p.numel() for p in model.transformer.h.parameters())
