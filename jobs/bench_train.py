@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run fp32 and fast (--fast-as bf16 forces bf16) alternately; report the ratio and the final-loss gap")
     parser.add_argument("--fast-as", default="fast", choices=["fast", "bf16"],
                         help="the precision compared against fp32 (bf16: force autocast, to measure it on any CPU)")
-    parser.add_argument("--rounds", type=int, default=2, help="alternations of --compare-precision; best counts")
+    parser.add_argument("--rounds", type=int, default=2, help="alternations of --compare-precision / --ranks; best counts")
     parser.add_argument("--compile", default="auto", help="auto (on for cuda) | on | off")
     parser.add_argument("--device", default="", help="cpu, cuda or mps (default: auto)")
     parser.add_argument("--base-dir", default="", help="shared artifacts (data, tokenizer); default NANOCHAT_BASE_DIR")
@@ -182,13 +182,20 @@ def _compare_ranks(args: argparse.Namespace) -> int:
                vocab_size=args.vocab_size, device_batch_size=args.device_batch_size, total_batch_size=total,
                num_steps=args.steps, eval_tokens=1, log_every=max(1, args.steps), compile=args.compile,
                data_source=args.data_source, precision=args.precision, num_streams=top)
+    if args.rounds < 1:
+        raise ConfigError(f"bench train --rounds: need at least 1, got {args.rounds}")
     variants = [(n, True) for n in counts] + ([(top, False)] if top > 1 else [])
     out = {"bench": "train", "mode": "ranks", "depth": args.depth, "seq_len": args.seq_len, "steps": args.steps,
-           "total_batch_size": total, "cpu_cores": cores, "variants": {}}
-    for n, overlap in variants:
-        threads = max(1, cores // n)
-        row = _train_on_ranks({**cfg, "overlap": overlap}, n, threads)
-        name = f"ranks={n}" + ("" if overlap else " plain")
+           "total_batch_size": total, "cpu_cores": cores, "rounds": args.rounds, "variants": {}}
+    best: dict[str, tuple[int, bool, int, dict]] = {}
+    for _ in range(args.rounds):  # alternate, so a load change on a shared machine hits every variant
+        for n, overlap in variants:
+            threads = max(1, cores // n)
+            row = _train_on_ranks({**cfg, "overlap": overlap}, n, threads)
+            name = f"ranks={n}" + ("" if overlap else " plain")
+            if name not in best or row["tokens_per_s"] > best[name][3]["tokens_per_s"]:
+                best[name] = (n, overlap, threads, row)
+    for name, (n, overlap, threads, row) in best.items():
         out["variants"][name] = {"ranks": n, "overlap": overlap, "threads_per_rank": threads,
                                  "tokens_per_s": row["tokens_per_s"], "grad_accum_steps": row["grad_accum_steps"],
                                  "final_loss": row["final_loss"]}
@@ -204,7 +211,8 @@ def _compare_ranks(args: argparse.Namespace) -> int:
         out["ratio_overlap_vs_plain"] = v[f"ranks={top}"]["tokens_per_s"] / v[f"ranks={top} plain"]["tokens_per_s"]
         print(f"overlapped / plain at {top} ranks: {out['ratio_overlap_vs_plain']:.2f}x tokens/s")
     if args.device in ("", "cpu"):
-        print(f"(CPU, {cores} cores shared by the ranks: a smoke figure of the multi-process path, not a speed claim)")
+        print(f"(CPU, {cores} cores shared by the ranks, best of {args.rounds} alternations: a smoke figure of the "
+              f"multi-process path, not a speed claim)")
     if args.json:
         print(json.dumps(out, sort_keys=True, default=str))
     return 0
