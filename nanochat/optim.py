@@ -40,8 +40,8 @@ def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5) -> Tensor:
 
 class Muon(torch.optim.Optimizer):
     """MomentUm Orthogonalized by Newton-schulz (Keller Jordan). For 2D weight matrices only.
-    shard=True (set by the training loop when several ranks train): matrices of one shape are dealt
-    round-robin over the ranks, each rank orthogonalises its own and the updates are all-gathered,
+    shard=True (set by the training loop when several ranks train): matrices are dealt round-robin
+    over the ranks in chunks of one shape, each rank orthogonalises its own and the updates are all-gathered,
     so every rank applies the same updates having run 1/world_size of the iterations. Momentum is
     kept for every matrix on every rank (an elementwise update, cheap): the optimizer state, and so
     the checkpoint, is the same as unsharded. Off in the batch-size probe, whose ranks must not meet
@@ -86,19 +86,22 @@ class Muon(torch.optim.Optimizer):
         for i, p in enumerate(params):
             by_shape.setdefault((tuple(p.shape), p.dtype), []).append(i)
         pending = []  # launch every gather first: the communication of one chunk overlaps the next's iterations
+        turn = 0  # whose turn the next matrix is: dealt on across shapes, so no rank gets every remainder
         for (shape, dtype), idx in by_shape.items():
             for start in range(0, len(idx), world):
                 chunk = idx[start:start + world]
-                if rank < len(chunk):
-                    j = chunk[rank]
+                owners = [(turn + k) % world for k in range(len(chunk))]
+                turn = (turn + len(chunk)) % world
+                if rank in owners:
+                    j = chunk[owners.index(rank)]
                     mine = zeropower_via_newtonschulz5(self._direction(params[j], group), steps=group["ns_steps"]).to(dtype).contiguous()
                 else:  # fewer matrices than ranks left: this rank sends a placeholder
                     mine = torch.zeros(shape, dtype=dtype, device=params[chunk[0]].device)
                 outs = [torch.empty_like(mine) for _ in range(world)]
-                pending.append((chunk, outs, dist.all_gather(outs, mine, async_op=True)))
-        for chunk, outs, work in pending:
+                pending.append((chunk, [outs[o] for o in owners], dist.all_gather(outs, mine, async_op=True)))
+        for chunk, updates, work in pending:
             work.wait()
-            for j, update in zip(chunk, outs):
+            for j, update in zip(chunk, updates):
                 self._apply(params[j], update, group)
 
 

@@ -108,7 +108,7 @@ def runs(tmp_path_factory):
     data = ensure_pretraining_data(base, num_shards=3, max_chars=120_000, row_group_size=8)
     ensure_tokenizer(base, VOCAB, data_path=data)
     # 2 micro-batches of 2 rows per rank and step: only the second may launch communication
-    common = dict(base_dir=str(base), vocab_size=VOCAB, depth=2, seq_len=32, device_batch_size=2,
+    common = dict(base_dir=str(base), vocab_size=VOCAB, depth=1, seq_len=32, device_batch_size=2,
                   total_batch_size=2 * 2 * 2 * 32, num_steps=STEPS, save_every=1, keep_checkpoints=STEPS,
                   eval_tokens=64, num_shards=3, data_max_chars=120_000, device_type="cpu", log_every=1)
     names = ("overlap", "plain", "overlap-oom", "plain-oom")
