@@ -161,6 +161,7 @@ class TrainStep:
 
     def __call__(self, model, optimizers, batch_size: int) -> None:
         device = next(model.parameters()).device
+        buckets = reserve_gradient_buckets(model) if self.world_size > 1 else None
         idx = torch.randint(0, self.vocab_size, (batch_size, self.seq_len + 1), device=device)
         x, y = idx[:, :-1], idx[:, 1:]
         ctx = (torch.autocast(device_type=device.type, dtype=getattr(torch, self.autocast_dtype))
@@ -169,19 +170,31 @@ class TrainStep:
             loss = model(x, y)
         loss.backward()
         del loss, x, y, idx
-        if self.world_size > 1:
-            reserve_gradient_bucket(model)
+        gathered = reserve_muon_gather(optimizers) if self.world_size > 1 else None
         for opt in optimizers:
             opt.step()
         model.zero_grad(set_to_none=True)
+        del buckets, gathered
 
 
-def reserve_gradient_bucket(model) -> None:
-    """The training loop all-reduces gradients through one flat buffer (optim.all_reduce_gradients).
-    A multi-rank trial allocates the same buffer, without the collective: a rank that fails
-    mid-trial must not leave the others waiting in one (verdicts are reduced after the trial)."""
-    bucket = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
-    del bucket
+def reserve_gradient_buckets(model) -> torch.Tensor:
+    """A multi-rank training run all-reduces gradients through optim.GradientBuckets' flat buffers
+    (one gradient's worth of bytes), allocated once and held through every step, backward's peak
+    included. A multi-rank trial holds the same bytes from before its forward to after its optimizer
+    step, without the collectives: a rank that fails mid-trial must not leave the others waiting in
+    one (verdicts are reduced after the trial). Returns the buffer; the caller drops it at the end."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.empty(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
+
+
+def reserve_muon_gather(optimizers) -> torch.Tensor | None:
+    """Sharded Muon (optim.Muon.shard) holds every rank's all-gathered updates, one copy of the
+    matrices, until it applies them: the trial's optimizer step holds as much (it runs unsharded)."""
+    from nanochat.optim import Muon
+    params = [p for opt in optimizers if isinstance(opt, Muon) for g in opt.param_groups for p in g["params"]]
+    if not params:
+        return None
+    return torch.empty(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
 
 
 @dataclass

@@ -39,7 +39,7 @@ from nanochat.common import (ConfigError, atomic_write_json, compute_init, devic
                              peak_flops, peak_memory_bytes, print0, reset_peak_memory, synchronize)
 from nanochat.datasets_chat import read_mixture
 from nanochat.gpt import GPT, GPTConfig, build_model, doc_attention_route
-from nanochat.optim import all_reduce_gradients, build_optimizers
+from nanochat.optim import GradientBuckets, all_reduce_gradients, build_optimizers
 from nanochat.packing import MODES, PACKED_MODES, Example, batch_for_mode, plan_batches, truncate
 from nanochat.synthetic import generate_conversations
 from nanochat.tokenizer import Tokenizer
@@ -80,6 +80,7 @@ class SFTConfig:
     init_lr_frac: float = 0.02
     eval_batch_size: int = 8
     save_checkpoint: bool = True
+    overlap: bool = True        # several ranks: all-reduce in buckets during backward, shard Muon; false = plain path
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -90,6 +91,8 @@ class SFTConfig:
         for key in ("device_batch_size", "total_batch_size", "max_steps", "warmup_steps", "val_conversations"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"sft.{key}: must not be negative (got {getattr(self, key)})")
+        if not isinstance(self.overlap, bool):
+            raise ConfigError(f"sft.overlap: expected true or false (got {self.overlap!r})")
         if not self.data_path and self.num_conversations < 2:
             raise ConfigError(f"sft.num_conversations: need at least 2 (got {self.num_conversations})")
         from nanochat.datasets_chat import CHAT_SETS, mixture_parts
@@ -188,15 +191,16 @@ class SFTTrialStep:
         x = torch.randint(0, self.vocab_size, (batch_size, self.seq_len), device=device)
         y = torch.randint(0, self.vocab_size, (batch_size, self.seq_len), device=device)
         doc_ids = (torch.arange(self.seq_len, device=device) // 256).expand(batch_size, -1) if self.packed else None
+        from nanochat.auto_batch_size import reserve_gradient_buckets, reserve_muon_gather
+        buckets = reserve_gradient_buckets(model) if self.world_size > 1 else None
         with autocast_context(device):
             loss = model(x, y, doc_ids=doc_ids, loss_reduction="sum") / y.numel()
         loss.backward()
-        if self.world_size > 1:
-            from nanochat.auto_batch_size import reserve_gradient_bucket
-            reserve_gradient_bucket(model)
+        gathered = reserve_muon_gather(optimizers) if self.world_size > 1 else None
         for opt in optimizers:
             opt.step()
         model.zero_grad(set_to_none=True)
+        del buckets, gathered
 
 
 def build_sft_optimizers(model):
@@ -357,6 +361,7 @@ def train(cfg: SFTConfig, model: GPT, tokenizer: Tokenizer, train_examples: list
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["initial_lr"] = group["initial_lr"] * cfg.init_lr_frac
+    optimizers[1].shard = cfg.overlap and ddp  # Muon: each rank orthogonalises its share of the matrices
     start_step, ckpt_meta = try_resume(cfg, model, optimizers, device) if cfg.save_checkpoint else (0, {})
 
     # The epoch plan is made with plan_B rows per planned micro-batch; B (the rows run at once) may
@@ -400,6 +405,8 @@ def train(cfg: SFTConfig, model: GPT, tokenizer: Tokenizer, train_examples: list
         train_model = model
     model.train()
     oom = _oom_handlers()
+    # gradients all-reduced in buckets during the last micro-batch's backward (train_loop does the same)
+    grad_buckets = GradientBuckets(model) if (cfg.overlap and ddp) else None
 
     val_loss_before = evaluate(model, val_examples, cfg.eval_batch_size, T, pad_id) if start_step == 0 else None
     step = start_step
@@ -423,7 +430,9 @@ def train(cfg: SFTConfig, model: GPT, tokenizer: Tokenizer, train_examples: list
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # stays on the device: no sync per micro-batch
             out_of_memory = False
             try:
-                for b in batches:
+                for i, b in enumerate(batches):
+                    if grad_buckets is not None and i == len(batches) - 1:
+                        grad_buckets.arm()
                     b = b.to(device)
                     with autocast_context(device):
                         loss = train_model(b.inputs, b.targets, doc_ids=b.doc_ids, loss_reduction="sum")
@@ -434,9 +443,14 @@ def train(cfg: SFTConfig, model: GPT, tokenizer: Tokenizer, train_examples: list
                     raise
                 out_of_memory = True
             loss = b = None
+            if grad_buckets is not None:
+                grad_buckets.launch_rest()  # every rank's bucket collectives pair up, even after an OOM
             # Every rank learns whether any rank ran out of memory before anyone enters the gradient
             # all-reduce, so one rank's OOM cannot leave the others waiting there.
-            if not _any_rank(out_of_memory, ddp, device):
+            out_of_memory = _any_rank(out_of_memory, ddp, device)
+            if grad_buckets is not None:
+                grad_buckets.finish(apply=not out_of_memory)  # the averaged gradients, or dropped for the rerun
+            if not out_of_memory:
                 break
             # Drop this step's partial gradients and rerun the same rows in smaller micro-batches
             # (at B=1 fallback_after_oom raises MemoryError, on every rank alike).
@@ -447,7 +461,8 @@ def train(cfg: SFTConfig, model: GPT, tokenizer: Tokenizer, train_examples: list
                    f"grad_accum={accum}")
             batches = [batch_for_mode(train_examples, m, mode, T, pad_id)
                        for m in _step_micro_batches(plans, first, plan_accum, rank, B)]
-        all_reduce_gradients(model)
+        if grad_buckets is None:
+            all_reduce_gradients(model)
         lr_mult = 1.0 - step / num_steps  # linear decay to zero, as nanochat's SFT
         for opt in optimizers:
             for group in opt.param_groups:
@@ -487,6 +502,8 @@ def train(cfg: SFTConfig, model: GPT, tokenizer: Tokenizer, train_examples: list
             if metrics_path:
                 write_metrics(metrics_path, metrics)
             break
+    if grad_buckets is not None:
+        grad_buckets.remove()
     synchronize(device)
     timed_s = time.time() - timed_start if timed_steps else 0.0
 

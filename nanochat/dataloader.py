@@ -12,7 +12,9 @@ checkpoints and restored on resume, so a resumed run sees exactly the same rows.
 """
 from __future__ import annotations
 
+import queue
 import random
+import threading
 from pathlib import Path
 
 import torch
@@ -185,10 +187,85 @@ class RankLoader:
 
 
 def rows_to_batch(rows: torch.Tensor, mask: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
-    inputs = rows[:, :-1]
-    targets = torch.where(mask[:, 1:], rows[:, 1:], torch.full_like(rows[:, 1:], -1))
+    """(inputs, targets) on `device`. The rows are copied first and sliced there: on CUDA the copy
+    of pinned rows (StepRows) is non-blocking, and no unpinned host tensor is made on the way."""
     non_blocking = torch.device(device).type == "cuda"
-    return (inputs.to(device, non_blocking=non_blocking), targets.to(device, non_blocking=non_blocking))
+    rows, mask = rows.to(device, non_blocking=non_blocking), mask.to(device, non_blocking=non_blocking)
+    inputs = rows[:, :-1].contiguous()
+    targets = torch.where(mask[:, 1:], rows[:, 1:], torch.full_like(rows[:, 1:], -1))
+    return inputs, targets
+
+
+class StepRows:
+    """Feeds the training loop one optimizer step's rows at a time (RankLoader.next_step_rows).
+    background=True prepares step k+1 in a daemon thread while step k computes (tokenising, and
+    pinning the rows on CUDA so their copy is non-blocking); False reads them when asked (the plain path).
+    state_dict() is the loader position after the rows handed out so far, never after the prefetched
+    ones, so a checkpoint resumes exactly where the trained rows end. An error in the thread is
+    raised by the next next(); close() stops the thread (it never outlives a run)."""
+
+    def __init__(self, loader: RankLoader, rows: int, steps: int, background: bool = False, pin: bool = False):
+        self.loader, self.rows, self.steps, self.pin = loader, rows, steps, pin
+        self._consumed_state = loader.state_dict()
+        self._handed = 0
+        self._thread = None
+        if background and steps > 0:
+            self._queue: queue.Queue = queue.Queue()
+            self._slot = threading.Semaphore(1)  # read one step ahead, no more (pinned memory, data position)
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._produce, name="nanochat-prefetch", daemon=True)
+            self._thread.start()
+
+    def _take(self):
+        rows, mask = self.loader.next_step_rows(self.rows)
+        if self.pin:
+            rows, mask = rows.pin_memory(), mask.pin_memory()
+        return rows, mask, self.loader.state_dict()
+
+    def _produce(self) -> None:
+        for _ in range(self.steps):
+            while not self._slot.acquire(timeout=0.1):
+                if self._stop.is_set():
+                    return
+            if self._stop.is_set():
+                return
+            try:
+                item = ("ok", self._take())
+            except BaseException as exc:  # StopIteration (data epochs exhausted) included: the loop sees it
+                item = ("error", exc)
+            self._queue.put(item)
+            if item[0] == "error":
+                return
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._handed >= self.steps:
+            raise RuntimeError(f"StepRows: all {self.steps} steps were handed out")
+        if self._thread is None:
+            rows, mask, state = self._take()
+        else:
+            while True:
+                try:
+                    kind, payload = self._queue.get(timeout=1.0)
+                    break
+                except queue.Empty:
+                    if not self._thread.is_alive():
+                        raise RuntimeError("the batch prefetch thread ended without handing over a batch") from None
+            if kind == "error":
+                raise payload
+            self._slot.release()  # the next step's rows may be read now
+            rows, mask, state = payload
+        self._handed += 1
+        self._consumed_state = state
+        return rows, mask
+
+    def state_dict(self) -> dict:
+        return self._consumed_state
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join(timeout=10)  # at most one read in progress to wait for
+            self._thread = None
 
 
 def pretraining_loader(shards, tokenizer, seq_len: int, rank: int = 0, world_size: int = 1,

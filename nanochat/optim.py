@@ -1,8 +1,10 @@
 """
 nanochat's optimizer recipe: Muon for the 2D matrices inside the transformer blocks,
 AdamW for the token embedding and the lm_head, learning rates scaled by 1/sqrt(width/768).
-Gradients are averaged across ranks by the training loop before step(), so these
-optimizers are plain single-process optimizers and every rank takes the same step.
+Gradients are averaged across ranks by the training loop before step() (GradientBuckets: in
+buckets, launched during backward; all_reduce_gradients: the plain path, one flat all-reduce after
+it), so every rank takes the same step. Muon(shard=True) splits its Newton-Schulz iterations over
+the ranks and all-gathers the updates, as nanochat's DistMuon does; its state stays whole on every rank.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from nanochat.cpu_features import cpu_has_fast_bf16
 
 
 _NS_DTYPE_CPU = torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+BUCKET_MB = 25.0  # GradientBuckets' bucket size (torch DDP's default): big enough for bandwidth, small enough to overlap
 
 
 def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5) -> Tensor:
@@ -36,27 +39,70 @@ def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5) -> Tensor:
 
 
 class Muon(torch.optim.Optimizer):
-    """MomentUm Orthogonalized by Newton-schulz (Keller Jordan). For 2D weight matrices only."""
+    """MomentUm Orthogonalized by Newton-schulz (Keller Jordan). For 2D weight matrices only.
+    shard=True (set by the training loop when several ranks train): matrices are dealt round-robin
+    over the ranks in chunks of one shape, each rank orthogonalises its own and the updates are all-gathered,
+    so every rank applies the same updates having run 1/world_size of the iterations. Momentum is
+    kept for every matrix on every rank (an elementwise update, cheap): the optimizer state, and so
+    the checkpoint, is the same as unsharded. Off in the batch-size probe, whose ranks must not meet
+    in collectives mid-trial."""
 
-    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5):
+    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, shard: bool = False):
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps))
+        self.shard = shard  # not a hyperparameter: never saved in, or loaded from, a checkpoint
 
     @torch.no_grad()
     def step(self):
+        world = dist.get_world_size() if self.shard and dist.is_available() and dist.is_initialized() else 1
         for group in self.param_groups:
+            params = []
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                g = p.grad
                 state = self.state[p]
                 if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(g)
-                buf = state["momentum_buffer"]
-                buf.lerp_(g, 1 - group["momentum"])
-                g = g.lerp(buf, group["momentum"]) if group["nesterov"] else buf
-                update = zeropower_via_newtonschulz5(g, steps=group["ns_steps"]).to(p.dtype)
-                scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
-                p.add_(update, alpha=-group["lr"] * scale)
+                    state["momentum_buffer"] = torch.zeros_like(p.grad)
+                state["momentum_buffer"].lerp_(p.grad, 1 - group["momentum"])
+                if world == 1:
+                    self._apply(p, zeropower_via_newtonschulz5(self._direction(p, group), steps=group["ns_steps"]).to(p.dtype), group)
+                else:
+                    params.append(p)
+            if params:
+                self._sharded_updates(params, group, world)
+
+    def _direction(self, p: Tensor, group: dict) -> Tensor:
+        """What Newton-Schulz orthogonalises: the Nesterov look-ahead of the momentum, or the momentum."""
+        buf = self.state[p]["momentum_buffer"]
+        return p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+
+    @staticmethod
+    def _apply(p: Tensor, update: Tensor, group: dict) -> None:
+        scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
+        p.add_(update, alpha=-group["lr"] * scale)
+
+    def _sharded_updates(self, params: list[Tensor], group: dict, world: int) -> None:
+        rank = dist.get_rank()
+        by_shape: dict[tuple, list[int]] = {}
+        for i, p in enumerate(params):
+            by_shape.setdefault((tuple(p.shape), p.dtype), []).append(i)
+        pending = []  # launch every gather first: the communication of one chunk overlaps the next's iterations
+        turn = 0  # whose turn the next matrix is: dealt on across shapes, so no rank gets every remainder
+        for (shape, dtype), idx in by_shape.items():
+            for start in range(0, len(idx), world):
+                chunk = idx[start:start + world]
+                owners = [(turn + k) % world for k in range(len(chunk))]
+                turn = (turn + len(chunk)) % world
+                if rank in owners:
+                    j = chunk[owners.index(rank)]
+                    mine = zeropower_via_newtonschulz5(self._direction(params[j], group), steps=group["ns_steps"]).to(dtype).contiguous()
+                else:  # fewer matrices than ranks left: this rank sends a placeholder
+                    mine = torch.zeros(shape, dtype=dtype, device=params[chunk[0]].device)
+                outs = [torch.empty_like(mine) for _ in range(world)]
+                pending.append((chunk, [outs[o] for o in owners], dist.all_gather(outs, mine, async_op=True)))
+        for chunk, updates, work in pending:
+            work.wait()
+            for j, update in zip(chunk, updates):
+                self._apply(params[j], update, group)
 
 
 def build_optimizers(model, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02,
@@ -97,3 +143,97 @@ def all_reduce_gradients(model) -> None:
         n = g.numel()
         g.copy_(flat[offset:offset + n].view_as(g))
         offset += n
+
+
+class GradientBuckets:
+    """Averages gradients over ranks while backward still runs. Parameters are grouped, in reverse
+    order (backward produces the last layers' gradients first), into buckets of about `bucket_mb`;
+    a post-accumulate-grad hook copies each gradient into its bucket's flat buffer, and a full bucket
+    is all-reduced asynchronously, buckets always launched in the same order on every rank.
+
+    Per optimizer step: arm() before the last micro-batch's backward (earlier micro-batches only
+    accumulate, and launch nothing), then launch_rest() on every rank whatever happened (a rank that
+    ran out of memory mid-backward launches the buckets it did not reach, so the ranks' collectives
+    still pair up), then finish(apply): wait for every bucket and, if apply, write the averages into
+    the gradients; finish(False) drops them (the out-of-memory rerun). The result equals
+    all_reduce_gradients's: the same sums, divided by the world size."""
+
+    def __init__(self, model, bucket_mb: float | None = None):
+        bucket_mb = BUCKET_MB if bucket_mb is None else bucket_mb
+        self.world = dist.get_world_size()
+        params = [p for p in model.parameters() if p.requires_grad]
+        limit = max(1, int(bucket_mb * 2**20))
+        self.buckets: list[list[Tensor]] = []
+        size = 0
+        for p in reversed(params):
+            b = self.buckets[-1] if self.buckets else None
+            if b is None or size + p.numel() * p.element_size() > limit or b[0].dtype != p.dtype or b[0].device != p.device:
+                self.buckets.append([])
+                size = 0
+            self.buckets[-1].append(p)
+            size += p.numel() * p.element_size()
+        self.buffers = [torch.zeros(sum(p.numel() for p in b), dtype=b[0].dtype, device=b[0].device) for b in self.buckets]
+        self.where: dict[int, tuple[int, int]] = {}  # id(param) -> (bucket, offset)
+        for bi, b in enumerate(self.buckets):
+            offset = 0
+            for p in b:
+                self.where[id(p)] = (bi, offset)
+                offset += p.numel()
+        self.hooks = [p.register_post_accumulate_grad_hook(self._grad_ready) for p in params]
+        self._reset()
+
+    def _reset(self) -> None:
+        self.armed = False
+        self.ready = [0] * len(self.buckets)
+        self.copied: set[int] = set()  # id(param) of gradients already in their bucket
+        self.works: list = []
+        self.launched = 0
+
+    def arm(self) -> None:
+        self.armed = True
+
+    def _copy_in(self, p: Tensor) -> None:
+        bi, offset = self.where[id(p)]
+        view = self.buffers[bi][offset:offset + p.numel()]
+        if p.grad is None:
+            view.zero_()
+        else:
+            view.copy_(p.grad.reshape(-1))
+
+    def _grad_ready(self, p: Tensor) -> None:
+        if not self.armed or id(p) in self.copied:
+            return
+        self._copy_in(p)
+        self.copied.add(id(p))
+        self.ready[self.where[id(p)][0]] += 1
+        while self.launched < len(self.buckets) and self.ready[self.launched] == len(self.buckets[self.launched]):
+            self._launch(self.launched)
+
+    def _launch(self, bi: int) -> None:
+        self.works.append(dist.all_reduce(self.buffers[bi], op=dist.ReduceOp.SUM, async_op=True))
+        self.launched = bi + 1
+
+    def launch_rest(self) -> None:
+        while self.launched < len(self.buckets):
+            bi = self.launched
+            for p in self.buckets[bi]:
+                if id(p) not in self.copied:
+                    self._copy_in(p)
+            self._launch(bi)
+
+    def finish(self, apply: bool = True) -> None:
+        for work in self.works:
+            work.wait()
+        if apply:
+            for b, buf in zip(self.buckets, self.buffers):
+                buf /= self.world
+                for p in b:
+                    if p.grad is not None:
+                        _, offset = self.where[id(p)]
+                        p.grad.copy_(buf[offset:offset + p.numel()].view_as(p.grad))
+        self._reset()
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []

@@ -7,7 +7,10 @@ The training loop shared by base and mid training (nanochat's recipe):
   total_batch_size == device_batch_size * seq_len * world_size * grad_accum_steps
 - bf16 autocast and torch.compile on CUDA; fp32 and eager on CPU unless asked (precision: fast takes
   bf16 autocast on CPUs with AMX)
-- torch.distributed from the environment; gradients averaged with all_reduce_gradients
+- torch.distributed from the environment; gradients averaged in buckets while backward runs
+  (optim.GradientBuckets), Muon's Newton-Schulz split over the ranks (Muon.shard), the next step's
+  rows prepared in a background thread (dataloader.StepRows); overlap: false is the plain path
+  (one flat all-reduce after backward, every rank orthogonalises every matrix, rows read in turn)
 - each optimizer step's data is fetched whole (rows of tokens) and sliced into micro-batches,
   so on an out-of-memory error the same step can be rerun with half the device batch
 - metrics.csv, checkpoints (resume from the newest valid one), val bits per byte
@@ -30,7 +33,8 @@ import torch.distributed as dist
 from nanochat.checkpoint import check_model_config, latest_valid_checkpoint, save_checkpoint, set_rng_state
 from nanochat.common import (ConfigError, DistInfo, atomic_write_text, device_name, peak_flops,
                              peak_memory_bytes, print0, reset_peak_memory, synchronize)
-from nanochat.optim import all_reduce_gradients, build_optimizers
+from nanochat.dataloader import StepRows
+from nanochat.optim import GradientBuckets, all_reduce_gradients, build_optimizers
 
 # num_steps: the steps this stage runs in all (SFT knows it only once its data is planned)
 METRICS_COLUMNS = ["step", "loss", "lrm", "tokens_per_s", "mfu", "peak_memory_bytes", "elapsed_s", "val_bpb", "num_steps"]
@@ -64,6 +68,7 @@ class TrainConfig:
     precision: str = "auto"            # auto | fast | fp32 | bf16: matmul precision (train_precision_route)
     seed: int = 42
     num_streams: int = 0               # data streams; 0 = world_size (see dataloader.py)
+    overlap: bool = True               # prefetch rows, all-reduce during backward, shard Muon; false = plain path
 
 
 def validate_common(cfg: TrainConfig) -> None:
@@ -84,6 +89,8 @@ def validate_common(cfg: TrainConfig) -> None:
         raise ConfigError(f"{name}.precision={cfg.precision!r}: expected one of {', '.join(PRECISION_CHOICES)}")
     if str(cfg.compile).lower() not in COMPILE_CHOICES:
         raise ConfigError(f"{name}.compile={cfg.compile!r}: expected one of auto, on, off")
+    if not isinstance(cfg.overlap, bool):
+        raise ConfigError(f"{name}.overlap={cfg.overlap!r}: expected true or false")
     if cfg.device_type not in ("", "cpu", "cuda", "mps"):
         raise ConfigError(f"{name}.device_type={cfg.device_type!r}: expected '', cpu, cuda or mps")
 
@@ -239,15 +246,19 @@ def resolve_batch(cfg: TrainConfig, model, world_size: int, device: torch.device
 # -----------------------------------------------------------------------------
 # One optimizer step's forward/backward, and evaluation
 
-def forward_backward(model, rows: torch.Tensor, mask: torch.Tensor, B: int, device, autocast_ctx) -> torch.Tensor:
+def forward_backward(model, rows: torch.Tensor, mask: torch.Tensor, B: int, device, autocast_ctx,
+                     grad_buckets: GradientBuckets | None = None) -> torch.Tensor:
     """Accumulate gradients for this rank's rows of one optimizer step, in micro-batches of B rows.
     The loss is the sum over supervised targets divided by their count on this rank: the gradient
-    is the same whatever B is, so the step can be re-split (OOM fallback) without changing it."""
+    is the same whatever B is, so the step can be re-split (OOM fallback) without changing it.
+    grad_buckets is armed before the last micro-batch: only its backward launches communication."""
     from nanochat.dataloader import rows_to_batch
     n_valid = max(int(mask[:, 1:].sum()), 1)
     total = torch.zeros((), device=device)
     for i in range(0, rows.size(0), B):
         x, y = rows_to_batch(rows[i:i + B], mask[i:i + B], device)
+        if grad_buckets is not None and i + B >= rows.size(0):
+            grad_buckets.arm()
         with autocast_ctx():
             loss = model(x, y, loss_reduction="sum") / n_valid
         loss.backward()
@@ -344,6 +355,7 @@ def train(cfg: TrainConfig, *, stage: str, model, tokenizer, tokenizer_dir: str,
     n_params = model.num_params()
     num_steps = cfg.num_steps or max(1, int(cfg.target_param_data_ratio * n_params // total_batch))
     optimizers = opt_factory(model)
+    optimizers[1].shard = cfg.overlap and ddp  # Muon: each rank orthogonalises its share of the matrices
     train_loader = make_train_loader(rank, world_size, cfg.num_streams)
 
     # Resume from the newest valid checkpoint of this stage, if any.
@@ -382,8 +394,14 @@ def train(cfg: TrainConfig, *, stage: str, model, tokenizer, tokenizer_dir: str,
     metrics_path = out_dir / "metrics.csv" if out_dir else None
     metrics = read_metrics(metrics_path, start_step) if (metrics_path and rank == 0) else []
 
+    # Rows of the steps still to run; with overlap the next step's are read while this one computes.
+    # Its state_dict is the position after the rows handed out (trained), never the prefetched ones.
+    feed = StepRows(train_loader, rows_per_rank, num_steps - start_step, background=cfg.overlap,
+                    pin=device.type == "cuda")
+    grad_buckets = GradientBuckets(model) if (cfg.overlap and ddp) else None
+
     def save(step_done: int) -> None:
-        loader_state = _gather_loader_states(train_loader, ddp)  # collective: every rank takes part
+        loader_state = _gather_loader_states(feed, ddp)  # collective: every rank takes part
         if rank == 0 and ckpt_root is not None:
             meta = {"stage": stage, "model_config": model_config, "train_config": asdict(cfg),
                     "loader": loader_state, "tokenizer_dir": str(tokenizer_dir), "device_batch_size": B,
@@ -412,83 +430,93 @@ def train(cfg: TrainConfig, *, stage: str, model, tokenizer, tokenizer_dir: str,
     timed_tokens, timed_seconds = 0, 0.0
     interval_tokens, interval_seconds = 0, 0.0
     val_bpb = None
-    while step < num_steps:
-        synchronize(device)
-        t0 = time.time()
-        rows, mask = train_loader.next_step_rows(rows_per_rank)
-        while True:
-            out_of_memory = False
-            try:
-                loss = forward_backward(train_model, rows, mask, B, device, autocast_ctx)
-            except Exception as exc:  # only out-of-memory errors are handled; anything else re-raises
-                if oom_handlers is None or not oom_handlers[0](exc) or B == 1:
-                    raise
-                out_of_memory = True
-                del exc
+    try:
+        while step < num_steps:
+            synchronize(device)
+            t0 = time.time()
+            rows, mask = feed.next()
+            while True:
+                out_of_memory = False
+                try:
+                    loss = forward_backward(train_model, rows, mask, B, device, autocast_ctx, grad_buckets)
+                except Exception as exc:  # only out-of-memory errors are handled; anything else re-raises
+                    if oom_handlers is None or not oom_handlers[0](exc) or B == 1:
+                        raise
+                    out_of_memory = True
+                    del exc
+                if grad_buckets is not None:
+                    grad_buckets.launch_rest()  # every rank's bucket collectives pair up, even after an OOM
+                if ddp:
+                    # Every rank learns whether any rank ran out of memory before anyone enters the
+                    # gradient all-reduce, so one rank's OOM cannot leave the others waiting there.
+                    flag = torch.tensor([1.0 if out_of_memory else 0.0], device=device)
+                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                    out_of_memory = bool(flag.item())
+                if grad_buckets is not None:
+                    grad_buckets.finish(apply=not out_of_memory)  # the averaged gradients, or dropped for the rerun
+                if not out_of_memory:
+                    break
+                # Drop this step's partial gradients and rerun the same rows in smaller micro-batches.
+                for p in model.parameters():
+                    p.grad = None
+                B, grad_accum = oom_handlers[1](B, grad_accum, batch_info.get("cache_key"),
+                                                batch_info.get("cache_dir"), device)
+                batch_source = source_after_oom(batch_source)
+                print0(f"[{stage}] out of memory at step {step}: rerunning it with device_batch_size={B}, "
+                       f"grad_accum={grad_accum}")
+            if grad_buckets is None:
+                all_reduce_gradients(model)
+            lrm = lr_multiplier(step, num_steps, cfg.warmdown_ratio, cfg.final_lr_frac)
+            for opt in optimizers:
+                for group in opt.param_groups:
+                    group["lr"] = group["initial_lr"] * lrm
+            for group in optimizers[1].param_groups:
+                group["momentum"] = muon_momentum(step)
+            for opt in optimizers:
+                opt.step()
+            model.zero_grad(set_to_none=True)
             if ddp:
-                # Every rank learns whether any rank ran out of memory before anyone enters the
-                # gradient all-reduce, so one rank's OOM cannot leave the others waiting there.
-                flag = torch.tensor([1.0 if out_of_memory else 0.0], device=device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                out_of_memory = bool(flag.item())
-            if not out_of_memory:
-                break
-            # Drop this step's partial gradients and rerun the same rows in smaller micro-batches.
-            for p in model.parameters():
-                p.grad = None
-            B, grad_accum = oom_handlers[1](B, grad_accum, batch_info.get("cache_key"),
-                                            batch_info.get("cache_dir"), device)
-            batch_source = source_after_oom(batch_source)
-            print0(f"[{stage}] out of memory at step {step}: rerunning it with device_batch_size={B}, "
-                   f"grad_accum={grad_accum}")
-        all_reduce_gradients(model)
-        lrm = lr_multiplier(step, num_steps, cfg.warmdown_ratio, cfg.final_lr_frac)
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * lrm
-        for group in optimizers[1].param_groups:
-            group["momentum"] = muon_momentum(step)
-        for opt in optimizers:
-            opt.step()
-        model.zero_grad(set_to_none=True)
-        if ddp:
-            dist.all_reduce(loss)
-            loss /= world_size
-        loss_value = float(loss)
-        synchronize(device)
-        dt = time.time() - t0
-        step += 1
-        # the first step of this process includes compilation and warm-up: leave it out of the rate
-        if step > start_step + 1 or num_steps - start_step == 1:
-            timed_tokens += total_batch
-            timed_seconds += dt
-        interval_tokens += total_batch
-        interval_seconds += dt
+                dist.all_reduce(loss)
+                loss /= world_size
+            loss_value = float(loss)
+            synchronize(device)
+            dt = time.time() - t0
+            step += 1
+            # the first step of this process includes compilation and warm-up: leave it out of the rate
+            if step > start_step + 1 or num_steps - start_step == 1:
+                timed_tokens += total_batch
+                timed_seconds += dt
+            interval_tokens += total_batch
+            interval_seconds += dt
 
-        stop = _any_rank(bool(should_stop and should_stop()), ddp, device)
-        last = step == num_steps
-        if stop or last or (cfg.save_every and step % cfg.save_every == 0):
-            # saved before evaluation: an eval crash or a time limit never costs the trained weights
-            save(step)
-        eval_now = last or (cfg.eval_every and step % cfg.eval_every == 0)
-        val_this = run_eval() if eval_now else None
-        if val_this is not None:
-            val_bpb = val_this
-        if rank == 0 and (last or stop or step % cfg.log_every == 0 or val_this is not None):
-            tps = interval_tokens / max(interval_seconds, 1e-9)
-            row = {"step": step, "loss": round(loss_value, 6), "lrm": round(lrm, 6), "tokens_per_s": round(tps, 2),
-                   "mfu": mfu_percent(flops_per_token, tps, device, world_size),
-                   "peak_memory_bytes": peak_memory_bytes(device), "elapsed_s": round(time.time() - t_start, 3),
-                   "val_bpb": val_this, "num_steps": num_steps}
-            metrics.append(row)
-            interval_tokens, interval_seconds = 0, 0.0
-            if metrics_path:
-                write_metrics(metrics_path, metrics)
-            print0(f"[{stage}] step {step}/{num_steps} loss {loss_value:.4f} lrm {lrm:.3f} tok/s {tps:,.0f}"
-                   + (f" val_bpb {val_this:.4f}" if val_this is not None else ""))
-        if stop and not last:
-            state = "PREEMPTED"
-            break
+            stop = _any_rank(bool(should_stop and should_stop()), ddp, device)
+            last = step == num_steps
+            if stop or last or (cfg.save_every and step % cfg.save_every == 0):
+                # saved before evaluation: an eval crash or a time limit never costs the trained weights
+                save(step)
+            eval_now = last or (cfg.eval_every and step % cfg.eval_every == 0)
+            val_this = run_eval() if eval_now else None
+            if val_this is not None:
+                val_bpb = val_this
+            if rank == 0 and (last or stop or step % cfg.log_every == 0 or val_this is not None):
+                tps = interval_tokens / max(interval_seconds, 1e-9)
+                row = {"step": step, "loss": round(loss_value, 6), "lrm": round(lrm, 6), "tokens_per_s": round(tps, 2),
+                       "mfu": mfu_percent(flops_per_token, tps, device, world_size),
+                       "peak_memory_bytes": peak_memory_bytes(device), "elapsed_s": round(time.time() - t_start, 3),
+                       "val_bpb": val_this, "num_steps": num_steps}
+                metrics.append(row)
+                interval_tokens, interval_seconds = 0, 0.0
+                if metrics_path:
+                    write_metrics(metrics_path, metrics)
+                print0(f"[{stage}] step {step}/{num_steps} loss {loss_value:.4f} lrm {lrm:.3f} tok/s {tps:,.0f}"
+                       + (f" val_bpb {val_this:.4f}" if val_this is not None else ""))
+            if stop and not last:
+                state = "PREEMPTED"
+                break
+    finally:
+        feed.close()  # the prefetch thread never outlives the loop (end, preemption or error)
+        if grad_buckets is not None:
+            grad_buckets.remove()
     if val_bpb is None and state == "COMPLETED":
         val_bpb = run_eval()
 
