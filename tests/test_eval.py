@@ -54,6 +54,10 @@ def test_bad_task_file_names_file_and_line(tmp_path):
     bad.write_text('{"question": "q", "answer": "#### 1"}\n{oops\n')
     with pytest.raises(ConfigError, match=r"gsm8k.jsonl:2"):
         load_records(bad)
+    # the same JSONL reader as the conversation files: a bad byte is named by its line, not a crash
+    bad.write_bytes(b'{"question": "q", "answer": "#### 1"}\n{"question": "\xff"}\n')
+    with pytest.raises(ConfigError, match=r"gsm8k.jsonl:2: not UTF-8"):
+        load_records(bad)
 
 
 def test_multiple_choice_batched_equals_one_by_one(ckpt):
