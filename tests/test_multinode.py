@@ -147,8 +147,8 @@ def slurm2(tmp_path_factory, local_slurm):
 
 
 # what sacct says of a job that ran one rank on each of the two nodes
-NODES = ("State", "NodeList", "NNodes")
-TWO_NODES = {"nodelist": "n[1-2]", "nnodes": "2"}
+NODE_FIELDS = ("State", "NodeList", "NNodes")
+ON_TWO_NODES = {"nodelist": "n[1-2]", "nnodes": "2"}
 
 
 def extra(row: dict) -> dict:
@@ -205,7 +205,7 @@ def test_base_train_on_two_nodes_matches_one_process(slurm2):
     assert out.returncode == 0
     info = last_json(out)
     job = info["jobs"]["train"]
-    assert sacct([job], NODES)[job] == {"state": "COMPLETED", **TWO_NODES}      # one rank on each node
+    assert sacct([job], NODE_FIELDS)[job] == {"state": "COMPLETED", **ON_TWO_NODES}      # one rank on each node
     (row,) = rows(Path(info["run_dir"]))
     assert row["world_size"] == 2 and row["grad_accum_steps"] == 1
     # the same spec in one local process: grad accumulation 2 at the same total batch
@@ -231,7 +231,7 @@ def test_sft_pack_mode_on_two_nodes_matches_one_process(slurm2):
     out = jobs_cli(env, "submit", str(spec), "--executor", "slurm", "--run-id", "mn-sft", "--wait", "--json")
     assert out.returncode == 0
     info = last_json(out)
-    assert sacct([job := info["jobs"]["sft"]], NODES)[job].items() >= TWO_NODES.items()
+    assert sacct([job := info["jobs"]["sft"]], NODE_FIELDS)[job].items() >= ON_TWO_NODES.items()
     (row,) = rows(Path(info["run_dir"]))
     assert row["world_size"] == 2 and row["grad_accum_steps"] == 1 and row["variant"] == "eager-pack"
     ref = jobs_cli(env, "submit", str(spec), "--executor", "local", "--run-id", "mn-sft-ref", "--wait", "--json")
@@ -254,7 +254,7 @@ def test_batch_size_probe_on_two_nodes_ranks_agree(slurm2):
     out = jobs_cli(env, "submit", str(spec), "--executor", "slurm", "--run-id", "mn-probe", "--wait", "--json")
     assert out.returncode == 0
     info = last_json(out)
-    assert sacct([job := info["jobs"]["train"]], NODES)[job].items() >= TWO_NODES.items()
+    assert sacct([job := info["jobs"]["train"]], NODE_FIELDS)[job].items() >= ON_TWO_NODES.items()
     (row,) = rows(Path(info["run_dir"]))
     assert row["state"] == "COMPLETED" and row["world_size"] == 2 and row["batch_size_source"] == "probe"
     assert row["device_batch_size"] * row["grad_accum_steps"] == 8
@@ -280,10 +280,10 @@ def test_base_train_multinode_sbatch_runs_torchrun_on_two_nodes(slurm2):
                          env=dict(env, NPROC_PER_NODE="1", OUT_DIR=str(out_dir)))
     assert sub.returncode == 0, sub.stderr
     job = sub.stdout.strip().split(";")[0]
-    done = wait_until(lambda: (a := sacct([job], NODES).get(job)) and a["state"] not in {"PENDING", "RUNNING", "REQUEUED"} and a,
-                      300, 2)
+    not_yet = {"PENDING", "RUNNING", "REQUEUED"}
+    done = wait_until(lambda: (a := sacct([job], NODE_FIELDS).get(job)) and a["state"] not in not_yet and a, 300, 2)
     log = (root / f"mn-sbatch-{job}.out").read_text()
-    assert done and done == {"state": "COMPLETED", **TWO_NODES}, (done, log[-3000:])
+    assert done and done == {"state": "COMPLETED", **ON_TWO_NODES}, (done, log[-3000:])
     assert f"rendezvous n1:{rendezvous_port(job)}" in log
     results = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
     assert results and all(r["world_size"] == 2 and r["steps"] == 2 and r["state"] == "COMPLETED" for r in results)
