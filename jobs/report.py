@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,16 +38,8 @@ from jobs.report_markdown import comparison_md, run_summary_md
 from jobs.report_pairs import compare_runs, optimizations
 from jobs.report_plots import batch_size_figure, loss_figure, run_throughput_figure, save_png, throughput_figure
 from jobs.report_rows import DEFAULT_PRICE_PER_GPU_HOUR, Problem, write_report_csv
+from jobs.runs import results_root
 from nanochat.common import ConfigError, atomic_write_text
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def default_results_dir() -> Path:
-    """Where runs live, as the orchestration (jobs/runs.py) puts them: $NANOCHAT_RESULTS_DIR, else
-    <repo>/results."""
-    env = os.environ.get("NANOCHAT_RESULTS_DIR")
-    return Path(env) if env else REPO_ROOT / "results"
 
 
 def write_run_outputs(run: RunData, out_dir: Path, price: float) -> dict:
@@ -110,7 +101,7 @@ def build_report(runs: list[str | Path], results_dir: str | Path | None = None, 
     """Read each run, write its report into its folder; with several runs (or a baseline), also
     compare each run against the baseline run (the first RUN when none is named) into out_dir
     (default results/compare/<baseline>_vs_<runs>/)."""
-    results_dir = Path(results_dir) if results_dir else default_results_dir()
+    results_dir = Path(results_dir) if results_dir else results_root()
     if price_per_gpu_hour < 0 or not math.isfinite(price_per_gpu_hour):
         raise ConfigError(f"--price-per-gpu-hour: must be a finite number >= 0, got {price_per_gpu_hour}")
     folders = [resolve_run(r, results_dir) for r in runs]
@@ -160,7 +151,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--price-per-gpu-hour", type=float, default=DEFAULT_PRICE_PER_GPU_HOUR, metavar="X",
                         help=f"dollars per GPU-hour for the cost column (default {DEFAULT_PRICE_PER_GPU_HOUR})")
     parser.add_argument("--results-dir", default=None, metavar="DIR",
-                        help="where runs live (default $NANOCHAT_RESULTS_DIR, else <repo>/results)")
+                        help="where runs live (default $NANOCHAT_RESULTS_DIR, else <repo>/results; "
+                             "./results for an installed copy)")
     parser.add_argument("--out", metavar="DIR", help="folder for the comparison of several runs "
                         "(default <results-dir>/compare/<baseline>_vs_<runs>)")
     parser.add_argument("--no-sacct", action="store_true", help="do not ask Slurm accounting")
@@ -169,7 +161,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     runs = list(args.runs)
     if args.latest:
-        runs.append(latest_run(args.results_dir or default_results_dir()))
+        runs.append(latest_run(args.results_dir or results_root()))
     if not runs and not args.baseline:
         raise ConfigError("report: name a RUN, or pass --latest")
     report = build_report(runs, args.results_dir, baseline=args.baseline,
