@@ -112,5 +112,5 @@ def run(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     import sys
-    from jobs.cli import run_module
+    from jobs.command import run_module
     sys.exit(run_module(sys.modules[__name__], None, "python -m jobs.bench_batch"))

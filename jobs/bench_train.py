@@ -219,5 +219,5 @@ def _compare_ranks(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    from jobs.cli import run_module
+    from jobs.command import run_module
     sys.exit(run_module(sys.modules[__name__], None, "python -m jobs.bench_train"))

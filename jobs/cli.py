@@ -27,9 +27,7 @@ import os
 import sys
 import time
 
-# run_module and run_module_named are re-exported: command modules' `__main__` blocks import them from here
-from jobs.command import ArgumentParser, UsageError, _call, _fail, _one_line  # noqa: F401
-from jobs.command import run_module, run_module_named  # noqa: F401
+from jobs.command import ArgumentParser, UsageError, _call, _fail, _one_line, run_module_named
 
 # command -> module providing add_arguments(parser) and run(args) -> int
 EXTERNAL_COMMANDS = {

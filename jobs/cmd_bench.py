@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_one(name: str, argv: list[str]) -> int:
-    from jobs.cli import run_module_named
+    from jobs.command import run_module_named
     module_name, help_text = BENCHES[name]
     return run_module_named(module_name, argv, f"python -m jobs bench {name}", help_text)
 

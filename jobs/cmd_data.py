@@ -263,5 +263,5 @@ def run(args) -> int:
 
 
 if __name__ == "__main__":
-    from jobs.cli import run_module
+    from jobs.command import run_module
     sys.exit(run_module(sys.modules[__name__], None, "python -m jobs.cmd_data"))

@@ -360,7 +360,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jobs.cli import run_module
+    from jobs.command import run_module
     return run_module(sys.modules[__name__], argv, "python -m jobs gpu-check")
 
 

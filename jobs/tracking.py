@@ -20,9 +20,12 @@ from pathlib import Path
 
 from nanochat.common import ConfigError
 
-KEYS = {"tensorboard": (bool,), "wandb": (dict,), "mlflow": (dict,)}
-WANDB_KEYS = {"project", "entity", "mode"}
-MLFLOW_KEYS = {"uri", "experiment"}
+# tracker -> (what its value is, its keys, the key it cannot do without and an example of it)
+TRACKERS = {
+    "tensorboard": (bool, set(), None),
+    "wandb": (dict, {"project", "entity", "mode"}, ("project", "")),
+    "mlflow": (dict, {"uri", "experiment"}, ("uri", " (e.g. file:///shared/mlruns or http://host:5000)")),
+}
 
 
 def check_spec(source: str, tracking) -> None:
@@ -32,24 +35,20 @@ def check_spec(source: str, tracking) -> None:
     if not isinstance(tracking, dict):
         raise ConfigError(f"{source}: tracking: expected a mapping (tensorboard, wandb, mlflow)")
     for key, value in tracking.items():
-        if key not in KEYS:
-            raise ConfigError(f"{source}: tracking.{key}: unknown tracker (choose from {', '.join(KEYS)})")
-        if not isinstance(value, KEYS[key]):
-            raise ConfigError(f"{source}: tracking.{key}: expected {'true/false' if key == 'tensorboard' else 'a mapping'}")
-    wandb = tracking.get("wandb") or {}
-    for k in wandb:
-        if k not in WANDB_KEYS:
-            raise ConfigError(f"{source}: tracking.wandb.{k}: unknown key (choose from {', '.join(sorted(WANDB_KEYS))})")
-    if "wandb" in tracking and not wandb.get("project"):
-        raise ConfigError(f"{source}: tracking.wandb.project: required")
-    if wandb.get("mode", "offline") not in ("offline", "online", "disabled"):
-        raise ConfigError(f"{source}: tracking.wandb.mode: offline, online or disabled (got {wandb['mode']!r})")
-    mlflow = tracking.get("mlflow") or {}
-    for k in mlflow:
-        if k not in MLFLOW_KEYS:
-            raise ConfigError(f"{source}: tracking.mlflow.{k}: unknown key (choose from {', '.join(sorted(MLFLOW_KEYS))})")
-    if "mlflow" in tracking and not mlflow.get("uri"):
-        raise ConfigError(f"{source}: tracking.mlflow.uri: required (e.g. file:///shared/mlruns or http://host:5000)")
+        if key not in TRACKERS:
+            raise ConfigError(f"{source}: tracking.{key}: unknown tracker (choose from {', '.join(TRACKERS)})")
+        kind, keys, required = TRACKERS[key]
+        if not isinstance(value, kind):
+            raise ConfigError(f"{source}: tracking.{key}: expected {'true/false' if kind is bool else 'a mapping'}")
+        if kind is bool:
+            continue
+        for k in value:
+            if k not in keys:
+                raise ConfigError(f"{source}: tracking.{key}.{k}: unknown key (choose from {', '.join(sorted(keys))})")
+        if required and not value.get(required[0]):
+            raise ConfigError(f"{source}: tracking.{key}.{required[0]}: required{required[1]}")
+    if (tracking.get("wandb") or {}).get("mode", "offline") not in ("offline", "online", "disabled"):
+        raise ConfigError(f"{source}: tracking.wandb.mode: offline, online or disabled (got {tracking['wandb']['mode']!r})")
 
 
 def _metric_rows(path: Path | None) -> list[tuple[int, dict[str, float]]]:

@@ -89,7 +89,10 @@ def _parquet_rows(path: Path) -> Iterator[tuple[str, object]]:
         raise ConfigError(f"{path}: corrupt parquet file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[str, object]]:
+def jsonl_lines(path: Path) -> Iterator[tuple[str, object]]:
+    """("<path>:<line>", the line's JSON value) for each non-blank line of a JSONL file; a line that
+    is not UTF-8 or not JSON, or a file that cannot be read, is a ConfigError naming it. The one
+    JSONL reader of the library's data files (conversations here, task sets in nanochat/tasks)."""
     try:
         f = open(path, "rb")  # bytes, decoded line by line: a bad byte is named by its own line
     except OSError as e:
@@ -115,7 +118,7 @@ def iter_conversations(path: str | os.PathLike) -> Iterator[dict]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: conversation file not found")
-    rows = _parquet_rows(path) if path.suffix == ".parquet" else _jsonl_rows(path)
+    rows = _parquet_rows(path) if path.suffix == ".parquet" else jsonl_lines(path)
     for where, obj in rows:
         problem = conversation_problem(obj)
         if problem is not None:

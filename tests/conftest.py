@@ -12,6 +12,17 @@ def fp32_muon(monkeypatch):
     monkeypatch.setattr(nanochat.optim, "_NS_DTYPE_CPU", torch.float32)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module's tests (`pytestmark = pytest.mark.usefixtures("one_thread")`):
+    tiny models on a 2-core machine shared by several test processes only stall on a second thread
+    (steps 50x slower), and the processes a test starts inherit the setting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 import os
 import shutil
 import subprocess

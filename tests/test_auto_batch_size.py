@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from nanochat.auto_batch_size import (ProbeConfig, SearchResult, Trial, TrainStep, cache_path, choose_device_batch,
+from nanochat.auto_batch_size import (ProbeConfig, Trial, TrainStep, cache_path, choose_device_batch,
                                       fallback_after_oom, find_optimal_device_batch_size, is_oom_error, read_cache,
                                       resolve_device_batch_size, run as run_probe, run_under_memory_budget,
                                       search_device_batch_size, write_cache)
@@ -26,14 +26,7 @@ SEQ = 64
 VOCAB = 512
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Several test processes share two cores here; intra-op threads spinning against each other
-    # make tiny steps 50x slower. The budget children inherit this setting.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(seed: int = 0):

@@ -19,12 +19,7 @@ from nanochat.optim import build_optimizers
 SEQ, VOCAB, ROWS = 32, 256, 2
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -21,13 +21,7 @@ from nanochat.tokenizer import Tokenizer
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models on a shared 2-core machine: a second thread only adds synchronisation stalls.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(vocab=512, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, seq=128, seed=0):

@@ -54,6 +54,10 @@ def test_bad_task_file_names_file_and_line(tmp_path):
     bad.write_text('{"question": "q", "answer": "#### 1"}\n{oops\n')
     with pytest.raises(ConfigError, match=r"gsm8k.jsonl:2"):
         load_records(bad)
+    # the same JSONL reader as the conversation files: a bad byte is named by its line, not a crash
+    bad.write_bytes(b'{"question": "q", "answer": "#### 1"}\n{"question": "\xff"}\n')
+    with pytest.raises(ConfigError, match=r"gsm8k.jsonl:2: not UTF-8"):
+        load_records(bad)
 
 
 def test_multiple_choice_batched_equals_one_by_one(ckpt):
@@ -138,7 +142,9 @@ def test_pipeline_refuses_bad_eval_args_before_submitting():
 
 
 def test_report_card_in_summary_and_comparison():
-    from jobs.report import eval_figures, report_card_md, rows_frame
+    from jobs.report_markdown import report_card_md
+    from jobs.report_pairs import eval_figures
+    from jobs.report_rows import rows_frame
     from jobs.rows import make_row
     rows = [make_row(run_id="r", stage="chat_eval", kind="chat_eval", variant=t, state="COMPLETED",
                      extra={"accuracy": acc, "num_examples": 4, "eval_seconds": 2.0, "examples_per_s": 2.0,

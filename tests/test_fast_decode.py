@@ -13,12 +13,7 @@ from nanochat.gpt import GPTConfig, build_model
 from nanochat.inference_bench import InferenceBenchConfig, greedy_agreement, randomize_weights, run as run_bench
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(seed=0):

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from jobs.rows import make_row, write_row
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -37,3 +39,10 @@ def test_a_non_editable_install_finds_the_built_in_pipelines(tmp_path):
         assert out.returncode == 0, out.stderr
         assert f"({site / 'jobs' / 'pipelines' / name}.yaml)" in out.stdout
         assert f"results:  {cwd / 'results'}/{name}-" in out.stdout
+    # the report looks where submit put the run: ./results, not <site-packages>/results
+    run_dir = cwd / "results" / "r1"
+    write_row(run_dir, make_row(run_id="r1", stage="a", kind="noop", state="COMPLETED", job_id="local:1"))
+    out = subprocess.run([sys.executable, "-m", "jobs", "report", "--latest", "--no-sacct", "--json"],
+                         capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert (run_dir / "summary.md").is_file() and not (site / "results").exists()

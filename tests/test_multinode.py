@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
+from helpers import jobs_cli, last_json, rows, sacct, sacct_state, wait_until, write_spec
 from nanochat.checkpoint import list_checkpoints, load_checkpoint
 from nanochat.common import _env_rank_info, _first_host, _slurm_master_addr, compute_init, rendezvous_port
 
@@ -146,45 +146,13 @@ def slurm2(tmp_path_factory, local_slurm):
     return root, env
 
 
-def jobs_cli(env, *argv, timeout=600):
-    out = subprocess.run([sys.executable, "-m", "jobs", *argv], capture_output=True, text=True, env=env,
-                         cwd=REPO, timeout=timeout)
-    print(out.stdout[-3000:], out.stderr[-3000:])
-    return out
-
-
-def last_json(out) -> dict:
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def write_spec(root: Path, name: str, stages: dict, **top) -> Path:
-    p = root / f"{name}.yaml"
-    p.write_text(yaml.safe_dump({"name": name, **top, "stages": stages}))
-    return p
-
-
-def rows(run_dir: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((Path(run_dir) / "rows").glob("*.json"))]
+# what sacct says of a job that ran one rank on each of the two nodes
+NODE_FIELDS = ("State", "NodeList", "NNodes")
+ON_TWO_NODES = {"nodelist": "n[1-2]", "nnodes": "2"}
 
 
 def extra(row: dict) -> dict:
     return json.loads(row["extra"] or "{}")
-
-
-def sacct_fields(job: str, fmt: str = "State,NodeList,NNodes") -> list[str]:
-    out = subprocess.run(["sacct", "-X", "-n", "-P", "-j", job, f"--format={fmt}"], capture_output=True, text=True,
-                         timeout=60).stdout.strip().splitlines()
-    return out[0].split("|") if out else []
-
-
-def wait_until(predicate, timeout_s: float, poll_s: float = 1.0):
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll_s)
-    return predicate()
 
 
 def final_weights(out_dir: Path) -> dict:
@@ -236,8 +204,8 @@ def test_base_train_on_two_nodes_matches_one_process(slurm2):
     out = jobs_cli(env, "submit", str(spec), "--executor", "slurm", "--run-id", "mn-train", "--wait", "--json")
     assert out.returncode == 0
     info = last_json(out)
-    state, nodelist, nnodes = sacct_fields(info["jobs"]["train"])
-    assert state == "COMPLETED" and nnodes == "2" and nodelist == "n[1-2]"      # one rank on each node
+    job = info["jobs"]["train"]
+    assert sacct([job], NODE_FIELDS)[job] == {"state": "COMPLETED", **ON_TWO_NODES}      # one rank on each node
     (row,) = rows(Path(info["run_dir"]))
     assert row["world_size"] == 2 and row["grad_accum_steps"] == 1
     # the same spec in one local process: grad accumulation 2 at the same total batch
@@ -263,7 +231,7 @@ def test_sft_pack_mode_on_two_nodes_matches_one_process(slurm2):
     out = jobs_cli(env, "submit", str(spec), "--executor", "slurm", "--run-id", "mn-sft", "--wait", "--json")
     assert out.returncode == 0
     info = last_json(out)
-    assert sacct_fields(info["jobs"]["sft"])[1:] == ["n[1-2]", "2"]
+    assert sacct([job := info["jobs"]["sft"]], NODE_FIELDS)[job].items() >= ON_TWO_NODES.items()
     (row,) = rows(Path(info["run_dir"]))
     assert row["world_size"] == 2 and row["grad_accum_steps"] == 1 and row["variant"] == "eager-pack"
     ref = jobs_cli(env, "submit", str(spec), "--executor", "local", "--run-id", "mn-sft-ref", "--wait", "--json")
@@ -286,7 +254,7 @@ def test_batch_size_probe_on_two_nodes_ranks_agree(slurm2):
     out = jobs_cli(env, "submit", str(spec), "--executor", "slurm", "--run-id", "mn-probe", "--wait", "--json")
     assert out.returncode == 0
     info = last_json(out)
-    assert sacct_fields(info["jobs"]["train"])[1:] == ["n[1-2]", "2"]
+    assert sacct([job := info["jobs"]["train"]], NODE_FIELDS)[job].items() >= ON_TWO_NODES.items()
     (row,) = rows(Path(info["run_dir"]))
     assert row["state"] == "COMPLETED" and row["world_size"] == 2 and row["batch_size_source"] == "probe"
     assert row["device_batch_size"] * row["grad_accum_steps"] == 8
@@ -312,9 +280,10 @@ def test_base_train_multinode_sbatch_runs_torchrun_on_two_nodes(slurm2):
                          env=dict(env, NPROC_PER_NODE="1", OUT_DIR=str(out_dir)))
     assert sub.returncode == 0, sub.stderr
     job = sub.stdout.strip().split(";")[0]
-    done = wait_until(lambda: (f := sacct_fields(job)) and f[0] not in {"PENDING", "RUNNING", "REQUEUED"} and f, 300, 2)
+    not_yet = {"PENDING", "RUNNING", "REQUEUED"}
+    done = wait_until(lambda: (a := sacct([job], NODE_FIELDS).get(job)) and a["state"] not in not_yet and a, 300, 2)
     log = (root / f"mn-sbatch-{job}.out").read_text()
-    assert done and done == ["COMPLETED", "n[1-2]", "2"], (done, log[-3000:])
+    assert done and done == {"state": "COMPLETED", **ON_TWO_NODES}, (done, log[-3000:])
     assert f"rendezvous n1:{rendezvous_port(job)}" in log
     results = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
     assert results and all(r["world_size"] == 2 and r["steps"] == 2 and r["state"] == "COMPLETED" for r in results)
@@ -352,12 +321,12 @@ def test_killed_rank_fails_the_stage_promptly_and_resume_continues(slurm2):
     assert node == "n2"
     os.kill(pid, signal.SIGKILL)
     t_kill = time.time()
-    ended = wait_until(lambda: sacct_fields(job)[0] not in {"PENDING", "RUNNING", "COMPLETING"}, 180, 1)
+    ended = wait_until(lambda: sacct_state(job) not in {"", "PENDING", "RUNNING", "COMPLETING"}, 180, 1)
     took = time.time() - t_kill
-    print(f"rank 1 killed: the job ended {took:.0f} s later ({sacct_fields(job)[0]})")
+    print(f"rank 1 killed: the job ended {took:.0f} s later ({sacct_state(job)})")
     assert ended and took < 120                          # NANOCHAT_DIST_TIMEOUT_S=60 bounds the wait
     after = info["jobs"]["after"]
-    assert wait_until(lambda: sacct_fields(after)[:1] == ["CANCELLED"], 60), sacct_fields(after)   # kill-on-invalid-dep
+    assert wait_until(lambda: sacct_state(after) == "CANCELLED", 60), sacct_state(after)   # kill-on-invalid-dep
     status = jobs_cli(env, "status", str(run_dir), "--json")
     stages = {name: st["state"] for name, st in last_json(status)["stages"].items()}
     assert stages == {"train": "FAILED", "after": "CANCELLED"}, stages
@@ -394,7 +363,7 @@ def test_two_node_preempted_stage_resumes_to_identical_weights(slurm2):
     assert sorted(load_checkpoint(at_stop[0], with_optim=False)["meta"]["loader"]) == ["0", "1"]
     resumed = final_weights(root / "work" / "mn-preempt" / "train")
     assert all(torch.equal(resumed[k], _preempt["reference"][k]) for k in resumed)   # bit for bit
-    assert wait_until(lambda: sacct_fields(job)[0] == "COMPLETED", 60)
+    assert wait_until(lambda: sacct_state(job) == "COMPLETED", 60)
 
 
 def test_srun_ranks_ignore_a_rendezvous_inherited_from_the_submitting_shell(monkeypatch):

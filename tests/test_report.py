@@ -14,9 +14,10 @@ import pandas as pd
 import pytest
 
 from jobs import report as rp
-from jobs.rows import RESULT_COLUMNS, make_row, row_path, write_row
-from nanochat.common import atomic_write_json
-from jobs.sacct import is_slurm_job_id, parse_sacct, query_sacct
+from jobs import report_load, report_pairs, report_plots, report_rows, report_sacct
+from jobs.rows import make_row, row_path, write_row
+from nanochat.common import ConfigError, atomic_write_json
+from jobs.sacct import SacctResult, is_slurm_job_id, parse_sacct, query_sacct
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -116,7 +117,7 @@ def test_report_of_a_run_writes_csv_summary_and_plots(tmp_path, capsys):
     for png in folder.glob("*.png"):
         assert png.read_bytes()[:8] == PNG_MAGIC
 
-    df = rp.read_report_csv(folder / "report.csv")
+    df = report_rows.read_report_csv(folder / "report.csv")
     assert len(df) == 10 and out["runs"]["r1"]["rows"] == 10
     assert out["problems"] == []
     # CPU: no GPUs held, so no GPU-hours and no cost.
@@ -131,13 +132,13 @@ def test_report_of_a_run_writes_csv_summary_and_plots(tmp_path, capsys):
     assert opts[("KV cache", "tokens_per_s", "kv-static")]["ratio"] == pytest.approx(9.0)
     # kv-graph is CUDA-only: a CPU run must say so rather than show a number.
     graph = opts[("KV cache", "tokens_per_s", "kv-graph")]
-    assert graph["ratio"] is None and graph["note"].startswith(rp.NOT_MEASURED)
+    assert graph["ratio"] is None and graph["note"].startswith(report_pairs.NOT_MEASURED)
     assert "no tokens_per_s in kv-graph rows (SKIPPED): CUDA graph capture needs a CUDA device" in graph["note"]
     # The first-token figure is measured once per job (not once per row), and no broadcast
     # baseline was measured: the figure is shown, the ratio is not invented.
     first = opts[("independent first token", "first_token_distinct", "independent, of 8 samples")]
     assert (first["optimized"], first["n_optimized"], first["baseline"], first["ratio"]) == (6.0, 1, None, None)
-    assert first["note"].startswith(rp.NOT_MEASURED + ": no broadcast baseline")
+    assert first["note"].startswith(report_pairs.NOT_MEASURED + ": no broadcast baseline")
 
     summary = (folder / "summary.md").read_text()
     assert "## Stage base (base_train)" in summary and "## Stage sft_bench (sft)" in summary
@@ -154,9 +155,9 @@ def test_report_csv_round_trips_with_documented_dtypes(tmp_path):
     make_run(tmp_path, "r1", gpu=True)
     rep = rp.build_report(["r1"], tmp_path, price_per_gpu_hour=3.0, use_sacct=False)
     written = rep.runs[0].rows
-    back = rp.read_report_csv(tmp_path / "r1" / "report.csv")
-    assert list(back.columns) == list(rp.ALL_COLUMNS)
-    for col, (dtype, _) in rp.ALL_COLUMNS.items():
+    back = report_rows.read_report_csv(tmp_path / "r1" / "report.csv")
+    assert list(back.columns) == list(report_rows.ALL_COLUMNS)
+    for col, (dtype, _) in report_rows.ALL_COLUMNS.items():
         assert str(back[col].dtype) == pd.api.types.pandas_dtype(dtype).name, col
     pd.testing.assert_frame_equal(back, written, check_exact=False, rtol=1e-12)
     # GPU-hours: wall_time_s x world_size / 3600 on a GPU, cost at the given price.
@@ -203,7 +204,7 @@ def test_missing_partial_and_corrupt_files_are_listed_not_fatal(tmp_path, capsys
 
     # The rest still stands: 10 good rows + the partial one, their ratios, the plots; and the stage
     # that died without a row still has its line, from the runner's record (no sacct here).
-    df = rp.read_report_csv(folder / "report.csv")
+    df = report_rows.read_report_csv(folder / "report.csv")
     assert len(df) == 12
     tok = df[df["stage"] == "tokenizer"].iloc[0]
     assert (tok["state"], tok["job_id"], json.loads(tok["extra"])) == ("FAILED", "local:99", {"row_from": "jobs.json"})
@@ -224,7 +225,7 @@ def test_missing_partial_and_corrupt_files_are_listed_not_fatal(tmp_path, capsys
 def test_broadcast_baseline_gives_a_first_token_ratio(tmp_path):
     rows = [make_row(run_id="b", stage="div", kind="inference_bench", variant=v, job_id="local:5", state="COMPLETED",
                      first_token_distinct=n, diversity_samples=8) for v, n in (("broadcast", 1), ("kv-eager", 7))]
-    opt = rp.first_token_comparison(rp.rows_frame(rows))
+    opt = report_pairs.first_token_comparison(report_rows.rows_frame(rows))
     assert (opt.baseline, opt.optimized, opt.ratio, opt.note) == (1.0, 7.0, 7.0, "")
 
 
@@ -236,12 +237,12 @@ def test_auto_batch_pair_goes_by_batch_size_source():
                         batch_size_source=source, tokens_per_s=tps, mfu=tps / 100)
     sft_bench = make_row(run_id="b", stage="bench_sft", kind="bench", variant="eager-dynamic", job_id="6",
                          state="COMPLETED", batch_size_source="config", tokens_per_s=50.0, mfu=1.0)
-    df = rp.rows_frame([row("fixed-32", "config", 1000.0, "5_0"), row("auto", "cache", 1300.0, "5_1"), sft_bench])
-    tps, mfu = [o for o in rp.optimizations(df) if o.name == "auto batch size"]
+    df = report_rows.rows_frame([row("fixed-32", "config", 1000.0, "5_0"), row("auto", "cache", 1300.0, "5_1"), sft_bench])
+    tps, mfu = [o for o in report_pairs.optimizations(df) if o.name == "auto batch size"]
     assert (tps.baseline, tps.optimized, tps.ratio) == (1000.0, 1300.0, pytest.approx(1.3))
     assert mfu.ratio == pytest.approx(1.3)
     # The smoke pipeline: one base_train with the probe's batch size and no fixed-batch run.
-    only_auto = [o for o in rp.optimizations(rp.rows_frame([row(None, "probe", 900.0, "local:1")]))
+    only_auto = [o for o in report_pairs.optimizations(report_rows.rows_frame([row(None, "probe", 900.0, "local:1")]))
                  if o.name == "auto batch size"]
     assert [o.optimized for o in only_auto] == [900.0, 9.0]
     assert all(o.ratio is None and "no baseline row" in o.note for o in only_auto)
@@ -252,9 +253,9 @@ def test_failed_baseline_is_not_measured(tmp_path):
     row = json.loads((folder / "rows" / "base__local-102.json").read_text())
     row.update(state="OOM", error="CUDA out of memory", tokens_per_s=None, mfu=None)
     (folder / "rows" / "base__local-102.json").write_text(json.dumps(row))
-    run = rp.load_run(folder, use_sacct=False)
-    auto = [o for o in rp.optimizations(run.rows) if o.name == "auto batch size"]
-    assert all(o.ratio is None and rp.NOT_MEASURED in o.note and "OOM" in o.note for o in auto)
+    run = report_load.load_run(folder, use_sacct=False)
+    auto = [o for o in report_pairs.optimizations(run.rows) if o.name == "auto batch size"]
+    assert all(o.ratio is None and report_pairs.NOT_MEASURED in o.note and "OOM" in o.note for o in auto)
 
 
 def test_comparison_of_two_runs_against_a_baseline(tmp_path, capsys):
@@ -275,7 +276,7 @@ def test_comparison_of_two_runs_against_a_baseline(tmp_path, capsys):
     for name in ("summary.md", "report.csv", "comparison.csv", "throughput_by_run.png", "loss.png"):
         assert (cmp_dir / name).is_file(), name
     assert (tmp_path / "old" / "summary.md").is_file() and (tmp_path / "new" / "summary.md").is_file()
-    combined = rp.read_report_csv(cmp_dir / "report.csv")
+    combined = report_rows.read_report_csv(cmp_dir / "report.csv")
     assert sorted(combined["run_id"].unique()) == ["new", "old"]
     summary = (cmp_dir / "summary.md").read_text()
     assert "# Comparison against baseline run old" in summary
@@ -294,25 +295,25 @@ def test_a_figure_only_one_run_measured_is_not_a_ratio(tmp_path):
 
 def test_figures_carry_the_expected_series(tmp_path):
     folder = make_run(tmp_path, "r4")
-    run = rp.load_run(folder, use_sacct=False)
+    run = report_load.load_run(folder, use_sacct=False)
     assert set(run.metrics) == {"base", "base_auto"}
-    fig = rp.loss_figure(run.metrics)
+    fig = report_plots.loss_figure(run.metrics)
     loss_ax, val_ax = fig.axes
     assert [l.get_label() for l in loss_ax.get_lines()] == ["base", "base_auto"]
     assert [l.get_label() for l in val_ax.get_lines()] == ["base", "base_auto"]
     assert len(loss_ax.get_lines()[0].get_xdata()) == 20 and len(val_ax.get_lines()[0].get_xdata()) == 4
 
-    ax = rp.throughput_figure(run.metrics).axes[0]
+    ax = report_plots.throughput_figure(run.metrics).axes[0]
     assert list(ax.get_lines()[1].get_ydata()[:2]) == [1500.0, 1501.0]
 
-    ax = rp.batch_size_figure(run.rows).axes[0]
+    ax = report_plots.batch_size_figure(run.rows).axes[0]
     default, found = ax.containers
     assert (default.get_label(), found.get_label()) == ("default (config)", "found (probe/cache)")
     labels = [t.get_text() for t in ax.get_xticklabels()]
     heights = {lab: (d.get_height(), f.get_height()) for lab, d, f in zip(labels, default, found)}
     assert heights["base"] == (4, 0) and heights["base_auto"] == (0, 16) and heights["probe"] == (0, 16)
 
-    path = rp.save_png(fig, tmp_path / "x.png")
+    path = report_plots.save_png(fig, tmp_path / "x.png")
     assert path.read_bytes()[:8] == PNG_MAGIC
 
 
@@ -323,21 +324,21 @@ def test_metrics_found_through_run_json_out_dir(tmp_path):
     (out_dir / "base").mkdir(parents=True)
     shutil.move(folder / "metrics" / "base.csv", out_dir / "base" / "metrics.csv")
     write_metrics(out_dir / "sft_bench" / "compile-pack" / "metrics.csv", 6, 3.0, 1150.0)
-    run = rp.load_run(folder, use_sacct=False)
+    run = report_load.load_run(folder, use_sacct=False)
     assert set(run.metrics) == {"base", "base_auto", "sft_bench.compile-pack"}
     assert run.metrics["base"]["loss"].iloc[0] == 7.0 and len(run.metrics["sft_bench.compile-pack"]) == 6
 
 
 def test_bad_input_is_a_config_error(tmp_path):
-    with pytest.raises(rp.ConfigError, match="nope: no such run"):
+    with pytest.raises(ConfigError, match="nope: no such run"):
         rp.build_report(["nope"], tmp_path)
     (tmp_path / "not-a-run").mkdir()
-    with pytest.raises(rp.ConfigError, match="not-a-run: no such run"):
+    with pytest.raises(ConfigError, match="not-a-run: no such run"):
         rp.build_report([str(tmp_path / "not-a-run")], tmp_path)
-    with pytest.raises(rp.ConfigError, match="no runs found"):
+    with pytest.raises(ConfigError, match="no runs found"):
         rp.run(report_args("--latest", "--results-dir", str(tmp_path)))
     make_run(tmp_path, "r6")
-    with pytest.raises(rp.ConfigError, match="--price-per-gpu-hour"):
+    with pytest.raises(ConfigError, match="--price-per-gpu-hour"):
         rp.build_report(["r6"], tmp_path, price_per_gpu_hour=-1.0)
 
 
@@ -363,7 +364,7 @@ def test_sacct_state_is_joined_for_slurm_job_ids():
                      world_size=8),
             make_row(run_id="s", stage="sweep", state=None, job_id="4102_3", device_name="cpu"),
             make_row(run_id="s", stage="sft", state="FAILED", job_id="4103", device_name=None)]
-    df = rp.join_sacct(rp.rows_frame(rows), rp.SacctResult(True, "", jobs), price_per_gpu_hour=2.0)
+    df = report_sacct.join_sacct(report_rows.rows_frame(rows), SacctResult(True, "", jobs), price_per_gpu_hour=2.0)
     assert list(df["sacct_state"]) == ["COMPLETED", "CANCELLED", "OUT_OF_MEMORY"]
     assert list(df["sacct_exit_code"]) == [0, 0, 0] and list(df["sacct_signal"]) == [0, 15, 125]
     # No wall time in the row: sacct's elapsed time stands in for the GPU-hours.
@@ -381,7 +382,7 @@ def test_sacct_missing_is_not_fatal(tmp_path, monkeypatch):
 
 def test_results_readme_documents_every_column():
     text = (REPO / "results" / "README.md").read_text()
-    for col, (dtype, _) in rp.ALL_COLUMNS.items():
+    for col, (dtype, _) in report_rows.ALL_COLUMNS.items():
         assert f"| `{col}` | {dtype} |" in text, col
 
 
@@ -410,7 +411,7 @@ def test_sacct_on_the_local_slurm(tmp_path, local_slurm):
                                state="COMPLETED", device_name="cpu", world_size=1))
     (folder / "run.json").write_text(json.dumps({"run_id": "slurm-run", "stages": ["grid"], "executor": "slurm"}))
     (folder / "jobs.json").write_text(json.dumps({"stages": {"grid": {"job_id": job, "task_job_ids": ids}}}))
-    run = rp.load_run(folder)
+    run = report_load.load_run(folder)
     assert run.sacct.available
     row = run.rows.iloc[0]
     assert (row["sacct_state"], row["sacct_exit_code"]) == ("COMPLETED", 0) and row["sacct_elapsed_s"] >= 1
@@ -433,21 +434,21 @@ def test_report_from_the_real_rows_of_a_smoke_run(tmp_path):
     rep = rp.build_report([REAL_RUN.name], tmp_path, use_sacct=False)
     (run,) = rep.runs
     assert run.problems == []
-    df = rp.read_report_csv(folder / "report.csv")
+    df = report_rows.read_report_csv(folder / "report.csv")
     assert len(df) == len(raw) == 8
     assert list(dict.fromkeys(df["stage"])) == ["probe", "base_train", "mid_train", "sft", "inference_bench"]
     assert set(df["state"]) == {"COMPLETED", "SKIPPED"}  # kv-graph is skipped on CPU
-    opts = {(o.name, o.optimized_label): o for o in rp.optimizations(run.rows)}
+    opts = {(o.name, o.optimized_label): o for o in report_pairs.optimizations(run.rows)}
     assert opts[("KV cache", "kv-eager")].ratio == pytest.approx(tps["kv-eager"] / tps["naive"])
     assert opts[("KV cache", "kv-static")].ratio == pytest.approx(tps["kv-static"] / tps["naive"])
     assert opts[("KV cache", "kv-graph")].ratio is None
     # The smoke pipeline runs one SFT mode and no fixed-batch base_train: no invented ratios.
     assert opts[("compile for SFT", "compile-pack")].ratio is None and opts[("compile for SFT", "compile-pack")].optimized
-    assert all(o.ratio is None for o in rp.optimizations(run.rows) if o.name == "auto batch size")
-    first = next(o for o in rp.optimizations(run.rows) if o.name == "independent first token")
+    assert all(o.ratio is None for o in report_pairs.optimizations(run.rows) if o.name == "auto batch size")
+    first = next(o for o in report_pairs.optimizations(run.rows) if o.name == "independent first token")
     assert first.optimized == json.loads(raw["inference_bench.naive__local-25704.json"]["extra"])["first_token_distinct"]
 
-    loss_ax, _ = rp.loss_figure(run.metrics).axes
+    loss_ax, _ = report_plots.loss_figure(run.metrics).axes
     assert [l.get_label() for l in loss_ax.get_lines()] == ["base_train", "mid_train"]
     for name in ("loss.png", "throughput.png", "batch_size.png"):
         assert (folder / name).read_bytes()[:8] == PNG_MAGIC
@@ -478,7 +479,7 @@ def test_report_of_a_real_smoke_run(tmp_path):
     out = json.loads(done.stdout.strip().splitlines()[-1])
     (run_id, info), = out["runs"].items()
     folder = Path(info["folder"])
-    df = rp.read_report_csv(folder / "report.csv")
+    df = report_rows.read_report_csv(folder / "report.csv")
     assert len(df) >= 1 and info["rows"] == len(df)
     assert set(df["state"]) <= {"COMPLETED", "SKIPPED"}  # kv-graph is SKIPPED without CUDA
     assert df["wall_time_s"].notna().all() and (df["gpus"].fillna(0) == 0).all()
@@ -490,7 +491,7 @@ def test_report_of_a_real_smoke_run(tmp_path):
     tps = df.set_index("variant")["tokens_per_s"]
     assert kv["ratio"] == pytest.approx(tps["kv-eager"] / tps["naive"])
     assert (folder / "summary.md").read_text().startswith(f"# Run {run_id}")
-    assert rp.find_metrics(folder, rp.run_stages(json.loads((folder / "run.json").read_text()))).keys() >= {"base_train"}
+    assert report_load.find_metrics(folder, report_load.run_stages(json.loads((folder / "run.json").read_text()))).keys() >= {"base_train"}
     for name in ("loss.png", "throughput.png", "batch_size.png"):
         assert (folder / name).read_bytes()[:8] == PNG_MAGIC
 
@@ -506,10 +507,10 @@ def test_array_task_rows_gather_into_one_table(tmp_path):
     (folder / "run.json").write_text(json.dumps({"run_id": "grid", "stages": ["sweep"], "executor": "slurm"}))
     (folder / "jobs.json").write_text(json.dumps({"executor": "slurm", "stages": {"sweep": {
         "job_id": "777", "tasks": [0, 1, 2], "task_job_ids": ["777_0", "777_1", "777_2"]}}}))
-    run = rp.load_run(folder, use_sacct=False)
+    run = report_load.load_run(folder, use_sacct=False)
     assert list(run.rows["job_id"]) == ["777_0", "777_2"] and list(run.rows["array_task"]) == [0, 2]
     assert [(p.kind, p.detail) for p in run.problems] == [("missing", "stage sweep (job 777_1) wrote no row")]
-    figs = rp.run_figures(run.rows)
+    figs = report_pairs.run_figures(run.rows)
     assert figs[("sweep", "dbs8", "tokens_per_s")] == 800.0 and figs[("sweep", "dbs32", "tokens_per_s")] == 3200.0
 
 
@@ -520,11 +521,11 @@ def test_a_fixed_batch_that_fell_back_after_oom_stays_on_the_fixed_side():
         return make_row(run_id="b", stage="base_train", kind="base_train", variant=variant, job_id=job,
                         state="COMPLETED", device_batch_size=16, batch_size_source=source, tokens_per_s=tps,
                         mfu=tps / 100)
-    df = rp.rows_frame([row("fixed-32", "config", 1000.0, "5_0"),
+    df = report_rows.rows_frame([row("fixed-32", "config", 1000.0, "5_0"),
                         row("fixed-64", "config+oom_fallback", 800.0, "5_1"),   # asked 64, fell back to 16
                         row("auto", "probe", 1300.0, "5_2"),
                         row("baseline", "cache", 1200.0, "5_3")])               # misnamed, but found by the cache
-    tps = [o for o in rp.optimizations(df) if o.name == "auto batch size" and o.metric == "tokens_per_s"][0]
+    tps = [o for o in report_pairs.optimizations(df) if o.name == "auto batch size" and o.metric == "tokens_per_s"][0]
     assert (tps.n_baseline, tps.baseline) == (2, 900.0)
     assert (tps.n_optimized, tps.optimized) == (2, 1250.0)
 
@@ -543,8 +544,8 @@ def test_a_job_killed_after_its_requeue_gets_sacct_s_end(tmp_path, monkeypatch):
     (folder / "jobs.json").write_text(json.dumps({"stages": {"train": {"job_id": "42"}, "other": {"job_id": "43"}}}))
     said = SacctResult(True, jobs={"42": SacctJob("42", "TIMEOUT", 600, 0, 15),
                                    "43": SacctJob("43", "RUNNING", 5, 0, 0)})     # 43: its rerun is on its way
-    monkeypatch.setattr(rp, "query_sacct", lambda ids: said)
-    run = rp.load_run(folder)
+    monkeypatch.setattr(report_load, "query_sacct", lambda ids: said)
+    run = report_load.load_run(folder)
     assert list(zip(run.rows["job_id"], run.rows["state"])) == [("42", "PREEMPTED"), ("42", "TIMEOUT"), ("43", "PREEMPTED")]
     end = run.rows.iloc[1]
     assert (end["kind"], end["variant"], end["requeues"]) == ("base_train", "auto", 0)

@@ -12,25 +12,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jobs import report as rp
+from jobs import report_rows
+from helpers import sacct_state, squeue_state, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
-
-
-def wait_until(predicate, timeout_s: float, poll_s: float = 1.0):
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll_s)
-    return predicate()
-
-
-def squeue_state(job_id: str) -> str:
-    out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=30)
-    return out.stdout.strip()
 
 
 def test_a_cancelled_slurm_job_gets_a_report_row_from_sacct(tmp_path, local_slurm):
@@ -52,14 +38,13 @@ def test_a_cancelled_slurm_job_gets_a_report_row_from_sacct(tmp_path, local_slur
         time.sleep(3)  # well into its sleep
     finally:
         subprocess.run(["scancel", slow], check=True, timeout=30)
-    assert wait_until(lambda: rp.query_sacct([slow]).jobs.get(slow) and
-                      rp.query_sacct([slow]).jobs[slow].state == "CANCELLED", 120), rp.query_sacct([slow])
+    assert wait_until(lambda: sacct_state(slow) == "CANCELLED", 120), sacct_state(slow)
     assert not list((run_dir / "rows").glob("sleepy__*_1.json"))      # killed: no row of its own
 
     out = subprocess.run([sys.executable, "-m", "jobs", "report", "killed", "--json"], capture_output=True,
                          text=True, env=env, cwd=REPO, timeout=300)
     assert out.returncode == 0, out.stderr
-    df = rp.read_report_csv(run_dir / "report.csv")
+    df = report_rows.read_report_csv(run_dir / "report.csv")
     assert list(df["job_id"]) == [quick, slow]
     done, killed = df.iloc[0], df.iloc[1]
     assert (done["state"], done["variant"], done["sacct_state"]) == ("COMPLETED", "quick", "COMPLETED")

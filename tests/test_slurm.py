@@ -10,19 +10,17 @@ Slurm (a requeued job waits before it is eligible again), and the other tests ru
 import json
 import math
 import os
-import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-import yaml
+
+from helpers import jobs_cli, last_json, rows, sacct, sacct_state, wait_until, write_spec
 
 REPO = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.slurm
-
 
 
 @pytest.fixture(scope="module")
@@ -30,47 +28,6 @@ def slurm(tmp_path_factory, local_slurm):
     root = tmp_path_factory.mktemp("slurm")
     env = dict(os.environ, NANOCHAT_RESULTS_DIR=str(root / "results"), NANOCHAT_BASE_DIR=str(root / "work"))
     return root, env
-
-
-def jobs_cli(env, *argv, timeout=600):
-    out = subprocess.run([sys.executable, "-m", "jobs", *argv], capture_output=True, text=True, env=env,
-                         cwd=REPO, timeout=timeout)
-    print(out.stdout[-4000:], out.stderr[-4000:])
-    return out
-
-
-def last_json(out) -> dict:
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def write_spec(root: Path, name: str, stages: dict, **top) -> Path:
-    p = root / f"{name}.yaml"
-    p.write_text(yaml.safe_dump({"name": name, **top, "stages": stages}))
-    return p
-
-
-def rows(run_dir: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((Path(run_dir) / "rows").glob("*.json"))]
-
-
-def sacct(job_ids) -> dict[str, dict]:
-    out = subprocess.run(["sacct", "-X", "-n", "-P", "-j", ",".join(job_ids), "--format=JobID,State,Start,End"],
-                         capture_output=True, text=True, timeout=60).stdout
-    res = {}
-    for line in out.splitlines():
-        jid, state, start, end = line.split("|")[:4]
-        res[jid] = {"state": state.split()[0], "start": start, "end": end}
-    return res
-
-
-def wait_until(predicate, timeout_s: float, poll_s: float = 1.0):
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll_s)
-    return predicate()
 
 
 # -----------------------------------------------------------------------------
@@ -241,7 +198,7 @@ def test_requeued_stage_finishes_from_checkpoint_with_same_weights(slurm):
     assert extra["final_step"] == REQUEUE_STEPS
     final = json.loads((root / "work" / "requeue" / "train" / "final.json").read_text())
     assert final["weights"] == _noop_final_weights(REQUEUE_STEPS)   # same as an uninterrupted run
-    assert wait_until(lambda: sacct([job]).get(job, {}).get("state") == "COMPLETED", 60)
+    assert wait_until(lambda: sacct_state(job) == "COMPLETED", 60)
     assert not any(math.isnan(w) for w in final["weights"])
 
 

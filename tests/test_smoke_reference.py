@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 from jobs import report as rp
+from jobs import report_pairs
 from jobs import spec
 
 REPO = Path(__file__).resolve().parent.parent
@@ -28,10 +29,10 @@ def test_the_cpu_reference_has_four_measured_ratios_and_no_not_measured_line(tmp
     folder = shutil.copytree(REFERENCE, tmp_path / REFERENCE.name)
     rep = rp.build_report([folder], tmp_path, use_sacct=False)
     (run,) = rep.runs
-    opts = rp.optimizations(run.rows)
+    opts = report_pairs.optimizations(run.rows)
     assert FOUR <= {o.name for o in opts if o.ratio is not None}   # and SFT's packing / compile split
     # every pair either has its ratio, or is one this device cannot measure (said why, apart)
     assert all(o.ratio is not None or o.not_applicable for o in opts)
     summary = (folder / "summary.md").read_text()
-    assert rp.NOT_MEASURED not in summary
+    assert report_pairs.NOT_MEASURED not in summary
     assert "These ratios were measured on a CPU" in summary and "Not measurable on this device" in summary

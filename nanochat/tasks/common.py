@@ -1,10 +1,10 @@
 """Loading task files as the public sets ship them: JSONL (one JSON object per line) or parquet."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from nanochat.common import ConfigError
+from nanochat.conversations import jsonl_lines
 
 FIXTURES_DIR = Path(__file__).resolve().parent.parent / "eval_fixtures"
 
@@ -40,17 +40,10 @@ def load_records(path: Path) -> list[dict]:
         except Exception as e:
             raise ConfigError(f"{path}: unreadable parquet ({type(e).__name__}: {str(e)[:200]})") from None
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError as e:
-                raise ConfigError(f"{path}:{lineno}: not a JSON object ({e})") from None
-            if not isinstance(record, dict):
-                raise ConfigError(f"{path}:{lineno}: expected a JSON object")
-            records.append(record)
+    for where, record in jsonl_lines(path):
+        if not isinstance(record, dict):
+            raise ConfigError(f"{where}: expected a JSON object")
+        records.append(record)
     return records
 
 

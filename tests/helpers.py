@@ -1,0 +1,70 @@
+"""What the orchestration tests share: running `python -m jobs`, reading what a run wrote, waiting,
+and asking the local Slurm (sacct, squeue) about a job. Imported as `helpers` (pytest puts tests/
+on sys.path, next to conftest.py)."""
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def jobs_cli(env, *argv, timeout=600):
+    """`python -m jobs ARGV` from the checkout; its output's tail is printed (pytest shows it on a failure)."""
+    out = subprocess.run([sys.executable, "-m", "jobs", *argv], capture_output=True, text=True, env=env,
+                         cwd=REPO, timeout=timeout)
+    print(out.stdout[-4000:], out.stderr[-4000:])
+    return out
+
+
+def last_json(out) -> dict:
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def write_spec(root: Path, name: str, stages: dict, **top) -> Path:
+    p = root / f"{name}.yaml"
+    p.write_text(yaml.safe_dump({"name": name, **top, "stages": stages}))
+    return p
+
+
+def rows(run_dir: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((Path(run_dir) / "rows").glob("*.json"))]
+
+
+def wait_until(predicate, timeout_s: float, poll_s: float = 1.0):
+    """predicate()'s first true value within timeout_s, else its last (false) value."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll_s)
+    return predicate()
+
+
+def sacct(job_ids, fields=("State", "Start", "End")) -> dict[str, dict[str, str]]:
+    """{job id: {field in lower case: value}} from Slurm accounting, one line per job (no steps);
+    the state is its first word ("CANCELLED by 0" -> "CANCELLED")."""
+    out = subprocess.run(["sacct", "-X", "-n", "-P", "-j", ",".join(job_ids), f"--format=JobID,{','.join(fields)}"],
+                         capture_output=True, text=True, timeout=60).stdout
+    res = {}
+    for line in out.splitlines():
+        jid, *values = line.split("|")
+        res[jid] = {name.lower(): value for name, value in zip(fields, values)}
+        if "state" in res[jid]:
+            res[jid]["state"] = (res[jid]["state"].split() or [""])[0]
+    return res
+
+
+def sacct_state(job_id: str) -> str:
+    """The job's state in Slurm accounting, "" while it has no record."""
+    return sacct([job_id]).get(job_id, {}).get("state", "")
+
+
+def squeue_state(job_id: str) -> str:
+    """The job's state in the queue, "" once it has left it."""
+    out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=30)
+    return out.stdout.strip()
