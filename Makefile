@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 PIPELINE ?= pipelines/smoke.yaml
 EXECUTOR ?= auto
 RUN ?=
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= --durations=25
 STAMP := $(VENV)/.installed
 
 .PHONY: help setup pipeline test test-fast report bench gpu-check slurm-up slurm-down clean

@@ -1,6 +1,4 @@
 """Checkpoints: atomic step folders, keep-last-N, skipping a corrupt latest, shape mismatch."""
-import json
-import os
 import random
 
 import pytest

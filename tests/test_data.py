@@ -1,6 +1,5 @@
 """Pretraining shards, offline preparation, the rank-strided resumable loader, conversation data."""
 import json
-import math
 import multiprocessing as mp
 import os
 

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from nanochat.checkpoint import list_checkpoints, load_checkpoint
 from nanochat.prepare import ensure_pretraining_data, ensure_tokenizer

@@ -6,7 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from jobs.spec import load_pipeline, resolve_pipeline_path
 

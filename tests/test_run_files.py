@@ -215,7 +215,7 @@ def test_a_marker_that_cannot_be_written_means_failed_everywhere(spec_env, mount
     last = json.loads(out.stdout.strip().splitlines()[-1])
     assert last["stages"] == {"a": "FAILED", "b": "CANCELLED"} and last["exit_code"] == 1
     assert f"completion marker not written: [Errno 28] No space left on device: '{markers}/a.done'" in last["error"]
-    assert f"a FAILED: " in out.stdout                   # the console shows the error, not only the log path
+    assert "a FAILED: " in out.stdout                   # the console shows the error, not only the log path
     status = json.loads(cli(env, "status", "mk", "--json").stdout.strip().splitlines()[-1])
     assert status["stages"]["a"]["state"] == "FAILED" and "a.done" in status["stages"]["a"]["error"]
     import pandas as pd

@@ -3,7 +3,6 @@ cluster's queue. The real squeue answers; a shim in front of it on PATH records 
 import os
 import stat
 import subprocess
-import sys
 import time
 from pathlib import Path
 
