@@ -5,7 +5,8 @@ The training loop shared by base and mid training (nanochat's recipe):
   Muon momentum warms up 0.85 -> 0.95 over the first 300 steps
 - gradient accumulation to an exact total batch in tokens:
   total_batch_size == device_batch_size * seq_len * world_size * grad_accum_steps
-- bf16 autocast and torch.compile on CUDA; fp32 and eager on CPU unless asked (precision: fast takes
+- bf16 autocast and torch.compile on CUDA; fp32 on CPU, compiled only for runs long enough to pay the
+  compile back (resolve_compile), unless asked (precision: fast takes
   bf16 autocast on CPUs with AMX)
 - torch.distributed from the environment; gradients averaged with all_reduce_gradients
 - each optimizer step's data is fetched whole (rows of tokens) and sliced into micro-batches,
