@@ -37,6 +37,21 @@ def test_cpu_compiles_only_for_long_runs_where_inductor_can(monkeypatch):
     assert resolve_compile("on", cpu) is True                       # asked for: the user's call
 
 
+def test_fast_precision_takes_bf16_on_avx512_bf16_only_when_compiled(monkeypatch):
+    from nanochat.train_loop import train_precision_route
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(nanochat.cpu_features, "cpu_has_amx", lambda: False)
+    monkeypatch.setattr(nanochat.cpu_features, "cpu_has_fast_bf16", lambda: True)   # AVX512-BF16, no AMX
+    assert train_precision_route("fast", cpu, compiled=True) == "bf16"
+    assert train_precision_route("fast", cpu, compiled=False) == "fp32"  # eager bf16 measured 0.53x
+    assert train_precision_route("auto", cpu, compiled=True) == "fp32"   # auto stays the exact reference
+    assert train_precision_route("fp32", cpu, compiled=True) == "fp32"
+    monkeypatch.setattr(nanochat.cpu_features, "cpu_has_fast_bf16", lambda: False)  # bf16 emulated
+    assert train_precision_route("fast", cpu, compiled=True) == "fp32"
+    monkeypatch.setattr(nanochat.cpu_features, "cpu_has_amx", lambda: True)
+    assert train_precision_route("fast", cpu, compiled=False) == "bf16"
+
+
 def test_cpu_can_compile_needs_a_compiler_and_a_vector_isa(monkeypatch):
     import torch._inductor.cpp_builder as cpp_builder
     import torch._inductor.cpu_vec_isa as cpu_vec_isa
