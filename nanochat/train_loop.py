@@ -184,15 +184,14 @@ def autocast_context(precision: str, device: torch.device):
 
 # compile: auto on a CPU. Inductor's CPU code fuses the elementwise work around the matmuls (rotary,
 # norms, relu^2, softcap, cross-entropy and their backward) that eager runs as separate memory-bound
-# passes: on a 2-core AMD EPYC (AVX512-BF16, no AMX), depth 4, 8 x 512 tokens, fp32, the compiled step
-# ran 1.93x the eager one (bench train --compare-cpu-step; bf16 autocast + compile only 1.37x). But the
-# first compiled step compiles for minutes (187 s cold there, on a busy machine), which paid back after
-# 37 steps = 4.8e12 training FLOPs. So auto turns it on only for a run with twice that work ahead (train
+# passes. Measured on an idle 2-core AMD EPYC (AVX512-BF16, no AMX), 8 x 512 tokens, fp32, bench train
+# --compare-cpu-step: the compiled step ran 1.27x the eager one at depth 4 and 1.13x at depth 8, after a
+# first step that compiled for 28-34 s (cold cache): paid back after 124 steps (1.6e13 training FLOPs)
+# and 35 steps (2.7e13). So auto turns it on only for a run with about twice that work ahead (train
 # FLOPs = steps x tokens per step per rank x flops per token), and only where inductor can generate
 # vector code (cpu_features.cpu_can_compile). Compile time and step time are both CPU-bound, so a
-# threshold in FLOPs carries over to faster CPUs and is the same for any model size: payback work =
-# compile seconds x eager FLOP/s / (1 - 1/speedup).
-CPU_COMPILE_MIN_TRAIN_FLOPS = 1e13
+# threshold in FLOPs carries over to faster CPUs: payback work = compile s x eager FLOP/s / (1 - 1/speedup).
+CPU_COMPILE_MIN_TRAIN_FLOPS = 5e13
 
 
 def resolve_compile(setting, device: torch.device, train_flops: float | None = None) -> bool:
