@@ -215,7 +215,9 @@ def auto_batch_options(model, seq_len: int, total_batch_size: int, world_size: i
     training run: THE one place they are derived. The training loop and the probe stage that serves
     it both call this, so the entry a probe writes is the entry training reads. build_optimizers
     itself: optimizer memory does not depend on the learning rates; the trial steps run under the
-    training's own autocast (bf16 activations take half the memory of fp32 ones)."""
+    training's own autocast (bf16 activations take half the memory of fp32 ones). The step count is not
+    known here, so on a CPU compile auto and precision fast are keyed as the eager fp32 step (the search
+    runs eager there anyway; a compiled or bf16 step usually takes less memory)."""
     autocast = "bfloat16" if train_precision_route(precision, device) == "bf16" else None
     return dict(model=model, optimizers_factory=build_optimizers, seq_len=seq_len, total_batch_size=total_batch_size,
                 world_size=world_size, device=device, compile=resolve_compile(compile_setting, device),
