@@ -173,12 +173,14 @@ def _compare_cpu_step(args: argparse.Namespace) -> int:
     loader = pretraining_loader(train_shards, tokenizer, args.seq_len)
     config = GPTConfig.from_depth(args.depth, tokenizer.get_vocab_size(), args.seq_len)
     B, T = args.device_batch_size, args.seq_len
+    model_flops = 0.0
 
     routes = {}
     for name in names:
         precision, compiled = CPU_STEP_ROUTES[name]
         torch.manual_seed(42)
         model = build_model(config, device)
+        model_flops = model.estimate_flops()
         routes[name] = dict(model=model, optimizers=build_optimizers(model),
                             step_model=torch.compile(model) if compiled else model,
                             autocast=autocast_context(precision, device), times=[], cpu=[], losses=[])
@@ -231,6 +233,13 @@ def _compare_cpu_step(args: argparse.Namespace) -> int:
         print(f"{name:<13} tok/s={tokens / step_s:8,.0f} ratio={base_step / step_s:5.2f}x (cpu-s {base_cpu / cpu_s:4.2f}x) compile={compile_s:6.1f}s "
               f"payback_steps={pay:>6} loss_dev(last {gap['last_steps']} steps: max raw {100 * gap['max_rel_dev']:.2f}%, "
               f"max ema {100 * gap['max_rel_dev_ema']:.2f}%) final_loss={r['losses'][-1]:.4f}", flush=True)
+    from nanochat.train_loop import CPU_COMPILE_MIN_TRAIN_FLOPS, resolve_compile, train_precision_route
+    compiled = resolve_compile("auto", device, train_flops=float("inf"))
+    out["training_routes"] = {"compile_auto_long_run": compiled,
+                              "precision_fast": train_precision_route("fast", device, compiled=compiled)}
+    print(f"training here: compile auto -> {'on' if compiled else 'off'} for runs of >= {CPU_COMPILE_MIN_TRAIN_FLOPS:.0e} "
+          f"training FLOPs (this shape: {CPU_COMPILE_MIN_TRAIN_FLOPS / (tokens * model_flops):.0f} steps); "
+          f"precision fast -> {out['training_routes']['precision_fast']} when compiled; auto/fp32 -> fp32", flush=True)
     if args.json:
         out["loss_curves"] = {name: routes[name]["losses"] for name in names}
         print(json.dumps(out, sort_keys=True, default=str))

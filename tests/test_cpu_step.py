@@ -102,13 +102,16 @@ def test_bench_compare_cpu_step_reports_each_route(base_dir, capsys):
                          "--routes", "bf16-eager", "--data-source",
                          str(data_dir(base_dir, num_shards=3, max_chars=400_000)), "--json"])
     assert bench_train.run(args) == 0
-    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    printed = capsys.readouterr().out
+    out = json.loads(printed.strip().splitlines()[-1])
+    assert "training here: compile auto ->" in printed
     assert set(out["routes"]) == {"fp32-eager", "bf16-eager"}
     base, bf16 = out["routes"]["fp32-eager"], out["routes"]["bf16-eager"]
     assert base["ratio"] == 1.0 and base["max_rel_dev"] == 0.0 and bf16["tokens_per_s"] > 0
     curves = out["loss_curves"]
     assert len(curves["fp32-eager"]) == 4 and curves["bf16-eager"] != curves["fp32-eager"]  # autocast took effect
     assert bf16["max_rel_dev"] < 0.02 and bf16["compile_s"] == 0.0
+    assert out["training_routes"]["compile_auto_long_run"] == nanochat.cpu_features.cpu_can_compile()
     args.routes = "fp32-eager,fp16-compile"
     from nanochat.common import ConfigError
     with pytest.raises(ConfigError, match="fp16-compile"):
