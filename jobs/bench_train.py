@@ -10,6 +10,12 @@ tokens/s of each, their ratio and how far the fast run's final loss is from fp32
 --ranks 1,2 runs the same global batch on 1 and on 2 processes (gloo on CPU, NCCL on CUDA; the CPU's
 threads split between the ranks) and reports tokens/s of each; at the largest rank count also the
 plain path (overlap: false) and overlapped / plain. On a small CPU this is a smoke figure, not a claim.
+
+--compare-cpu-step trains the fp32 eager step (the baseline) and each of --routes (fp32 or bf16 autocast,
+eager or torch.compile'd) side by side in this one process: same init, same batches, the routes' steps
+interleaved so a load change on a shared machine hits all of them. It prints each route's steady tokens/s
+and ratio to the baseline, the compile seconds (first step minus a steady one), the step count after
+which compiling pays back, and how far each route's per-step loss curve is from fp32 eager's.
 """
 from __future__ import annotations
 
@@ -23,6 +29,10 @@ from pathlib import Path
 
 from nanochat.base_train import BaseTrainConfig, run as run_base_train
 from nanochat.common import ConfigError
+
+# --compare-cpu-step: route name -> (precision, compile) as the training loop takes them
+CPU_STEP_ROUTES = {"fp32-eager": ("fp32", False), "fp32-compile": ("fp32", True),
+                   "bf16-eager": ("bf16", False), "bf16-compile": ("bf16", True)}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,6 +51,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run fp32 and fast (--fast-as bf16 forces bf16) alternately; report the ratio and the final-loss gap")
     parser.add_argument("--fast-as", default="fast", choices=["fast", "bf16"],
                         help="the precision compared against fp32 (bf16: force autocast, to measure it on any CPU)")
+    parser.add_argument("--compare-cpu-step", action="store_true",
+                        help="fp32 eager vs each of --routes in one process: tok/s, ratio, compile s, payback steps, loss-curve gap")
+    parser.add_argument("--routes", default="fp32-compile,bf16-compile",
+                        help=f"--compare-cpu-step routes, comma-separated: {', '.join(CPU_STEP_ROUTES)}")
     parser.add_argument("--rounds", type=int, default=2, help="alternations of --compare-precision / --ranks; best counts")
     parser.add_argument("--compile", default="auto", help="auto (on for cuda) | on | off")
     parser.add_argument("--device", default="", help="cpu, cuda or mps (default: auto)")
@@ -64,6 +78,8 @@ def _variant(args, device_batch_size: int, total: int, precision: str | None = N
 def run(args: argparse.Namespace) -> int:
     if args.steps < 2:
         raise ConfigError(f"bench train --steps: need at least 2 (the first is warm-up), got {args.steps}")
+    if args.compare_cpu_step:
+        return _compare_cpu_step(args)
     if args.compare_precision:
         return _compare_precision(args)
     if args.ranks:
@@ -214,6 +230,123 @@ def _compare_ranks(args: argparse.Namespace) -> int:
         print(f"(CPU, {cores} cores shared by the ranks, best of {args.rounds} alternations: a smoke figure of the "
               f"multi-process path, not a speed claim)")
     if args.json:
+        print(json.dumps(out, sort_keys=True, default=str))
+    return 0
+
+
+def _loss_gap(curve: list[float], base: list[float]) -> dict:
+    """How far a per-step loss curve is from the baseline's: the largest relative deviation over the
+    last half of the steps (at most the last 100), raw and on both curves smoothed alike (an
+    exponential moving average, 0.9, as a training log shows it)."""
+    def ema(xs):
+        out, m = [], None
+        for x in xs:
+            m = x if m is None else 0.9 * m + 0.1 * x
+            out.append(m)
+        return out
+    n = max(1, min(100, len(base) // 2))
+    raw = max(abs(a - b) / abs(b) for a, b in zip(curve[-n:], base[-n:]))
+    smooth = max(abs(a - b) / abs(b) for a, b in zip(ema(curve)[-n:], ema(base)[-n:]))
+    return {"last_steps": n, "max_rel_dev": raw, "max_rel_dev_ema": smooth}
+
+
+def _compare_cpu_step(args: argparse.Namespace) -> int:
+    import statistics
+    import time
+    import torch
+    from nanochat.common import autodetect_device_type, get_base_dir
+    from nanochat.cpu_features import cpu_has_amx, cpu_has_fast_bf16
+    from nanochat.dataloader import pretraining_loader
+    from nanochat.dataset import split_shards
+    from nanochat.gpt import GPTConfig, build_model
+    from nanochat.optim import build_optimizers
+    from nanochat.prepare import ensure_pretraining_data, ensure_tokenizer
+    from nanochat.train_loop import autocast_context, forward_backward, lr_multiplier, muon_momentum
+
+    names = [r.strip() for r in args.routes.split(",") if r.strip()]
+    for r in names:
+        if r not in CPU_STEP_ROUTES:
+            raise ConfigError(f"bench train --routes: unknown route {r!r} (choose from {', '.join(CPU_STEP_ROUTES)})")
+    if args.device_batch_size <= 0:
+        raise ConfigError(f"bench train --compare-cpu-step: needs a fixed --device-batch-size, got {args.device_batch_size}")
+    names = ["fp32-eager"] + [r for r in names if r != "fp32-eager"]
+    device = torch.device(args.device or autodetect_device_type())
+    base_dir = args.base_dir or str(get_base_dir())
+    data_path = ensure_pretraining_data(base_dir, args.data_source)
+    tokenizer = ensure_tokenizer(base_dir, args.vocab_size, data_path)
+    train_shards, _ = split_shards(data_path)
+    loader = pretraining_loader(train_shards, tokenizer, args.seq_len)
+    config = GPTConfig.from_depth(args.depth, tokenizer.get_vocab_size(), args.seq_len)
+    B, T = args.device_batch_size, args.seq_len
+    model_flops = 0.0
+
+    routes = {}
+    for name in names:
+        precision, compiled = CPU_STEP_ROUTES[name]
+        torch.manual_seed(42)
+        model = build_model(config, device)
+        model_flops = model.estimate_flops()
+        routes[name] = dict(model=model, optimizers=build_optimizers(model),
+                            step_model=torch.compile(model) if compiled else model,
+                            autocast=autocast_context(precision, device), times=[], cpu=[], losses=[])
+    for step in range(args.steps):
+        rows, mask = loader.next_step_rows(B)
+        order = names[step % len(names):] + names[:step % len(names)]  # nobody always goes first
+        for name in order:
+            r = routes[name]
+            t0, c0 = time.perf_counter(), time.process_time()
+            loss = forward_backward(r["step_model"], rows, mask, B, device, r["autocast"])
+            lrm = lr_multiplier(step, args.steps, 0.2)
+            for opt in r["optimizers"]:
+                for group in opt.param_groups:
+                    group["lr"] = group["initial_lr"] * lrm
+            r["optimizers"][1].param_groups[0]["momentum"] = muon_momentum(step)
+            for opt in r["optimizers"]:
+                opt.step()
+            r["model"].zero_grad(set_to_none=True)
+            r["losses"].append(loss.item())
+            r["times"].append(time.perf_counter() - t0)
+            r["cpu"].append(time.process_time() - c0)
+        if step < 3 or (step + 1) % 10 == 0 or step + 1 == args.steps:
+            print(f"step {step + 1}/{args.steps}: " + " ".join(
+                f"{n}={routes[n]['times'][-1]:.2f}s/{routes[n]['losses'][-1]:.4f}" for n in names), flush=True)
+
+    tokens = B * T
+    skip = 2 if args.steps >= 4 else 1   # a compiled step may recompile once more after the first
+    out = {"bench": "train", "mode": "compare-cpu-step", "depth": args.depth, "n_embd": config.n_embd,
+           "vocab_size": config.vocab_size, "seq_len": T, "device_batch_size": B, "steps": args.steps,
+           "threads": torch.get_num_threads(), "cpu_has_fast_bf16": cpu_has_fast_bf16(),
+           "cpu_has_amx": cpu_has_amx(), "routes": {}}
+    base = routes["fp32-eager"]
+    base_step = statistics.median(base["times"][skip:])
+    base_cpu = statistics.median(base["cpu"][skip:])
+    print(f"depth={args.depth} width={config.n_embd} vocab={config.vocab_size} B={B} T={T} steps={args.steps} "
+          f"threads={torch.get_num_threads()} fast_bf16={cpu_has_fast_bf16()} amx={cpu_has_amx()}", flush=True)
+    for name in names:
+        r = routes[name]
+        step_s = statistics.median(r["times"][skip:])
+        cpu_s = statistics.median(r["cpu"][skip:])  # CPU seconds: less sensitive than wall time to other load
+        compile_s = max(0.0, r["times"][0] - step_s) if CPU_STEP_ROUTES[name][1] else 0.0
+        saved = base_step - step_s
+        payback = (compile_s / saved if saved > 0 else None) if CPU_STEP_ROUTES[name][1] else 0
+        gap = _loss_gap(r["losses"], base["losses"])
+        out["routes"][name] = {"tokens_per_s": tokens / step_s, "ratio": base_step / step_s, "step_s": step_s,
+                               "cpu_s_per_step": cpu_s, "cpu_ratio": base_cpu / cpu_s,
+                               "first_step_s": r["times"][0], "compile_s": compile_s, "payback_steps": payback,
+                               "final_loss": r["losses"][-1], **gap}
+        pay = "-" if not CPU_STEP_ROUTES[name][1] else ("never" if payback is None else f"{payback:.0f}")
+        print(f"{name:<13} tok/s={tokens / step_s:8,.0f} ratio={base_step / step_s:5.2f}x (cpu-s {base_cpu / cpu_s:4.2f}x) compile={compile_s:6.1f}s "
+              f"payback_steps={pay:>6} loss_dev(last {gap['last_steps']} steps: max raw {100 * gap['max_rel_dev']:.2f}%, "
+              f"max ema {100 * gap['max_rel_dev_ema']:.2f}%) final_loss={r['losses'][-1]:.4f}", flush=True)
+    from nanochat.train_loop import CPU_COMPILE_MIN_TRAIN_FLOPS, resolve_compile, train_precision_route
+    compiled = resolve_compile("auto", device, train_flops=float("inf"))
+    out["training_routes"] = {"compile_auto_long_run": compiled,
+                              "precision_fast": train_precision_route("fast", device, compiled=compiled)}
+    print(f"training here: compile auto -> {'on' if compiled else 'off'} for runs of >= {CPU_COMPILE_MIN_TRAIN_FLOPS:.0e} "
+          f"training FLOPs (this shape: {CPU_COMPILE_MIN_TRAIN_FLOPS / (tokens * model_flops):.0f} steps); "
+          f"precision fast -> {out['training_routes']['precision_fast']} when compiled; auto/fp32 -> fp32", flush=True)
+    if args.json:
+        out["loss_curves"] = {name: routes[name]["losses"] for name in names}
         print(json.dumps(out, sort_keys=True, default=str))
     return 0
 

@@ -5,7 +5,8 @@ The training loop shared by base and mid training (nanochat's recipe):
   Muon momentum warms up 0.85 -> 0.95 over the first 300 steps
 - gradient accumulation to an exact total batch in tokens:
   total_batch_size == device_batch_size * seq_len * world_size * grad_accum_steps
-- bf16 autocast and torch.compile on CUDA; fp32 and eager on CPU unless asked (precision: fast takes
+- bf16 autocast and torch.compile on CUDA; fp32 on CPU, compiled only for runs long enough to pay the
+  compile back (resolve_compile), unless asked (precision: fast takes
   bf16 autocast on CPUs with AMX)
 - torch.distributed from the environment; gradients averaged in buckets while backward runs
   (optim.GradientBuckets), Muon's Newton-Schulz split over the ranks (Muon.shard), the next step's
@@ -64,7 +65,7 @@ class TrainConfig:
     save_every: int = 0                # checkpoint every N steps (0: only at the end / on stop)
     keep_checkpoints: int = 2          # step folders kept
     log_every: int = 10                # metrics.csv row every N steps (and the last step)
-    compile: str = "auto"              # auto (on for cuda, off for cpu) | on | off
+    compile: str = "auto"              # auto (on for cuda; on a cpu for long runs: resolve_compile) | on | off
     precision: str = "auto"            # auto | fast | fp32 | bf16: matmul precision (train_precision_route)
     seed: int = 42
     num_streams: int = 0               # data streams; 0 = world_size (see dataloader.py)
@@ -159,23 +160,25 @@ def source_after_oom(source: str) -> str:
 
 
 # auto: bf16 autocast on CUDA, fp32 on a CPU (the CPU run is the exact reference the tests and smoke
-# runs compare against). fast: bf16 autocast where it makes a training step faster: CUDA and CPUs with
-# AMX (nanochat.cpu_features.cpu_has_amx); fp32 on other CPUs: with AVX512-BF16 alone the casts cost
-# more than the matmuls save (measured 0.53x), without it bf16 is emulated.
-# fp32 / bf16: as said, anywhere. Weights, gradients and optimizer state stay fp32 in every case.
+# runs compare against). fast: bf16 autocast where it makes a training step faster: CUDA, CPUs with
+# AMX (nanochat.cpu_features.cpu_has_amx), and CPUs with AVX512-BF16 when the step is compiled (inductor
+# fuses the casts into the kernels around the matmuls: 2.06x fp32 eager on an idle 2-core AMD EPYC,
+# depth 4, 8 x 512, bench train --compare-cpu-step); fp32 on other CPUs and on an eager step there: eager,
+# the casts cost more than the bf16 matmuls save (measured 0.53x), and without the instructions bf16 is
+# emulated. fp32 / bf16: as said, anywhere. Weights, gradients and optimizer state stay fp32 in every case.
 PRECISION_CHOICES = ("auto", "fast", "fp32", "bf16")
 
 
-def train_precision_route(choice: str, device: torch.device) -> str:
-    """"bf16" (autocast) or "fp32" for `choice` on `device`."""
-    from nanochat.cpu_features import cpu_has_amx
+def train_precision_route(choice: str, device: torch.device, compiled: bool = False) -> str:
+    """"bf16" (autocast) or "fp32" for `choice` on `device`; `compiled`: the step is torch.compile'd."""
+    from nanochat.cpu_features import cpu_has_amx, cpu_has_fast_bf16
     if choice not in PRECISION_CHOICES:
         raise ValueError(f"precision {choice!r}: choose one of {', '.join(PRECISION_CHOICES)}")
     if choice in ("fp32", "bf16"):
         return choice
     if device.type == "cuda":
         return "bf16"
-    if choice == "fast" and device.type == "cpu" and cpu_has_amx():
+    if choice == "fast" and device.type == "cpu" and (cpu_has_amx() or (compiled and cpu_has_fast_bf16())):
         return "bf16"
     return "fp32"
 
@@ -187,10 +190,31 @@ def autocast_context(precision: str, device: torch.device):
     return contextlib.nullcontext
 
 
-def resolve_compile(setting, device: torch.device) -> bool:
-    """compile: auto (on for cuda, off elsewhere) | on | off (a bool also works)."""
+# compile: auto on a CPU. Inductor's CPU code fuses the elementwise work around the matmuls (rotary,
+# norms, relu^2, softcap, cross-entropy and their backward) that eager runs as separate memory-bound
+# passes. Measured on an idle 2-core AMD EPYC (AVX512-BF16, no AMX), 8 x 512 tokens, fp32, bench train
+# --compare-cpu-step: the compiled step ran 1.27x the eager one at depth 4 and 1.13x at depth 8, after a
+# first step that compiled for 28-34 s (cold cache): paid back after 124 steps (1.6e13 training FLOPs)
+# and 35 steps (2.7e13). So auto turns it on only for a run with about twice that work ahead (train
+# FLOPs = steps x tokens per step per rank x flops per token), and only where inductor can generate
+# vector code (cpu_features.cpu_can_compile). Compile time and step time are both CPU-bound, so a
+# threshold in FLOPs carries over to faster CPUs: payback work = compile s x eager FLOP/s / (1 - 1/speedup).
+CPU_COMPILE_MIN_TRAIN_FLOPS = 5e13
+
+
+def resolve_compile(setting, device: torch.device, train_flops: float | None = None) -> bool:
+    """compile: auto | on | off (a bool also works). auto: on for cuda; on a CPU only when train_flops
+    (this rank's training work, known once the step count and batch are) reaches
+    CPU_COMPILE_MIN_TRAIN_FLOPS and inductor can build CPU code; off elsewhere and whenever train_flops
+    is not given (the batch-size search, which runs eager on a CPU anyway)."""
+    from nanochat.cpu_features import cpu_can_compile
     flag = COMPILE_CHOICES[str(setting).lower()]
-    return device.type == "cuda" if flag is None else flag
+    if flag is not None:
+        return flag
+    if device.type == "cuda":
+        return True
+    return (device.type == "cpu" and train_flops is not None and train_flops >= CPU_COMPILE_MIN_TRAIN_FLOPS
+            and cpu_can_compile())
 
 
 def auto_batch_options(model, seq_len: int, total_batch_size: int, world_size: int, device: torch.device,
@@ -199,7 +223,9 @@ def auto_batch_options(model, seq_len: int, total_batch_size: int, world_size: i
     training run: THE one place they are derived. The training loop and the probe stage that serves
     it both call this, so the entry a probe writes is the entry training reads. build_optimizers
     itself: optimizer memory does not depend on the learning rates; the trial steps run under the
-    training's own autocast (bf16 activations take half the memory of fp32 ones)."""
+    training's own autocast (bf16 activations take half the memory of fp32 ones). The step count is not
+    known here, so on a CPU compile auto and precision fast are keyed as the eager fp32 step (the search
+    runs eager there anyway; a compiled or bf16 step usually takes less memory)."""
     autocast = "bfloat16" if train_precision_route(precision, device) == "bf16" else None
     return dict(model=model, optimizers_factory=build_optimizers, seq_len=seq_len, total_batch_size=total_batch_size,
                 world_size=world_size, device=device, compile=resolve_compile(compile_setting, device),
@@ -342,8 +368,6 @@ def train(cfg: TrainConfig, *, stage: str, model, tokenizer, tokenizer_dir: str,
     rank, world_size, ddp = dist_info.rank, dist_info.world_size, dist_info.ddp
     out_dir = Path(cfg.out_dir) if cfg.out_dir else None
     ckpt_root = out_dir / "checkpoints" if out_dir else None
-    precision = train_precision_route(cfg.precision, device)
-    autocast_ctx = autocast_context(precision, device)
     opt_factory = functools.partial(build_optimizers, unembedding_lr=cfg.unembedding_lr, embedding_lr=cfg.embedding_lr,
                                     matrix_lr=cfg.matrix_lr, weight_decay=cfg.weight_decay)
 
@@ -384,8 +408,10 @@ def train(cfg: TrainConfig, *, stage: str, model, tokenizer, tokenizer_dir: str,
             print0(f"[{stage}] resumed from {ckpt['path']} at step {start_step}")
             del ckpt
 
-    compile_flag = COMPILE_CHOICES[str(cfg.compile).lower()]
-    use_compile = device.type == "cuda" if compile_flag is None else compile_flag
+    use_compile = resolve_compile(cfg.compile, device,
+                                  train_flops=(num_steps - start_step) * rows_per_rank * T * model.estimate_flops())
+    precision = train_precision_route(cfg.precision, device, compiled=use_compile)  # bf16 pays on some CPUs only compiled
+    autocast_ctx = autocast_context(precision, device)
     compiles_before = num_compiles()
     train_model = torch.compile(model) if use_compile else model
     flops_per_token = model.estimate_flops()
