@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from helpers import jobs_cli, last_json
+
 REPO = Path(__file__).resolve().parent.parent
 
 # `long` checkpoints every step, so a resumed run finishes it from where it stopped
@@ -26,15 +28,6 @@ def env(tmp_path):
     spec.write_text(yaml.safe_dump(PIPE))
     e = dict(os.environ, NANOCHAT_RESULTS_DIR=str(tmp_path / "results"), NANOCHAT_BASE_DIR=str(tmp_path / "work"))
     return tmp_path, spec, e
-
-
-def jobs_cli(e, *argv, timeout=300):
-    return subprocess.run([sys.executable, "-m", "jobs", *argv], capture_output=True, text=True, env=e, cwd=REPO,
-                          timeout=timeout)
-
-
-def last_json(out) -> dict:
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def start_driver(tmp, spec, e, run_id):

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from helpers import jobs_cli, rows
+
 REPO = Path(__file__).resolve().parent.parent
 
 PIPE = {
@@ -29,15 +31,6 @@ PIPE = {
 def env(tmp_path):
     e = dict(os.environ, NANOCHAT_RESULTS_DIR=str(tmp_path / "results"), NANOCHAT_BASE_DIR=str(tmp_path / "work"))
     return tmp_path, e
-
-
-def jobs_cli(env, *argv, timeout=600):
-    return subprocess.run([sys.executable, "-m", "jobs", *argv], capture_output=True, text=True, env=env,
-                          cwd=REPO, timeout=timeout)
-
-
-def rows(run_dir: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((run_dir / "rows").glob("*.json"))]
 
 
 def test_local_run_orders_stages_runs_arrays_and_writes_rows(env):

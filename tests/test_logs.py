@@ -2,18 +2,10 @@
 local Slurm (submitit's files) and for local runs; --task for arrays; --follow to the stage's end."""
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-def jobs_cli(env, *argv, timeout=600):
-    return subprocess.run([sys.executable, "-m", "jobs", *argv], capture_output=True, text=True, env=env,
-                          cwd=REPO, timeout=timeout)
+from helpers import jobs_cli
 
 
 def setup(tmp_path, name, stages):

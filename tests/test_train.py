@@ -11,7 +11,7 @@ from nanochat.checkpoint import list_checkpoints, load_checkpoint, load_model
 from nanochat.common import ConfigError, DistInfo
 from nanochat.dataloader import pretraining_loader
 from nanochat.dataset import split_shards
-from nanochat.gpt import GPT, GPTConfig, build_model
+from nanochat.gpt import GPT, GPTConfig
 from nanochat.prepare import data_dir, ensure_pretraining_data, ensure_tokenizer, tokenizer_dir
 from nanochat.train_loop import TrainConfig, lr_multiplier, muon_momentum, train
 
