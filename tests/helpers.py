@@ -68,3 +68,12 @@ def squeue_state(job_id: str) -> str:
     """The job's state in the queue, "" once it has left it."""
     out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=30)
     return out.stdout.strip()
+
+
+def pretraining_base(base: Path, vocab: int) -> Path:
+    """A base dir with 3 small pretraining shards (Python's own text) and a `vocab`-token tokenizer
+    trained on them: what the training tests read."""
+    from nanochat.prepare import ensure_pretraining_data, ensure_tokenizer
+    data = ensure_pretraining_data(base, num_shards=3, max_chars=400_000, row_group_size=16)
+    ensure_tokenizer(base, vocab, data_path=data)
+    return base

@@ -8,19 +8,18 @@ import torch
 
 import nanochat.cpu_features
 from nanochat import base_train
-from nanochat.prepare import data_dir, ensure_pretraining_data, ensure_tokenizer
+from nanochat.prepare import data_dir
 from nanochat import train_loop
 from nanochat.train_loop import CPU_COMPILE_MIN_TRAIN_FLOPS, resolve_compile
+
+from helpers import pretraining_base
 
 VOCAB = 512
 
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
-    base = tmp_path_factory.mktemp("base")
-    data = ensure_pretraining_data(base, num_shards=3, max_chars=400_000, row_group_size=16)
-    ensure_tokenizer(base, VOCAB, data_path=data)
-    return base
+    return pretraining_base(tmp_path_factory.mktemp("base"), VOCAB)
 
 
 def test_cpu_compiles_only_for_long_runs_where_inductor_can(monkeypatch):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from nanochat.checkpoint import list_checkpoints, load_checkpoint
-from nanochat.prepare import ensure_pretraining_data, ensure_tokenizer
+from helpers import pretraining_base
 
 VOCAB = 512
 REPO = Path(__file__).resolve().parents[1]
@@ -58,9 +58,7 @@ def _launch(cfg: dict, world_size: int) -> list[dict]:
 
 @pytest.mark.slow
 def test_two_gloo_ranks_match_one_process(tmp_path):
-    base = tmp_path / "base"
-    data = ensure_pretraining_data(base, num_shards=3, max_chars=400_000, row_group_size=16)
-    ensure_tokenizer(base, VOCAB, data_path=data)
+    base = pretraining_base(tmp_path / "base", VOCAB)
     common = dict(base_dir=str(base), vocab_size=VOCAB, depth=2, seq_len=64, device_batch_size=4,
                   total_batch_size=2 * 4 * 64, num_steps=6, num_streams=2, eval_tokens=1024, num_shards=3,
                   data_max_chars=400_000, device_type="cpu")

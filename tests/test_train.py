@@ -12,18 +12,17 @@ from nanochat.common import ConfigError, DistInfo
 from nanochat.dataloader import pretraining_loader
 from nanochat.dataset import split_shards
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.prepare import data_dir, ensure_pretraining_data, ensure_tokenizer, tokenizer_dir
+from nanochat.prepare import data_dir, ensure_tokenizer, tokenizer_dir
 from nanochat.train_loop import TrainConfig, lr_multiplier, muon_momentum, train
+
+from helpers import pretraining_base
 
 VOCAB = 512
 
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
-    base = tmp_path_factory.mktemp("base")
-    data = ensure_pretraining_data(base, num_shards=3, max_chars=400_000, row_group_size=16)
-    ensure_tokenizer(base, VOCAB, data_path=data)
-    return base
+    return pretraining_base(tmp_path_factory.mktemp("base"), VOCAB)
 
 
 def cfg(base_dir, out_dir, **kw):
