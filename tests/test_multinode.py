@@ -196,24 +196,31 @@ def test_two_node_stage_on_usr2_checkpoints_once_and_requeues(slurm2):
     _preempt.update(job=job, run_dir=run_dir, stopped_at=extra(preempted[0])["step"], t0=time.time())
 
 
+def _on_two_nodes_and_in_one_process(root, env, spec, run_id: str, stage: str):
+    """Run `spec` on two Slurm nodes (one rank each), then the same spec in one local process, which
+    accumulates 2 micro-batches to the same total batch. (Slurm run info, its row, the local row,
+    final weights on two nodes, final weights in one process)."""
+    out = jobs_cli(env, "submit", str(spec), "--executor", "slurm", "--run-id", run_id, "--wait", "--json")
+    assert out.returncode == 0
+    info = last_json(out)
+    (row,) = rows(Path(info["run_dir"]))
+    assert row["world_size"] == 2 and row["grad_accum_steps"] == 1
+    ref = jobs_cli(env, "submit", str(spec), "--executor", "local", "--run-id", f"{run_id}-ref", "--wait", "--json")
+    assert ref.returncode == 0
+    (ref_row,) = rows(Path(last_json(ref)["run_dir"]))
+    assert ref_row["world_size"] == 1 and ref_row["grad_accum_steps"] == 2
+    work = root / "work"
+    return info, row, ref_row, final_weights(work / run_id / stage), final_weights(work / f"{run_id}-ref" / stage)
+
+
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_base_train_on_two_nodes_matches_one_process(slurm2):
     root, env = slurm2
     spec = _two_node_train_spec(root, "mn-train")
-    out = jobs_cli(env, "submit", str(spec), "--executor", "slurm", "--run-id", "mn-train", "--wait", "--json")
-    assert out.returncode == 0
-    info = last_json(out)
+    info, row, ref_row, two, one = _on_two_nodes_and_in_one_process(root, env, spec, "mn-train", "train")
     job = info["jobs"]["train"]
     assert sacct([job], NODE_FIELDS)[job] == {"state": "COMPLETED", **ON_TWO_NODES}      # one rank on each node
-    (row,) = rows(Path(info["run_dir"]))
-    assert row["world_size"] == 2 and row["grad_accum_steps"] == 1
-    # the same spec in one local process: grad accumulation 2 at the same total batch
-    ref = jobs_cli(env, "submit", str(spec), "--executor", "local", "--run-id", "mn-train-ref", "--wait", "--json")
-    assert ref.returncode == 0
-    (ref_row,) = rows(Path(last_json(ref)["run_dir"]))
-    assert ref_row["world_size"] == 1 and ref_row["grad_accum_steps"] == 2
-    two, one = final_weights(root / "work" / "mn-train" / "train"), final_weights(root / "work" / "mn-train-ref" / "train")
     print(f"max |w_two_nodes - w_one_process| = {max_diff(two, one):.3e}")
     assert max_diff(two, one) < 1e-4
     assert row["final_loss"] == pytest.approx(ref_row["final_loss"], rel=1e-4, abs=1e-4)
@@ -228,17 +235,9 @@ def test_sft_pack_mode_on_two_nodes_matches_one_process(slurm2):
         "kind": "sft", "resources": TWO_NODES,
         "args": {"mode": "eager-pack", "depth": 2, "vocab_size": 512, "max_seq_len": 128, "num_conversations": 96,
                  "val_conversations": 8, "device_batch_size": 2, "total_batch_size": 2 * 2 * 128, "max_steps": 4}}})
-    out = jobs_cli(env, "submit", str(spec), "--executor", "slurm", "--run-id", "mn-sft", "--wait", "--json")
-    assert out.returncode == 0
-    info = last_json(out)
+    info, row, ref_row, two, one = _on_two_nodes_and_in_one_process(root, env, spec, "mn-sft", "sft")
     assert sacct([job := info["jobs"]["sft"]], NODE_FIELDS)[job].items() >= ON_TWO_NODES.items()
-    (row,) = rows(Path(info["run_dir"]))
-    assert row["world_size"] == 2 and row["grad_accum_steps"] == 1 and row["variant"] == "eager-pack"
-    ref = jobs_cli(env, "submit", str(spec), "--executor", "local", "--run-id", "mn-sft-ref", "--wait", "--json")
-    assert ref.returncode == 0
-    (ref_row,) = rows(Path(last_json(ref)["run_dir"]))
-    assert ref_row["world_size"] == 1 and ref_row["grad_accum_steps"] == 2
-    two, one = final_weights(root / "work" / "mn-sft" / "sft"), final_weights(root / "work" / "mn-sft-ref" / "sft")
+    assert row["variant"] == "eager-pack"
     print(f"sft: max |w_two_nodes - w_one_process| = {max_diff(two, one):.3e}")
     assert max_diff(two, one) < 1e-4
 
