@@ -101,10 +101,11 @@ def eval_bundle_zip() -> bytes:
     return buf.getvalue()
 
 
-def populate(hub, pretraining: dict[str, int], splits: list[str], bundle: bool, rows: int = 8,
+def populate(hub, pretraining: dict[str, int], splits: list[str], bundle: bool, rows: int = 8, train_rows: int = 200,
              chars_per_shard: int = 200_000, files_per_train_split: int = 2) -> dict:
-    """Put every named set in the hub, each repository at its pinned commit. Returns the bundle's
-    {"url", "sha256"} (empty when bundle is False) and what was added per set."""
+    """Put every named set in the hub, each repository at its pinned commit: `rows` rows per test
+    split, `train_rows` per training split (in files_per_train_split files, so that the listing
+    names several). Returns the bundle's {"url", "sha256"} (when bundle) and what was added per set."""
     from nanochat.fetch import HUB_SPLITS, PRETRAINING_SETS, COMMIT_RE
     added = {}
     for name, num_shards in pretraining.items():
@@ -116,8 +117,8 @@ def populate(hub, pretraining: dict[str, int], splits: list[str], bundle: bool, 
         added[name] = {"repo_id": ds.repo_id, "files": len(files), "bytes": sum(map(len, files.values()))}
     for key in splits:
         split = HUB_SPLITS[key]
-        files = split_files(key, rows * (files_per_train_split if split.split != "test" else 1),
-                            files_per_train_split if split.split != "test" else 1)
+        test = split.split == "test"
+        files = split_files(key, rows if test else train_rows, 1 if test else files_per_train_split)
         for path, content in files.items():
             hub.add(split.repo_id, path, content, commit=split.revision)
         added[key] = {"repo_id": split.repo_id, "files": len(files), "bytes": sum(map(len, files.values()))}

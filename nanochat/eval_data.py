@@ -123,24 +123,30 @@ def _ensure_bundle(base_dir, url: str, sha256: str, retries: int, backoff_s: flo
 
 
 def unpack_bundle(zip_path: Path, final: Path) -> int:
-    """Unpack the zip's eval_bundle/ folder into `final` (staged beside it, then renamed into place).
-    A member outside eval_bundle/, with an absolute path or '..', or a link is refused: the archive
-    comes from outside and must not write anywhere else."""
+    """Unpack the zip's eval_bundle/ folder into `final` (staged beside it, then renamed into place)
+    and return its number of files. Other top-level entries (a __MACOSX/ folder) are left out, as
+    nanochat's base_eval.py keeps only eval_bundle/; a member with an absolute path, a '..' or a
+    link is refused: the archive comes from outside and must not write anywhere else."""
     staging = final.parent / f".{final.name}.staging"
     shutil.rmtree(staging, ignore_errors=True)
     try:
         with zipfile.ZipFile(zip_path) as z:
-            names = 0
+            files = 0
             for m in z.infolist():
                 path = PurePosixPath(m.filename)
                 is_link = (m.external_attr >> 16) & 0o170000 == 0o120000
-                if path.is_absolute() or ".." in path.parts or not path.parts or path.parts[0] != BUNDLE or is_link:
-                    raise ConfigError(f"{zip_path}: member {m.filename!r} is outside {BUNDLE}/ (refused)")
-                if not m.is_dir():
-                    names += 1
+                if path.is_absolute() or ".." in path.parts or "\\" in m.filename or is_link:
+                    raise ConfigError(f"{zip_path}: member {m.filename!r} would be written outside the bundle (refused)")
+                if not path.parts or path.parts[0] != BUNDLE:
+                    continue
+                files += not m.is_dir()
                 z.extract(m, staging)
     except zipfile.BadZipFile as e:
+        shutil.rmtree(staging, ignore_errors=True)
         raise ConfigError(f"{zip_path}: not a zip file ({e})") from None
+    except ConfigError:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     if not (staging / BUNDLE / "core.yaml").is_file():
         shutil.rmtree(staging, ignore_errors=True)
         raise ConfigError(f"{zip_path}: no {BUNDLE}/core.yaml in the archive")
@@ -151,7 +157,7 @@ def unpack_bundle(zip_path: Path, final: Path) -> int:
     (staging / BUNDLE).rename(final)
     shutil.rmtree(staging, ignore_errors=True)
     shutil.rmtree(old, ignore_errors=True)
-    return names
+    return files
 
 
 def _read(path: Path) -> dict:
