@@ -40,7 +40,7 @@ EXTERNAL_COMMANDS = {
     "logs": ("jobs.logs", "a stage's stdout/stderr (Slurm or local), earlier attempts first; --follow, --task N"),
     "bench": ("jobs.cmd_bench", "benchmark each optimization against its baseline: train|sft|inference|batch|all"),
     "gpu-check": ("jobs.gpu_check", "check every GPU path on this machine's CUDA device, one JSON line (skips without CUDA)"),
-    "rehearse": ("jobs.rehearse", "run a pipeline as shipped, scaled down, on the local two-node Slurm with a local hub"),
+    "rehearse": ("jobs.rehearse", "a pipeline as shipped, scaled down, on the local two-node Slurm with a local hub"),
 }
 
 

@@ -129,7 +129,8 @@ def pretraining_data(pipeline, stage, base_dir: Path) -> dict:
 # What each stage will read, and where it comes from
 
 # a data stage's list -> how one of its sets is named in `data fetch`
-FETCH_HINT = {"pretraining": "python -m jobs data fetch {name} --shards N", "conversations": "python -m jobs data fetch {name}",
+FETCH_HINT = {"pretraining": "python -m jobs data fetch {name} --shards N",
+              "conversations": "python -m jobs data fetch {name}",
               "evals": "python -m jobs data fetch --evals {name}"}
 
 
@@ -245,8 +246,8 @@ def plan_pipeline(pipeline, base_dir: str | Path = "", fill: bool = True, log=pr
         if s.kind != "data":
             continue
         name, shards = s.args.get("pretraining") or "", int(s.args.get("num_shards") or 0)
-        entry = {"stage": s.name, "pretraining": name, "num_shards": shards, "conversations": list(s.args.get("conversations") or []),
-                 "evals": list(s.args.get("evals") or [])}
+        entry = {"stage": s.name, "pretraining": name, "num_shards": shards,
+                 "conversations": list(s.args.get("conversations") or []), "evals": list(s.args.get("evals") or [])}
         if name:
             ds = fetch.pretraining_set(name)
             if shards <= 0:
@@ -273,12 +274,13 @@ def plan_pipeline(pipeline, base_dir: str | Path = "", fill: bool = True, log=pr
             if e not in EVAL_SETS:
                 continue
             if EVAL_SETS[e].split is None:
-                entry["eval_sets"].append({"set": e, "source": s.args.get("eval_bundle_url") or EVAL_BUNDLE_URL,
-                                           "revision": "sha256:" + (s.args.get("eval_bundle_sha256") or EVAL_BUNDLE_SHA256)[:12],
-                                           "rows": None, "bytes": _fetched_bytes(fetch.hub_repo_dir(base_dir, "eval_bundle")),
-                                           "present": is_present(base_dir, e)})
+                sha = s.args.get("eval_bundle_sha256") or EVAL_BUNDLE_SHA256
+                one = {"set": e, "source": s.args.get("eval_bundle_url") or EVAL_BUNDLE_URL,
+                       "revision": f"sha256:{sha[:12]}", "rows": None,
+                       "bytes": _fetched_bytes(fetch.hub_repo_dir(base_dir, "eval_bundle"))}
             else:
-                entry["eval_sets"].append({**_split_entry(base_dir, e, EVAL_SETS[e].split), "present": is_present(base_dir, e)})
+                one = _split_entry(base_dir, e, EVAL_SETS[e].split)
+            entry["eval_sets"].append({**one, "present": is_present(base_dir, e)})
         data_stages.append(entry)
     for name, t in train.items():
         stage = pipeline.stages[name]
@@ -354,7 +356,8 @@ def format_plan(plan: dict) -> str:
     for d in plan["data_stages"]:
         lines.append(f"  stage {d['stage']} (data):")
         if d["pretraining"]:
-            lines.append(f"    {d['pretraining']:<18} {d['repo_id']}@{str(d['revision'])[:12]}: {d['num_shards']} shards "
+            lines.append(f"    {d['pretraining']:<18} {d['repo_id']}@{str(d['revision'])[:12]}: {d['num_shards']} "
+                         "shards "
                          f"({d['num_shards'] - 1} train + 1 validation), ~{d['bytes'] / 1e9:,.1f} GB, ~{n(d['tokens'])} tokens, "
                          f"{d['present']} present" + (f"; count from {d['num_shards_from']}" if d.get("num_shards_from") else ""))
         for c in d["conversation_sets"] + d["eval_sets"]:

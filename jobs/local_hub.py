@@ -208,17 +208,25 @@ class LocalHub:
                     return
                 self.wfile.write(body)
 
-            def _api_get(self, parts):
-                # api/datasets/<owner>/<name>/(revision|tree)/<rev>[/<folder...>]
-                if len(parts) < 6 or parts[4] not in ("revision", "tree"):
+            def _api_repo(self, parts, actions) -> str | None:
+                """The repository of api/datasets/<owner>/<name>/<action>/<rev>..., or None once an
+                error (a fault, an unknown repository or revision) was sent."""
+                if len(parts) < 6 or parts[:2] != ["api", "datasets"] or parts[4] not in actions:
                     return self._error(404)
                 if self._api_fault():
-                    return
+                    return None
                 repo, rev = f"{parts[2]}/{parts[3]}", parts[5]
                 if repo not in hub.commits:
                     return self._error(404, "RepoNotFound", f"repository {repo} not found")
                 if not hub._known_revision(repo, rev):
                     return self._error(404, "RevisionNotFound", f"revision {rev} not found")
+                return repo
+
+            def _api_get(self, parts):
+                # api/datasets/<owner>/<name>/(revision|tree)/<rev>[/<folder...>]
+                repo = self._api_repo(parts, ("revision", "tree"))
+                if repo is None:
+                    return
                 if parts[4] == "revision":
                     return self._json({"id": repo, "sha": hub.commits[repo], "private": False, "siblings": [
                         {"rfilename": p} for (r, p) in sorted(hub.files) if r == repo]})
@@ -235,21 +243,15 @@ class LocalHub:
                         entries.append(hub._entry(repo, p))
                 if not entries and not dirs:
                     return self._error(404, "EntryNotFound", f"{folder} not found")
-                self._json([{"type": "directory", "path": d, "oid": "0" * 40, "size": 0} for d in sorted(dirs)] + entries)
+                folders = [{"type": "directory", "path": d, "oid": "0" * 40, "size": 0} for d in sorted(dirs)]
+                self._json(folders + entries)
 
             def do_POST(self):
                 self._record()
-                parts = self._parts()
                 # api/datasets/<owner>/<name>/paths-info/<rev>
-                if len(parts) < 6 or parts[:2] != ["api", "datasets"] or parts[4] != "paths-info":
-                    return self._error(404)
-                if self._api_fault():
+                repo = self._api_repo(self._parts(), ("paths-info",))
+                if repo is None:
                     return
-                repo, rev = f"{parts[2]}/{parts[3]}", parts[5]
-                if repo not in hub.commits:
-                    return self._error(404, "RepoNotFound", f"repository {repo} not found")
-                if not hub._known_revision(repo, rev):
-                    return self._error(404, "RevisionNotFound", f"revision {rev} not found")
                 length = int(self.headers.get("Content-Length") or 0)
                 form = urllib.parse.parse_qs(self.rfile.read(length).decode())
                 self._json([hub._entry(repo, p) for p in form.get("paths", []) if (repo, p) in hub.files])

@@ -100,7 +100,8 @@ def plan_overrides(pipeline) -> list[Override]:
     for s in pipeline.stages.values():
         for key, value, why in RESOURCES:
             if getattr(s.resources, key) != value:
-                add(f"resources.{key}", getattr(s.resources, key), value, why, s.name, f"{s.name}.resources.{key}={value}")
+                add(f"resources.{key}", getattr(s.resources, key), value, why, s.name,
+                    f"{s.name}.resources.{key}={value}")
     for key, value in (("depth", 2), ("vocab_size", 512)):
         if key in pipeline.default_args and pipeline.default_args[key] != value:
             why = next(w for k, _, _, w in ARG_SIZES if k == key)
@@ -134,8 +135,8 @@ def check_fits(pipeline, nodes: int) -> None:
     """The rehearsal keeps every stage's nodes and ranks: the local Slurm must have the nodes."""
     for s in pipeline.stages.values():
         if s.resources.nodes > nodes:
-            raise ConfigError(f"{pipeline.source}: stages.{s.name}.resources.nodes: {s.resources.nodes} nodes, the local "
-                              f"Slurm has {nodes} (bash sbatch/slurm_local.sh up --nodes {s.resources.nodes})")
+            raise ConfigError(f"{pipeline.source}: stages.{s.name}.resources.nodes: {s.resources.nodes} nodes, the "
+                              f"local Slurm has {nodes} (bash sbatch/slurm_local.sh up --nodes {s.resources.nodes})")
 
 
 def hub_sets(pipeline) -> tuple[dict[str, int], list[str], bool]:
@@ -189,8 +190,8 @@ def expected_tasks(pipeline, workdir: Path) -> dict[str, list[str]]:
     for s in pipeline.stages.values():
         if s.kind == "base_eval":
             core = resolve_data_dir(s.args.get("data_dir", ""), str(workdir)) / "eval_bundle" / "core.yaml"
-            tasks = [t["label"] for t in (yaml.safe_load(core.read_text()) or {}).get("icl_tasks", [])] if core.is_file() else []
-            out[s.name] = tasks + ["CORE"]
+            spec = (yaml.safe_load(core.read_text()) or {}) if core.is_file() else {}
+            out[s.name] = [t["label"] for t in spec.get("icl_tasks", [])] + ["CORE"]
         elif s.kind == "chat_eval":
             from nanochat.evaluate import GENERATIVE, ChatEvalConfig
             tasks = [t.strip() for t in str(s.args.get("tasks", ChatEvalConfig.tasks)).split(",") if t.strip()]
@@ -199,81 +200,101 @@ def expected_tasks(pipeline, workdir: Path) -> dict[str, list[str]]:
     return out
 
 
-def run(args) -> int:
-    from jobs import cli, cmd_data, hub_files, runs, spec, submit
-    from jobs.local_hub import LocalHub
-    from nanochat.common import get_base_dir
+def _serve(hub, pipeline, sets: list[str]) -> list[Override]:
+    """Put every set the pipeline's data stages name in the hub; point the data stages that fetch
+    the CORE bundle at the hub's zip (sets += those --set items). Returns the lines to print."""
+    from jobs import hub_files
+    pre, splits, bundle = hub_sets(pipeline)
+    served = hub_files.populate(hub, pre, splits, bundle, rows=ROWS_PER_SET, train_rows=TRAIN_ROWS,
+                                chars_per_shard=CHARS_PER_SHARD)
+    lines = [Override("hub (HF_ENDPOINT)", "https://huggingface.co", hub.endpoint,
+                      "the project's small files in the sets' real formats, at the pinned commits")]
+    if bundle:
+        names = [s.name for s in pipeline.stages.values() if s.kind == "data" and "core" in (s.args.get("evals") or [])]
+        for name in names:
+            sets += [f"{name}.eval_bundle_url={served['url']}", f"{name}.eval_bundle_sha256={served['sha256']}"]
+        lines.append(Override("args.eval_bundle_url/_sha256", "nanochat's (pinned sha256 90a7c19e...)",
+                              "the hub's zip and its sha256", "a bundle the project made", names))
+    return lines
+
+
+def _outcome(pipeline, run_dir: Path, workdir: Path) -> dict:
+    """What the run left: sacct per stage (pipeline order), the data stage's fetch table, the report
+    card and the evaluation rows it lacks."""
+    jobs_file = run_dir / "jobs.json"
+    recs = json.loads(jobs_file.read_text()).get("stages", {}) if jobs_file.is_file() else {}
+    ids = {name: str(rec["job_id"]) for name, rec in recs.items() if rec.get("job_id")}
+    acct = _sacct(list(ids.values())) if ids else {}
+    stages = [{"stage": n, "job_id": ids[n], **acct.get(ids[n], {})} for n in pipeline.stages if n in ids]
+    rows = [json.loads(p.read_text()) for p in sorted((run_dir / "rows").glob("*.json"))] if run_dir.is_dir() else []
+    data_rows = [r for r in rows if r.get("kind") == "data"]
+    fetch = json.loads(data_rows[0].get("extra") or "{}").get("sets", []) if data_rows else []
+    card = _report_card(run_dir)
+    on_card = {(ln.split("|")[1].strip(), ln.split("|")[2].strip()) for ln in card.splitlines()[2:]}
+    missing = [f"{st}:{t}" for st, tasks in expected_tasks(pipeline, workdir).items() for t in tasks
+               if (st, t) not in on_card]
+    states = {s["stage"]: s.get("state") for s in stages}
+    not_completed = [n for n in pipeline.stages if states.get(n) != "COMPLETED"]
+    return {"stages": stages, "fetch": fetch, "report_card": card, "report_card_missing": missing,
+            "not_completed": not_completed}
+
+
+def _print_outcome(out: dict) -> None:
     from nanochat.data_stage import format_fetch_table
+    print("\nsacct:", flush=True)
+    for s in out["stages"]:
+        print(f"  {s['stage']:<16} {s['job_id']:<8} {s.get('state', '-'):<11} {s.get('nodelist', '-'):<8} "
+              f"nodes={s.get('nnodes', '-')} elapsed={s.get('elapsed', '-')}", flush=True)
+    print("\nfetch table (the data stage):\n" + (format_fetch_table(out["fetch"]) if out["fetch"] else "(none)"))
+    print("\nreport card:\n" + (out["report_card"] or "(none)"), flush=True)
+
+
+def run(args) -> int:
+    from jobs import cli, cmd_data, runs, spec, submit
+    from jobs.local_hub import LocalHub
+    from nanochat.common import atomic_write_json, get_base_dir
     t0 = time.perf_counter()
     path = spec.resolve_pipeline_path(args.pipeline)
     shipped = spec.load_pipeline(path, args.sets)
     submit.choose_executor("slurm")            # exit 2 with one line where there is no Slurm
-    check_fits(shipped, len(_local_nodes()))
+    nodes = _local_nodes()
+    check_fits(shipped, len(nodes))
     overrides = plan_overrides(shipped)
-    run_id = runs.checked_run_id(shipped, args.run_id or
-                                 f"rehearse-{shipped.name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    run_id = runs.checked_run_id(shipped, args.run_id or f"rehearse-{shipped.name}-{stamp}")
     workdir = Path(args.workdir or Path(get_base_dir()) / "rehearsal" / run_id).resolve()
     if workdir.exists() and any(workdir.iterdir()):
         raise ConfigError(f"--workdir {workdir}: not empty (the rehearsal fetches into a fresh work directory)")
     sets = list(args.sets) + [item for o in overrides for item in o.sets]
     pipeline = spec.load_pipeline(path, sets)
     cmd_data.plan_pipeline(pipeline, workdir, fill=True, log=lambda *a: None)    # the shard counts submit will ask for
-    pre, splits, bundle = hub_sets(pipeline)
-
     hub = LocalHub().start()
     try:
-        served = hub_files.populate(hub, pre, splits, bundle, rows=ROWS_PER_SET, train_rows=TRAIN_ROWS,
-                                    chars_per_shard=CHARS_PER_SHARD)
-        env_lines = [Override("hub (HF_ENDPOINT)", "https://huggingface.co", hub.endpoint,
-                              "the project's small files in the sets' real formats, at the pinned commits"),
-                     Override("work directory", str(get_base_dir()), str(workdir), "fresh: the data stage fetches everything")]
-        if bundle:
-            for s in pipeline.stages.values():
-                if s.kind == "data" and "core" in (s.args.get("evals") or []):
-                    sets += [f"{s.name}.eval_bundle_url={served['url']}", f"{s.name}.eval_bundle_sha256={served['sha256']}"]
-                    env_lines.append(Override("args.eval_bundle_url/_sha256", "nanochat's (pinned sha256 90a7c19e...)",
-                                              "the hub's zip and its sha256", "a bundle the project made", [s.name]))
-        lines = [f"rehearsal of {path} as shipped ({len(shipped.stages)} stages: {', '.join(shipped.stages)}), "
-                 f"on the local Slurm ({', '.join(_local_nodes())}); overridden, one line per key (not rehearsed):"]
-        lines += [o.line() for o in overrides + env_lines]
-        print("\n".join(lines), flush=True)
+        extra = _serve(hub, pipeline, sets)
+        extra.append(Override("work directory", str(get_base_dir()), str(workdir), "fresh: the data stage fetches all"))
+        print(f"rehearsal of {path} as shipped ({len(shipped.stages)} stages: {', '.join(shipped.stages)}) on the "
+              f"local Slurm ({', '.join(nodes)}); overridden, one line per key (not rehearsed):", flush=True)
+        print("\n".join(o.line() for o in overrides + extra), flush=True)
         os.environ.update(HF_ENDPOINT=hub.endpoint, HF_HUB_DISABLE_TELEMETRY="1", NANOCHAT_BASE_DIR=str(workdir))
         os.environ.pop("HF_HUB_OFFLINE", None)
         workdir.mkdir(parents=True, exist_ok=True)
-        sub = argparse.Namespace(pipeline=str(path), executor="slurm", sets=sets, wait=True, run_id=run_id,
-                                 max_parallel=1, dry_run=False, json=False)
-        rc = cli.cmd_submit(sub)
+        rc = cli.cmd_submit(argparse.Namespace(pipeline=str(path), executor="slurm", sets=sets, wait=True,
+                                               run_id=run_id, max_parallel=1, dry_run=False, json=False))
     finally:
         hub.stop()
     run_dir = runs.results_root(pipeline) / run_id
-    jobs = json.loads((run_dir / "jobs.json").read_text()).get("stages", {}) if (run_dir / "jobs.json").is_file() else {}
-    ids = {name: str(rec.get("job_id")) for name, rec in jobs.items() if rec.get("job_id")}
-    acct = _sacct(list(ids.values())) if ids else {}
-    stages = {name: {"job_id": ids[name], **acct.get(ids[name], {})} for name in pipeline.stages if name in ids}
-    rows = [json.loads(p.read_text()) for p in sorted((run_dir / "rows").glob("*.json"))] if run_dir.is_dir() else []
-    data_rows = [r for r in rows if r.get("kind") == "data"]
-    fetch_sets = json.loads(data_rows[0].get("extra") or "{}").get("sets", []) if data_rows else []
-    card = _report_card(run_dir)
-    card_tasks = {(ln.split("|")[1].strip(), ln.split("|")[2].strip()) for ln in card.splitlines()[2:]}
-    missing = [f"{st}:{t}" for st, tasks in expected_tasks(pipeline, workdir).items() for t in tasks
-               if (st, t) not in card_tasks]
-    not_completed = [n for n in pipeline.stages if stages.get(n, {}).get("state") != "COMPLETED"]
+    out = _outcome(pipeline, run_dir, workdir)
+    _print_outcome(out)
     wall = time.perf_counter() - t0
-    print("\nsacct:\n" + "\n".join(f"  {n:<16} {s.get('job_id', '-'):<8} {s.get('state', '-'):<11} {s.get('nodelist', '-'):<8} "
-                                   f"nodes={s.get('nnodes', '-')} elapsed={s.get('elapsed', '-')}"
-                                   for n, s in stages.items()), flush=True)
-    print("\nfetch table (the data stage):\n" + format_fetch_table(fetch_sets) if fetch_sets else "\nno fetch table", flush=True)
-    print("\nreport card:\n" + (card or "(none)"), flush=True)
-    ok = rc == 0 and not not_completed and not missing
-    verdict = "COMPLETED" if ok else (f"FAILED: stages not COMPLETED in sacct: {', '.join(not_completed)}" if not_completed
-                                      else f"FAILED: report card lacks {', '.join(missing)}" if missing else "FAILED")
+    ok = rc == 0 and not out["not_completed"] and not out["report_card_missing"]
+    verdict = ("COMPLETED" if ok else
+               f"FAILED: stages not COMPLETED in sacct: {', '.join(out['not_completed'])}" if out["not_completed"] else
+               f"FAILED: the report card lacks {', '.join(out['report_card_missing'])}" if out["report_card_missing"]
+               else "FAILED")
     print(f"\nrehearsal {verdict} in {wall:.0f} s (run {run_id}: {run_dir}; work directory {workdir})", flush=True)
     result = {"run_id": run_id, "run_dir": str(run_dir), "workdir": str(workdir), "wall_seconds": round(wall, 1),
-              "state": "COMPLETED" if ok else "FAILED", "stages": stages, "fetch": fetch_sets,
-              "overrides": [vars(o) for o in overrides + env_lines], "report_card_missing": missing,
-              "report_card": card}
+              "state": "COMPLETED" if ok else "FAILED", "overrides": [vars(o) for o in overrides + extra], **out}
     if run_dir.is_dir():
-        from nanochat.common import atomic_write_json
         atomic_write_json(run_dir / "rehearsal.json", result)
     if not ok:
         result["error"] = verdict

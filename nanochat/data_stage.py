@@ -31,12 +31,12 @@ class DataConfig:
     num_shards: int = 0              # shards incl. the validation shard; 0 = what the training stages need (jobs fill it at submit)
     conversations: list[str] = field(default_factory=list)   # smoltalk, mmlu, gsm8k
     evals: list[str] = field(default_factory=list)           # core, arc_easy, arc_challenge, mmlu, gsm8k, humaneval
-    vocab_size: int = 0              # train the tokenizer on the shards (0 = no tokenizer)
+    vocab_size: int = 0              # train the tokenizer on the shards (0 = no tokenizer; no shards: no tokenizer)
     tokenizer_max_chars: int = 2_000_000_000   # nanochat trains its tokenizer on ~2B characters
     workers: int = 8                 # parallel downloads
     retries: int = 5                 # attempts per file (exponential backoff from backoff_s)
     backoff_s: float = 2.0
-    revision: str = ""               # the pretraining set's hub revision; "" = its pinned one (a branch is pinned at first fetch)
+    revision: str = ""               # the pretraining set's revision; "" = its pinned one (a branch: at 1st fetch)
     eval_bundle_url: str = ""        # "" = nanochat's eval_bundle.zip (nanochat.eval_data.EVAL_BUNDLE_URL)
     eval_bundle_sha256: str = ""     # "" = the pinned checksum of nanochat's bundle; required with another URL
     base_dir: str = ""
@@ -61,8 +61,6 @@ class DataConfig:
         if args.get("eval_bundle_url") and not args.get("eval_bundle_sha256"):
             problems.append(("eval_bundle_sha256", "a bundle from another URL needs its own sha256 (the pinned one "
                                                    "is nanochat's file's)"))
-        if args.get("vocab_size") and not pre:
-            problems.append(("vocab_size", "the tokenizer is trained on pretraining shards; set pretraining"))
         return problems
 
 
@@ -107,7 +105,8 @@ def run(cfg: DataConfig, should_stop: Callable[[], bool] | None = None) -> dict:
     for name in cfg.evals:
         info = ensure_eval_set(base_dir, name, cfg.eval_bundle_url, cfg.eval_bundle_sha256, workers=cfg.workers,
                                retries=cfg.retries, backoff_s=cfg.backoff_s)
-        record(name, "evals", info["fetch"], **({"rows": info["rows"]} if "rows" in info else {"files_unpacked": info["files"]}))
+        record(name, "evals", info["fetch"],
+               **({"rows": info["rows"]} if "rows" in info else {"files_unpacked": info["files"]}))
     result.update(files=sum(s["files"] for s in sets), fetched=sum(s["fetched"] for s in sets),
                   bytes_fetched=sum(s["bytes"] for s in sets), sets=sets)
     print(format_fetch_table(sets), flush=True)

@@ -44,7 +44,8 @@ class ChatSet:
 CHAT_SETS: dict[str, ChatSet] = {
     "smoltalk": ChatSet("smoltalk", HUB_SPLITS["smoltalk/train"],
                         "general conversations (nanochat's mid-training and SFT mixtures)"),
-    "mmlu": ChatSet("mmlu", HUB_SPLITS["mmlu/auxiliary_train"], "multiple choice, answered with a letter (mid-training)"),
+    "mmlu": ChatSet("mmlu", HUB_SPLITS["mmlu/auxiliary_train"],
+                    "multiple choice, answered with a letter (mid-training)"),
     "gsm8k": ChatSet("gsm8k", HUB_SPLITS["gsm8k/train"],
                      "grade-school math with calculator tool calls (mid-training and SFT)"),
 }

@@ -136,7 +136,8 @@ def unpack_bundle(zip_path: Path, final: Path) -> int:
                 path = PurePosixPath(m.filename)
                 is_link = (m.external_attr >> 16) & 0o170000 == 0o120000
                 if path.is_absolute() or ".." in path.parts or "\\" in m.filename or is_link:
-                    raise ConfigError(f"{zip_path}: member {m.filename!r} would be written outside the bundle (refused)")
+                    raise ConfigError(f"{zip_path}: member {m.filename!r} would be written outside the bundle "
+                                      "(refused)")
                 if not path.parts or path.parts[0] != BUNDLE:
                     continue
                 files += not m.is_dir()

@@ -63,12 +63,13 @@ class PretrainingSet:
 # ClimbMix's commit is one public code pins; FineWeb-Edu's pin is taken at its first fetch.
 PRETRAINING_SETS: dict[str, PretrainingSet] = {
     "fineweb-edu-100b": PretrainingSet("fineweb-edu-100b", "karpathy/fineweb-edu-100b-shuffle", "main", 1822,
-                                       250e6, 100e6, 4.8, "FineWeb-Edu 100B tokens, shuffled (nanochat's original corpus)"),
+                                       250e6, 100e6, 4.8,
+                                       "FineWeb-Edu 100B tokens, shuffled (nanochat's original corpus)"),
     "climbmix-400b": PretrainingSet("climbmix-400b", "karpathy/climbmix-400b-shuffle",
                                     "915333b4f8b8684f39aeaafea600fea6f43fb703", 6542, 250e6, 100e6, 250e6 * 150 / 7e9,
                                     "NVIDIA ClimbMix 400B tokens, shuffled (nanochat's corpus since 2026-03-04)"),
 }
-CHARS_PER_TOKEN = 4.8   # other text (conversations, the user's folders): nanochat's 65536-token tokenizer on FineWeb-Edu
+CHARS_PER_TOKEN = 4.8   # other text (conversations, the user's folders): as on FineWeb-Edu
 
 
 def pretraining_set(name: str) -> PretrainingSet:
@@ -182,7 +183,8 @@ def _hub_call(what: str, call, retries: int, backoff_s: float, log):
             if _not_found(e):
                 raise ConfigError(f"{what}: not on the hub at {_endpoint()} ({_one_line(e)})") from None
             if attempt == retries:
-                raise FetchError(f"{what}: no answer from {_endpoint()} after {retries} attempts ({_one_line(e)})") from None
+                raise FetchError(f"{what}: no answer from {_endpoint()} after {retries} attempts "
+                                 f"({_one_line(e)})") from None
             log(f"[fetch] {what}: {_one_line(e)}; retrying")
             time.sleep(backoff_s * 2 ** (attempt - 1))
 
@@ -246,15 +248,15 @@ class HubSplit:
         return f"{self.folder}/{self.split}"
 
     def matches(self, path: str) -> bool:
-        return re.fullmatch(rf"{re.escape(self.folder)}/{re.escape(self.split)}-\d{{5}}-of-\d{{5}}(-[0-9a-f]+)?\.parquet",
-                            path) is not None
+        name = rf"{re.escape(self.folder)}/{re.escape(self.split)}-\d{{5}}-of-\d{{5}}(-[0-9a-f]+)?\.parquet"
+        return re.fullmatch(name, path) is not None
 
 
 # The sets nanochat trains and scores on, each at the commit public code pins it at (two or more
 # independent pins agree for ARC, MMLU, GSM8K and HumanEval). Rows: the split sizes nanochat quotes.
 HUB_SPLITS: dict[str, HubSplit] = {
-    "smoltalk/train": HubSplit("HuggingFaceTB/smol-smoltalk", "f73fe857d519ff6ac5af2ea67c4d3834da7b8bcc", "data", "train",
-                               460_000),
+    "smoltalk/train": HubSplit("HuggingFaceTB/smol-smoltalk", "f73fe857d519ff6ac5af2ea67c4d3834da7b8bcc", "data",
+                               "train", 460_000),
     "mmlu/auxiliary_train": HubSplit("cais/mmlu", "c30699e8356da336a370243923dbaf21066bb9fe", "all", "auxiliary_train",
                                      99_842),
     "gsm8k/train": HubSplit("openai/gsm8k", "740312add88f781978c0658806c59bc2815b9866", "main", "train", 7_473),
@@ -292,14 +294,15 @@ def fetch_split(base_dir: str | os.PathLike, split: HubSplit, workers: int = 8, 
     if names and len(present(dest, names)) == len(names):
         return fetch_files(split.repo_id, names, dest, split.revision, workers, retries, backoff_s, log)
     from huggingface_hub import HfApi
-    listing = _hub_call(f"{split.repo_id}@{split.revision[:12]}/{split.folder}",
+    listing = _hub_call(f"{split.repo_id}@{split.revision} {split.folder}/",
                         lambda: list(HfApi().list_repo_tree(split.repo_id, split.folder, revision=split.revision,
                                                             repo_type="dataset")), retries, backoff_s, log)
     expected = {f.path: _expected(f) for f in listing if getattr(f, "size", None) is not None and split.matches(f.path)}
     if not expected:
         raise ConfigError(f"{split.repo_id}@{split.revision}: the hub lists no {split.key}-NNNNN-of-NNNNN.parquet")
     names = sorted(expected)
-    summary = fetch_files(split.repo_id, names, dest, split.revision, workers, retries, backoff_s, log, expected=expected)
+    summary = fetch_files(split.repo_id, names, dest, split.revision, workers, retries, backoff_s, log,
+                          expected=expected)
     with file_lock(str(dest / ".fetch.lock")):
         manifest = read_manifest(dest)
         manifest.setdefault("splits", {})[split.key] = names
@@ -445,8 +448,8 @@ def fetch_pretraining_shards(base_dir: str | os.PathLike, name: str, num_shards:
                              revision: str = "", retries: int = 5, backoff_s: float = 1.0, log=print) -> dict:
     """revision "" = the set's pinned one (PRETRAINING_SETS)."""
     ds = pretraining_set(name)
-    return fetch_files(ds.repo_id, shard_files(ds, num_shards), pretraining_dir(base_dir, name), revision or ds.revision,
-                       workers, retries, backoff_s, log)
+    return fetch_files(ds.repo_id, shard_files(ds, num_shards), pretraining_dir(base_dir, name),
+                       revision or ds.revision, workers, retries, backoff_s, log)
 
 
 def fetch_url(url: str, dest: str | os.PathLike, name: str, sha256: str, retries: int = 5, backoff_s: float = 1.0,

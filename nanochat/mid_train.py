@@ -73,7 +73,7 @@ def run(cfg: MidTrainConfig, should_stop: Callable[[], bool] | None = None) -> d
                        should_stop=should_stop, extra_meta={"init_from": meta["path"]})
     finally:
         compute_cleanup()
-    return {"depth": model.config.n_layer, **result, **({"data_epochs": round(epochs, 4)} if epochs is not None else {})}
+    return {"depth": model.config.n_layer, **result, **({} if epochs is None else {"data_epochs": round(epochs, 4)})}
 
 
 def _data_epochs(cfg: MidTrainConfig, world_size: int, convs: list[dict], tokenizer) -> float | None:
@@ -81,13 +81,14 @@ def _data_epochs(cfg: MidTrainConfig, world_size: int, convs: list[dict], tokeni
     pretraining), when the steps and the tokens per step are known before the batch size is."""
     from nanochat.datasets_chat import conversation_chars
     from nanochat.dataset import data_epochs_guard
-    total = cfg.total_batch_size or (cfg.device_batch_size * cfg.seq_len * world_size if cfg.device_batch_size > 0 else 0)
+    fixed = cfg.device_batch_size * cfg.seq_len * world_size if cfg.device_batch_size > 0 else 0
+    total = cfg.total_batch_size or fixed
     if total <= 0 or cfg.num_steps <= 0:
         return None
     chars = sum(conversation_chars(c) for c in convs)
     sample = convs[:200]    # the tokenizer's compression on these conversations, as base_train measures it on a shard
     sample_chars = sum(conversation_chars(c) for c in sample)
-    sample_tokens = sum(len(tokenizer.render_conversation(c, max_tokens=1 << 30)[0]) for c in sample) if sample_chars else 0
+    sample_tokens = sum(len(tokenizer.render_conversation(c, max_tokens=1 << 30)[0]) for c in sample)
     data_tokens = chars * sample_tokens / sample_chars if sample_chars else 0.0
     stage = Path(cfg.out_dir).name if cfg.out_dir else "mid_train"
     return data_epochs_guard(stage, cfg.data_path or "(synthetic conversations)", cfg.num_steps * total, data_tokens,

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hub_server import FakeHub  # noqa: E402
+pytest_plugins = ["hub_server"]   # the `hub` fixture
 
 from nanochat.common import ConfigError  # noqa: E402
 from nanochat.fetch import (PRETRAINING_SETS, FetchError, fetch_pretraining_shards, fetched_shards,  # noqa: E402
@@ -36,20 +36,6 @@ def parquet_bytes(rows: list[dict]) -> bytes:
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(rows), buf)
     return buf.getvalue()
-
-
-@pytest.fixture
-def hub(monkeypatch):
-    h = FakeHub().start()
-    monkeypatch.setenv("HF_ENDPOINT", h.endpoint)
-    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    import huggingface_hub.constants as c
-    monkeypatch.setattr(c, "ENDPOINT", h.endpoint)
-    monkeypatch.setattr(c, "HUGGINGFACE_CO_URL_TEMPLATE", h.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
-    monkeypatch.setattr(c, "HF_HUB_OFFLINE", False)
-    yield h
-    h.stop()
 
 
 def add_fineweb(hub, n: int, faults: dict | None = None) -> list[str]:
@@ -224,7 +210,8 @@ def test_plan_artemis_offline():
     r = _jobs(["data", "plan", "artemis-a100", "--json", "--set", "data.pretraining=fineweb-edu-100b"],
               {"HF_HUB_OFFLINE": "1"}, timeout=300)
     plan = json.loads(r.stdout.strip().splitlines()[-1])
-    assert plan["data_stages"][0]["pretraining"] == "fineweb-edu-100b" and 200 < plan["data_stages"][0]["num_shards"] < 250
+    d = plan["data_stages"][0]
+    assert d["pretraining"] == "fineweb-edu-100b" and 200 < d["num_shards"] < 250
     assert plan["training"]["base_train"]["data"]["source"] == "fineweb-edu-100b"
 
 
