@@ -267,7 +267,10 @@ def run(args) -> int:
         raise ConfigError(f"--workdir {workdir}: not empty (the rehearsal fetches into a fresh work directory)")
     sets = list(args.sets) + [item for o in overrides for item in o.sets]
     pipeline = spec.load_pipeline(path, sets)
-    cmd_data.plan_pipeline(pipeline, workdir, fill=True, log=lambda *a: None)    # the shard counts submit will ask for
+    # submit's own data check, here before anything starts: the shard counts it will ask the hub for,
+    # and exit 2 for a stage whose data nothing puts in place (what a cluster would find hours later)
+    plan = cmd_data.plan_pipeline(pipeline, workdir, fill=True, log=lambda *a: None)
+    cmd_data.check_sources(pipeline, plan["sources"])
     hub = LocalHub().start()
     try:
         extra = _serve(hub, pipeline, sets)
