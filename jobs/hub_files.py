@@ -96,8 +96,9 @@ def eval_bundle_zip() -> bytes:
     root = FIXTURES / "eval_bundle"
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
         for path in sorted(root.rglob("*")):
-            if path.is_file():
-                z.write(path, f"eval_bundle/{path.relative_to(root).as_posix()}")
+            if path.is_file():   # a fixed date: the same bytes, so the same sha256, on every run
+                info = zipfile.ZipInfo(f"eval_bundle/{path.relative_to(root).as_posix()}", (2026, 1, 1, 0, 0, 0))
+                z.writestr(info, path.read_bytes(), zipfile.ZIP_DEFLATED)
     return buf.getvalue()
 
 
