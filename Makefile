@@ -6,16 +6,17 @@ PY := $(VENV)/bin/python
 # The CPU build installs fast from a local file here; on a GPU cluster use e.g. TORCH_SPEC=torch (CUDA build).
 TORCH_SPEC ?= torch==2.13.0
 PIPELINE ?= pipelines/smoke.yaml
+REHEARSE ?= artemis-a100
 EXECUTOR ?= auto
 RUN ?=
 PYTEST_ARGS ?= --durations=25
 STAMP := $(VENV)/.installed
 
-.PHONY: help setup pipeline test test-fast report bench gpu-check slurm-up slurm-down clean
+.PHONY: help setup pipeline rehearse test test-fast report bench gpu-check slurm-up slurm-down clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
-	@echo "  variables: PIPELINE=$(PIPELINE) EXECUTOR=$(EXECUTOR) (auto|slurm|local) RUN=<run id> TORCH_SPEC=$(TORCH_SPEC)"
+	@echo "  variables: PIPELINE=$(PIPELINE) EXECUTOR=$(EXECUTOR) (auto|slurm|local) RUN=<run id> REHEARSE=$(REHEARSE) TORCH_SPEC=$(TORCH_SPEC)"
 	@echo "  see also: python -m jobs submit PIPELINE --dry-run | status RUN --watch | logs RUN [STAGE] --follow"
 
 $(STAMP): pyproject.toml
@@ -29,6 +30,10 @@ setup: $(STAMP) ## bootstrap .venv (idempotent; fast when done)
 
 pipeline: setup ## run a pipeline (default: the CPU smoke pipeline; locally when no Slurm is found)
 	$(PY) -m jobs submit $(PIPELINE) --executor $(EXECUTOR) --wait
+
+rehearse: setup ## run a pipeline (REHEARSE, default artemis-a100) as shipped, scaled down, on the local two-node Slurm, hub on 127.0.0.1
+	bash sbatch/slurm_local.sh up
+	$(PY) -m jobs rehearse $(REHEARSE)
 
 test: setup ## run the test suite (brings up the local Slurm where it can; required when CI=true)
 	@if [ "$${CI:-}" = "true" ]; then bash sbatch/slurm_local.sh up; \

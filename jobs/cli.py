@@ -8,6 +8,7 @@
     report RUN [RUN ...] [--baseline RUN] [--json]              (jobs.report)
     probe ... (jobs.cmd_probe)   chat ... (jobs.cmd_chat)     bench train|sft|inference|batch|all (jobs.cmd_bench)
     gpu-check [--out FILE] (jobs.gpu_check: every GPU path, short; one line and exit 0 without CUDA)
+    rehearse PIPELINE (jobs.rehearse: the pipeline as shipped, scaled down, on the local Slurm, a local hub)
     stage-run RUN_DIR STAGE [--task I]                          (internal: what a local stage process runs)
 
 Every command module is imported when its command runs, so `--help` is fast and a module that is
@@ -39,6 +40,7 @@ EXTERNAL_COMMANDS = {
     "logs": ("jobs.logs", "a stage's stdout/stderr (Slurm or local), earlier attempts first; --follow, --task N"),
     "bench": ("jobs.cmd_bench", "benchmark each optimization against its baseline: train|sft|inference|batch|all"),
     "gpu-check": ("jobs.gpu_check", "check every GPU path on this machine's CUDA device, one JSON line (skips without CUDA)"),
+    "rehearse": ("jobs.rehearse", "a pipeline as shipped, scaled down, on the local two-node Slurm with a local hub"),
 }
 
 

@@ -419,7 +419,10 @@ def parse_pipeline(raw: dict, source: str, check_args: bool = True) -> Pipeline:
         for k in default_args:
             if k not in known:
                 raise err(f"defaults.args.{k}", f"unknown key in every stage's kind{_suggest(str(k), known)}")
+        resolve_data_source(err, stages)
         check_data_files(err, stages)
+    else:
+        resolve_data_source(err, stages)    # a run folder's resolved.yaml, read on the node
     for s in stages.values():
         init_from = s.args.get("init_from")
         if isinstance(init_from, str) and init_from in stages and init_from not in _ancestors(stages, s.name):
@@ -456,6 +459,21 @@ def _check_serves(err: SpecError, stages: dict[str, Stage], probe: Stage, own: s
     if "memory_budget_gb" in own:
         raise err(f"stages.{probe.name}.args.memory_budget_gb",
                   f"{served} probes under the default CPU budget; an entry made under another is never read by it")
+
+
+def resolve_data_source(err: SpecError, stages: dict[str, Stage]) -> None:
+    """A base_train stage's `data_source` may name a data stage before it: it then reads the
+    pretraining set that stage fetches (so `--set data.pretraining=...` switches the corpus in one place)."""
+    for s in stages.values():
+        src = s.args.get("data_source")
+        if s.kind != "base_train" or not isinstance(src, str) or src not in stages:
+            continue
+        where = f"stages.{s.name}.args.data_source"
+        if stages[src].kind != "data" or not stages[src].args.get("pretraining"):
+            raise err(where, f"stage {src!r} is not a data stage with a pretraining set")
+        if src not in _ancestors(stages, s.name):
+            raise err(where, f"stage {src!r} must be in depends_on (directly or through another stage)")
+        s.args["data_source"] = stages[src].args["pretraining"]
 
 
 def check_data_files(err: SpecError, stages: dict[str, Stage]) -> None:

@@ -2,18 +2,18 @@
 Conversation sets for mid-training and SFT, as nanochat mixes them, fetched from the hub once and
 converted into the project's conversations format (JSONL of {"messages": [{"role", "content"}]}):
 
-    smoltalk  HuggingFaceTB/smol-smoltalk, train split (~460K general chats; optional system message)
-    mmlu      cais/mmlu, auxiliary_train (~100K multiple-choice questions; rows wrapped in a `train` struct)
-    gsm8k     openai/gsm8k, main train (~7.5K grade-school math; <<expr=result>> become calculator calls)
+    smoltalk  HuggingFaceTB/smol-smoltalk, data/train (~460K general chats; optional system message)
+    mmlu      cais/mmlu, all/auxiliary_train (~100K multiple-choice questions)
+    gsm8k     openai/gsm8k, main/train (~7.5K grade-school math; <<expr=result>> become calculator calls)
 
-    <base_dir>/data/hub/<set>/...parquet      the verified hub files (nanochat.fetch)
-    <base_dir>/data/chat/<set>.jsonl          the converted set (written atomically, once)
+    <base_dir>/data/hub/<owner>--<name>/...parquet   the verified hub files (nanochat.fetch.fetch_split)
+    <base_dir>/data/chat/<set>.jsonl                 the converted set (written atomically, once)
 
 A stage's `data_path` may name a mixture, "smoltalk+mmlu+gsm8k", of set names and file paths
 (JSONL or parquet): read_mixture resolves names to the converted files, offline, and names the
 missing file when a set was not fetched.
-Hub file names are those the hub's parquet conversion lists for these repos (taken from public
-code that downloads them; nanochat itself goes through `datasets.load_dataset`).
+The splits and their pinned commits are nanochat.fetch.HUB_SPLITS (the splits nanochat's chat_sft.py
+trains on); the file names come from the hub's own listing of each split's folder.
 """
 from __future__ import annotations
 
@@ -26,26 +26,27 @@ from pathlib import Path
 
 from nanochat.common import ConfigError, atomic_write_text
 from nanochat.conversations import check_conversation_file, read_conversations
-from nanochat.fetch import fetch_files
+from nanochat.fetch import HUB_SPLITS, HubSplit, fetch_split, split_files
 from nanochat.locking import file_lock
 
 
 @dataclass(frozen=True)
 class ChatSet:
     name: str
-    repo_id: str
-    files: tuple[str, ...]
-    approx_rows: int
+    split: HubSplit
     note: str
+
+    @property
+    def approx_rows(self) -> int:
+        return self.split.rows
 
 
 CHAT_SETS: dict[str, ChatSet] = {
-    "smoltalk": ChatSet("smoltalk", "HuggingFaceTB/smol-smoltalk",
-                        tuple(f"data/train-{i:05d}-of-00004.parquet" for i in range(4)), 460_000,
+    "smoltalk": ChatSet("smoltalk", HUB_SPLITS["smoltalk/train"],
                         "general conversations (nanochat's mid-training and SFT mixtures)"),
-    "mmlu": ChatSet("mmlu", "cais/mmlu", ("auxiliary_train/train-00000-of-00001.parquet",), 100_000,
+    "mmlu": ChatSet("mmlu", HUB_SPLITS["mmlu/auxiliary_train"],
                     "multiple choice, answered with a letter (mid-training)"),
-    "gsm8k": ChatSet("gsm8k", "openai/gsm8k", ("main/train-00000-of-00001.parquet",), 7_473,
+    "gsm8k": ChatSet("gsm8k", HUB_SPLITS["gsm8k/train"],
                      "grade-school math with calculator tool calls (mid-training and SFT)"),
 }
 LETTERS = ("A", "B", "C", "D")
@@ -55,10 +56,6 @@ def chat_set(name: str) -> ChatSet:
     if name not in CHAT_SETS:
         raise ConfigError(f"{name}: unknown conversation set (known: {', '.join(CHAT_SETS)}; or a .jsonl/.parquet path)")
     return CHAT_SETS[name]
-
-
-def hub_dir(base_dir, name: str) -> Path:
-    return Path(base_dir) / "data" / "hub" / name
 
 
 def converted_path(base_dir, name: str) -> Path:
@@ -80,7 +77,7 @@ def smoltalk_conversation(row: dict) -> dict | None:
 
 
 def mmlu_conversation(row: dict) -> dict | None:
-    row = row.get("train", row)  # auxiliary_train wraps each row in a `train` struct
+    row = row.get("train", row)  # the repo's own auxiliary_train config wraps each row in a `train` struct
     choices, answer = row.get("choices") or [], row.get("answer")
     if len(choices) != len(LETTERS) or not isinstance(answer, int) or not 0 <= answer < len(LETTERS):
         return None
@@ -120,34 +117,66 @@ CONVERTERS = {"smoltalk": smoltalk_conversation, "mmlu": mmlu_conversation, "gsm
 
 def ensure_chat_set(base_dir, name: str, workers: int = 4, retries: int = 5, backoff_s: float = 1.0,
                     log=print) -> dict:
-    """Fetch a set's hub files and convert them once. Returns {"set", "path", "conversations", "skipped"}."""
+    """Fetch a set's hub files (no network when they are present) and convert them once. Returns
+    {"set", "path", "conversations", "skipped", "fetch": the fetch summary}."""
     import pyarrow.parquet as pq
     cs = chat_set(name)
     out = converted_path(base_dir, name)
     out.parent.mkdir(parents=True, exist_ok=True)
     done = out.with_suffix(".json")
-    if out.is_file() and done.is_file():
-        return json.loads(done.read_text())
-    fetch_files(cs.repo_id, list(cs.files), hub_dir(base_dir, name), workers=workers, retries=retries,
-                backoff_s=backoff_s, log=log)
+    summary = fetch_split(base_dir, cs.split, workers=workers, retries=retries, backoff_s=backoff_s, log=log)
     with file_lock(str(out) + ".lock"):
         if out.is_file() and done.is_file():
-            return json.loads(done.read_text())
-        convert, lines, skipped = CONVERTERS[name], [], 0
-        for f in cs.files:
-            for row in pq.read_table(hub_dir(base_dir, name) / f).to_pylist():
+            return {**json.loads(done.read_text()), "fetch": summary}
+        convert, lines, skipped, chars = CONVERTERS[name], [], 0, 0
+        files = split_files(base_dir, cs.split)
+        for f in files:
+            for row in pq.read_table(f).to_pylist():
                 conv = convert(row)
                 if conv is None:
                     skipped += 1
                 else:
                     lines.append(json.dumps(conv, ensure_ascii=False))
+                    chars += conversation_chars(conv)
         if not lines:
-            raise ConfigError(f"{hub_dir(base_dir, name)}: no usable rows in {cs.repo_id}")
+            raise ConfigError(f"{files[0].parent}: no usable rows in {cs.split.repo_id} {cs.split.key}")
         atomic_write_text(out, "\n".join(lines) + "\n")
-        info = {"set": name, "path": str(out), "conversations": len(lines), "skipped": skipped}
+        info = {"set": name, "path": str(out), "conversations": len(lines), "skipped": skipped, "chars": chars}
         atomic_write_text(done, json.dumps(info) + "\n")
     log(f"[data] {name}: {len(lines)} conversations -> {out} ({skipped} malformed rows skipped)")
-    return info
+    return {**info, "fetch": summary}
+
+
+def conversation_chars(conv: dict) -> int:
+    """Characters of text in a conversation (string contents and the text of parts)."""
+    total = 0
+    for m in conv.get("messages") or []:
+        content = m.get("content")
+        if isinstance(content, str):
+            total += len(content)
+        elif isinstance(content, list):
+            total += sum(len(p.get("text") or "") for p in content if isinstance(p, dict))
+    return total
+
+
+def mixture_chars(spec: str, base_dir) -> int | None:
+    """Characters of text a mixture holds, from the conversion records of its sets and the sizes of
+    the user's files (an upper bound: JSON adds its syntax); None while a set is not converted yet."""
+    total = 0
+    for part, count in mixture_parts(spec):
+        if part in CHAT_SETS:
+            done = converted_path(base_dir, part).with_suffix(".json")
+            try:
+                info = json.loads(done.read_text())
+            except (OSError, ValueError):
+                return None
+            if "chars" not in info:
+                return None
+            share = min(1.0, count / info["conversations"]) if count and info.get("conversations") else 1.0
+            total += int(info["chars"] * share)
+        elif Path(part).is_file():
+            total += Path(part).stat().st_size
+    return total
 
 
 def mixture_parts(spec: str) -> list[tuple[str, int]]:
@@ -203,4 +232,5 @@ def read_mixture(spec: str, base_dir, seed: int = 0) -> list[dict]:
 
 
 __all__ = ["CHAT_SETS", "chat_set", "ensure_chat_set", "read_mixture", "check_mixture", "mixture_files", "mixture_parts",
-           "converted_path", "smoltalk_conversation", "mmlu_conversation", "gsm8k_conversation"]
+           "converted_path", "conversation_chars", "mixture_chars", "smoltalk_conversation", "mmlu_conversation",
+           "gsm8k_conversation"]

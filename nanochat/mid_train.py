@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 from nanochat.checkpoint import load_model
@@ -25,6 +26,7 @@ class MidTrainConfig(TrainConfig):
     num_synthetic: int = 4000          # synthetic conversations mixed in (0: none)
     val_fraction: float = 0.05         # share of conversations held out for val bpb
     num_steps: int = 200               # mid-training is short; 0 = one pass (param/data ratio rule)
+    max_data_epochs: float = 16.0      # refuse to train for more passes over the conversations than this (0 = no limit)
     embedding_lr: float = 0.2
     matrix_lr: float = 0.02
     unembedding_lr: float = 0.004
@@ -57,6 +59,7 @@ def run(cfg: MidTrainConfig, should_stop: Callable[[], bool] | None = None) -> d
             raise ConfigError(f"MidTrainConfig.seq_len={cfg.seq_len} is longer than the base model's "
                               f"{model.config.sequence_len} ({meta['path']})")
         train_convs, val_convs = load_mixture(cfg, max_tokens=cfg.seq_len * 4)
+        epochs = _data_epochs(cfg, dist_info.world_size, train_convs, tokenizer)
 
         def make_train_loader(rank, world_size, num_streams):
             return conversation_loader(train_convs, tokenizer, cfg.seq_len, rank, world_size, num_streams, seed=cfg.seed)
@@ -70,4 +73,23 @@ def run(cfg: MidTrainConfig, should_stop: Callable[[], bool] | None = None) -> d
                        should_stop=should_stop, extra_meta={"init_from": meta["path"]})
     finally:
         compute_cleanup()
-    return {"depth": model.config.n_layer, **result}
+    return {"depth": model.config.n_layer, **result, **({} if epochs is None else {"data_epochs": round(epochs, 4)})}
+
+
+def _data_epochs(cfg: MidTrainConfig, world_size: int, convs: list[dict], tokenizer) -> float | None:
+    """Passes over the training conversations this run will make (nanochat.dataset's guard, as for
+    pretraining), when the steps and the tokens per step are known before the batch size is."""
+    from nanochat.datasets_chat import conversation_chars
+    from nanochat.dataset import data_epochs_guard
+    fixed = cfg.device_batch_size * cfg.seq_len * world_size if cfg.device_batch_size > 0 else 0
+    total = cfg.total_batch_size or fixed
+    if total <= 0 or cfg.num_steps <= 0:
+        return None
+    chars = sum(conversation_chars(c) for c in convs)
+    sample = convs[:200]    # the tokenizer's compression on these conversations, as base_train measures it on a shard
+    sample_chars = sum(conversation_chars(c) for c in sample)
+    sample_tokens = sum(len(tokenizer.render_conversation(c, max_tokens=1 << 30)[0]) for c in sample)
+    data_tokens = chars * sample_tokens / sample_chars if sample_chars else 0.0
+    stage = Path(cfg.out_dir).name if cfg.out_dir else "mid_train"
+    return data_epochs_guard(stage, cfg.data_path or "(synthetic conversations)", cfg.num_steps * total, data_tokens,
+                             cfg.max_data_epochs)

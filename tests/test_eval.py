@@ -102,7 +102,7 @@ def test_base_eval_core(ckpt):
 def test_cli_bad_input_is_one_line_exit_2(ckpt, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     for extra, needle in ((["--tasks", "arc_hard"], "unknown task 'arc_hard'"),
-                          (["--tasks", "gsm8k", "--data-dir", str(tmp_path)], "gsm8k.jsonl: task data not found")):
+                          (["--tasks", "gsm8k", "--data-dir", str(tmp_path)], "gsm8k.parquet: task data not found")):
         p = subprocess.run([sys.executable, "-m", "jobs", "eval", str(ckpt), *extra], cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=120)
         assert p.returncode == 2, p.stderr

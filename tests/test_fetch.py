@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hub_server import FakeHub  # noqa: E402
+pytest_plugins = ["hub_server"]   # the `hub` fixture
 
 from nanochat.common import ConfigError  # noqa: E402
 from nanochat.fetch import (PRETRAINING_SETS, FetchError, fetch_pretraining_shards, fetched_shards,  # noqa: E402
@@ -36,20 +36,6 @@ def parquet_bytes(rows: list[dict]) -> bytes:
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(rows), buf)
     return buf.getvalue()
-
-
-@pytest.fixture
-def hub(monkeypatch):
-    h = FakeHub().start()
-    monkeypatch.setenv("HF_ENDPOINT", h.endpoint)
-    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    import huggingface_hub.constants as c
-    monkeypatch.setattr(c, "ENDPOINT", h.endpoint)
-    monkeypatch.setattr(c, "HUGGINGFACE_CO_URL_TEMPLATE", h.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
-    monkeypatch.setattr(c, "HF_HUB_OFFLINE", False)
-    yield h
-    h.stop()
 
 
 def add_fineweb(hub, n: int, faults: dict | None = None) -> list[str]:
@@ -140,23 +126,27 @@ def test_offline_training_names_missing_shard(hub, tmp_path, monkeypatch):
 
 def test_conversation_sets_converted_and_mixed(hub, tmp_path):
     from nanochat.datasets_chat import CHAT_SETS, ensure_chat_set, read_mixture
-    smol = CHAT_SETS["smoltalk"]
-    for i, f in enumerate(smol.files):
-        hub.add(smol.repo_id, f, parquet_bytes([
+    smol = CHAT_SETS["smoltalk"].split
+    for i in range(4):   # four files the hub's listing names; a test split beside them is not read
+        hub.add(smol.repo_id, f"data/train-{i:05d}-of-00004.parquet", parquet_bytes([
             {"messages": [{"role": "system", "content": "be kind"}, {"role": "user", "content": f"hi {i}"},
                           {"role": "assistant", "content": "hello"}]},
-            {"messages": [{"role": "user", "content": "only one"}]}]))   # malformed: skipped
-    hub.add("cais/mmlu", CHAT_SETS["mmlu"].files[0], parquet_bytes(
-        [{"train": {"question": "2+2?", "subject": "", "choices": ["3", "4", "5", "6"], "answer": 1}}]))
-    hub.add("openai/gsm8k", CHAT_SETS["gsm8k"].files[0], parquet_bytes(
+            {"messages": [{"role": "user", "content": "only one"}]}]), commit=smol.revision)   # malformed: skipped
+    hub.add(smol.repo_id, "data/test-00000-of-00001.parquet", parquet_bytes([
+        {"messages": [{"role": "user", "content": "held out"}, {"role": "assistant", "content": "yes"}]}]))
+    mmlu, gsm8k = CHAT_SETS["mmlu"].split, CHAT_SETS["gsm8k"].split
+    hub.add(mmlu.repo_id, "all/auxiliary_train-00000-of-00001.parquet", parquet_bytes(
+        [{"question": "2+2?", "subject": "", "choices": ["3", "4", "5", "6"], "answer": 1}]), commit=mmlu.revision)
+    hub.add(gsm8k.repo_id, "main/train-00000-of-00001.parquet", parquet_bytes(
         [{"question": "Tom has 2 apples and buys 3. How many?", "answer": "He has 2+3=<<2+3=5>>5 apples.\n#### 5"}]),
-        ["500"])
+        ["500"], commit=gsm8k.revision)
     for name in ("smoltalk", "mmlu", "gsm8k"):
         ensure_chat_set(tmp_path, name, backoff_s=0.01)
     convs = read_mixture("smoltalk+mmlu+gsm8k", tmp_path)
     assert len(convs) == 4 + 1 + 1
-    mmlu = next(c for c in convs if "2+2?" in c["messages"][0]["content"])
-    assert mmlu["messages"][1] == {"role": "assistant", "content": "B"}
+    assert not any("held out" in c["messages"][0]["content"] for c in convs)
+    mmlu_conv = next(c for c in convs if "2+2?" in c["messages"][0]["content"])
+    assert mmlu_conv["messages"][1] == {"role": "assistant", "content": "B"}
     gsm = next(c for c in convs if "apples" in c["messages"][0]["content"])
     assert gsm["messages"][1]["content"][1:3] == [{"type": "python", "text": "2+3"},
                                                    {"type": "python_output", "text": "5"}]
@@ -206,12 +196,23 @@ def test_guard_refuses_1000_epochs_before_submitting(tmp_path):
 
 
 def test_plan_artemis_offline():
+    # ClimbMix by default, FineWeb-Edu one --set away; every set the evaluation stages read is in the plan
     r = _jobs(["data", "plan", "artemis-a100", "--json"], {"HF_HUB_OFFLINE": "1"}, timeout=300)
     assert r.returncode == 0, r.stderr
     plan = json.loads(r.stdout.strip().splitlines()[-1])
     d = plan["data_stages"][0]
-    assert d["pretraining"] == "fineweb-edu-100b" and 200 < d["num_shards"] < 300
+    assert d["pretraining"] == "climbmix-400b" and d["revision"] == PRETRAINING_SETS["climbmix-400b"].revision
+    assert 250 < d["num_shards"] < 280
     assert 0.5 < plan["training"]["base_train"]["epochs"] <= 1.0
+    assert [e["set"] for e in d["eval_sets"]] == ["core", "arc_easy", "arc_challenge", "mmlu", "gsm8k", "humaneval"]
+    assert {s["stage"] for s in plan["sources"] if s["from"] == "data"} == {"base_train", "mid_train", "sft",
+                                                                              "base_eval", "chat_eval"}
+    r = _jobs(["data", "plan", "artemis-a100", "--json", "--set", "data.pretraining=fineweb-edu-100b"],
+              {"HF_HUB_OFFLINE": "1"}, timeout=300)
+    plan = json.loads(r.stdout.strip().splitlines()[-1])
+    d = plan["data_stages"][0]
+    assert d["pretraining"] == "fineweb-edu-100b" and 200 < d["num_shards"] < 250
+    assert plan["training"]["base_train"]["data"]["source"] == "fineweb-edu-100b"
 
 
 @pytest.mark.slurm
@@ -248,10 +249,11 @@ def test_data_stage_partition_overrides_cluster():
 
 def test_listing_500_is_retried(hub, tmp_path):
     add_fineweb(hub, 2)
-    hub.api_faults = ["500"]
+    hub.api_faults = ["500", "500"]   # the first two API answers: the question "which commit is main?" is retried
     s = fetch_pretraining_shards(tmp_path, "fineweb-edu-100b", 2, backoff_s=0.01)
-    assert s["fetched"] == 2
-    assert sum(1 for m, p in hub.requests if m == "POST") == 2
+    assert s["fetched"] == 2 and s["revision"] == hub.commits[FINEWEB.repo_id]
+    assert sum(1 for m, p in hub.requests if m == "GET" and "/revision/main" in p) == 3
+    assert sum(1 for m, p in hub.requests if m == "POST") == 1
 
 
 def test_unreachable_hub_is_one_line_exit_1(tmp_path):

@@ -25,8 +25,9 @@ def find_task_file(data_dir: Path, stem: str) -> Path:
         path = data_dir / f"{stem}{suffix}"
         if path.is_file():
             return path
-    raise ConfigError(f"{data_dir / stem}.jsonl: task data not found (nor .parquet); put the set there "
-                      f"or use data_dir: fixtures")
+    raise ConfigError(f"{data_dir / stem}.parquet: task data not found (nor .jsonl); fetch it where the network "
+                      f"is (a data stage's evals: [{stem}], or python -m jobs data fetch --evals {stem}), put the set "
+                      "there, or use data_dir: fixtures")
 
 
 def load_records(path: Path) -> list[dict]:

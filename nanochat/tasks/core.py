@@ -31,7 +31,8 @@ def load_suite(bundle: Path) -> list[dict]:
     """The tasks of core.yaml with their random baselines and records."""
     spec_path = bundle / "core.yaml"
     if not spec_path.is_file():
-        raise ConfigError(f"{spec_path}: CORE task list not found (the eval bundle's core.yaml)")
+        raise ConfigError(f"{spec_path}: CORE task list not found (the eval bundle's core.yaml); fetch it where the "
+                          "network is (a data stage's evals: [core], or python -m jobs data fetch --evals core)")
     try:
         spec = yaml.safe_load(spec_path.read_text()) or {}
     except yaml.YAMLError as e:
