@@ -257,6 +257,7 @@ class Isolation:
     python: str = ""        # the interpreter that runs inside
     python_root: str = ""   # its prefix, bound read-only when it is outside /usr
     reason: str = ""        # kind "none": why, and what to install
+    options: tuple = ()     # optional bwrap options this bwrap has (--size, --disable-userns)
 
 
 @dataclass
@@ -294,10 +295,12 @@ def _drop_root() -> list[str]:
 
 
 def _bwrap_argv(iso: Isolation, bwrap: str, tmpfs_bytes: int) -> list[str]:
-    argv = [bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent", "--new-session",
+    argv = [bwrap, "--unshare-all", "--unshare-user", "--die-with-parent", "--new-session",
             # the harness is PID 1: processes inside cannot kill it (PID 1 ignores signals it does not
             # handle), and everything in the namespace dies when it ends
             "--as-pid-1", "--cap-drop", "ALL", "--ro-bind", "/usr", "/usr"]
+    if "--disable-userns" in iso.options:
+        argv.append("--disable-userns")
     for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
         if os.path.islink(top):
             argv += ["--symlink", os.readlink(top), top]
@@ -305,9 +308,14 @@ def _bwrap_argv(iso: Isolation, bwrap: str, tmpfs_bytes: int) -> list[str]:
             argv += ["--ro-bind", top, top]
     if iso.python_root:
         argv += ["--ro-bind", iso.python_root, iso.python_root]
-    argv += ["--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache", "--proc", "/proc", "--dev", "/dev",
-             "--size", str(tmpfs_bytes), "--tmpfs", "/dev/shm", "--remount-ro", "/dev",
-             "--size", str(tmpfs_bytes), "--tmpfs", "/tmp", "--chdir", "/tmp", "--clearenv",
+    argv += ["--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache", "--proc", "/proc", "--dev", "/dev"]
+    if "--size" in iso.options:
+        # tmpfs is memory outside the program's RLIMIT_AS: only capped ones are writable
+        argv += ["--size", str(tmpfs_bytes), "--tmpfs", "/dev/shm", "--size", str(tmpfs_bytes), "--tmpfs", "/tmp"]
+    else:
+        argv += ["--dir", "/tmp"]
+    # the sandbox's root is a tmpfs of its own, owned by its user: read-only like the rest
+    argv += ["--remount-ro", "/dev", "--remount-ro", "/", "--chdir", "/tmp", "--clearenv",
              "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/tmp", "--setenv", "TMPDIR", "/tmp",
              "--setenv", "LANG", "C.UTF-8", "--"]
     return argv
@@ -446,16 +454,27 @@ PROBE = ("def probe(x):\n    return [x, (x, 1.5), {x: b'ok'}, {x}]\n",
          "def check(candidate):\n    assert candidate(2) == [2, (2, 1.5), {2: b'ok'}, {2}]\n", "probe")
 
 
+OPTIONAL = ("--size", "--disable-userns")   # bwrap 0.7 and 0.8; older ones (RHEL 9 has 0.4) run without
+
+
 @functools.cache
 def isolation() -> Isolation:
     """The sandbox this process uses, found by starting a trivial check in it (once per process)."""
     bwrap = shutil.which("bwrap")
     if not bwrap:
         return Isolation("none", reason=f"no sandbox for model code: bubblewrap (bwrap) is not installed; {INSTALL_HINT}")
+    try:
+        help_text = subprocess.run([bwrap, "--help"], capture_output=True, text=True, timeout=20).stdout
+        version = subprocess.run([bwrap, "--version"], capture_output=True, text=True, timeout=20).stdout.split()
+    except (OSError, subprocess.SubprocessError) as e:
+        return Isolation("none", reason=f"no sandbox for model code: {bwrap} does not run ({e}); {INSTALL_HINT}")
+    options = tuple(o for o in OPTIONAL if o in help_text)
+    label = (f"bwrap {version[-1] if version else '?'}: user, pid, net, ipc, mount namespaces; "
+             + ("size-capped tmpfs" if "--size" in options else "no writable folder (bwrap without --size)")
+             + ("" if "--disable-userns" in options else "; nested user namespaces allowed (bwrap < 0.8)"))
     problems = []
     for python, root in _interpreters():
-        iso = Isolation("bwrap", label="bwrap (user, pid, net, ipc, mount namespaces; private tmpfs)",
-                        python=python, python_root=root)
+        iso = Isolation("bwrap", label=label, python=python, python_root=root, options=options)
         try:
             r = run_tests(*PROBE, timeout_s=20, _iso=iso)
         except (OSError, SandboxUnavailable) as e:

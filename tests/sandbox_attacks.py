@@ -148,6 +148,9 @@ ATTACKS = [
            "for d in ('/tmp', '/var/tmp', '/dev/shm'):\n"
            "    try:\n        open(d + '/nanochat-attack-' + CFG['marker'], 'w').write('x')\n"
            "    except OSError as e:\n        print('held', d, e)"),
+    Attack("fill-root", "write into the sandbox's own root (a tmpfs: memory outside every rlimit)",
+           "n = 0\nfor i in range(16):\n    try:\n        open('/fill%d' % i, 'wb').write(b'x' * (16 << 20))\n"
+           "    except OSError:\n        break\n    n += 16\n    print('WROTE_MIB', n, flush=True)"),
     Attack("fill-disk", "fill the disk the working folder is on (16 MiB files up to 256 MiB)",
            "n = 0\nfor i in range(16):\n    try:\n        open('fill%d' % i, 'wb').write(b'x' * (16 << 20))\n"
            "    except OSError:\n        break\n    n += 16\n    print('WROTE_MIB', n, flush=True)"),
@@ -527,10 +530,10 @@ def judge(world: World, attack: Attack, before: dict, after: dict, result: dict 
     got += sorted({ln.split("ESCAPED:", 1)[1].strip() for ln in output.splitlines() if "ESCAPED:" in ln})
     if attack.via == "score" and result["passed"]:
         got.append("a wrong solution scored passed")
-    if attack.name == "fill-disk":
+    if attack.name in ("fill-disk", "fill-root"):
         wrote = max([int(ln.split()[1]) for ln in output.splitlines() if ln.startswith("WROTE_MIB")], default=0)
         if wrote > 64:
-            got.append(f"wrote {wrote} MiB to the host's disk")
+            got.append(f"wrote {wrote} MiB outside a capped folder")
     if attack.followups == "wrong" and any(result["followups"]):
         got.append(f"{sum(result['followups'])} of {len(result['followups'])} later wrong solutions passed")
     if attack.followups == "honest" and not all(result["followups"]):
