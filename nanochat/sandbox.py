@@ -462,7 +462,8 @@ def isolation() -> Isolation:
     """The sandbox this process uses, found by starting a trivial check in it (once per process)."""
     bwrap = shutil.which("bwrap")
     if not bwrap:
-        return Isolation("none", reason=f"no sandbox for model code: bubblewrap (bwrap) is not installed; {INSTALL_HINT}")
+        return Isolation("none", reason="no sandbox for model code: bubblewrap (bwrap) is not installed; "
+                                        + INSTALL_HINT)
     try:
         help_text = subprocess.run([bwrap, "--help"], capture_output=True, text=True, timeout=20).stdout
         version = subprocess.run([bwrap, "--version"], capture_output=True, text=True, timeout=20).stdout.split()

@@ -26,7 +26,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -242,12 +241,15 @@ for pid in pids:
            via="leftover", followups="honest"),
     Attack("nested-userns", "a user namespace inside (root in it: the kernel's attack surface)",
            "import subprocess\nout = subprocess.run(['unshare', '-r', 'id', '-u'], capture_output=True, text=True)\n"
-           "if out.stdout.strip() == '0':\n    escaped('root in a nested user namespace')\nelse:\n    print(out.stderr)"),
+           "if out.stdout.strip() == '0':\n    escaped('root in a nested user namespace')\n"
+           "else:\n    print(out.stderr)"),
     Attack("replace-later-program", "a leftover replaces later runs' program.py (later wrong solutions pass?)",
            LEFTOVER % (LEFTOVER_LOOP % "tmp = d + 'x.py'\n            open(tmp, 'w').write('raise SystemExit(0)')\n"
-                                       "            os.replace(tmp, d + 'program.py')"), via="leftover", followups="wrong"),
+                                       "            os.replace(tmp, d + 'program.py')"),
+           via="leftover", followups="wrong"),
     Attack("chown-symlink", "a leftover swaps program.py for a symlink to root's file while root chowns it",
-           LEFTOVER % (LEFTOVER_LOOP % "os.symlink(CFG['secret'], d + 'l')\n            os.replace(d + 'l', d + 'program.py')"),
+           LEFTOVER % (LEFTOVER_LOOP % "os.symlink(CFG['secret'], d + 'l')\n"
+                                       "            os.replace(d + 'l', d + 'program.py')"),
            via="leftover", followups="honest", runs_after=10),
     # ---- scoring: each is a wrong solution of add(a, b)
     Attack("os-exit-0", "wrong, then os._exit(0)", "def add(a, b):\n    os._exit(0)", via="score", hook_off=False),

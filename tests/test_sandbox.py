@@ -122,7 +122,8 @@ def test_where_namespaces_cannot_be_made_the_probe_says_so():
     if python is None:
         pytest.skip("no interpreter user nobody can run")
     prefix = sandbox_attacks._as("nobody") if os.geteuid() == 0 else []
-    inner = "echo 1 > /proc/sys/user/max_user_namespaces && exec unshare --user --map-user=65534 --map-group=65534 -- \"$@\""
+    inner = ("echo 1 > /proc/sys/user/max_user_namespaces && "
+             "exec unshare --user --map-user=65534 --map-group=65534 -- \"$@\"")
     got = _probe(prefix + ["unshare", "--user", "--map-root-user", "sh", "-c", inner, "sh"], python, "/usr/bin:/bin")
     assert got["kind"] == "none" and "could not start one here" in got["refused"]
     assert "max_user_namespaces" in got["refused"] and got["unsafe_passed"]
