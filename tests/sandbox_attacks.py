@@ -41,7 +41,7 @@ def escaped(what):
 def off_globals():
     m = sys.modules["__main__"].__dict__
     if "DENY_PREFIXES" in m:         # the audit hook's globals, where it had them
-        m["DENY_PREFIXES"], m["PATH_EVENTS"], m["ROOT"] = ("nothing.",), set(), "/"
+        m["DENY_PREFIXES"], m["PATH_EVENTS"], m["ROOT"] = ("nothing.",), set(), ""   # "" + "/" prefixes all
 def off_realpath():
     os.path.realpath = lambda p, *a, **k: os.getcwd()
 def off_code():
