@@ -12,7 +12,7 @@ RUN ?=
 PYTEST_ARGS ?= --durations=25
 STAMP := $(VENV)/.installed
 
-.PHONY: help setup pipeline rehearse test test-fast report bench gpu-check slurm-up slurm-down clean
+.PHONY: help setup sandbox pipeline rehearse test test-fast report bench gpu-check slurm-up slurm-down clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -28,6 +28,14 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP) ## bootstrap .venv (idempotent; fast when done)
 
+sandbox: ## install bubblewrap (HumanEval's sandbox) with apt where it is missing and this is root
+	@command -v bwrap >/dev/null && exit 0; \
+	 if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	   DEBIAN_FRONTEND=noninteractive apt-get install -y -q bubblewrap >/dev/null 2>&1 || \
+	   { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q bubblewrap >/dev/null; }; \
+	 fi; command -v bwrap >/dev/null || { echo "bubblewrap (bwrap) not installed: HumanEval will be refused" >&2; \
+	   [ "$${CI:-}" != "true" ]; }
+
 pipeline: setup ## run a pipeline (default: the CPU smoke pipeline; locally when no Slurm is found)
 	$(PY) -m jobs submit $(PIPELINE) --executor $(EXECUTOR) --wait
 
@@ -35,7 +43,7 @@ rehearse: setup ## run a pipeline (REHEARSE, default artemis-a100) as shipped, s
 	bash sbatch/slurm_local.sh up
 	$(PY) -m jobs rehearse $(REHEARSE)
 
-test: setup ## run the test suite (brings up the local Slurm where it can; required when CI=true)
+test: setup sandbox ## run the test suite (brings up the local Slurm where it can; required when CI=true)
 	@if [ "$${CI:-}" = "true" ]; then bash sbatch/slurm_local.sh up; \
 	 else bash sbatch/slurm_local.sh up || echo "local Slurm not available: slurm tests will be skipped"; fi
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -8,6 +8,8 @@
 --tasks core runs the base-model CORE suite (nanochat.evaluate.BaseEvalConfig); any of arc_easy,
 arc_challenge, mmlu, gsm8k, humaneval run the chat evaluation. Prints one line per task (accuracy,
 examples, seconds, examples/s) and, with --json, the rows as one JSON object on the last line.
+Exit 1 when a task was not run (HumanEval where no sandbox can be made: the one-line reason is on
+stderr; --allow-unsafe-code runs it anyway).
 """
 from __future__ import annotations
 
@@ -30,6 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--first-token", choices=["independent", "broadcast"], default="independent")
     parser.add_argument("--compare-broadcast", action="store_true",
                         help="also run the generative tasks with the broadcast first-token baseline")
+    parser.add_argument("--allow-unsafe-code", action="store_true",
+                        help="run HumanEval's model code even where no sandbox can be made (bubblewrap missing)")
     parser.add_argument("--device", default="", help="cpu, cuda or mps (default: auto)")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
 
@@ -45,12 +49,15 @@ def run(args: argparse.Namespace) -> int:
     else:
         cfg = evaluate.ChatEvalConfig(tasks=args.tasks, num_samples=args.num_samples, temperature=args.temperature,
                                       max_new_tokens=args.max_new_tokens, first_token=args.first_token,
-                                      compare_broadcast=args.compare_broadcast, **common)
+                                      compare_broadcast=args.compare_broadcast,
+                                      allow_unsafe_code=args.allow_unsafe_code, **common)
     rows = evaluate.run(cfg)
     print(format_rows(rows), flush=True)
+    skipped = [r["error"] for r in rows if r.get("state") == "SKIPPED"]
     if args.json:
-        print(json.dumps({"rows": rows}, default=str), flush=True)
-    return 0
+        print(json.dumps({"rows": rows, **({"error": skipped[0], "exit_code": 1} if skipped else {})}, default=str),
+              flush=True)
+    return 1 if skipped else 0   # a task asked for was not run (the recipe printed why)
 
 
 def format_rows(rows: list[dict]) -> str:

@@ -108,11 +108,15 @@ def report_card_md(df: pd.DataFrame) -> list[str]:
         return []
     cols = ["stage", "task", "accuracy", "chance", "centered", "pass_at_1", "pass_at_k", "k", "first_token",
             "num_examples", "eval_seconds", "examples_per_s"]
+    if table["isolation"].notna().any():   # which sandbox ran the model's code (HumanEval)
+        cols.append("isolation")
     parts = ["## Report card", "",
              "Accuracy per task; centered = (accuracy - chance) / (1 - chance); CORE and ChatCORE are the means "
              "of centered. pass@k rows: k samples per problem, with the engine's independent first token and, "
              "as `<task>.broadcast`, the old broadcast first token on the same model. A tiny (smoke) model's "
-             "numbers are near chance: they show the path works, not that the model is good.", "",
+             "numbers are near chance: they show the path works, not that the model is good. A task not run "
+             "(HumanEval where no sandbox could be made) is absent here; its SKIPPED row and reason are in its "
+             "stage's table.", "",
              md_table(cols, [[_cell(r[c]) for c in cols] for _, r in table.iterrows()]), ""]
     return parts
 

@@ -217,7 +217,7 @@ def eval_table(df: pd.DataFrame) -> pd.DataFrame:
         extra = row_extra(r)
         lines.append({"stage": r["stage"], "task": r["variant"], "k": extra.get("k"), "first_token": extra.get("first_token"),
                       "num_examples": extra.get("num_examples"), "eval_seconds": extra.get("eval_seconds"),
-                      "chance": extra.get("chance", extra.get("random_baseline")),
+                      "chance": extra.get("chance", extra.get("random_baseline")), "isolation": extra.get("isolation"),
                       **{m: extra.get(m) for m in EVAL_FIGURES}})
     # per stage: the tasks, then the combined metric (CORE, ChatCORE: the rows without an accuracy)
     lines.sort(key=lambda l: (str(l["stage"]), l["accuracy"] is None, str(l["task"])))

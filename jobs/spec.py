@@ -128,6 +128,15 @@ VARIANT_KEYS = ("name", "args")
 # Stage and variant names become path components (rows/<stage>__..., <stage>/<variant>/): no '/', '..' or spaces.
 STAGE_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]*$")
 VARIANT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+# Values that reach sbatch lines (job name, #SBATCH --partition=...): a newline or a quote there
+# becomes shell in the job script. The pipeline name also names run folders.
+PIPELINE_NAME_RE = VARIANT_NAME_RE
+SLURM_LIST_RE = re.compile(r"^[A-Za-z0-9_.\-]+(,[A-Za-z0-9_.\-]+)*$")     # partition, account, qos: a,b
+CONSTRAINT_RE = re.compile(r"^[A-Za-z0-9_.\-&|,()\[\]*:=!]+$")        # Slurm features: a100&ib, [r1|r2]
+SLURM_VALUE_RULES = {"partition": (SLURM_LIST_RE, "letters, digits, _, - and ., comma-separated"),
+                     "account": (re.compile(r"^[A-Za-z0-9_.\-]+$"), "letters, digits, _, - and ."),
+                     "qos": (SLURM_LIST_RE, "letters, digits, _, - and ., comma-separated"),
+                     "constraint": (CONSTRAINT_RE, "feature names with & | , * : = ! ( ) [ ], no spaces")}
 
 
 class SpecError:
@@ -209,8 +218,16 @@ def config_class(kind: str):
     return getattr(module, class_name)
 
 
+def _check_slurm_values(err: SpecError, where: str, values: dict) -> None:
+    for k, (pattern, allowed) in SLURM_VALUE_RULES.items():
+        v = values.get(k)
+        if isinstance(v, str) and v and not pattern.fullmatch(v):
+            raise err(f"{where}.{k}", f"{v!r}: {allowed}")
+
+
 def _check_resources(err: SpecError, where: str, values: dict) -> None:
     _check_fields(err, where, values, Resources)
+    _check_slurm_values(err, where, values)
     for k, v in values.items():
         if k not in RESOURCE_LIMITS:   # partition, constraint: names
             continue
@@ -303,6 +320,7 @@ def parse_pipeline(raw: dict, source: str, check_args: bool = True) -> Pipeline:
     if not isinstance(cluster_raw, dict):
         raise err("cluster", "expected a mapping")
     _check_fields(err, "cluster", cluster_raw, Cluster)
+    _check_slurm_values(err, "cluster", cluster_raw)
     for k in ("nodes", "gpus_per_node", "cpus_per_task", "mem_gb", "time_min"):
         if k in cluster_raw:
             _check_resources(err, "cluster", {k: cluster_raw[k]})
@@ -436,6 +454,11 @@ def parse_pipeline(raw: dict, source: str, check_args: bool = True) -> Pipeline:
     ordered = {n: stages[n] for n in order}
     resolved = copy.deepcopy(raw)
     resolved.setdefault("name", Path(source).stem)
+    if not PIPELINE_NAME_RE.fullmatch(resolved["name"]) or ".." in resolved["name"]:
+        rule = "letters, digits, _, - and ., starting with a letter or digit"
+        if "name" in raw:
+            raise err("name", f"{resolved['name']!r}: pipeline names are {rule}")
+        raise err("name", f"missing, and the file name {resolved['name']!r} is not a pipeline name ({rule}): set name")
     return Pipeline(name=resolved["name"], description=raw.get("description", ""),
                     results_dir=raw.get("results_dir", ""), cluster=cluster, stages=ordered,
                     source=source, raw=resolved, default_args=dict(default_args))

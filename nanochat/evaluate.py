@@ -7,6 +7,9 @@ Evaluation recipes: the model's report card.
   the engine and its calculator, the final number), HumanEval (generated code run in the sandbox),
   combined as ChatCORE: the mean over tasks of (accuracy - chance) / (1 - chance), chance 1/4 for
   the multiple-choice sets and 0 for the generative ones, as nanochat combines them.
+  HumanEval runs only where nanochat.sandbox can isolate model code (every rank); elsewhere its row
+  is SKIPPED with the one-line reason, the other tasks run, and ChatCORE is over those that ran,
+  unless allow_unsafe_code. Its rows name the isolation that scored them (`isolation`).
 
 Distributed: with several ranks (torchrun or Slurm tasks) each rank takes every world_size-th
 example and the per-task counts are summed with torch.distributed; every rank returns the same rows.
@@ -17,6 +20,7 @@ first-token baseline (variant "<task>.broadcast"): the first-token fix measured 
 """
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 
@@ -51,6 +55,7 @@ class ChatEvalConfig:
     first_token: str = "independent"   # independent | broadcast (the old nanochat bug, for comparison)
     compare_broadcast: bool = False    # also run the generative tasks with first_token=broadcast
     sandbox_timeout_s: float = 10.0
+    allow_unsafe_code: bool = False    # run HumanEval's model code even where no sandbox can be made
     seed: int = 42
     base_dir: str = ""
     out_dir: str = ""
@@ -175,7 +180,8 @@ def _generative(task: str, examples, engine, tokenizer, cfg, info, first_token: 
         if task == "gsm8k":
             ok = [gsm8k.is_correct(e, t) for t in texts]
         else:
-            ok = [humaneval.score_completion(e, t, timeout_s=cfg.sandbox_timeout_s) for t in texts]
+            ok = [humaneval.score_completion(e, t, timeout_s=cfg.sandbox_timeout_s, allow_unsafe=cfg.allow_unsafe_code)
+                  for t in texts]
         pass1 += sum(ok) / len(ok)      # unbiased pass@1 from n samples: c / n
         passk += float(any(ok))
     return pass1, passk, len(mine)
@@ -190,6 +196,20 @@ def _load_chat_task(task: str, data_dir):
     return gsm8k.load(path) if task == "gsm8k" else humaneval.load(path)
 
 
+def _code_isolation(cfg: ChatEvalConfig, info) -> tuple[str, str | None]:
+    """(isolation label, refusal) for HumanEval, the same on every rank: one rank without a
+    sandbox refuses it everywhere, as the ranks' counts are summed together."""
+    from nanochat import sandbox
+    iso = sandbox.isolation()
+    missing = _reduce([float(iso.kind == "none")], info.ddp)[0]
+    if not missing:
+        return iso.label, None
+    if cfg.allow_unsafe_code:
+        return sandbox.UNSAFE, None
+    reason = iso.reason if iso.kind == "none" else f"{int(missing)} of {info.world_size} ranks have no sandbox"
+    return "none", f"humaneval not run: {reason} (or allow_unsafe_code: true to run model code unisolated)"
+
+
 def run_chat_eval(cfg: ChatEvalConfig, info, model, tokenizer) -> list[dict]:
     from nanochat.engine import Engine
     from nanochat.tasks.common import resolve_data_dir
@@ -198,10 +218,17 @@ def run_chat_eval(cfg: ChatEvalConfig, info, model, tokenizer) -> list[dict]:
     tasks = [t.strip() for t in cfg.tasks.split(",") if t.strip()]
     data_dir = resolve_data_dir(cfg.data_dir, cfg.base_dir)
     data = {t: _limit(_load_chat_task(t, data_dir), cfg) for t in tasks}   # all read before any work
+    isolation, refused = _code_isolation(cfg, info) if "humaneval" in tasks else (None, None)
+    if refused and info.rank == 0:
+        print(refused, file=sys.stderr, flush=True)
     engine = Engine(model, tokenizer)
     rows = []
     for task in tasks:
         examples = data[task]
+        if task == "humaneval" and refused:
+            rows.append(_row(task, 0, 0, 0.0, info, model, accuracy=None, state="SKIPPED", error=refused,
+                             isolation=isolation))
+            continue
         modes = [cfg.first_token]
         if task in GENERATIVE and cfg.compare_broadcast and "broadcast" not in modes:
             modes.append("broadcast")
@@ -216,6 +243,8 @@ def run_chat_eval(cfg: ChatEvalConfig, info, model, tokenizer) -> list[dict]:
                            first_token=mode, temperature=cfg.temperature)
                 if mode != cfg.first_token:
                     row["variant"] = f"{task}.{mode}"
+                if task == "humaneval":
+                    row["isolation"] = isolation
                 # the first-token fix only changes anything when several samples are drawn
                 chance = 0.0
             else:
@@ -227,10 +256,10 @@ def run_chat_eval(cfg: ChatEvalConfig, info, model, tokenizer) -> list[dict]:
             row["chance"] = chance
             row["centered"] = (row["accuracy"] - chance) / (1 - chance) if row["accuracy"] is not None else None
             rows.append(row)
-    main = [r for r in rows if r["variant"] in tasks]
+    main = [r for r in rows if r["variant"] in tasks and r["state"] == "COMPLETED"]
     rows.append(_row("ChatCORE", 0, 0, sum(r["eval_seconds"] for r in main), info, model, accuracy=None,
-                     num_examples=sum(r["num_examples"] for r in main),
-                     centered=sum(r["centered"] for r in main) / len(main)))
+                     num_examples=sum(r["num_examples"] for r in main), tasks=",".join(r["task"] for r in main),
+                     centered=sum(r["centered"] for r in main) / len(main) if main else None))
     return rows
 
 

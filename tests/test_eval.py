@@ -91,6 +91,27 @@ def test_chat_eval_end_to_end(ckpt):
     assert rows["arc_easy"]["chance"] == 0.25
     main = [rows[t] for t in ("arc_easy", "arc_challenge", "mmlu", "gsm8k", "humaneval")]
     assert rows["ChatCORE"]["centered"] == pytest.approx(sum(r["centered"] for r in main) / 5)
+    from nanochat.sandbox import isolation
+    assert rows["humaneval"]["isolation"] == rows["humaneval.broadcast"]["isolation"] == isolation().label
+
+
+def test_humaneval_refused_where_no_sandbox_the_other_tasks_run(ckpt):
+    """No bwrap on PATH: HumanEval's row is SKIPPED with the one-line reason (also on stderr, exit 1),
+    ARC runs, ChatCORE is over ARC alone; --allow-unsafe-code scores it and says how."""
+    env = {"PATH": "/nonexistent", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HOME": os.environ.get("HOME", "/")}
+    cmd = [sys.executable, "-m", "jobs", "eval", str(ckpt), "--tasks", "arc_easy,humaneval", "--data-dir", "fixtures",
+           "--max-per-task", "2", "--max-new-tokens", "4", "--json"]
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1, p.stderr
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    rows = {r["variant"]: r for r in out["rows"]}
+    assert rows["arc_easy"]["state"] == "COMPLETED" and rows["humaneval"]["state"] == "SKIPPED"
+    assert "bubblewrap (bwrap) is not installed" in rows["humaneval"]["error"] == out["error"]
+    assert out["error"] in p.stderr and rows["ChatCORE"]["tasks"] == "arc_easy"
+    p = subprocess.run(cmd + ["--allow-unsafe-code"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    rows = {r["variant"]: r for r in json.loads(p.stdout.strip().splitlines()[-1])["rows"]}
+    assert rows["humaneval"]["state"] == "COMPLETED" and rows["humaneval"]["isolation"].startswith("none")
 
 
 def test_base_eval_core(ckpt):

@@ -6,6 +6,7 @@ the soft lock itself is also exercised with no replacement at all (NANOCHAT_LOCK
 import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -122,3 +123,54 @@ def test_a_soft_lock_left_by_a_killed_process_is_taken_over(tmp_path):
     """, no_flock_errno=errno.ENOSYS)
     assert out.returncode == 0 and out.stdout.strip() == "taken", out.stderr
     assert time.monotonic() - t0 < 20
+
+
+OTHER_HOST = "import socket\nsocket.gethostname = lambda: 'n2'   # as if on another node of the cluster\n"
+
+
+def test_a_soft_lock_left_by_a_dead_holder_on_another_host_is_taken_over(tmp_path):
+    """Before, its lock file (pid and host of a node this one cannot probe) was waited on forever.
+    Now its holder touches it while alive; untouched for the lease, it is taken over."""
+    lock = str(tmp_path / "held.lock")
+    env = {"NANOCHAT_LOCK": "soft", "NANOCHAT_LOCK_LEASE_S": "2"}
+    holder = child(OTHER_HOST + f"""
+from nanochat.locking import file_lock
+l = file_lock({lock!r}); l.acquire(); print("held", flush=True); time.sleep(600)
+""", env_extra=env, wait=False)
+    assert holder.stdout.readline().strip() == "held"
+    holder.send_signal(signal.SIGKILL)          # the node died: nobody will ever remove its lock file
+    holder.wait(timeout=30)
+    assert "host=n2" in Path(lock).read_text()
+    out = child(f"""
+        from nanochat.locking import file_lock
+        with file_lock({lock!r}):                # the default wait
+            print("taken")
+    """, env_extra=env)
+    assert out.returncode == 0 and out.stdout.strip() == "taken", out.stderr
+
+
+def test_a_lock_held_too_long_is_one_line_naming_the_file_and_holder(tmp_path):
+    lock = str(tmp_path / "held.lock")
+    env = {"NANOCHAT_LOCK": "soft", "NANOCHAT_LOCK_LEASE_S": "120"}
+    holder = child(OTHER_HOST + f"""
+from nanochat.locking import file_lock
+l = file_lock({lock!r}); l.acquire(); print("held", flush=True); time.sleep(600)
+""", env_extra=env, wait=False)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        out = child(f"""
+            from filelock import Timeout
+            from nanochat.locking import file_lock
+            try:
+                with file_lock({lock!r}):
+                    print("taken")
+            except Timeout as e:                 # an OSError too: a stage fails with this one line
+                print(isinstance(e, OSError), e)
+        """, env_extra={**env, "NANOCHAT_LOCK_TIMEOUT": "1"})
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    assert out.returncode == 0, out.stderr
+    line = out.stdout.strip()
+    assert re.match(rf"True {re.escape(lock)}: still held after \d+ s by pid {holder.pid} on n2; ", line), line
+    assert "NANOCHAT_LOCK_TIMEOUT" in line and "\n" not in line

@@ -79,6 +79,14 @@ BAD = [
     (lambda d: d["stages"]["c"]["variants"][0].update(name="a b"), "stages.c.variants[0].name", "variant names"),
     (lambda d: d["stages"]["c"]["variants"][0].update(name="x\n"), "stages.c.variants[0].name", "variant names"),
     (lambda d: d["stages"].update({"e\n": {"kind": "noop"}}), "stages.'e", "stage names are"),
+    # values that reach the job script's #SBATCH lines and the run folder: a newline there was a shell line
+    (lambda d: d.update(name="t\necho pwned"), "name", "pipeline names are"),
+    (lambda d: d.update(name="../up"), "name", "pipeline names are"),
+    (lambda d: d["cluster"].update(partition="gpu\n#SBATCH --uid=0"), "cluster.partition", "comma-separated"),
+    (lambda d: d["cluster"].update(account="lab$(id)"), "cluster.account", "letters, digits"),
+    (lambda d: d["cluster"].update(qos="high normal"), "cluster.qos", "letters, digits"),
+    (lambda d: d["cluster"].update(constraint="a100\nrm -rf ~"), "cluster.constraint", "no spaces"),
+    (lambda d: d["stages"]["b"]["resources"].update(partition="x'y"), "stages.b.resources.partition", "letters"),
 ]
 
 
@@ -93,6 +101,16 @@ def test_bad_specs_name_the_file_and_the_key(tmp_path, mutate, key, words):
     msg = str(e.value)
     assert msg.startswith(f"{path}: ") and key in msg and words in msg, msg
     assert "\n" not in msg
+
+
+def test_slurm_values_that_sbatch_takes_pass(tmp_path):
+    import copy
+    data = copy.deepcopy(GOOD)
+    data["cluster"].update(partition="gpu,gpu-long", account="lab.ml_2", qos="normal", constraint="[a100|h100]&ib*2")
+    assert spec.load_pipeline(write(tmp_path, data)).cluster.constraint == "[a100|h100]&ib*2"
+    data.pop("name")
+    with pytest.raises(ConfigError, match=r"name: missing, and the file name 'my run' is not a pipeline name"):
+        spec.load_pipeline(write(tmp_path, data, "my run.yaml"))
 
 
 def test_missing_file_and_bad_yaml_and_bad_set(tmp_path):
