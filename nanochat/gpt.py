@@ -48,8 +48,21 @@ class GPTConfig:
 
 
 def norm(x: torch.Tensor) -> torch.Tensor:
-    # parameter-free RMSNorm
-    return F.rms_norm(x, (x.size(-1),))
+    """Parameter-free RMSNorm, in x's own dtype. Outside autocast on purpose: from torch 2.12 CUDA
+    autocast runs rms_norm in fp32, which made the residual stream an fp32 copy at every norm and
+    handed FlexAttention fp32 q/k next to a bf16 v. rms_norm accumulates in fp32 inside anyway."""
+    with torch.autocast(x.device.type, enabled=False):
+        return F.rms_norm(x, (x.size(-1),))
+
+
+def activation_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype the forward computes in: autocast's where autocast is on for the weights' device
+    (bf16 training on CUDA), else the weights' own (fp32 training, bf16 or fp32 inference). The
+    embedding output and the rotary tables are cast to it, so the residual stream, q, k and v all
+    carry it and no fp32 copy of an activation is made; the fp32 master weights stay as they are."""
+    if torch.is_autocast_enabled(weight.device.type):
+        return torch.get_autocast_dtype(weight.device.type)
+    return weight.dtype
 
 
 def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -58,7 +71,7 @@ def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     x1, x2 = x[..., :d], x[..., d:]
     y1 = x1 * cos + x2 * sin
     y2 = x1 * (-sin) + x2 * cos
-    return torch.cat([y1, y2], 3).to(x.dtype)
+    return torch.cat([y1, y2], 3).to(x.dtype)  # a no-op when cos/sin carry x's dtype (GPT.forward casts them)
 
 
 def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
@@ -139,7 +152,7 @@ class CausalSelfAttention(nn.Module):
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
         cos, sin = cos_sin
         q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
-        q, k = norm(q), norm(k)  # QK norm
+        q, k = norm(q).to(v.dtype), norm(k).to(v.dtype)  # QK norm; the attention kernels take one dtype
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         enable_gqa = self.n_head != self.n_kv_head
         if kv_cache is not None:
@@ -254,8 +267,8 @@ class GPT(nn.Module):
             if start + T > self.cos.size(1):
                 raise ValueError(f"sequence of {start + T} tokens is longer than the rotary table ({self.cos.size(1)})")
             cos, sin = self.cos[:, start:start + T], self.sin[:, start:start + T]
-        dtype = self.transformer.wte.weight.dtype
-        cos_sin = (cos.to(dtype) if dtype == torch.bfloat16 else cos, sin.to(dtype) if dtype == torch.bfloat16 else sin)
+        dtype = activation_dtype(self.transformer.wte.weight)
+        cos_sin = (cos.to(dtype), sin.to(dtype))
         attn_mask = None
         if doc_ids is not None:
             if doc_attention_route(self.doc_attention, doc_ids.device) == "flex":
@@ -263,7 +276,7 @@ class GPT(nn.Module):
             else:
                 attn_mask = document_causal_mask(doc_ids)
 
-        x = self.transformer.wte(idx)
+        x = self.transformer.wte(idx).to(dtype)  # the rows looked up, cast: never the whole table
         x = norm(x)
         for block in self.transformer.h:
             x = block(x, cos_sin, kv_cache, attn_mask)

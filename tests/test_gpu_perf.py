@@ -1,0 +1,41 @@
+"""
+CUDA only (marked `gpu`, skipped without CUDA; run by `python -m jobs gpu-check` where a GPU is lent):
+the GPU side of issue 22's performance items whose logic the CPU tests cover. One dtype from the
+embedding to the logits under bf16 autocast (FlexAttention gets bf16 q, k and v), and the CUDA-graph
+decode attending to the filled length buckets only, with the eager cache's greedy tokens.
+Small shapes only; nothing here imports submitit or rustbpe (the lent machine has neither).
+"""
+import pytest
+import torch
+
+import nanochat.gpt as gpt
+from nanochat.gpt import GPTConfig, build_model
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+def cuda_model(n_layer=2, vocab=512, seq=256):
+    torch.manual_seed(0)
+    return build_model(GPTConfig(sequence_len=seq, vocab_size=vocab, n_layer=n_layer, n_head=4, n_kv_head=2,
+                                 n_embd=128), device="cuda")
+
+
+def test_flex_attention_gets_one_dtype_under_cuda_autocast(monkeypatch):
+    # torch 2.12+ autocast runs rms_norm in fp32: the QK norm must not hand flex fp32 q/k and a bf16 v
+    model = cuda_model()
+    model.doc_attention = "flex"
+    seen = []
+    flex = gpt.flex_attention
+
+    def spy(q, k, v, *a, **kw):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return flex(q, k, v, *a, **kw)
+
+    monkeypatch.setattr(gpt, "flex_attention", spy)
+    x = torch.randint(0, 512, (2, 256), device="cuda")
+    doc_ids = (torch.arange(256, device="cuda") // 100).expand(2, -1)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(x, x, doc_ids=doc_ids)
+    loss.backward()
+    assert seen and all(d == torch.bfloat16 for s in seen for d in s), seen
+    assert torch.isfinite(loss) and all(p.grad is not None for p in model.parameters())
