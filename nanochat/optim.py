@@ -40,69 +40,84 @@ def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5) -> Tensor:
 
 class Muon(torch.optim.Optimizer):
     """MomentUm Orthogonalized by Newton-schulz (Keller Jordan). For 2D weight matrices only.
-    shard=True (set by the training loop when several ranks train): matrices are dealt round-robin
-    over the ranks in chunks of one shape, each rank orthogonalises its own and the updates are all-gathered,
-    so every rank applies the same updates having run 1/world_size of the iterations. Momentum is
-    kept for every matrix on every rank (an elementwise update, cheap): the optimizer state, and so
-    the checkpoint, is the same as unsharded. Off in the batch-size probe, whose ranks must not meet
-    in collectives mid-trial."""
+    Matrices of one shape are stacked and orthogonalised together, one batched Newton-Schulz per
+    shape (as nanochat's MuonAdamW does): a depth-d model has a few shapes, not 6d matrices, so the
+    iteration runs a few large batched matmuls instead of many small ones.
+    shard=True (set by the training loop when several ranks train): the matrices of each shape are
+    dealt round-robin over the ranks, each rank orthogonalises its own (stacked) and the updates are
+    all-gathered, so every rank applies the same updates having run 1/world_size of the iterations.
+    Momentum is kept for every matrix on every rank (an elementwise update, cheap): the optimizer
+    state, and so the checkpoint, is the same as unsharded. Off in the batch-size probe, whose ranks
+    must not meet in collectives mid-trial."""
 
-    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, shard: bool = False):
+    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, shard: bool = False,
+                 stack: bool = True):
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps))
-        self.shard = shard  # not a hyperparameter: never saved in, or loaded from, a checkpoint
+        # not hyperparameters: never saved in, or loaded from, a checkpoint. stack=False orthogonalises
+        # each matrix on its own (the baseline of `bench train --compare-muon`), to the same result.
+        self.shard, self.stack = shard, stack
 
     @torch.no_grad()
     def step(self):
         world = dist.get_world_size() if self.shard and dist.is_available() and dist.is_initialized() else 1
+        pending = []  # every gather is launched first: one shape's communication overlaps the next's iterations
         for group in self.param_groups:
-            params = []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p.grad)
-                state["momentum_buffer"].lerp_(p.grad, 1 - group["momentum"])
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            for p in params:
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p.grad)
+            torch._foreach_lerp_(self._buffers(params), [p.grad for p in params], 1 - group["momentum"])
+            by_shape: dict[tuple, list[Tensor]] = {}
+            for p in params:
+                by_shape.setdefault((tuple(p.shape), p.dtype, p.device) if self.stack else id(p), []).append(p)
+            turn = 0  # whose turn the next matrix is: dealt on across shapes, so no rank gets every remainder
+            for same in by_shape.values():
                 if world == 1:
-                    self._apply(p, zeropower_via_newtonschulz5(self._direction(p, group), steps=group["ns_steps"]).to(p.dtype), group)
-                else:
-                    params.append(p)
-            if params:
-                self._sharded_updates(params, group, world)
+                    self._apply(same, self._orthogonalised(same, group), group)
+                    continue
+                owners = [(turn + i) % world for i in range(len(same))]
+                turn = (turn + len(same)) % world
+                pending.append(self._launch_shard(same, owners, group, world))
+        for same, rows, gathered, work, group in pending:
+            work.wait()
+            self._apply(same, gathered[rows], group)
 
-    def _direction(self, p: Tensor, group: dict) -> Tensor:
-        """What Newton-Schulz orthogonalises: the Nesterov look-ahead of the momentum, or the momentum."""
-        buf = self.state[p]["momentum_buffer"]
-        return p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+    def _buffers(self, params: list[Tensor]) -> list[Tensor]:
+        return [self.state[p]["momentum_buffer"] for p in params]
+
+    def _orthogonalised(self, params: list[Tensor], group: dict) -> Tensor:
+        """(len(params), *shape) updates: Newton-Schulz of each matrix's direction, the Nesterov
+        look-ahead of the momentum (or the momentum), all matrices of the stack in one iteration."""
+        bufs = self._buffers(params)
+        directions = torch._foreach_lerp([p.grad for p in params], bufs, group["momentum"]) if group["nesterov"] else bufs
+        update = zeropower_via_newtonschulz5(torch.stack(directions), steps=group["ns_steps"])
+        return update.to(params[0].dtype)
+
+    def _launch_shard(self, params: list[Tensor], owners: list[int], group: dict, world: int):
+        """Orthogonalise this rank's matrices of one shape and start the all-gather of every rank's:
+        each rank sends `slots` updates (zeros where it owns fewer), so matrix i's update lands in row
+        owner * slots + (its place among that owner's matrices)."""
+        rank = dist.get_rank()
+        slots = -(-len(params) // world)
+        mine = [p for p, o in zip(params, owners) if o == rank]
+        send = params[0].new_zeros((slots, *params[0].shape))
+        if mine:
+            send[:len(mine)] = self._orthogonalised(mine, group)
+        gathered = params[0].new_empty((world * slots, *params[0].shape))
+        work = dist.all_gather_into_tensor(gathered, send, async_op=True)
+        seen = [0] * world
+        rows = []
+        for o in owners:
+            rows.append(o * slots + seen[o])
+            seen[o] += 1
+        return params, rows, gathered, work, group
 
     @staticmethod
-    def _apply(p: Tensor, update: Tensor, group: dict) -> None:
-        scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
-        p.add_(update, alpha=-group["lr"] * scale)
-
-    def _sharded_updates(self, params: list[Tensor], group: dict, world: int) -> None:
-        rank = dist.get_rank()
-        by_shape: dict[tuple, list[int]] = {}
-        for i, p in enumerate(params):
-            by_shape.setdefault((tuple(p.shape), p.dtype), []).append(i)
-        pending = []  # launch every gather first: the communication of one chunk overlaps the next's iterations
-        turn = 0  # whose turn the next matrix is: dealt on across shapes, so no rank gets every remainder
-        for (shape, dtype), idx in by_shape.items():
-            for start in range(0, len(idx), world):
-                chunk = idx[start:start + world]
-                owners = [(turn + k) % world for k in range(len(chunk))]
-                turn = (turn + len(chunk)) % world
-                if rank in owners:
-                    j = chunk[owners.index(rank)]
-                    mine = zeropower_via_newtonschulz5(self._direction(params[j], group), steps=group["ns_steps"]).to(dtype).contiguous()
-                else:  # fewer matrices than ranks left: this rank sends a placeholder
-                    mine = torch.zeros(shape, dtype=dtype, device=params[chunk[0]].device)
-                outs = [torch.empty_like(mine) for _ in range(world)]
-                pending.append((chunk, [outs[o] for o in owners], dist.all_gather(outs, mine, async_op=True)))
-        for chunk, updates, work in pending:
-            work.wait()
-            for j, update in zip(chunk, updates):
-                self._apply(params[j], update, group)
+    def _apply(params: list[Tensor], updates: Tensor, group: dict) -> None:
+        scale = max(1.0, params[0].size(-2) / params[0].size(-1)) ** 0.5
+        torch._foreach_add_(params, list(updates.unbind(0)), alpha=-group["lr"] * scale)
 
 
 def build_optimizers(model, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02,
