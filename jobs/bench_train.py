@@ -313,7 +313,7 @@ def _compare_cpu_step(args: argparse.Namespace) -> int:
     from nanochat.cpu_features import cpu_has_amx, cpu_has_fast_bf16
     from nanochat.dataloader import pretraining_loader
     from nanochat.dataset import split_shards
-    from nanochat.gpt import GPTConfig, build_model
+    from nanochat.gpt import CompiledGPT, GPTConfig, build_model
     from nanochat.optim import build_optimizers
     from nanochat.prepare import ensure_pretraining_data, ensure_tokenizer
     from nanochat.train_loop import autocast_context, forward_backward, lr_multiplier, muon_momentum
@@ -342,7 +342,7 @@ def _compare_cpu_step(args: argparse.Namespace) -> int:
         model = build_model(config, device)
         model_flops = model.estimate_flops()
         routes[name] = dict(model=model, optimizers=build_optimizers(model),
-                            step_model=torch.compile(model) if compiled else model,
+                            step_model=CompiledGPT(model) if compiled else model,  # as training compiles
                             autocast=autocast_context(precision, device), times=[], cpu=[], losses=[])
     for step in range(args.steps):
         rows, mask = loader.next_step_rows(B)

@@ -38,8 +38,8 @@ import torch.distributed as dist
 from nanochat.common import (ConfigError, atomic_write_json, compute_init, device_name, get_base_dir, git_commit,
                              peak_flops, peak_memory_bytes, print0, reset_peak_memory, synchronize)
 from nanochat.datasets_chat import read_mixture
-from nanochat.gpt import GPT, GPTConfig, build_model, doc_attention_route
-from nanochat.optim import GradientBuckets, all_reduce_gradients, build_optimizers
+from nanochat.gpt import GPT, CompiledGPT, GPTConfig, build_model, doc_attention_route
+from nanochat.optim import GradientBuckets, all_reduce_gradients, build_optimizers, zero_gradients
 from nanochat.packing import MODES, PACKED_MODES, Example, batch_for_mode, plan_batches, truncate
 from nanochat.synthetic import generate_conversations
 from nanochat.tokenizer import Tokenizer
@@ -400,7 +400,7 @@ def train(cfg: SFTConfig, model: GPT, tokenizer: Tokenizer, train_examples: list
     counter = CompileCounter()
     if compiled:
         torch._dynamo.reset()  # fresh caches: a second model in this process must not eat the recompile limit
-        train_model = torch.compile(model, dynamic=False, backend=counter)
+        train_model = CompiledGPT(model, backend=counter)  # by region: GradientBuckets overlaps backward
     else:
         train_model = model
     model.train()
@@ -454,7 +454,7 @@ def train(cfg: SFTConfig, model: GPT, tokenizer: Tokenizer, train_examples: list
                 break
             # Drop this step's partial gradients and rerun the same rows in smaller micro-batches
             # (at B=1 fallback_after_oom raises MemoryError, on every rank alike).
-            model.zero_grad(set_to_none=True)
+            zero_gradients(model, grad_buckets)
             B, accum = oom[1](B, accum, batch_info.get("cache_key"), batch_info.get("cache_dir"), device)
             batch_size_source = source_after_oom(batch_size_source)  # a configured batch stays the fixed side
             print0(f"sft[{mode}] out of memory at step {step}: rerunning it with device_batch_size={B}, "
@@ -468,7 +468,7 @@ def train(cfg: SFTConfig, model: GPT, tokenizer: Tokenizer, train_examples: list
             for group in opt.param_groups:
                 group["lr"] = group["initial_lr"] * lr_mult
             opt.step()
-        model.zero_grad(set_to_none=True)
+        zero_gradients(model, grad_buckets)
         losses.append(_all_reduce_sum([float(loss_sum)], device, ddp)[0] / max(n_sup, 1.0))
         synchronize(device)
         dt = time.time() - t0

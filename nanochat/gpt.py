@@ -10,6 +10,7 @@ Sizes derive from depth: width = 64 * depth (nanochat's aspect ratio).
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import asdict, dataclass
@@ -254,11 +255,15 @@ class GPT(nn.Module):
         l, h, q, t = c.n_layer, c.n_head, c.n_embd // c.n_head, c.sequence_len
         return 6 * (nparams - nparams_embedding) + 12 * l * h * q * t
 
-    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", doc_ids=None, pos_offset=None):
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", doc_ids=None, pos_offset=None,
+                compiled: "CompiledGPT | None" = None):
         """idx: (B, T) token ids. targets: (B, T) with -1 where no loss is taken.
         doc_ids: (B, T) for packed rows (attention stays within a document).
         kv_cache: an object with insert_kv(layer, k, v) -> (k, v, mask) and a position (see engine.py).
+        compiled: the CompiledGPT whose regions run the blocks, the head and the mask (it passes itself).
         Returns the loss when targets are given, else logits (B, T, vocab) in float32."""
+        if compiled is not None and kv_cache is not None:
+            raise ValueError("the compiled training forward takes no kv_cache")
         B, T = idx.size()
         if kv_cache is not None:
             cos, sin = kv_cache.rotary(self.cos, self.sin, T)
@@ -271,15 +276,24 @@ class GPT(nn.Module):
         cos_sin = (cos.to(dtype), sin.to(dtype))
         attn_mask = None
         if doc_ids is not None:
-            if doc_attention_route(self.doc_attention, doc_ids.device) == "flex":
-                attn_mask = document_block_mask(doc_ids)
-            else:
-                attn_mask = document_causal_mask(doc_ids)
-
+            attn_mask = (GPT.doc_mask if compiled is None else compiled.doc_mask)(self, doc_ids)
         x = self.transformer.wte(idx).to(dtype)  # the rows looked up, cast: never the whole table
         x = norm(x)
         for block in self.transformer.h:
-            x = block(x, cos_sin, kv_cache, attn_mask)
+            if compiled is None:
+                x = block(x, cos_sin, kv_cache, attn_mask)
+            else:
+                x = compiled.block(block, x, cos_sin, None, attn_mask)
+        return (GPT.head if compiled is None else compiled.head)(self, x, targets, loss_reduction)
+
+    def doc_mask(self, doc_ids: torch.Tensor):
+        """The attention mask of packed rows: a FlexAttention BlockMask or the dense boolean mask."""
+        if doc_attention_route(self.doc_attention, doc_ids.device) == "flex":
+            return document_block_mask(doc_ids)
+        return document_causal_mask(doc_ids)
+
+    def head(self, x: torch.Tensor, targets=None, loss_reduction: str = "mean") -> torch.Tensor:
+        """Final norm, lm_head, softcap; the loss when targets are given, else the float32 logits."""
         x = norm(x)
         logits = self.lm_head(x).float()
         logits = self.softcap * torch.tanh(logits / self.softcap)
@@ -287,6 +301,35 @@ class GPT(nn.Module):
             return logits
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
                                ignore_index=-1, reduction=loss_reduction)
+
+
+# The training forward, torch.compile'd by region. Tests may set another backend (aot_eager: dynamo and
+# AOTAutograd build the same regions and autograd graph, without inductor's code generation).
+COMPILE_BACKEND = "inductor"
+
+
+class CompiledGPT(nn.Module):
+    """A GPT's training forward with each region torch.compile'd on its own, dynamic=False (training's
+    shapes are fixed; a new batch size after an out-of-memory fallback compiles once more): one graph
+    serves every block (the same code and shapes), one the head (norm, lm_head, softcap, cross-entropy),
+    one the packed rows' attention mask. Why not the whole model: its backward would be one autograd
+    node, so every gradient would be ready only once all of backward had run, and GradientBuckets'
+    all-reduces could not start before it ended. By region, the autograd engine accumulates a block's
+    gradients as soon as that block's backward is done, and their bucket is all-reduced while the
+    earlier blocks' backward runs (DDP gets the same by splitting dynamo's graph at its buckets).
+    One block's compile serving all blocks also keeps the compile short at any depth.
+    Called like the model for training (no kv_cache); `model` stays the uncompiled module (eval, checkpoints)."""
+
+    def __init__(self, model: GPT, backend=None):
+        super().__init__()
+        compile_region = functools.partial(torch.compile, dynamic=False, backend=backend or COMPILE_BACKEND)
+        self.model = model
+        self.block = compile_region(Block.forward)
+        self.head = compile_region(GPT.head)
+        self.doc_mask = compile_region(GPT.doc_mask)
+
+    def forward(self, idx, targets=None, loss_reduction="mean", doc_ids=None):
+        return self.model(idx, targets, loss_reduction=loss_reduction, doc_ids=doc_ids, compiled=self)
 
 
 def build_model(config: GPTConfig, device: torch.device | str = "cpu") -> GPT:

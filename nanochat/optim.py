@@ -160,18 +160,32 @@ def all_reduce_gradients(model) -> None:
         offset += n
 
 
+def zero_gradients(model, grad_buckets: "GradientBuckets | None" = None) -> None:
+    """Drop the gradients after an optimizer step (or a step rerun after an out-of-memory error):
+    zeroed in place where they are GradientBuckets' views, set to None otherwise."""
+    if grad_buckets is not None:
+        grad_buckets.zero_grad()
+    else:
+        model.zero_grad(set_to_none=True)
+
+
 class GradientBuckets:
     """Averages gradients over ranks while backward still runs. Parameters are grouped, in reverse
-    order (backward produces the last layers' gradients first), into buckets of about `bucket_mb`;
-    a post-accumulate-grad hook copies each gradient into its bucket's flat buffer, and a full bucket
-    is all-reduced asynchronously, buckets always launched in the same order on every rank.
+    order (backward produces the last layers' gradients first), into buckets of about `bucket_mb`.
+    Each parameter's .grad is a view into its bucket's flat buffer (DDP's gradient_as_bucket_view),
+    so backward accumulates straight into what is sent: no copy in, no copy out. A
+    post-accumulate-grad hook counts the gradients ready, and a full bucket is all-reduced
+    asynchronously, buckets always launched in the same order on every rank. A compiled model must
+    be compiled by region (gpt.CompiledGPT) for the hooks to fire during backward.
 
     Per optimizer step: arm() before the last micro-batch's backward (earlier micro-batches only
     accumulate, and launch nothing), then launch_rest() on every rank whatever happened (a rank that
     ran out of memory mid-backward launches the buckets it did not reach, so the ranks' collectives
-    still pair up), then finish(apply): wait for every bucket and, if apply, write the averages into
-    the gradients; finish(False) drops them (the out-of-memory rerun). The result equals
-    all_reduce_gradients's: the same sums, divided by the world size."""
+    still pair up), then finish(apply): wait for every bucket and, if apply, divide the sums by the
+    world size in place (the gradients are the averages); finish(False) zeroes them (the out-of-memory
+    rerun). zero_grad() after the optimizer step, never model.zero_grad(set_to_none=True), which would
+    detach the gradients from the buffers. The result equals all_reduce_gradients's: the same sums,
+    divided by the world size."""
 
     def __init__(self, model, bucket_mb: float | None = None):
         bucket_mb = BUCKET_MB if bucket_mb is None else bucket_mb
@@ -188,39 +202,40 @@ class GradientBuckets:
             self.buckets[-1].append(p)
             size += p.numel() * p.element_size()
         self.buffers = [torch.zeros(sum(p.numel() for p in b), dtype=b[0].dtype, device=b[0].device) for b in self.buckets]
-        self.where: dict[int, tuple[int, int]] = {}  # id(param) -> (bucket, offset)
-        for bi, b in enumerate(self.buckets):
+        self.bucket_of: dict[int, int] = {}  # id(param) -> bucket
+        self.views: list[tuple[Tensor, Tensor]] = []  # (param, its gradient's place in the buffer)
+        for bi, (b, buf) in enumerate(zip(self.buckets, self.buffers)):
             offset = 0
             for p in b:
-                self.where[id(p)] = (bi, offset)
+                self.bucket_of[id(p)] = bi
+                self.views.append((p, buf[offset:offset + p.numel()].view_as(p)))
                 offset += p.numel()
         self.hooks = [p.register_post_accumulate_grad_hook(self._grad_ready) for p in params]
-        self._reset()
+        self.zero_grad()
 
     def _reset(self) -> None:
         self.armed = False
         self.ready = [0] * len(self.buckets)
-        self.copied: set[int] = set()  # id(param) of gradients already in their bucket
+        self.counted: set[int] = set()  # id(param) of gradients already counted ready
         self.works: list = []
         self.launched = 0
+
+    def zero_grad(self) -> None:
+        """Zero the buffers and (re)attach every .grad to its view: the next backward accumulates there."""
+        for buf in self.buffers:
+            buf.zero_()
+        for p, view in self.views:
+            p.grad = view
+        self._reset()
 
     def arm(self) -> None:
         self.armed = True
 
-    def _copy_in(self, p: Tensor) -> None:
-        bi, offset = self.where[id(p)]
-        view = self.buffers[bi][offset:offset + p.numel()]
-        if p.grad is None:
-            view.zero_()
-        else:
-            view.copy_(p.grad.reshape(-1))
-
     def _grad_ready(self, p: Tensor) -> None:
-        if not self.armed or id(p) in self.copied:
+        if not self.armed or id(p) in self.counted:
             return
-        self._copy_in(p)
-        self.copied.add(id(p))
-        self.ready[self.where[id(p)][0]] += 1
+        self.counted.add(id(p))
+        self.ready[self.bucket_of[id(p)]] += 1
         while self.launched < len(self.buckets) and self.ready[self.launched] == len(self.buckets[self.launched]):
             self._launch(self.launched)
 
@@ -230,25 +245,26 @@ class GradientBuckets:
 
     def launch_rest(self) -> None:
         while self.launched < len(self.buckets):
-            bi = self.launched
-            for p in self.buckets[bi]:
-                if id(p) not in self.copied:
-                    self._copy_in(p)
-            self._launch(bi)
+            self._launch(self.launched)
 
     def finish(self, apply: bool = True) -> None:
         for work in self.works:
             work.wait()
-        if apply:
-            for b, buf in zip(self.buckets, self.buffers):
-                buf /= self.world
-                for p in b:
-                    if p.grad is not None:
-                        _, offset = self.where[id(p)]
-                        p.grad.copy_(buf[offset:offset + p.numel()].view_as(p.grad))
+        if not apply:
+            self.zero_grad()
+            return
+        for p, view in self.views:
+            if p.grad is not view:  # something replaced a gradient: the buffer no longer holds it
+                raise RuntimeError("GradientBuckets: a parameter's .grad is no longer its bucket view "
+                                   "(zero gradients with GradientBuckets.zero_grad, not set_to_none)")
+        for buf in self.buffers:
+            buf /= self.world
         self._reset()
 
     def remove(self) -> None:
+        """Unhook, and let the gradients go with the buffers (the run is over)."""
         for h in self.hooks:
             h.remove()
         self.hooks = []
+        for p, _ in self.views:
+            p.grad = None

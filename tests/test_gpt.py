@@ -71,3 +71,31 @@ def test_bf16_autocast_keeps_every_activation_bf16(route, rms_norm_fp32_under_cp
     assert len(attention) == 2 and {s[0] for s in attention} == {"flex" if route == "flex" else "sdpa"}
     assert all(d == torch.bfloat16 for s in seen for d in s[1:]), seen
     assert loss.dtype == torch.float32 and abs(loss.item() - reference.item()) < 0.02 * reference.item()
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_compiled_by_region_equals_eager_and_splits_backward_per_block(packed):
+    # aot_eager: dynamo and AOTAutograd cut the same regions and autograd graph inductor compiles
+    model = _small_model()
+    x = torch.randint(0, 256, (2, 64))
+    doc_ids = (torch.arange(64) // 24).expand(2, -1) if packed else None
+    eager = model(x, x, doc_ids=doc_ids)
+    eager.backward()
+    eager_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    compiled = gpt.CompiledGPT(model, backend="aot_eager")
+    loss = compiled(x, x, doc_ids=doc_ids)
+    regions, todo, seen = 0, [loss.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            regions += "CompiledFunction" in node.name()
+            todo.extend(n for n, _ in node.next_functions)
+    assert regions == 1 + model.config.n_layer  # the head and each block: backward is not one opaque node
+    loss.backward()
+    assert loss.item() == pytest.approx(eager.item(), rel=1e-6)
+    for p, g in zip(model.parameters(), eager_grads):
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="kv_cache"):
+        model(x, compiled=compiled, kv_cache=object())
