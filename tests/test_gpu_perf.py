@@ -39,3 +39,32 @@ def test_flex_attention_gets_one_dtype_under_cuda_autocast(monkeypatch):
     loss.backward()
     assert seen and all(d == torch.bfloat16 for s in seen for d in s), seen
     assert torch.isfinite(loss) and all(p.grad is not None for p in model.parameters())
+
+
+def test_captured_decode_reads_only_the_filled_buckets_and_matches_eager(monkeypatch):
+    import torch.nn.functional as F
+    from nanochat.engine import DecodeStep, Engine, check_decode, full_fp32_matmuls
+    from nanochat.inference_bench import randomize_weights
+    monkeypatch.setattr(DecodeStep, "ATTEND_BUCKET", 16)
+    model = cuda_model(n_layer=3)
+    randomize_weights(model, 0)
+    model.eval()
+    prompt = torch.randint(0, 512, (20,), generator=torch.Generator().manual_seed(1)).tolist()
+    with full_fp32_matmuls():
+        eager = [c for c, _ in Engine(model, decode="eager").generate(prompt, num_samples=3, max_tokens=40,
+                                                                      temperature=0.0)]
+        recorded = []  # key lengths the captured steps were recorded with (Python runs only at capture)
+        sdpa = F.scaled_dot_product_attention
+        monkeypatch.setattr(F, "scaled_dot_product_attention",
+                            lambda q, k, v, *a, **kw: recorded.append(k.size(2)) or sdpa(q, k, v, *a, **kw))
+        engine = Engine(model, decode="graph")
+        for _ in range(2):  # the second generation replays the first one's graphs
+            graph = [c for c, _ in engine.generate(prompt, num_samples=3, max_tokens=40, temperature=0.0)]
+            assert graph == eager
+        (step,) = engine._steps.values()
+        # filled lengths 21..59 of a cache of 256 positions (Engine.GRAPH_BUCKET): buckets 32, 48 and 64
+        assert step.cache.max_len == 256 and sorted(step.graphs) == [32, 48, 64]
+        assert set(recorded) - {20} == {32, 48, 64}  # (20: the prefill, eager)
+        monkeypatch.setattr(F, "scaled_dot_product_attention", sdpa)
+        result = check_decode(model, prompt, 40, num_samples=2, decode="graph")
+    assert result["ok"], result["max_logit_diff"]
