@@ -68,3 +68,21 @@ def test_captured_decode_reads_only_the_filled_buckets_and_matches_eager(monkeyp
         monkeypatch.setattr(F, "scaled_dot_product_attention", sdpa)
         result = check_decode(model, prompt, 40, num_samples=2, decode="graph")
     assert result["ok"], result["max_logit_diff"]
+
+
+def test_sft_batches_reach_the_gpu_from_pinned_memory(monkeypatch):
+    # built a step ahead in the prefetch thread and pinned there, so the copy does not block the host
+    from nanochat.chat_sft import SFTConfig, render_examples, synthetic_conversations, train
+    from nanochat.packing import Batch
+    from nanochat.tokenizer import SPLIT_PATTERN, Tokenizer
+    tokenizer = Tokenizer(Tokenizer._make_encoding(SPLIT_PATTERN, {bytes([i]): i for i in range(256)}))  # no rustbpe
+    T, B = 128, 2
+    examples = render_examples(synthetic_conversations(60, 0, T), tokenizer, T, "synthetic")
+    pinned = []
+    to = Batch.to
+    monkeypatch.setattr(Batch, "to", lambda self, device: pinned.append(self.inputs.is_pinned()) or to(self, device))
+    model = build_model(GPTConfig.from_depth(2, tokenizer.get_vocab_size(), T), device="cuda")
+    cfg = SFTConfig(mode="eager-pack", max_seq_len=T, device_batch_size=B, total_batch_size=2 * B * T, max_steps=3,
+                    save_checkpoint=False, device_type="cuda")
+    row = train(cfg, model, tokenizer, examples, [], B, "config")
+    assert row["steps"] == 3 and len(pinned) == 6 and all(pinned)

@@ -3,7 +3,9 @@ the next step's rows are read while this step computes (dataloader.StepRows), gr
 all-reduced in buckets during the last micro-batch's backward (optim.GradientBuckets), and each rank
 runs Muon's Newton-Schulz on its share of the matrices only (Muon.shard). overlap: false is the
 plain path; both train to the same weights."""
+import contextlib
 import json
+import socket
 import threading
 import time
 
@@ -110,8 +112,12 @@ def forward_oom_on_rank_1(self, idx, *a, **kw):
         torch.empty(1 << 62, dtype=torch.uint8)
     return gpt_forward(self, idx, *a, **kw)
 
+import os
 for arg in sys.argv[1:]:  # every run in the same two processes, one after the other
     arg = json.loads(arg)
+    # each run meets on a port of its own: a rank that finished a run early would otherwise reach the
+    # next rendezvous while its peer still serves the last one's store on the same port, and both wait
+    os.environ["MASTER_PORT"] = str(arg["port"])
     cfg = BaseTrainConfig(**arg["cfg"])
     GPT.forward = forward_oom_on_rank_1 if arg["oom"] else gpt_forward
     events, prepared, steps_done, ns_calls = [], [0], [0], []
@@ -133,9 +139,15 @@ def runs(tmp_path_factory):
                   total_batch_size=2 * 2 * 2 * 32, num_steps=STEPS, save_every=1, keep_checkpoints=STEPS,
                   eval_tokens=64, num_shards=3, data_max_chars=120_000, device_type="cpu", log_every=1)
     names = ("overlap", "plain", "overlap-oom", "plain-oom", "overlap-compile", "plain-compile", "overlap-compile-oom")
+    with contextlib.ExitStack() as held:  # distinct free ports, one per run
+        socks = [held.enter_context(socket.socket()) for _ in names]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        ports = [sock.getsockname()[1] for sock in socks]
     outs = _spawn(CHILD, [json.dumps({"cfg": {**common, "out_dir": str(tmp / n), "overlap": n.startswith("overlap"),
                                               "compile": "on" if "compile" in n else "off"},
-                                      "oom": n.endswith("oom")}) for n in names], 2, timeout=300)
+                                      "oom": n.endswith("oom"), "port": port}) for n, port in zip(names, ports)],
+                  2, timeout=300)
     out = {}
     for i, name in enumerate(names):
         out[name] = {

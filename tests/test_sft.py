@@ -138,6 +138,34 @@ def test_loss_is_normalised_over_the_whole_step(tokenizer, fp32_muon):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
 
 
+def test_batches_are_built_a_step_ahead_off_the_main_thread(tokenizer, monkeypatch):
+    # overlap (the default): each step's micro-batches are made in the prefetch thread, not between
+    # two steps on the main thread; overlap: false makes them there; both train the same steps exactly
+    import threading
+    import nanochat.chat_sft as chat_sft
+    T, B = 96, 2
+    examples = render_examples(make_conversations(40, seed=5, max_words=80), tokenizer, T, "test")
+    made = []
+    step_micro_batches = chat_sft._step_micro_batches
+    monkeypatch.setattr(chat_sft, "_step_micro_batches", lambda plans, first, *a: made.append(
+        (first, threading.current_thread() is threading.main_thread())) or step_micro_batches(plans, first, *a))
+    results = {}
+    for overlap in (True, False):
+        made.clear()
+        model = tiny_model(tokenizer, T)
+        cfg = SFTConfig(mode="eager-pack", max_seq_len=T, device_batch_size=B,
+                        total_batch_size=2 * B * T, max_steps=4, save_checkpoint=False, init_lr_frac=1.0,
+                        overlap=overlap)
+        row = train(cfg, model, tokenizer, examples, [], B, "config")
+        assert row["steps"] == 4
+        assert [first for first, _ in made] == [0, 2, 4, 6]  # each step once, in order
+        assert all(not main for _, main in made) if overlap else all(main for _, main in made)
+        assert not any(t.name == "nanochat-prefetch" and t.is_alive() for t in threading.enumerate())
+        results[overlap] = (row["final_loss"], [p.detach().clone() for p in model.parameters()])
+    assert results[True][0] == results[False][0]
+    assert all(torch.equal(a, b) for a, b in zip(results[True][1], results[False][1]))
+
+
 def test_compile_counter_counts_recompiles():
     counter = CompileCounter()
     f = torch.compile(lambda x: x * 2 + 1, dynamic=False, backend=counter)
