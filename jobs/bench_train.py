@@ -61,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--routes", default="fp32-compile,bf16-compile",
                         help=f"--compare-cpu-step routes, comma-separated: {', '.join(CPU_STEP_ROUTES)}")
     parser.add_argument("--compare-muon", action="store_true",
-                        help="Muon's step stacked by shape vs per matrix on a --depth model: median ms, ratio, weight diff")
+                        help="Muon's step stacked by shape vs per matrix (--depth): median ms, ratio, weight diff")
     parser.add_argument("--rounds", type=int, default=2, help="alternations of --compare-precision / --ranks; best counts")
     parser.add_argument("--compile", default="auto", help="auto (on for cuda) | on | off")
     parser.add_argument("--device", default="", help="cpu, cuda or mps (default: auto)")

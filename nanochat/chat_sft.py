@@ -445,7 +445,8 @@ def train(cfg: SFTConfig, model: GPT, tokenizer: Tokenizer, train_examples: list
             n_sup = _all_reduce_sum([float(sum(b.num_supervised for b in batches))], device, ddp)[0]
             scale = world / max(n_sup, 1.0)  # gradients are averaged over ranks, so x world gives sum / n_sup
             while True:
-                loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # stays on the device: no sync per micro-batch
+                # stays on the device: no sync per micro-batch
+                loss_sum = torch.zeros((), dtype=torch.float64, device=device)
                 out_of_memory = False
                 try:
                     for i, b in enumerate(batches):
@@ -506,7 +507,8 @@ def train(cfg: SFTConfig, model: GPT, tokenizer: Tokenizer, train_examples: list
                 positions = sum(b.num_positions for b in batches) * world
                 metrics.append({"step": step, "loss": round(losses[-1], 6), "lrm": round(lr_mult, 6),
                                 "tokens_per_s": round(positions / max(dt, 1e-9), 2),
-                                "peak_memory_bytes": peak_memory_bytes(device), "elapsed_s": round(time.time() - t_start, 3),
+                                "peak_memory_bytes": peak_memory_bytes(device),
+                                "elapsed_s": round(time.time() - t_start, 3),
                                 "num_steps": num_steps})
                 if step % 10 == 0 or step == num_steps:
                     write_metrics(metrics_path, metrics)

@@ -91,7 +91,8 @@ class Muon(torch.optim.Optimizer):
         """(len(params), *shape) updates: Newton-Schulz of each matrix's direction, the Nesterov
         look-ahead of the momentum (or the momentum), all matrices of the stack in one iteration."""
         bufs = self._buffers(params)
-        directions = torch._foreach_lerp([p.grad for p in params], bufs, group["momentum"]) if group["nesterov"] else bufs
+        grads = [p.grad for p in params]
+        directions = torch._foreach_lerp(grads, bufs, group["momentum"]) if group["nesterov"] else bufs
         update = zeropower_via_newtonschulz5(torch.stack(directions), steps=group["ns_steps"])
         return update.to(params[0].dtype)
 

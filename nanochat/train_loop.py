@@ -5,8 +5,8 @@ The training loop shared by base and mid training (nanochat's recipe):
   Muon momentum warms up 0.85 -> 0.95 over the first 300 steps
 - gradient accumulation to an exact total batch in tokens:
   total_batch_size == device_batch_size * seq_len * world_size * grad_accum_steps
-- bf16 autocast and torch.compile (by region: gpt.CompiledGPT) on CUDA; fp32 on CPU, compiled only for runs long enough to pay the
-  compile back (resolve_compile), unless asked (precision: fast takes
+- bf16 autocast and torch.compile (by region: gpt.CompiledGPT) on CUDA; fp32 on CPU, compiled only
+  for runs long enough to pay the compile back (resolve_compile), unless asked (precision: fast takes
   bf16 autocast on CPUs with AMX)
 - torch.distributed from the environment; gradients averaged in buckets while backward runs
   (optim.GradientBuckets), Muon's Newton-Schulz split over the ranks (Muon.shard), the next step's

@@ -84,9 +84,12 @@ def test_static_decode_reads_only_the_filled_length_buckets(monkeypatch):
     monkeypatch.setattr(F, "scaled_dot_product_attention",
                         lambda q, k, v, *a, **kw: key_lengths.append((q.size(2), k.size(2))) or sdpa(q, k, v, *a, **kw))
     model, prompt = tiny_model(n_layer=2), random_prompt(13)
-    eager = [c for c, _ in Engine(model, decode="eager").generate(prompt, num_samples=3, max_tokens=30, temperature=0.0)]
+    def greedy(decode):
+        engine = Engine(model, decode=decode)
+        return [c for c, _ in engine.generate(prompt, num_samples=3, max_tokens=30, temperature=0.0)]
+    eager = greedy("eager")
     key_lengths.clear()
-    static = [c for c, _ in Engine(model, decode="static").generate(prompt, num_samples=3, max_tokens=30, temperature=0.0)]
+    static = greedy("static")
     assert static == eager
     steps = [k for q, k in key_lengths if q == 1][::2]  # one decode step's key length (both layers alike)
     filled = range(len(prompt) + 1, len(prompt) + 30)   # the 29 decode steps, this step's key included
