@@ -16,6 +16,11 @@ eager or torch.compile'd) side by side in this one process: same init, same batc
 interleaved so a load change on a shared machine hits all of them. It prints each route's steady tokens/s
 and ratio to the baseline, the compile seconds (first step minus a steady one), the step count after
 which compiling pays back, and how far each route's per-step loss curve is from fp32 eager's.
+
+--compare-muon times Muon's step on the block matrices of a --depth model (random gradients, no data):
+stacked (one batched Newton-Schulz per shape, the training default) against each matrix on its own,
+--steps steps each, alternated over --rounds; prints the median step of each, their ratio, and the
+largest weight difference between the two after the same steps.
 """
 from __future__ import annotations
 
@@ -55,6 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fp32 eager vs each of --routes in one process: tok/s, ratio, compile s, payback steps, loss-curve gap")
     parser.add_argument("--routes", default="fp32-compile,bf16-compile",
                         help=f"--compare-cpu-step routes, comma-separated: {', '.join(CPU_STEP_ROUTES)}")
+    parser.add_argument("--compare-muon", action="store_true",
+                        help="Muon's step stacked by shape vs per matrix (--depth): median ms, ratio, weight diff")
     parser.add_argument("--rounds", type=int, default=2, help="alternations of --compare-precision / --ranks; best counts")
     parser.add_argument("--compile", default="auto", help="auto (on for cuda) | on | off")
     parser.add_argument("--device", default="", help="cpu, cuda or mps (default: auto)")
@@ -80,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"bench train --steps: need at least 2 (the first is warm-up), got {args.steps}")
     if args.compare_cpu_step:
         return _compare_cpu_step(args)
+    if args.compare_muon:
+        return _compare_muon(args)
     if args.compare_precision:
         return _compare_precision(args)
     if args.ranks:
@@ -234,6 +243,52 @@ def _compare_ranks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare_muon(args: argparse.Namespace) -> int:
+    import statistics
+    import time
+    import torch
+    from nanochat.common import autodetect_device_type, synchronize
+    from nanochat.gpt import GPTConfig, build_model
+    from nanochat.optim import Muon
+    if args.rounds < 1:
+        raise ConfigError(f"bench train --rounds: need at least 1, got {args.rounds}")
+    device = torch.device(args.device or autodetect_device_type())
+    config = GPTConfig.from_depth(args.depth, args.vocab_size, args.seq_len)
+    runs = {}
+    for name, stack in (("stacked", True), ("per-matrix", False)):  # same init, same gradients
+        torch.manual_seed(0)
+        model = build_model(config, device)
+        params = list(model.transformer.h.parameters())
+        runs[name] = dict(params=params, muon=Muon(params, stack=stack), times=[])
+    grads = [torch.randn_like(p) for p in runs["stacked"]["params"]]
+    for _ in range(args.rounds):  # alternate, so a load change on a shared machine hits both
+        for r in runs.values():
+            for p, g in zip(r["params"], grads):
+                p.grad = g
+            for _ in range(args.steps):
+                synchronize(device)
+                t0 = time.perf_counter()
+                r["muon"].step()
+                synchronize(device)
+                r["times"].append(time.perf_counter() - t0)
+    shapes = len({tuple(p.shape) for p in runs["stacked"]["params"]})
+    out = {"bench": "train", "mode": "muon", "depth": args.depth, "matrices": len(grads), "shapes": shapes,
+           "steps": args.steps, "rounds": args.rounds, "device": str(device), "threads": torch.get_num_threads()}
+    for name, r in runs.items():
+        out[f"{name}_step_ms"] = 1000 * statistics.median(r["times"])
+        print(f"{name:<10} depth={args.depth} matrices={len(grads)} shapes={shapes} "
+              f"median step {out[f'{name}_step_ms']:.2f} ms", flush=True)
+    out["ratio_stacked_vs_per_matrix"] = out["per-matrix_step_ms"] / out["stacked_step_ms"]
+    out["max_weight_diff"] = max((a - b).abs().max().item()
+                                 for a, b in zip(runs["stacked"]["params"], runs["per-matrix"]["params"]))
+    print(f"stacked / per-matrix: {out['ratio_stacked_vs_per_matrix']:.2f}x faster Muon step; weights differ by "
+          f"at most {out['max_weight_diff']:.2e} after {args.rounds * args.steps} steps ({device}, "
+          f"{torch.get_num_threads()} threads, median of {args.rounds * args.steps})")
+    if args.json:
+        print(json.dumps(out, sort_keys=True, default=str))
+    return 0
+
+
 def _loss_gap(curve: list[float], base: list[float]) -> dict:
     """How far a per-step loss curve is from the baseline's: the largest relative deviation over the
     last half of the steps (at most the last 100), raw and on both curves smoothed alike (an
@@ -258,7 +313,7 @@ def _compare_cpu_step(args: argparse.Namespace) -> int:
     from nanochat.cpu_features import cpu_has_amx, cpu_has_fast_bf16
     from nanochat.dataloader import pretraining_loader
     from nanochat.dataset import split_shards
-    from nanochat.gpt import GPTConfig, build_model
+    from nanochat.gpt import CompiledGPT, GPTConfig, build_model
     from nanochat.optim import build_optimizers
     from nanochat.prepare import ensure_pretraining_data, ensure_tokenizer
     from nanochat.train_loop import autocast_context, forward_backward, lr_multiplier, muon_momentum
@@ -287,7 +342,7 @@ def _compare_cpu_step(args: argparse.Namespace) -> int:
         model = build_model(config, device)
         model_flops = model.estimate_flops()
         routes[name] = dict(model=model, optimizers=build_optimizers(model),
-                            step_model=torch.compile(model) if compiled else model,
+                            step_model=CompiledGPT(model) if compiled else model,  # as training compiles
                             autocast=autocast_context(precision, device), times=[], cpu=[], losses=[])
     for step in range(args.steps):
         rows, mask = loader.next_step_rows(B)

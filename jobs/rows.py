@@ -43,7 +43,7 @@ RESULT_COLUMNS: dict[str, tuple[str, str]] = {
     "gpu_util_mean": ("float64", "mean GPU utilisation of rank 0's GPU over the stage (NVML, sampled every 0.5 s), "
                                  "percent; empty on CPU or without NVML"),
     "compile": ("boolean", "torch.compile on"),
-    "num_compiles": ("Int64", "compilations (dynamo frames compiled)"),
+    "num_compiles": ("Int64", "dynamo graphs compiled (one per compiled region, gpt.CompiledGPT; more on recompiles)"),
     "final_loss": ("float64", "last training loss"),
     "val_bpb": ("float64", "validation bits per byte"),
     "data_epochs": ("float64", "passes over the pretraining data the stage's token budget makes (base_train)"),

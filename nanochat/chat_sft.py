@@ -37,9 +37,10 @@ import torch.distributed as dist
 
 from nanochat.common import (ConfigError, atomic_write_json, compute_init, device_name, get_base_dir, git_commit,
                              peak_flops, peak_memory_bytes, print0, reset_peak_memory, synchronize)
+from nanochat.dataloader import Prefetcher
 from nanochat.datasets_chat import read_mixture
-from nanochat.gpt import GPT, GPTConfig, build_model, doc_attention_route
-from nanochat.optim import GradientBuckets, all_reduce_gradients, build_optimizers
+from nanochat.gpt import GPT, CompiledGPT, GPTConfig, build_model, doc_attention_route
+from nanochat.optim import GradientBuckets, all_reduce_gradients, build_optimizers, zero_gradients
 from nanochat.packing import MODES, PACKED_MODES, Example, batch_for_mode, plan_batches, truncate
 from nanochat.synthetic import generate_conversations
 from nanochat.tokenizer import Tokenizer
@@ -400,7 +401,7 @@ def train(cfg: SFTConfig, model: GPT, tokenizer: Tokenizer, train_examples: list
     counter = CompileCounter()
     if compiled:
         torch._dynamo.reset()  # fresh caches: a second model in this process must not eat the recompile limit
-        train_model = torch.compile(model, dynamic=False, backend=counter)
+        train_model = CompiledGPT(model, backend=counter)  # by region: GradientBuckets overlaps backward
     else:
         train_model = model
     model.train()
@@ -417,91 +418,111 @@ def train(cfg: SFTConfig, model: GPT, tokenizer: Tokenizer, train_examples: list
     t_start = time.time()
     timed = dict(positions=0, real=0, supervised=0, conversations=0)
     warmup_s, timed_start, timed_steps = 0.0, None, 0
-    while step < num_steps:
-        synchronize(device)
-        t0 = time.time()
-        first = step * micro_per_step
+    # Each step's batches are built (and pinned on CUDA) one step ahead in a background thread
+    # (dataloader.Prefetcher, as StepRows does for base training); overlap: false builds them in turn.
+    pin = device.type == "cuda"
+
+    def step_batches(k: int, rows: int) -> list:
         batches = [batch_for_mode(train_examples, m, mode, T, pad_id)
-                   for m in _step_micro_batches(plans, first, plan_accum, rank, B)]
-        # Count the step's supervised tokens over all micro-batches and ranks before any backward.
-        n_sup = _all_reduce_sum([float(sum(b.num_supervised for b in batches))], device, ddp)[0]
-        scale = world / max(n_sup, 1.0)  # gradients are averaged over ranks, so x world gives sum / n_sup
-        while True:
-            loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # stays on the device: no sync per micro-batch
-            out_of_memory = False
-            try:
-                for i, b in enumerate(batches):
-                    if grad_buckets is not None and i == len(batches) - 1:
-                        grad_buckets.arm()
-                    b = b.to(device)
-                    with autocast_context(device):
-                        loss = train_model(b.inputs, b.targets, doc_ids=b.doc_ids, loss_reduction="sum")
-                    (loss * scale).backward()
-                    loss_sum += loss.detach()
-            except Exception as exc:  # only out-of-memory errors are handled; anything else re-raises
-                if oom is None or not oom[0](exc):
-                    raise
-                out_of_memory = True
-            loss = b = None
-            if grad_buckets is not None:
-                grad_buckets.launch_rest()  # every rank's bucket collectives pair up, even after an OOM
-            # Every rank learns whether any rank ran out of memory before anyone enters the gradient
-            # all-reduce, so one rank's OOM cannot leave the others waiting there.
-            out_of_memory = _any_rank(out_of_memory, ddp, device)
-            if grad_buckets is not None:
-                grad_buckets.finish(apply=not out_of_memory)  # the averaged gradients, or dropped for the rerun
-            if not out_of_memory:
-                break
-            # Drop this step's partial gradients and rerun the same rows in smaller micro-batches
-            # (at B=1 fallback_after_oom raises MemoryError, on every rank alike).
-            model.zero_grad(set_to_none=True)
-            B, accum = oom[1](B, accum, batch_info.get("cache_key"), batch_info.get("cache_dir"), device)
-            batch_size_source = source_after_oom(batch_size_source)  # a configured batch stays the fixed side
-            print0(f"sft[{mode}] out of memory at step {step}: rerunning it with device_batch_size={B}, "
-                   f"grad_accum={accum}")
-            batches = [batch_for_mode(train_examples, m, mode, T, pad_id)
-                       for m in _step_micro_batches(plans, first, plan_accum, rank, B)]
-        if grad_buckets is None:
-            all_reduce_gradients(model)
-        lr_mult = 1.0 - step / num_steps  # linear decay to zero, as nanochat's SFT
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * lr_mult
-            opt.step()
-        model.zero_grad(set_to_none=True)
-        losses.append(_all_reduce_sum([float(loss_sum)], device, ddp)[0] / max(n_sup, 1.0))
-        synchronize(device)
-        dt = time.time() - t0
-        step += 1
-        if step - start_step <= cfg.warmup_steps:
-            warmup_s += dt
-            timed_start = time.time()
-        else:
-            timed_steps += 1
-            for b in batches:
-                timed["positions"] += b.num_positions
-                timed["real"] += b.num_real
-                timed["supervised"] += b.num_supervised
-                timed["conversations"] += b.num_conversations
-        if timed_start is None:
-            timed_start = t0
-        if metrics_path:
-            positions = sum(b.num_positions for b in batches) * world
-            metrics.append({"step": step, "loss": round(losses[-1], 6), "lrm": round(lr_mult, 6),
-                            "tokens_per_s": round(positions / max(dt, 1e-9), 2),
-                            "peak_memory_bytes": peak_memory_bytes(device), "elapsed_s": round(time.time() - t_start, 3),
-                            "num_steps": num_steps})
-            if step % 10 == 0 or step == num_steps:
-                write_metrics(metrics_path, metrics)
-        if step % 10 == 0 or step == num_steps:
-            print0(f"sft[{mode}] step {step}/{num_steps} loss {losses[-1]:.4f} dt {dt * 1000:.0f}ms")
-        # Ranks agree before acting on a stop request (USR2 may reach one rank only, or reach them at
-        # different steps): a rank that left the loop alone would leave the others in the next all-reduce.
-        if step < num_steps and _any_rank(bool(should_stop is not None and should_stop()), ddp, device):
-            state = "PREEMPTED"
+                   for m in _step_micro_batches(plans, k * micro_per_step, plan_accum, rank, rows)]
+        return [b.pin_memory() for b in batches] if pin else batches
+
+    upcoming = iter(range(start_step, num_steps))
+
+    def next_step_batches():
+        rows = B  # as it is now: the loop rebuilds a step prepared before an out-of-memory fallback
+        return rows, step_batches(next(upcoming), rows)
+
+    feed = Prefetcher(next_step_batches, num_steps - start_step, background=cfg.overlap)
+    try:
+        while step < num_steps:
+            synchronize(device)
+            t0 = time.time()
+            built_with, batches = feed.next()
+            if built_with != B:  # prepared before an out-of-memory fallback shrank the micro-batch
+                batches = step_batches(step, B)
+            # Count the step's supervised tokens over all micro-batches and ranks before any backward.
+            n_sup = _all_reduce_sum([float(sum(b.num_supervised for b in batches))], device, ddp)[0]
+            scale = world / max(n_sup, 1.0)  # gradients are averaged over ranks, so x world gives sum / n_sup
+            while True:
+                # stays on the device: no sync per micro-batch
+                loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+                out_of_memory = False
+                try:
+                    for i, b in enumerate(batches):
+                        if grad_buckets is not None and i == len(batches) - 1:
+                            grad_buckets.arm()
+                        b = b.to(device)
+                        with autocast_context(device):
+                            loss = train_model(b.inputs, b.targets, doc_ids=b.doc_ids, loss_reduction="sum")
+                        (loss * scale).backward()
+                        loss_sum += loss.detach()
+                except Exception as exc:  # only out-of-memory errors are handled; anything else re-raises
+                    if oom is None or not oom[0](exc):
+                        raise
+                    out_of_memory = True
+                loss = b = None
+                if grad_buckets is not None:
+                    grad_buckets.launch_rest()  # every rank's bucket collectives pair up, even after an OOM
+                # Every rank learns whether any rank ran out of memory before anyone enters the gradient
+                # all-reduce, so one rank's OOM cannot leave the others waiting there.
+                out_of_memory = _any_rank(out_of_memory, ddp, device)
+                if grad_buckets is not None:
+                    grad_buckets.finish(apply=not out_of_memory)  # the averaged gradients, or dropped for the rerun
+                if not out_of_memory:
+                    break
+                # Drop this step's partial gradients and rerun the same rows in smaller micro-batches
+                # (at B=1 fallback_after_oom raises MemoryError, on every rank alike).
+                zero_gradients(model, grad_buckets)
+                B, accum = oom[1](B, accum, batch_info.get("cache_key"), batch_info.get("cache_dir"), device)
+                batch_size_source = source_after_oom(batch_size_source)  # a configured batch stays the fixed side
+                print0(f"sft[{mode}] out of memory at step {step}: rerunning it with device_batch_size={B}, "
+                       f"grad_accum={accum}")
+                batches = step_batches(step, B)
+            if grad_buckets is None:
+                all_reduce_gradients(model)
+            lr_mult = 1.0 - step / num_steps  # linear decay to zero, as nanochat's SFT
+            for opt in optimizers:
+                for group in opt.param_groups:
+                    group["lr"] = group["initial_lr"] * lr_mult
+                opt.step()
+            zero_gradients(model, grad_buckets)
+            losses.append(_all_reduce_sum([float(loss_sum)], device, ddp)[0] / max(n_sup, 1.0))
+            synchronize(device)
+            dt = time.time() - t0
+            step += 1
+            if step - start_step <= cfg.warmup_steps:
+                warmup_s += dt
+                timed_start = time.time()
+            else:
+                timed_steps += 1
+                for b in batches:
+                    timed["positions"] += b.num_positions
+                    timed["real"] += b.num_real
+                    timed["supervised"] += b.num_supervised
+                    timed["conversations"] += b.num_conversations
+            if timed_start is None:
+                timed_start = t0
             if metrics_path:
-                write_metrics(metrics_path, metrics)
-            break
+                positions = sum(b.num_positions for b in batches) * world
+                metrics.append({"step": step, "loss": round(losses[-1], 6), "lrm": round(lr_mult, 6),
+                                "tokens_per_s": round(positions / max(dt, 1e-9), 2),
+                                "peak_memory_bytes": peak_memory_bytes(device),
+                                "elapsed_s": round(time.time() - t_start, 3),
+                                "num_steps": num_steps})
+                if step % 10 == 0 or step == num_steps:
+                    write_metrics(metrics_path, metrics)
+            if step % 10 == 0 or step == num_steps:
+                print0(f"sft[{mode}] step {step}/{num_steps} loss {losses[-1]:.4f} dt {dt * 1000:.0f}ms")
+            # Ranks agree before acting on a stop request (USR2 may reach one rank only, or reach them at
+            # different steps): a rank that left the loop alone would leave the others in the next all-reduce.
+            if step < num_steps and _any_rank(bool(should_stop is not None and should_stop()), ddp, device):
+                state = "PREEMPTED"
+                if metrics_path:
+                    write_metrics(metrics_path, metrics)
+                break
+    finally:
+        feed.close()  # the prefetch thread never outlives the loop (end, preemption or error)
     if grad_buckets is not None:
         grad_buckets.remove()
     synchronize(device)

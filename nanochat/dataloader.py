@@ -16,6 +16,7 @@ import queue
 import random
 import threading
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -196,25 +197,71 @@ def rows_to_batch(rows: torch.Tensor, mask: torch.Tensor, device) -> tuple[torch
     return inputs, targets
 
 
+class Prefetcher:
+    """Hands out make()'s results `count` times, in order. background=True calls make() in a daemon
+    thread one result ahead of the consumer (tokenising, building and pinning the next step's batch
+    while this step computes); False calls it when asked (the plain path). An error in the thread is
+    raised by the next next(); close() stops the thread (it never outlives a run)."""
+
+    def __init__(self, make: Callable, count: int, background: bool = False):
+        self.make, self.count = make, count
+        self._thread = None
+        if background and count > 0:
+            self._queue: queue.Queue = queue.Queue()
+            self._slot = threading.Semaphore(1)  # one ahead, no more (pinned memory, data position)
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._produce, name="nanochat-prefetch", daemon=True)
+            self._thread.start()
+
+    def _produce(self) -> None:
+        for _ in range(self.count):
+            while not self._slot.acquire(timeout=0.1):
+                if self._stop.is_set():
+                    return
+            if self._stop.is_set():
+                return
+            try:
+                item = ("ok", self.make())
+            except BaseException as exc:  # StopIteration (data epochs exhausted) included: the loop sees it
+                item = ("error", exc)
+            self._queue.put(item)
+            if item[0] == "error":
+                return
+
+    def next(self):
+        if self._thread is None:
+            return self.make()
+        while True:
+            try:
+                kind, payload = self._queue.get(timeout=1.0)
+                break
+            except queue.Empty:
+                if not self._thread.is_alive():
+                    raise RuntimeError("the batch prefetch thread ended without handing over a batch") from None
+        if kind == "error":
+            raise payload
+        self._slot.release()  # the next one may be made now
+        return payload
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join(timeout=10)  # at most one make() in progress to wait for
+            self._thread = None
+
+
 class StepRows:
     """Feeds the training loop one optimizer step's rows at a time (RankLoader.next_step_rows).
-    background=True prepares step k+1 in a daemon thread while step k computes (tokenising, and
-    pinning the rows on CUDA so their copy is non-blocking); False reads them when asked (the plain path).
-    state_dict() is the loader position after the rows handed out so far, never after the prefetched
-    ones, so a checkpoint resumes exactly where the trained rows end. An error in the thread is
-    raised by the next next(); close() stops the thread (it never outlives a run)."""
+    background=True prepares step k+1 in a daemon thread while step k computes (Prefetcher:
+    tokenising, and pinning the rows on CUDA so their copy is non-blocking); False reads them when
+    asked (the plain path). state_dict() is the loader position after the rows handed out so far,
+    never after the prefetched ones, so a checkpoint resumes exactly where the trained rows end."""
 
     def __init__(self, loader: RankLoader, rows: int, steps: int, background: bool = False, pin: bool = False):
         self.loader, self.rows, self.steps, self.pin = loader, rows, steps, pin
         self._consumed_state = loader.state_dict()
         self._handed = 0
-        self._thread = None
-        if background and steps > 0:
-            self._queue: queue.Queue = queue.Queue()
-            self._slot = threading.Semaphore(1)  # read one step ahead, no more (pinned memory, data position)
-            self._stop = threading.Event()
-            self._thread = threading.Thread(target=self._produce, name="nanochat-prefetch", daemon=True)
-            self._thread.start()
+        self._ahead = Prefetcher(self._take, steps, background)
 
     def _take(self):
         rows, mask = self.loader.next_step_rows(self.rows)
@@ -222,38 +269,10 @@ class StepRows:
             rows, mask = rows.pin_memory(), mask.pin_memory()
         return rows, mask, self.loader.state_dict()
 
-    def _produce(self) -> None:
-        for _ in range(self.steps):
-            while not self._slot.acquire(timeout=0.1):
-                if self._stop.is_set():
-                    return
-            if self._stop.is_set():
-                return
-            try:
-                item = ("ok", self._take())
-            except BaseException as exc:  # StopIteration (data epochs exhausted) included: the loop sees it
-                item = ("error", exc)
-            self._queue.put(item)
-            if item[0] == "error":
-                return
-
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._handed >= self.steps:
             raise RuntimeError(f"StepRows: all {self.steps} steps were handed out")
-        if self._thread is None:
-            rows, mask, state = self._take()
-        else:
-            while True:
-                try:
-                    kind, payload = self._queue.get(timeout=1.0)
-                    break
-                except queue.Empty:
-                    if not self._thread.is_alive():
-                        raise RuntimeError("the batch prefetch thread ended without handing over a batch") from None
-            if kind == "error":
-                raise payload
-            self._slot.release()  # the next step's rows may be read now
-            rows, mask, state = payload
+        rows, mask, state = self._ahead.next()
         self._handed += 1
         self._consumed_state = state
         return rows, mask
@@ -262,10 +281,7 @@ class StepRows:
         return self._consumed_state
 
     def close(self) -> None:
-        if self._thread is not None:
-            self._stop.set()
-            self._thread.join(timeout=10)  # at most one read in progress to wait for
-            self._thread = None
+        self._ahead.close()
 
 
 def pretraining_loader(shards, tokenizer, seq_len: int, rank: int = 0, world_size: int = 1,

@@ -14,9 +14,11 @@ Two caches share one class:
 - dynamic (eager): a host-side position; each layer writes its new K/V at [pos, pos+T) and attends
   to the slice [0, pos+T). Cheapest on a CPU: attention touches only the filled part.
 - static: positions live in a device tensor (one per row), K/V are scattered in at those positions
-  and attention covers the whole buffer under a mask. Every tensor keeps its shape and address from
-  step to step, so the step can be captured as a CUDA graph and replayed (DecodeStep). On a CPU the
-  same step runs eagerly, which is how the tests exercise it.
+  and attention covers the first `attend_len` positions of the buffer under a mask. Every tensor keeps
+  its shape and address from step to step, so the step can be captured as a CUDA graph and replayed
+  (DecodeStep). DecodeStep sets attend_len to the filled length rounded up to a bucket and keeps one
+  graph per bucket, so a step reads the filled part of the cache (and under a bucket more), not
+  the whole preallocated buffer. On a CPU the same step runs eagerly, which is how the tests exercise it.
 Going past the preallocated length raises KVCacheOverflow; it never reallocates behind the
 caller's back (nanochat's in-place resize_ scrambled the cache's layout).
 """
@@ -52,6 +54,9 @@ class KVCache:
         self.positions = torch.zeros(batch_size, dtype=torch.long, device=device)
         self._arange = torch.arange(max_len, device=device)
         self._mask = None
+        # static: the positions attention reads, [0, attend_len); whoever advances the cache keeps it
+        # covering every filled position (DecodeStep: the length bucket of the step)
+        self.attend_len = max_len
 
     @classmethod
     def for_model(cls, model, batch_size: int, max_len: int, static: bool = False) -> "KVCache":
@@ -111,17 +116,18 @@ class KVCache:
             if layer_idx == self.num_layers - 1:
                 self.pos += T
             return self.k[layer_idx, :, :, :p + T], self.v[layer_idx, :, :, :p + T], mask
-        # static: scatter at each row's own position; attend over the whole buffer under a mask
+        # static: scatter at each row's own position; attend over [0, attend_len) under a mask
+        L = self.attend_len
         if layer_idx == 0:
             query_pos = self.positions[:, None] + self._arange[:T][None, :]               # (B, T)
-            self._mask = (self._arange[None, None, :] <= query_pos[:, :, None]).unsqueeze(1)  # (B, 1, T, L)
+            self._mask = (self._arange[None, None, :L] <= query_pos[:, :, None]).unsqueeze(1)  # (B, 1, T, L)
         index = (self.positions[:, None] + self._arange[:T][None, :]).view(B, 1, T, 1).expand(B, H, T, D)
         self.k[layer_idx].scatter_(2, index, k)
         self.v[layer_idx].scatter_(2, index, v)
         if layer_idx == self.num_layers - 1:
             # device-side only; the owner advances self.pos (a replayed graph runs no Python)
             self.positions += T
-        return self.k[layer_idx], self.v[layer_idx], self._mask
+        return self.k[layer_idx, :, :, :L], self.v[layer_idx, :, :, :L], self._mask
 
 
 # -----------------------------------------------------------------------------
@@ -154,52 +160,65 @@ def sample_next_token(logits: torch.Tensor, generator: torch.Generator | None = 
 
 class DecodeStep:
     """One token per row through the model over a static cache of fixed (batch, max_len).
-    With capture=True (CUDA only) the step is recorded once as a CUDA graph and replayed: a small
-    model's decode is otherwise bound by kernel launches, not by the GPU. Without capture the very
-    same step runs eagerly (the CPU path, and what the tests run)."""
+    Attention reads the cache up to the filled length rounded up to ATTEND_BUCKET positions (the
+    step's bucket), not the whole buffer: a decode step's attention reads the cache, so a short
+    generation in a long buffer would otherwise read mostly empty positions.
+    With capture=True (CUDA only) the step is recorded as a CUDA graph per bucket, when a generation
+    first reaches it, and replayed: a small model's decode is otherwise bound by kernel launches,
+    not by the GPU. Without capture the very same step runs eagerly (the CPU path, and what the tests run)."""
+
+    ATTEND_BUCKET = 256  # positions: at most this many more are read than filled; max_len / it graphs at most
 
     def __init__(self, model, batch_size: int, max_len: int, capture: bool = False):
         self.model = model
         self.cache = KVCache.for_model(model, batch_size, max_len, static=True)
         device = self.cache.k.device
         self.tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
-        self.graph = None
-        self.logits = None
+        self.graphs: dict[int, tuple] = {}   # attend length -> (CUDA graph, its static logits)
         self.busy = False    # set while a generation decodes with this step (its cache is that generation's)
-        if capture:
-            if device.type != "cuda":
-                raise ValueError("CUDA graph capture needs a CUDA device")
-            self._capture()
+        if capture and device.type != "cuda":
+            raise ValueError("CUDA graph capture needs a CUDA device")
+        self.capture = capture
+
+    def attend_length(self, filled: int) -> int:
+        """The positions a step reads when `filled` positions (this step's included) hold keys."""
+        return min(-(-filled // self.ATTEND_BUCKET) * self.ATTEND_BUCKET, self.cache.max_len)
 
     def _forward(self) -> torch.Tensor:
         return self.model(self.tokens, kv_cache=self.cache)[:, -1]
 
     @torch.inference_mode()
-    def _capture(self) -> None:
+    def _capture(self) -> tuple:
         # Warm up on a side stream (cuBLAS workspaces, kernel selection) as torch.cuda.graphs
-        # recommends; this writes junk at positions 0..2, which reset() and load_prefix() discard.
+        # recommends. Each warm-up step writes junk K/V at the next positions, which the real steps
+        # overwrite before anything attends to them, and advances the device positions: put back.
+        positions = self.cache.positions.clone()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            for _ in range(min(3, self.cache.max_len)):   # each warm-up step writes one position
+            for _ in range(min(3, self.cache.room())):   # each warm-up step writes one position
                 self._forward()
         torch.cuda.current_stream().wait_stream(side)
-        self.cache.reset()
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self._forward()     # recorded, not run: positions are not advanced
-        self.cache.reset()
+        self.cache.positions.copy_(positions)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = self._forward()     # recorded, not run: positions are not advanced
+        self.cache.positions.copy_(positions)
+        return graph, logits
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, 1) -> logits (B, V). With a graph the result lives in a static buffer that the
         next call overwrites: consume it (sample) before stepping again."""
         self.cache.check_room(1)
-        if self.graph is None:
+        self.cache.attend_len = self.attend_length(self.cache.pos + 1)
+        if not self.capture:
             logits = self.model(tokens, kv_cache=self.cache)[:, -1]
         else:
             self.tokens.copy_(tokens)
-            self.graph.replay()
-            logits = self.logits
+            if self.cache.attend_len not in self.graphs:
+                self.graphs[self.cache.attend_len] = self._capture()
+            graph, logits = self.graphs[self.cache.attend_len]
+            graph.replay()
         self.cache.pos += 1
         return logits
 

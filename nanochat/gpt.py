@@ -10,6 +10,7 @@ Sizes derive from depth: width = 64 * depth (nanochat's aspect ratio).
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import asdict, dataclass
@@ -48,8 +49,21 @@ class GPTConfig:
 
 
 def norm(x: torch.Tensor) -> torch.Tensor:
-    # parameter-free RMSNorm
-    return F.rms_norm(x, (x.size(-1),))
+    """Parameter-free RMSNorm, in x's own dtype. Outside autocast on purpose: from torch 2.12 CUDA
+    autocast runs rms_norm in fp32, which made the residual stream an fp32 copy at every norm and
+    handed FlexAttention fp32 q/k next to a bf16 v. rms_norm accumulates in fp32 inside anyway."""
+    with torch.autocast(x.device.type, enabled=False):
+        return F.rms_norm(x, (x.size(-1),))
+
+
+def activation_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype the forward computes in: autocast's where autocast is on for the weights' device
+    (bf16 training on CUDA), else the weights' own (fp32 training, bf16 or fp32 inference). The
+    embedding output and the rotary tables are cast to it, so the residual stream, q, k and v all
+    carry it and no fp32 copy of an activation is made; the fp32 master weights stay as they are."""
+    if torch.is_autocast_enabled(weight.device.type):
+        return torch.get_autocast_dtype(weight.device.type)
+    return weight.dtype
 
 
 def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -58,7 +72,7 @@ def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     x1, x2 = x[..., :d], x[..., d:]
     y1 = x1 * cos + x2 * sin
     y2 = x1 * (-sin) + x2 * cos
-    return torch.cat([y1, y2], 3).to(x.dtype)
+    return torch.cat([y1, y2], 3).to(x.dtype)  # a no-op when cos/sin carry x's dtype (GPT.forward casts them)
 
 
 def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
@@ -139,7 +153,7 @@ class CausalSelfAttention(nn.Module):
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
         cos, sin = cos_sin
         q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
-        q, k = norm(q), norm(k)  # QK norm
+        q, k = norm(q).to(v.dtype), norm(k).to(v.dtype)  # QK norm; the attention kernels take one dtype
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         enable_gqa = self.n_head != self.n_kv_head
         if kv_cache is not None:
@@ -241,11 +255,15 @@ class GPT(nn.Module):
         l, h, q, t = c.n_layer, c.n_head, c.n_embd // c.n_head, c.sequence_len
         return 6 * (nparams - nparams_embedding) + 12 * l * h * q * t
 
-    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", doc_ids=None, pos_offset=None):
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", doc_ids=None, pos_offset=None,
+                compiled: "CompiledGPT | None" = None):
         """idx: (B, T) token ids. targets: (B, T) with -1 where no loss is taken.
         doc_ids: (B, T) for packed rows (attention stays within a document).
         kv_cache: an object with insert_kv(layer, k, v) -> (k, v, mask) and a position (see engine.py).
+        compiled: the CompiledGPT whose regions run the blocks, the head and the mask (it passes itself).
         Returns the loss when targets are given, else logits (B, T, vocab) in float32."""
+        if compiled is not None and kv_cache is not None:
+            raise ValueError("the compiled training forward takes no kv_cache")
         B, T = idx.size()
         if kv_cache is not None:
             cos, sin = kv_cache.rotary(self.cos, self.sin, T)
@@ -254,19 +272,28 @@ class GPT(nn.Module):
             if start + T > self.cos.size(1):
                 raise ValueError(f"sequence of {start + T} tokens is longer than the rotary table ({self.cos.size(1)})")
             cos, sin = self.cos[:, start:start + T], self.sin[:, start:start + T]
-        dtype = self.transformer.wte.weight.dtype
-        cos_sin = (cos.to(dtype) if dtype == torch.bfloat16 else cos, sin.to(dtype) if dtype == torch.bfloat16 else sin)
+        dtype = activation_dtype(self.transformer.wte.weight)
+        cos_sin = (cos.to(dtype), sin.to(dtype))
         attn_mask = None
         if doc_ids is not None:
-            if doc_attention_route(self.doc_attention, doc_ids.device) == "flex":
-                attn_mask = document_block_mask(doc_ids)
-            else:
-                attn_mask = document_causal_mask(doc_ids)
-
-        x = self.transformer.wte(idx)
+            attn_mask = (GPT.doc_mask if compiled is None else compiled.doc_mask)(self, doc_ids)
+        x = self.transformer.wte(idx).to(dtype)  # the rows looked up, cast: never the whole table
         x = norm(x)
         for block in self.transformer.h:
-            x = block(x, cos_sin, kv_cache, attn_mask)
+            if compiled is None:
+                x = block(x, cos_sin, kv_cache, attn_mask)
+            else:
+                x = compiled.block(block, x, cos_sin, None, attn_mask)
+        return (GPT.head if compiled is None else compiled.head)(self, x, targets, loss_reduction)
+
+    def doc_mask(self, doc_ids: torch.Tensor):
+        """The attention mask of packed rows: a FlexAttention BlockMask or the dense boolean mask."""
+        if doc_attention_route(self.doc_attention, doc_ids.device) == "flex":
+            return document_block_mask(doc_ids)
+        return document_causal_mask(doc_ids)
+
+    def head(self, x: torch.Tensor, targets=None, loss_reduction: str = "mean") -> torch.Tensor:
+        """Final norm, lm_head, softcap; the loss when targets are given, else the float32 logits."""
         x = norm(x)
         logits = self.lm_head(x).float()
         logits = self.softcap * torch.tanh(logits / self.softcap)
@@ -274,6 +301,35 @@ class GPT(nn.Module):
             return logits
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
                                ignore_index=-1, reduction=loss_reduction)
+
+
+# The training forward, torch.compile'd by region. Tests may set another backend (aot_eager: dynamo and
+# AOTAutograd build the same regions and autograd graph, without inductor's code generation).
+COMPILE_BACKEND = "inductor"
+
+
+class CompiledGPT(nn.Module):
+    """A GPT's training forward with each region torch.compile'd on its own, dynamic=False (training's
+    shapes are fixed; a new batch size after an out-of-memory fallback compiles once more): one graph
+    serves every block (the same code and shapes), one the head (norm, lm_head, softcap, cross-entropy),
+    one the packed rows' attention mask. Why not the whole model: its backward would be one autograd
+    node, so every gradient would be ready only once all of backward had run, and GradientBuckets'
+    all-reduces could not start before it ended. By region, the autograd engine accumulates a block's
+    gradients as soon as that block's backward is done, and their bucket is all-reduced while the
+    earlier blocks' backward runs (DDP gets the same by splitting dynamo's graph at its buckets).
+    One block's compile serving all blocks also keeps the compile short at any depth.
+    Called like the model for training (no kv_cache); `model` stays the uncompiled module (eval, checkpoints)."""
+
+    def __init__(self, model: GPT, backend=None):
+        super().__init__()
+        compile_region = functools.partial(torch.compile, dynamic=False, backend=backend or COMPILE_BACKEND)
+        self.model = model
+        self.block = compile_region(Block.forward)
+        self.head = compile_region(GPT.head)
+        self.doc_mask = compile_region(GPT.doc_mask)
+
+    def forward(self, idx, targets=None, loss_reduction="mean", doc_ids=None):
+        return self.model(idx, targets, loss_reduction=loss_reduction, doc_ids=doc_ids, compiled=self)
 
 
 def build_model(config: GPTConfig, device: torch.device | str = "cpu") -> GPT:

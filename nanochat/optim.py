@@ -40,69 +40,85 @@ def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5) -> Tensor:
 
 class Muon(torch.optim.Optimizer):
     """MomentUm Orthogonalized by Newton-schulz (Keller Jordan). For 2D weight matrices only.
-    shard=True (set by the training loop when several ranks train): matrices are dealt round-robin
-    over the ranks in chunks of one shape, each rank orthogonalises its own and the updates are all-gathered,
-    so every rank applies the same updates having run 1/world_size of the iterations. Momentum is
-    kept for every matrix on every rank (an elementwise update, cheap): the optimizer state, and so
-    the checkpoint, is the same as unsharded. Off in the batch-size probe, whose ranks must not meet
-    in collectives mid-trial."""
+    Matrices of one shape are stacked and orthogonalised together, one batched Newton-Schulz per
+    shape (as nanochat's MuonAdamW does): a depth-d model has a few shapes, not 6d matrices, so the
+    iteration runs a few large batched matmuls instead of many small ones.
+    shard=True (set by the training loop when several ranks train): the matrices of each shape are
+    dealt round-robin over the ranks, each rank orthogonalises its own (stacked) and the updates are
+    all-gathered, so every rank applies the same updates having run 1/world_size of the iterations.
+    Momentum is kept for every matrix on every rank (an elementwise update, cheap): the optimizer
+    state, and so the checkpoint, is the same as unsharded. Off in the batch-size probe, whose ranks
+    must not meet in collectives mid-trial."""
 
-    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, shard: bool = False):
+    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, shard: bool = False,
+                 stack: bool = True):
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps))
-        self.shard = shard  # not a hyperparameter: never saved in, or loaded from, a checkpoint
+        # not hyperparameters: never saved in, or loaded from, a checkpoint. stack=False orthogonalises
+        # each matrix on its own (the baseline of `bench train --compare-muon`), to the same result.
+        self.shard, self.stack = shard, stack
 
     @torch.no_grad()
     def step(self):
         world = dist.get_world_size() if self.shard and dist.is_available() and dist.is_initialized() else 1
+        pending = []  # every gather is launched first: one shape's communication overlaps the next's iterations
         for group in self.param_groups:
-            params = []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p.grad)
-                state["momentum_buffer"].lerp_(p.grad, 1 - group["momentum"])
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            for p in params:
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p.grad)
+            torch._foreach_lerp_(self._buffers(params), [p.grad for p in params], 1 - group["momentum"])
+            by_shape: dict[tuple, list[Tensor]] = {}
+            for p in params:
+                by_shape.setdefault((tuple(p.shape), p.dtype, p.device) if self.stack else id(p), []).append(p)
+            turn = 0  # whose turn the next matrix is: dealt on across shapes, so no rank gets every remainder
+            for same in by_shape.values():
                 if world == 1:
-                    self._apply(p, zeropower_via_newtonschulz5(self._direction(p, group), steps=group["ns_steps"]).to(p.dtype), group)
-                else:
-                    params.append(p)
-            if params:
-                self._sharded_updates(params, group, world)
+                    self._apply(same, self._orthogonalised(same, group), group)
+                    continue
+                owners = [(turn + i) % world for i in range(len(same))]
+                turn = (turn + len(same)) % world
+                pending.append(self._launch_shard(same, owners, group, world))
+        for same, rows, gathered, work, group in pending:
+            work.wait()
+            self._apply(same, gathered[rows], group)
 
-    def _direction(self, p: Tensor, group: dict) -> Tensor:
-        """What Newton-Schulz orthogonalises: the Nesterov look-ahead of the momentum, or the momentum."""
-        buf = self.state[p]["momentum_buffer"]
-        return p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+    def _buffers(self, params: list[Tensor]) -> list[Tensor]:
+        return [self.state[p]["momentum_buffer"] for p in params]
+
+    def _orthogonalised(self, params: list[Tensor], group: dict) -> Tensor:
+        """(len(params), *shape) updates: Newton-Schulz of each matrix's direction, the Nesterov
+        look-ahead of the momentum (or the momentum), all matrices of the stack in one iteration."""
+        bufs = self._buffers(params)
+        grads = [p.grad for p in params]
+        directions = torch._foreach_lerp(grads, bufs, group["momentum"]) if group["nesterov"] else bufs
+        update = zeropower_via_newtonschulz5(torch.stack(directions), steps=group["ns_steps"])
+        return update.to(params[0].dtype)
+
+    def _launch_shard(self, params: list[Tensor], owners: list[int], group: dict, world: int):
+        """Orthogonalise this rank's matrices of one shape and start the all-gather of every rank's:
+        each rank sends `slots` updates (zeros where it owns fewer), so matrix i's update lands in row
+        owner * slots + (its place among that owner's matrices)."""
+        rank = dist.get_rank()
+        slots = -(-len(params) // world)
+        mine = [p for p, o in zip(params, owners) if o == rank]
+        send = params[0].new_zeros((slots, *params[0].shape))
+        if mine:
+            send[:len(mine)] = self._orthogonalised(mine, group)
+        gathered = params[0].new_empty((world * slots, *params[0].shape))
+        work = dist.all_gather_into_tensor(gathered, send, async_op=True)
+        seen = [0] * world
+        rows = []
+        for o in owners:
+            rows.append(o * slots + seen[o])
+            seen[o] += 1
+        return params, rows, gathered, work, group
 
     @staticmethod
-    def _apply(p: Tensor, update: Tensor, group: dict) -> None:
-        scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
-        p.add_(update, alpha=-group["lr"] * scale)
-
-    def _sharded_updates(self, params: list[Tensor], group: dict, world: int) -> None:
-        rank = dist.get_rank()
-        by_shape: dict[tuple, list[int]] = {}
-        for i, p in enumerate(params):
-            by_shape.setdefault((tuple(p.shape), p.dtype), []).append(i)
-        pending = []  # launch every gather first: the communication of one chunk overlaps the next's iterations
-        turn = 0  # whose turn the next matrix is: dealt on across shapes, so no rank gets every remainder
-        for (shape, dtype), idx in by_shape.items():
-            for start in range(0, len(idx), world):
-                chunk = idx[start:start + world]
-                owners = [(turn + k) % world for k in range(len(chunk))]
-                turn = (turn + len(chunk)) % world
-                if rank in owners:
-                    j = chunk[owners.index(rank)]
-                    mine = zeropower_via_newtonschulz5(self._direction(params[j], group), steps=group["ns_steps"]).to(dtype).contiguous()
-                else:  # fewer matrices than ranks left: this rank sends a placeholder
-                    mine = torch.zeros(shape, dtype=dtype, device=params[chunk[0]].device)
-                outs = [torch.empty_like(mine) for _ in range(world)]
-                pending.append((chunk, [outs[o] for o in owners], dist.all_gather(outs, mine, async_op=True)))
-        for chunk, updates, work in pending:
-            work.wait()
-            for j, update in zip(chunk, updates):
-                self._apply(params[j], update, group)
+    def _apply(params: list[Tensor], updates: Tensor, group: dict) -> None:
+        scale = max(1.0, params[0].size(-2) / params[0].size(-1)) ** 0.5
+        torch._foreach_add_(params, list(updates.unbind(0)), alpha=-group["lr"] * scale)
 
 
 def build_optimizers(model, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02,
@@ -145,18 +161,32 @@ def all_reduce_gradients(model) -> None:
         offset += n
 
 
+def zero_gradients(model, grad_buckets: "GradientBuckets | None" = None) -> None:
+    """Drop the gradients after an optimizer step (or a step rerun after an out-of-memory error):
+    zeroed in place where they are GradientBuckets' views, set to None otherwise."""
+    if grad_buckets is not None:
+        grad_buckets.zero_grad()
+    else:
+        model.zero_grad(set_to_none=True)
+
+
 class GradientBuckets:
     """Averages gradients over ranks while backward still runs. Parameters are grouped, in reverse
-    order (backward produces the last layers' gradients first), into buckets of about `bucket_mb`;
-    a post-accumulate-grad hook copies each gradient into its bucket's flat buffer, and a full bucket
-    is all-reduced asynchronously, buckets always launched in the same order on every rank.
+    order (backward produces the last layers' gradients first), into buckets of about `bucket_mb`.
+    Each parameter's .grad is a view into its bucket's flat buffer (DDP's gradient_as_bucket_view),
+    so backward accumulates straight into what is sent: no copy in, no copy out. A
+    post-accumulate-grad hook counts the gradients ready, and a full bucket is all-reduced
+    asynchronously, buckets always launched in the same order on every rank. A compiled model must
+    be compiled by region (gpt.CompiledGPT) for the hooks to fire during backward.
 
     Per optimizer step: arm() before the last micro-batch's backward (earlier micro-batches only
     accumulate, and launch nothing), then launch_rest() on every rank whatever happened (a rank that
     ran out of memory mid-backward launches the buckets it did not reach, so the ranks' collectives
-    still pair up), then finish(apply): wait for every bucket and, if apply, write the averages into
-    the gradients; finish(False) drops them (the out-of-memory rerun). The result equals
-    all_reduce_gradients's: the same sums, divided by the world size."""
+    still pair up), then finish(apply): wait for every bucket and, if apply, divide the sums by the
+    world size in place (the gradients are the averages); finish(False) zeroes them (the out-of-memory
+    rerun). zero_grad() after the optimizer step, never model.zero_grad(set_to_none=True), which would
+    detach the gradients from the buffers. The result equals all_reduce_gradients's: the same sums,
+    divided by the world size."""
 
     def __init__(self, model, bucket_mb: float | None = None):
         bucket_mb = BUCKET_MB if bucket_mb is None else bucket_mb
@@ -173,39 +203,40 @@ class GradientBuckets:
             self.buckets[-1].append(p)
             size += p.numel() * p.element_size()
         self.buffers = [torch.zeros(sum(p.numel() for p in b), dtype=b[0].dtype, device=b[0].device) for b in self.buckets]
-        self.where: dict[int, tuple[int, int]] = {}  # id(param) -> (bucket, offset)
-        for bi, b in enumerate(self.buckets):
+        self.bucket_of: dict[int, int] = {}  # id(param) -> bucket
+        self.views: list[tuple[Tensor, Tensor]] = []  # (param, its gradient's place in the buffer)
+        for bi, (b, buf) in enumerate(zip(self.buckets, self.buffers)):
             offset = 0
             for p in b:
-                self.where[id(p)] = (bi, offset)
+                self.bucket_of[id(p)] = bi
+                self.views.append((p, buf[offset:offset + p.numel()].view_as(p)))
                 offset += p.numel()
         self.hooks = [p.register_post_accumulate_grad_hook(self._grad_ready) for p in params]
-        self._reset()
+        self.zero_grad()
 
     def _reset(self) -> None:
         self.armed = False
         self.ready = [0] * len(self.buckets)
-        self.copied: set[int] = set()  # id(param) of gradients already in their bucket
+        self.counted: set[int] = set()  # id(param) of gradients already counted ready
         self.works: list = []
         self.launched = 0
+
+    def zero_grad(self) -> None:
+        """Zero the buffers and (re)attach every .grad to its view: the next backward accumulates there."""
+        for buf in self.buffers:
+            buf.zero_()
+        for p, view in self.views:
+            p.grad = view
+        self._reset()
 
     def arm(self) -> None:
         self.armed = True
 
-    def _copy_in(self, p: Tensor) -> None:
-        bi, offset = self.where[id(p)]
-        view = self.buffers[bi][offset:offset + p.numel()]
-        if p.grad is None:
-            view.zero_()
-        else:
-            view.copy_(p.grad.reshape(-1))
-
     def _grad_ready(self, p: Tensor) -> None:
-        if not self.armed or id(p) in self.copied:
+        if not self.armed or id(p) in self.counted:
             return
-        self._copy_in(p)
-        self.copied.add(id(p))
-        self.ready[self.where[id(p)][0]] += 1
+        self.counted.add(id(p))
+        self.ready[self.bucket_of[id(p)]] += 1
         while self.launched < len(self.buckets) and self.ready[self.launched] == len(self.buckets[self.launched]):
             self._launch(self.launched)
 
@@ -215,25 +246,26 @@ class GradientBuckets:
 
     def launch_rest(self) -> None:
         while self.launched < len(self.buckets):
-            bi = self.launched
-            for p in self.buckets[bi]:
-                if id(p) not in self.copied:
-                    self._copy_in(p)
-            self._launch(bi)
+            self._launch(self.launched)
 
     def finish(self, apply: bool = True) -> None:
         for work in self.works:
             work.wait()
-        if apply:
-            for b, buf in zip(self.buckets, self.buffers):
-                buf /= self.world
-                for p in b:
-                    if p.grad is not None:
-                        _, offset = self.where[id(p)]
-                        p.grad.copy_(buf[offset:offset + p.numel()].view_as(p.grad))
+        if not apply:
+            self.zero_grad()
+            return
+        for p, view in self.views:
+            if p.grad is not view:  # something replaced a gradient: the buffer no longer holds it
+                raise RuntimeError("GradientBuckets: a parameter's .grad is no longer its bucket view "
+                                   "(zero gradients with GradientBuckets.zero_grad, not set_to_none)")
+        for buf in self.buffers:
+            buf /= self.world
         self._reset()
 
     def remove(self) -> None:
+        """Unhook, and let the gradients go with the buffers (the run is over)."""
         for h in self.hooks:
             h.remove()
         self.hooks = []
+        for p, _ in self.views:
+            p.grad = None

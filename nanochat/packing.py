@@ -47,6 +47,12 @@ class Batch:
     num_supervised: int             # positions whose target carries loss (assistant tokens)
     num_conversations: int
 
+    def pin_memory(self) -> "Batch":
+        """The tensors in page-locked memory, so to(cuda) copies without blocking the host."""
+        return Batch(self.inputs.pin_memory(), self.targets.pin_memory(),
+                     None if self.doc_ids is None else self.doc_ids.pin_memory(),
+                     self.num_positions, self.num_real, self.num_supervised, self.num_conversations)
+
     def to(self, device: torch.device) -> "Batch":
         nb = device.type == "cuda"
         return Batch(self.inputs.to(device, non_blocking=nb), self.targets.to(device, non_blocking=nb),

@@ -5,8 +5,8 @@ The training loop shared by base and mid training (nanochat's recipe):
   Muon momentum warms up 0.85 -> 0.95 over the first 300 steps
 - gradient accumulation to an exact total batch in tokens:
   total_batch_size == device_batch_size * seq_len * world_size * grad_accum_steps
-- bf16 autocast and torch.compile on CUDA; fp32 on CPU, compiled only for runs long enough to pay the
-  compile back (resolve_compile), unless asked (precision: fast takes
+- bf16 autocast and torch.compile (by region: gpt.CompiledGPT) on CUDA; fp32 on CPU, compiled only
+  for runs long enough to pay the compile back (resolve_compile), unless asked (precision: fast takes
   bf16 autocast on CPUs with AMX)
 - torch.distributed from the environment; gradients averaged in buckets while backward runs
   (optim.GradientBuckets), Muon's Newton-Schulz split over the ranks (Muon.shard), the next step's
@@ -35,7 +35,8 @@ from nanochat.checkpoint import check_model_config, latest_valid_checkpoint, sav
 from nanochat.common import (ConfigError, DistInfo, atomic_write_text, device_name, peak_flops,
                              peak_memory_bytes, print0, reset_peak_memory, synchronize)
 from nanochat.dataloader import StepRows
-from nanochat.optim import GradientBuckets, all_reduce_gradients, build_optimizers
+from nanochat.gpt import CompiledGPT
+from nanochat.optim import GradientBuckets, all_reduce_gradients, build_optimizers, zero_gradients
 
 # num_steps: the steps this stage runs in all (SFT knows it only once its data is planned)
 METRICS_COLUMNS = ["step", "loss", "lrm", "tokens_per_s", "mfu", "peak_memory_bytes", "elapsed_s", "val_bpb", "num_steps"]
@@ -413,7 +414,7 @@ def train(cfg: TrainConfig, *, stage: str, model, tokenizer, tokenizer_dir: str,
     precision = train_precision_route(cfg.precision, device, compiled=use_compile)  # bf16 pays on some CPUs only compiled
     autocast_ctx = autocast_context(precision, device)
     compiles_before = num_compiles()
-    train_model = torch.compile(model) if use_compile else model
+    train_model = CompiledGPT(model) if use_compile else model  # by region: GradientBuckets overlaps backward
     flops_per_token = model.estimate_flops()
     token_bytes = tokenizer.token_bytes()
     oom_handlers = _oom_handlers()
@@ -483,8 +484,7 @@ def train(cfg: TrainConfig, *, stage: str, model, tokenizer, tokenizer_dir: str,
                 if not out_of_memory:
                     break
                 # Drop this step's partial gradients and rerun the same rows in smaller micro-batches.
-                for p in model.parameters():
-                    p.grad = None
+                zero_gradients(model, grad_buckets)
                 B, grad_accum = oom_handlers[1](B, grad_accum, batch_info.get("cache_key"),
                                                 batch_info.get("cache_dir"), device)
                 batch_source = source_after_oom(batch_source)
@@ -500,7 +500,7 @@ def train(cfg: TrainConfig, *, stage: str, model, tokenizer, tokenizer_dir: str,
                 group["momentum"] = muon_momentum(step)
             for opt in optimizers:
                 opt.step()
-            model.zero_grad(set_to_none=True)
+            zero_gradients(model, grad_buckets)
             if ddp:
                 dist.all_reduce(loss)
                 loss /= world_size

@@ -73,6 +73,32 @@ def test_chunk_after_prefix_uses_the_right_mask():
     torch.testing.assert_close(chunk, model(seq[:, :25])[:, 10:], atol=1e-5, rtol=1e-5)
 
 
+def test_static_decode_reads_only_the_filled_length_buckets(monkeypatch):
+    # what the captured graph is recorded from: each step attends to the filled positions rounded up to
+    # a bucket, not to the whole buffer, and greedy tokens and logits stay the eager cache's
+    import torch.nn.functional as F
+    from nanochat.engine import check_decode
+    monkeypatch.setattr(DecodeStep, "ATTEND_BUCKET", 8, raising=False)
+    key_lengths = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda q, k, v, *a, **kw: key_lengths.append((q.size(2), k.size(2))) or sdpa(q, k, v, *a, **kw))
+    model, prompt = tiny_model(n_layer=2), random_prompt(13)
+    def greedy(decode):
+        engine = Engine(model, decode=decode)
+        return [c for c, _ in engine.generate(prompt, num_samples=3, max_tokens=30, temperature=0.0)]
+    eager = greedy("eager")
+    key_lengths.clear()
+    static = greedy("static")
+    assert static == eager
+    steps = [k for q, k in key_lengths if q == 1][::2]  # one decode step's key length (both layers alike)
+    filled = range(len(prompt) + 1, len(prompt) + 30)   # the 29 decode steps, this step's key included
+    assert steps == [min(-(-n // 8) * 8, len(prompt) + 30) for n in filled]  # 16, 16, 16, 24, ..., 40, 43
+    assert max(steps) == 43 and min(steps) == 16
+    result = check_decode(model, prompt, 30, num_samples=2, decode="static")
+    assert result["ok"], result["max_logit_diff"]
+
+
 @torch.inference_mode()
 def test_decode_step_matches_and_copies_the_prefill_to_every_row():
     model = tiny_model()

@@ -3,7 +3,9 @@ the next step's rows are read while this step computes (dataloader.StepRows), gr
 all-reduced in buckets during the last micro-batch's backward (optim.GradientBuckets), and each rank
 runs Muon's Newton-Schulz on its share of the matrices only (Muon.shard). overlap: false is the
 plain path; both train to the same weights."""
+import contextlib
 import json
+import socket
 import threading
 import time
 
@@ -57,13 +59,23 @@ def timed_step(self):
 optim.Muon.step = timed_step
 
 ns = optim.zeropower_via_newtonschulz5
-def counted_ns(*a, **kw):
-    ns_calls[-1] += 1
-    return ns(*a, **kw)
+def counted_ns(G, *a, **kw):  # matrices orthogonalised: a stack of one shape counts each of its matrices
+    ns_calls[-1] += G.size(0) if G.dim() == 3 else 1
+    return ns(G, *a, **kw)
 optim.zeropower_via_newtonschulz5 = counted_ns
 
 autograd_backward = torch.autograd.backward
 def logged_backward(*a, **kw):
+    # a compiled region's backward is one autograd node: log when each starts
+    todo, seen = [a[0].grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if "CompiledFunction" in node.name():
+            node.register_prehook(lambda grad_outputs: log("compiled_bw"))
+        todo.extend(n for n, _ in node.next_functions)
     log("bw_start")
     autograd_backward(*a, **kw)
     log("bw_end")
@@ -81,6 +93,17 @@ def logged_all_reduce(tensor, *a, **kw):
     return all_reduce(tensor, *a, **kw)
 dist.all_reduce = logged_all_reduce
 
+finish = optim.GradientBuckets.finish
+def logged_finish(self, apply=True):
+    finish(self, apply)
+    storages = {b.untyped_storage().data_ptr() for b in self.buffers}
+    log("grads_in_buckets", all(p.grad is not None and p.grad.untyped_storage().data_ptr() in storages
+                                for b in self.buckets for p in b))
+optim.GradientBuckets.finish = logged_finish
+
+import nanochat.gpt
+nanochat.gpt.COMPILE_BACKEND = "aot_eager"  # dynamo + AOTAutograd: the regions and autograd graph inductor gets
+
 # rank 1 runs out of memory (the allocator's real error) on any training micro-batch of more than one row
 from nanochat.gpt import GPT
 gpt_forward = GPT.forward
@@ -89,8 +112,12 @@ def forward_oom_on_rank_1(self, idx, *a, **kw):
         torch.empty(1 << 62, dtype=torch.uint8)
     return gpt_forward(self, idx, *a, **kw)
 
+import os
 for arg in sys.argv[1:]:  # every run in the same two processes, one after the other
     arg = json.loads(arg)
+    # each run meets on a port of its own: a rank that finished a run early would otherwise reach the
+    # next rendezvous while its peer still serves the last one's store on the same port, and both wait
+    os.environ["MASTER_PORT"] = str(arg["port"])
     cfg = BaseTrainConfig(**arg["cfg"])
     GPT.forward = forward_oom_on_rank_1 if arg["oom"] else gpt_forward
     events, prepared, steps_done, ns_calls = [], [0], [0], []
@@ -111,9 +138,16 @@ def runs(tmp_path_factory):
     common = dict(base_dir=str(base), vocab_size=VOCAB, depth=1, seq_len=32, device_batch_size=2,
                   total_batch_size=2 * 2 * 2 * 32, num_steps=STEPS, save_every=1, keep_checkpoints=STEPS,
                   eval_tokens=64, num_shards=3, data_max_chars=120_000, device_type="cpu", log_every=1)
-    names = ("overlap", "plain", "overlap-oom", "plain-oom")
-    outs = _spawn(CHILD, [json.dumps({"cfg": {**common, "out_dir": str(tmp / n), "overlap": n.startswith("overlap")},
-                                      "oom": n.endswith("oom")}) for n in names], 2, timeout=300)
+    names = ("overlap", "plain", "overlap-oom", "plain-oom", "overlap-compile", "plain-compile", "overlap-compile-oom")
+    with contextlib.ExitStack() as held:  # distinct free ports, one per run
+        socks = [held.enter_context(socket.socket()) for _ in names]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        ports = [sock.getsockname()[1] for sock in socks]
+    outs = _spawn(CHILD, [json.dumps({"cfg": {**common, "out_dir": str(tmp / n), "overlap": n.startswith("overlap"),
+                                              "compile": "on" if "compile" in n else "off"},
+                                      "oom": n.endswith("oom"), "port": port}) for n, port in zip(names, ports)],
+                  2, timeout=300)
     out = {}
     for i, name in enumerate(names):
         out[name] = {
@@ -135,10 +169,12 @@ def _steps(events: list) -> list[list]:
     return cuts
 
 
-def test_overlapped_weights_equal_the_plain_path(runs):
+@pytest.mark.parametrize("compiled", [False, True])
+def test_overlapped_weights_equal_the_plain_path(runs, compiled):
+    overlap, plain = ("overlap-compile", "plain-compile") if compiled else ("overlap", "plain")
     for step in range(1, STEPS + 1):
-        a = load_checkpoint(list_checkpoints(runs["overlap"]["dir"] / "checkpoints")[step - 1])
-        b = load_checkpoint(list_checkpoints(runs["plain"]["dir"] / "checkpoints")[step - 1])
+        a = load_checkpoint(list_checkpoints(runs[overlap]["dir"] / "checkpoints")[step - 1])
+        b = load_checkpoint(list_checkpoints(runs[plain]["dir"] / "checkpoints")[step - 1])
         assert a["meta"]["step"] == b["meta"]["step"] == step
         diff = max((a["model"][k] - b["model"][k]).abs().max().item() for k in a["model"])
         assert diff <= 1e-6, (step, diff)
@@ -148,8 +184,9 @@ def test_overlapped_weights_equal_the_plain_path(runs):
             for i in sb["state"]:
                 for k, v in sb["state"][i].items():
                     assert torch.allclose(sa["state"][i][k], v, atol=1e-6, rtol=0), (step, i, k)
-    o, p = runs["overlap"]["rows"], runs["plain"]["rows"]
+    o, p = runs[overlap]["rows"], runs[plain]["rows"]
     assert o[0]["final_loss"] == o[1]["final_loss"] == pytest.approx(p[0]["final_loss"], abs=1e-6)
+    assert all(r["compile"] is compiled for r in o + p)
 
 
 def test_out_of_memory_on_one_rank_reruns_the_step_on_both(runs):
@@ -165,6 +202,11 @@ def test_out_of_memory_on_one_rank_reruns_the_step_on_both(runs):
         diff = max((a["model"][k] - b["model"][k]).abs().max().item() for k in a["model"])
         assert diff <= 1e-6 and a["meta"]["loader"] == b["meta"]["loader"], (a_path, diff)
     assert len(list_checkpoints(runs["overlap-oom"]["dir"] / "checkpoints")) == STEPS
+    # compiled by region, the same: nobody waits in a collective, and the step is rerun row by row
+    rows = runs["overlap-compile-oom"]["rows"]
+    assert [(r["device_batch_size"], r["grad_accum_steps"], r["state"], r["compile"]) for r in rows] == \
+        [(1, 4, "COMPLETED", True)] * 2
+    assert len(list_checkpoints(runs["overlap-compile-oom"]["dir"] / "checkpoints")) == STEPS
     # (not compared with the unfailed run: another micro-batch split moves sums by 1e-7, and AdamW's
     # first step, sign(g) * lr, turns that into whole-lr differences where a gradient is near 0)
 
@@ -201,6 +243,28 @@ def test_gradient_buckets_are_all_reduced_during_the_last_backward(runs):
             end = max(i for i, e in enumerate(step) if e[0] == "bw_end")
             flat = [i for i, e in enumerate(step) if e[0] == "all_reduce" and e[1] > 1000]
             assert len(flat) == 1 and flat[0] > end
+
+
+def test_under_compile_buckets_leave_while_compiled_backward_still_runs(runs):
+    # compiled as one graph, backward is one autograd node and every gradient is ready only after it:
+    # compiled by region (gpt.CompiledGPT), a bucket is on its way before the last region's backward starts
+    for events in runs["overlap-compile"]["events"]:
+        for step in _steps(events):
+            starts = [i for i, e in enumerate(step) if e[0] == "bw_start"]
+            ends = [i for i, e in enumerate(step) if e[0] == "bw_end"]
+            assert len(starts) == len(ends) == 2, step
+            regions = [i for i in range(starts[1], ends[1]) if step[i][0] == "compiled_bw"]
+            buckets = [i for i in range(starts[1], ends[1]) if step[i][0] == "all_reduce" and step[i][2]]
+            assert len(regions) >= 2 and buckets, step  # the head and the block, at least one bucket
+            assert buckets[0] < regions[-1], step
+
+
+def test_gradients_are_the_bucket_buffers(runs):
+    # backward accumulates into the buffers that are all-reduced: no copy in, none out
+    for name in ("overlap", "overlap-compile"):
+        for events in runs[name]["events"]:
+            views = [e[1] for e in events if e[0] == "grads_in_buckets"]
+            assert len(views) == STEPS and all(views), (name, views)
 
 
 def test_each_rank_orthogonalises_only_its_share(runs):

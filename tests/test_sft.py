@@ -11,7 +11,7 @@ import torch
 from nanochat.chat_sft import (CompileCounter, SFTConfig, bench_ratios, load_conversations, render_examples,
                                summed_loss, train)
 from nanochat.common import ConfigError
-from nanochat.gpt import GPTConfig, build_model
+from nanochat.gpt import CompiledGPT, GPTConfig, build_model
 from nanochat.packing import MODES
 from nanochat.tokenizer import Tokenizer
 
@@ -67,8 +67,8 @@ def test_pad_and_pack_give_the_same_loss(tokenizer):
     for mode, (total, count) in results.items():
         assert count == ref_count, mode
         assert total == pytest.approx(ref_total, rel=1e-5), mode
-    # The same model compiled (one fixed shape) agrees with eager on packed rows.
-    compiled = torch.compile(model, dynamic=False)
+    # The same model compiled as training compiles it (by region, one fixed shape) agrees with eager on packed rows.
+    compiled = CompiledGPT(model)
     total, count = summed_loss(compiled, examples, "compile-pack", 4, T, pad_id, pack_buffer=16)
     assert total == pytest.approx(ref_total, rel=1e-4)
 
@@ -98,10 +98,12 @@ def test_fifty_varying_batches_compile_once(tokenizer, mode):
     before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     row = train(cfg, model, tokenizer, examples, [], B, "config")
     assert row["steps"] == 50
-    assert row["num_compiles"] == 1
+    # one graph per compiled region (gpt.CompiledGPT: the blocks, the head, packed rows' mask), never a recompile
+    regions = 3 if mode == "compile-pack" else 2
+    assert row["num_compiles"] == regions
     assert row["compile"] is True
     # dynamo's own count agrees (torch._dynamo.reset() in train() does not clear these counters)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - before == 1
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - before == regions
     # the batches really did vary: padded to their longest row, these 50 would have had many shapes
     from nanochat.packing import batch_for_mode, plan_batches
     lengths = [len(ids) - 1 for ids, _ in examples]
@@ -134,6 +136,34 @@ def test_loss_is_normalised_over_the_whole_step(tokenizer, fp32_muon):
     assert loss_a == pytest.approx(loss_b, rel=1e-5)
     for a, b in zip(p_a, p_b):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
+def test_batches_are_built_a_step_ahead_off_the_main_thread(tokenizer, monkeypatch):
+    # overlap (the default): each step's micro-batches are made in the prefetch thread, not between
+    # two steps on the main thread; overlap: false makes them there; both train the same steps exactly
+    import threading
+    import nanochat.chat_sft as chat_sft
+    T, B = 96, 2
+    examples = render_examples(make_conversations(40, seed=5, max_words=80), tokenizer, T, "test")
+    made = []
+    step_micro_batches = chat_sft._step_micro_batches
+    monkeypatch.setattr(chat_sft, "_step_micro_batches", lambda plans, first, *a: made.append(
+        (first, threading.current_thread() is threading.main_thread())) or step_micro_batches(plans, first, *a))
+    results = {}
+    for overlap in (True, False):
+        made.clear()
+        model = tiny_model(tokenizer, T)
+        cfg = SFTConfig(mode="eager-pack", max_seq_len=T, device_batch_size=B,
+                        total_batch_size=2 * B * T, max_steps=4, save_checkpoint=False, init_lr_frac=1.0,
+                        overlap=overlap)
+        row = train(cfg, model, tokenizer, examples, [], B, "config")
+        assert row["steps"] == 4
+        assert [first for first, _ in made] == [0, 2, 4, 6]  # each step once, in order
+        assert all(not main for _, main in made) if overlap else all(main for _, main in made)
+        assert not any(t.name == "nanochat-prefetch" and t.is_alive() for t in threading.enumerate())
+        results[overlap] = (row["final_loss"], [p.detach().clone() for p in model.parameters()])
+    assert results[True][0] == results[False][0]
+    assert all(torch.equal(a, b) for a, b in zip(results[True][1], results[False][1]))
 
 
 def test_compile_counter_counts_recompiles():
@@ -262,7 +292,7 @@ def test_bench_sft_prints_four_modes_and_three_ratios_as_its_last_json_line(caps
     for mode, m in out["modes"].items():
         assert m["real_tokens_per_s"] > 0 and m["timed_steps"] == 2
         assert m["supervised_tokens_per_s"] <= m["real_tokens_per_s"] <= m["tokens_per_s"]
-        assert m["num_compiles"] == (1 if mode.startswith("compile") else 0)
+        assert m["num_compiles"] == {"compile-pack": 3, "compile-pad": 2}.get(mode, 0)  # one per compiled region
     modes = out["modes"]
     assert modes["compile-pack"]["padding_fraction"] < modes["compile-pad"]["padding_fraction"]
     # eager-pack runs compile-pack's rows: the same padding and the same loss, without a compilation
