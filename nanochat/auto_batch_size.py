@@ -715,25 +715,57 @@ def read_cache(cache_dir, key: str, rows: int | None = None) -> dict | None:
     return entry
 
 
-def write_cache(cache_dir, key: str, entry: dict, lock_timeout_s: float = 60.0) -> Path:
-    """Atomic write under a file lock. When an entry exists, the smaller device batch wins (a
-    run-time fallback on one job must not be undone by another job's older probe)."""
+def update_cache(cache_dir, key: str, update, lock_timeout_s: float = 60.0) -> Path:
+    """Read-modify-write of one entry under its file lock: update(the current entry or None) returns the
+    entry to write, or None to leave the file as it is. Reading under the lock is what keeps two writers
+    (a probe and a run-time fallback, two ranks' fallbacks) from each writing over what the other read."""
     path = cache_path(cache_dir, key)
-    entry = dict(entry, key=key)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with file_lock(str(path) + ".lock", timeout=lock_timeout_s):
             with warnings.catch_warnings():   # the reader already warned about a corrupt entry
                 warnings.simplefilter("ignore")
                 old = read_cache(cache_dir, key) if path.exists() else None
-            if old is not None and entry.get("source") == "fallback" and old["device_batch_size"] < entry["device_batch_size"]:
-                return path
-            atomic_write_json(path, entry)
+            new = update(old)
+            if new is not None:
+                atomic_write_json(path, dict(new, key=key))
     except Timeout:
         warnings.warn(f"batch size cache {path}: lock busy for {lock_timeout_s} s; not cached")
     except OSError as e:   # e.g. a directory squatting on the entry's name: the answer still holds, uncached
         warnings.warn(f"batch size cache {path}: cannot write ({type(e).__name__}: {e}); not cached")
     return path
+
+
+def _last_fallback_at(entry: dict) -> float | None:
+    times = [f.get("at_unix") for f in entry.get("fallbacks", [])]
+    times = [t for t in times if isinstance(t, (int, float)) and not isinstance(t, bool)]
+    return max(times) if times else (0.0 if entry.get("fallbacks") else None)
+
+
+def kept_entry(old: dict | None, new: dict) -> dict | None:
+    """Which entry a write leaves (None: the old one stays). A run-time fallback on one job must not be
+    undone by another job's older probe: an entry with fallbacks keeps its smaller device batch against
+    a probe that started before its last fallback (probe_started_at; a probe without one counts as
+    older). A fallback does not raise a size another writer has already lowered further. A probe
+    started after the fallback (a --refresh) replaces it: that is a new measurement."""
+    if old is None:
+        return new
+    smaller = old["device_batch_size"] < new["device_batch_size"]
+    if new.get("source") == "fallback" and smaller:
+        return None
+    last_fallback = _last_fallback_at(old)
+    if new.get("source") == "probe" and smaller and last_fallback is not None:
+        started = new.get("probe_started_at")
+        if not isinstance(started, (int, float)) or started < last_fallback:
+            print0(f"auto batch size: keeping the cached run-time fallback (device batch {old['device_batch_size']}) "
+                   f"against a probe that started before it ({new['device_batch_size']})")
+            return None
+    return new
+
+
+def write_cache(cache_dir, key: str, entry: dict, lock_timeout_s: float = 60.0) -> Path:
+    """Atomic write under a file lock, as kept_entry decides against the entry already there."""
+    return update_cache(cache_dir, key, lambda old: kept_entry(old, entry), lock_timeout_s)
 
 
 # -----------------------------------------------------------------------------
@@ -815,7 +847,7 @@ def resolve_device_batch_size(model, optimizers_factory, seq_len: int, total_bat
     time_limit_s: the search stops starting trials after this long and keeps the best size so far
     (info["stopped_by_deadline"]). Under torch.distributed every rank must call it; all ranks return
     the same numbers."""
-    t0 = time.perf_counter()
+    t0, started_at = time.perf_counter(), time.time()
     deadline = time.monotonic() + time_limit_s if time_limit_s else None
     ki = key_inputs(model, optimizers_factory, seq_len, total_batch_size, world_size, device, step_fn,
                     compile=compile, safety_margin=safety_margin, stop_gain=stop_gain,
@@ -877,6 +909,7 @@ def resolve_device_batch_size(model, optimizers_factory, seq_len: int, total_bat
             "compile_confirmed": result.compile_confirmed, "speed": result.speed,
             "trials": result.trials, "source": "probe", "safety_margin": safety_margin, "stop_gain": stop_gain,
             "parts": parts, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "probe_started_at": started_at,   # against a run-time fallback recorded meanwhile (kept_entry)
         }
         if result.stopped_by_speed:
             # below the memory baseline on timings alone: measure again after a while rather than forever
@@ -911,11 +944,13 @@ def fallback_after_oom(device_batch_size: int, grad_accum: int, cache_key: str |
     print0(f"auto batch size: out of memory at device batch {device_batch_size}; "
            f"continuing at {new_bs} x {new_accum} accumulation steps (same total batch)")
     if cache_key and cache_dir and (not _dist_active() or dist.get_rank() == 0):
-        old = read_cache(cache_dir, cache_key) or {}
-        history = list(old.get("fallbacks", [])) + [{"from": device_batch_size, "to": new_bs,
-                                                     "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}]
-        write_cache(cache_dir, cache_key, dict(old, device_batch_size=new_bs, grad_accum=new_accum,
-                                               source="fallback", fallbacks=history))
+        def record(old: dict | None) -> dict | None:   # runs under the entry's lock, on what is there now
+            old = old or {}
+            history = list(old.get("fallbacks", [])) + [{"from": device_batch_size, "to": new_bs, "at_unix": time.time(),
+                                                         "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}]
+            return kept_entry(old or None, dict(old, device_batch_size=new_bs, grad_accum=new_accum,
+                                                source="fallback", fallbacks=history))
+        update_cache(cache_dir, cache_key, record)
     return new_bs, new_accum
 
 

@@ -333,6 +333,57 @@ def test_sixteen_concurrent_writers_leave_valid_entries(tmp_path):
     assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
 
 
+def test_a_fallback_entry_is_kept_against_a_probe_that_started_before_it(tmp_path):
+    key = "e" * 64
+    write_cache(tmp_path, key, {"device_batch_size": 8, "grad_accum": 1, "source": "probe", "probe_started_at": 100.0})
+    assert fallback_after_oom(8, 1, key, tmp_path) == (4, 2)
+    # a probe that was running when the fallback happened (started long before it) finishes and writes 8
+    write_cache(tmp_path, key, {"device_batch_size": 8, "grad_accum": 1, "source": "probe", "probe_started_at": 200.0})
+    entry = read_cache(tmp_path, key, rows=8)
+    assert (entry["device_batch_size"], entry["source"]) == (4, "fallback")
+    write_cache(tmp_path, key, {"device_batch_size": 8, "grad_accum": 1, "source": "probe"})   # no start time: older
+    assert read_cache(tmp_path, key, rows=8)["device_batch_size"] == 4
+    # a later fallback from a stale size does not raise what is cached
+    assert fallback_after_oom(16, 1, key, tmp_path) == (8, 2)
+    assert read_cache(tmp_path, key)["device_batch_size"] == 4
+    # a probe started after the last fallback (a --refresh) is a new measurement: it replaces the entry
+    last = max(f["at_unix"] for f in read_cache(tmp_path, key)["fallbacks"])
+    write_cache(tmp_path, key, {"device_batch_size": 8, "grad_accum": 1, "source": "probe", "probe_started_at": last + 1})
+    assert read_cache(tmp_path, key, rows=8)["source"] == "probe"
+
+
+def _lock_is_free(lock_path: str, queue) -> None:
+    from filelock import Timeout
+    from nanochat.locking import file_lock
+    try:
+        with file_lock(lock_path, timeout=0):
+            queue.put(True)
+    except Timeout:
+        queue.put(False)
+
+
+def test_fallback_reads_the_entry_under_its_lock(tmp_path, monkeypatch):
+    import nanochat.auto_batch_size as abs_module
+    key = "d" * 64
+    write_cache(tmp_path, key, {"device_batch_size": 8, "grad_accum": 1, "source": "probe"})
+    seen = []
+    real_read = abs_module.read_cache
+
+    def read_and_look(cache_dir, k, rows=None):
+        ctx = mp.get_context("fork")   # another process tries the entry's lock while the entry is read
+        queue = ctx.Queue()
+        p = ctx.Process(target=_lock_is_free, args=(str(cache_path(tmp_path, key)) + ".lock", queue))
+        p.start()
+        seen.append(queue.get(timeout=60))
+        p.join(60)
+        return real_read(cache_dir, k, rows)
+    monkeypatch.setattr(abs_module, "read_cache", read_and_look)
+    fallback_after_oom(8, 1, key, tmp_path)
+    assert seen == [False]            # the lock was held while the entry it updates was read
+    monkeypatch.setattr(abs_module, "read_cache", real_read)
+    assert read_cache(tmp_path, key, rows=8)["device_batch_size"] == 4
+
+
 # -----------------------------------------------------------------------------
 # Run-time fallback: a real step runs out of memory, training goes on from the same step
 
