@@ -58,20 +58,19 @@ def _one_line(e: BaseException) -> str:
 
 
 def byte_tokenizer_vocab() -> int:
-    from nanochat.tokenizer import SPECIAL_TOKENS
-    return 256 + len(SPECIAL_TOKENS)
+    from nanochat.tokenizer import Tokenizer
+    return Tokenizer.byte_level().get_vocab_size()
 
 
 def prepare_byte_tokenizer(base_dir: Path) -> int:
     """Write the pretraining data (Python's own text) and a byte-level tokenizer where base training
     looks for its tokenizer, so no BPE training (rustbpe) is needed. Returns its vocabulary size."""
     from nanochat.prepare import ensure_pretraining_data, tokenizer_dir
-    from nanochat.tokenizer import SPLIT_PATTERN, Tokenizer
+    from nanochat.tokenizer import Tokenizer
     data_path = ensure_pretraining_data(base_dir, "", DATA_SHARDS, DATA_CHARS)
-    vocab = byte_tokenizer_vocab()
-    tok = Tokenizer(Tokenizer._make_encoding(SPLIT_PATTERN, {bytes([i]): i for i in range(256)}))
-    tok.save(tokenizer_dir(base_dir, vocab, data_path))
-    return vocab
+    tok = Tokenizer.byte_level()
+    tok.save(tokenizer_dir(base_dir, tok.get_vocab_size(), data_path))
+    return tok.get_vocab_size()
 
 
 # -----------------------------------------------------------------------------

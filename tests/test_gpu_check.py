@@ -4,6 +4,7 @@ checked of its GPU recipe on a CPU: every check's config builds and validates, t
 is several times the device's memory, and the byte-level tokenizer route trains and fine-tunes
 without rustbpe (the lent GPU machine has none).
 """
+import ast
 import json
 import os
 import subprocess
@@ -67,3 +68,45 @@ def test_byte_tokenizer_route_needs_no_rustbpe(tmp_path, monkeypatch):
                   max_steps=2, num_conversations=24)
     [sft_row] = sft_bench(sft, ("eager-dynamic",))
     assert sft_row["state"] == "COMPLETED" and sft_row["final_loss"] > 0
+
+
+def _needs_rustbpe(node: ast.AST) -> bool:
+    """Trains a BPE tokenizer (Tokenizer.train) or imports rustbpe anywhere inside `node`."""
+    for n in ast.walk(node):
+        if isinstance(n, ast.Attribute) and n.attr == "train" and isinstance(n.value, ast.Name) and n.value.id == "Tokenizer":
+            return True
+        if isinstance(n, (ast.Import, ast.ImportFrom)) and any("rustbpe" in (a.name or "") for a in n.names):
+            return True
+        if isinstance(n, ast.ImportFrom) and "rustbpe" in (n.module or ""):
+            return True
+    return False
+
+
+def test_gpu_marked_tests_need_no_rustbpe():
+    """The lent GPU machine has no rustbpe: no gpu-marked test, nor a helper of its module it calls
+    (followed call by call), nor its module's top-level code may train a BPE tokenizer."""
+    offenders = []
+    for path in sorted((REPO / "tests").glob("test_*.py")):
+        tree = ast.parse(path.read_text())
+        marked_module = any(isinstance(n, ast.Assign) and any(getattr(t, "id", "") == "pytestmark" for t in n.targets)
+                            and "attr='gpu'" in ast.dump(n) for n in tree.body)
+        functions = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+        gpu_tests = [f for name, f in functions.items() if name.startswith("test_")
+                     and (marked_module or any("attr='gpu'" in ast.dump(d) for d in f.decorator_list))]
+        if not gpu_tests:
+            continue
+        top_level = [n for n in tree.body if not isinstance(n, (ast.FunctionDef, ast.ClassDef))]
+        if any(_needs_rustbpe(n) for n in top_level):
+            offenders.append(f"{path.name}: module level")
+        for test in gpu_tests:
+            todo, seen = [test], set()
+            while todo:
+                f = todo.pop()
+                if f.name in seen:
+                    continue
+                seen.add(f.name)
+                if _needs_rustbpe(f):
+                    offenders.append(f"{path.name}::{test.name} (in {f.name})")
+                todo += [functions[n.func.id] for n in ast.walk(f) if isinstance(n, ast.Call)
+                         and isinstance(n.func, ast.Name) and n.func.id in functions]
+    assert not offenders, offenders
