@@ -62,12 +62,12 @@ def byte_tokenizer_vocab() -> int:
     return Tokenizer.byte_level().get_vocab_size()
 
 
-def prepare_byte_tokenizer(base_dir: Path) -> int:
+def prepare_byte_tokenizer(base_dir: Path, num_shards: int = DATA_SHARDS, max_chars: int = DATA_CHARS) -> int:
     """Write the pretraining data (Python's own text) and a byte-level tokenizer where base training
     looks for its tokenizer, so no BPE training (rustbpe) is needed. Returns its vocabulary size."""
     from nanochat.prepare import ensure_pretraining_data, tokenizer_dir
     from nanochat.tokenizer import Tokenizer
-    data_path = ensure_pretraining_data(base_dir, "", DATA_SHARDS, DATA_CHARS)
+    data_path = ensure_pretraining_data(base_dir, "", num_shards, max_chars)
     tok = Tokenizer.byte_level()
     tok.save(tokenizer_dir(base_dir, tok.get_vocab_size(), data_path))
     return tok.get_vocab_size()

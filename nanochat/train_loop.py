@@ -217,6 +217,14 @@ def resolve_compile(setting, device: torch.device, train_flops: float | None = N
             and cpu_can_compile())
 
 
+def compile_model(model, backend="inductor", dynamic: bool | None = None):
+    """THE torch.compile of base and mid training (and of the batch-size probe that serves them, so
+    the graphs it builds are the ones training runs). dynamic None, dynamo's default: a graph for the
+    first batch size, then one with a symbolic batch size for every other (the probe's trial sizes, an
+    out-of-memory fallback's smaller micro-batch) instead of a compile per size."""
+    return torch.compile(model, dynamic=dynamic, backend=backend)
+
+
 def auto_batch_options(model, seq_len: int, total_batch_size: int, world_size: int, device: torch.device,
                        compile_setting, precision: str = "auto") -> dict:
     """The arguments (and so the cache key) of the automatic device batch size for a base or mid
@@ -239,8 +247,10 @@ def batch_cache_key(cfg: TrainConfig, model, world_size: int, device: torch.devi
                                          cfg.precision)).key
 
 
-def resolve_batch(cfg: TrainConfig, model, world_size: int, device: torch.device, opt_factory=None) -> tuple[int, int, str, int, dict]:
-    """-> (device_batch_size, grad_accum_steps, batch_size_source, total_batch_size, info)."""
+def resolve_batch(cfg: TrainConfig, model, world_size: int, device: torch.device,
+                  compiled=None) -> tuple[int, int, str, int, dict]:
+    """-> (device_batch_size, grad_accum_steps, batch_size_source, total_batch_size, info).
+    compiled: the module training will step (compile on): the probe's compiled trials step it."""
     name = type(cfg).__name__
     T = cfg.seq_len
     if cfg.device_batch_size == 0:
@@ -253,7 +263,7 @@ def resolve_batch(cfg: TrainConfig, model, world_size: int, device: torch.device
             raise ConfigError(f"{name}.total_batch_size must be set (tokens per step) when device_batch_size=0")
         B, accum, source, info = resolve_device_batch_size(
             **auto_batch_options(model, T, cfg.total_batch_size, world_size, device, cfg.compile, cfg.precision),
-            base_dir=cfg.base_dir or None)
+            base_dir=cfg.base_dir or None, compiled=compiled)
         total = cfg.total_batch_size
     else:
         B, source, info = cfg.device_batch_size, "config", {}
@@ -371,8 +381,11 @@ def train(cfg: TrainConfig, *, stage: str, model, tokenizer, tokenizer_dir: str,
     opt_factory = functools.partial(build_optimizers, unembedding_lr=cfg.unembedding_lr, embedding_lr=cfg.embedding_lr,
                                     matrix_lr=cfg.matrix_lr, weight_decay=cfg.weight_decay)
 
-    # Batch geometry first (the automatic probe may run trial steps on a copy of the state).
-    B, grad_accum, batch_source, total_batch, batch_info = resolve_batch(cfg, model, world_size, device)
+    # Batch geometry first (the automatic probe may run trial steps on a copy of the state). A probe
+    # that compiles steps the module training will step: its graphs serve the training (one compile).
+    compiles_before = num_compiles()
+    probe_compiled = compile_model(model) if cfg.device_batch_size == 0 and resolve_compile(cfg.compile, device) else None
+    B, grad_accum, batch_source, total_batch, batch_info = resolve_batch(cfg, model, world_size, device, probe_compiled)
     reset_peak_memory(device)  # the probe's largest (failed) trial is not this stage's peak
     T = cfg.seq_len
     rows_per_rank = B * grad_accum
@@ -412,8 +425,7 @@ def train(cfg: TrainConfig, *, stage: str, model, tokenizer, tokenizer_dir: str,
                                   train_flops=(num_steps - start_step) * rows_per_rank * T * model.estimate_flops())
     precision = train_precision_route(cfg.precision, device, compiled=use_compile)  # bf16 pays on some CPUs only compiled
     autocast_ctx = autocast_context(precision, device)
-    compiles_before = num_compiles()
-    train_model = torch.compile(model) if use_compile else model
+    train_model = (probe_compiled or compile_model(model)) if use_compile else model
     flops_per_token = model.estimate_flops()
     token_bytes = tokenizer.token_bytes()
     oom_handlers = _oom_handlers()
@@ -488,6 +500,7 @@ def train(cfg: TrainConfig, *, stage: str, model, tokenizer, tokenizer_dir: str,
                 B, grad_accum = oom_handlers[1](B, grad_accum, batch_info.get("cache_key"),
                                                 batch_info.get("cache_dir"), device)
                 batch_source = source_after_oom(batch_source)
+                reset_peak_memory(device)   # the failed attempt filled the device: not the peak of the size kept
                 print0(f"[{stage}] out of memory at step {step}: rerunning it with device_batch_size={B}, "
                        f"grad_accum={grad_accum}")
             if grad_buckets is None:
