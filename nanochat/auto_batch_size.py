@@ -323,6 +323,7 @@ class SearchResult:
     stopped_by_deadline: bool = False
     compile_confirmed: bool | None = None   # None: compile off; False: no compiled confirmation ran in time
     speed: dict | None = None   # the interleaved timings behind the speed check (None: not run)
+    memory_baseline: int = 0    # CPU budget child: its resident bytes before the model (trial peaks include them)
 
 
 def _spread(rates: list[float]) -> float:
@@ -529,12 +530,15 @@ def _search_on_model(model, optimizers_factory, step_fn, seq_len: int, rows: int
 # -----------------------------------------------------------------------------
 # A real memory budget on CPU: the search runs in a spawned child under RLIMIT_AS
 
-def _vm_size_bytes() -> int:
+def _vm_size_bytes(field: str = "VmSize") -> int:
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmSize:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
-    raise RuntimeError("VmSize not found in /proc/self/status")
+    raise RuntimeError(f"{field} not found in /proc/self/status")
+
+
+_CHILD_RSS_BASELINE = 0   # in the budget child: its resident size when the limit was set (trial peaks are above it)
 
 
 def _warm_up_torch() -> None:
@@ -558,6 +562,8 @@ def _budget_child_main(payload_path: str, result_path: str, budget_bytes: int, t
             torch.set_num_threads(threads)
         _warm_up_torch()
         baseline = _vm_size_bytes()
+        global _CHILD_RSS_BASELINE
+        _CHILD_RSS_BASELINE = _vm_size_bytes("VmRSS")
         payload = Path(payload_path).read_bytes()
         resource.setrlimit(resource.RLIMIT_AS, (baseline + budget_bytes, resource.getrlimit(resource.RLIMIT_AS)[1]))
         fn, args = pickle.loads(payload)
@@ -626,9 +632,11 @@ def _budget_search_job(model, optimizers_factory, step_fn, seq_len, rows, compil
         # Inductor's worker pool would fork helpers under the same address-space limit; compile in-process.
         import torch._inductor.config as inductor_config
         inductor_config.compile_threads = 1
-    return _search_on_model(model, optimizers_factory, step_fn, seq_len, rows, torch.device("cpu"),
-                            compile, safety_margin, stop_gain, timed_steps, deadline, compile_backend,
-                            compiled_search=compiled_search)
+    result = _search_on_model(model, optimizers_factory, step_fn, seq_len, rows, torch.device("cpu"),
+                              compile, safety_margin, stop_gain, timed_steps, deadline, compile_backend,
+                              compiled_search=compiled_search)
+    result.memory_baseline = _CHILD_RSS_BASELINE
+    return result
 
 
 def default_cpu_budget_gb() -> float:
@@ -924,7 +932,7 @@ def resolve_device_batch_size(model, optimizers_factory, seq_len: int, total_bat
                 stopped_by_speed=result.stopped_by_speed, trials=result.trials,
                 seconds=time.perf_counter() - t0, baseline=result.baseline,
                 stopped_by_deadline=result.stopped_by_deadline, compile_confirmed=result.compile_confirmed,
-                speed=result.speed)
+                speed=result.speed, memory_baseline_bytes=result.memory_baseline or None)
     if result.stopped_by_deadline:
         print0(f"auto batch size: time limit ({time_limit_s:.0f} s) reached; keeping device batch "
                f"{result.device_batch_size}, the best found so far (a later --refresh can search further)")

@@ -567,6 +567,27 @@ def test_cpu_budget_is_real_grows_with_budget_and_training_fits(tmp_path):
     assert small[2]["cache_key"] != large[2]["cache_key"]
 
 
+@pytest.mark.slow
+def test_the_margin_is_on_bytes_under_a_real_budget(tmp_path):
+    """The size kept is the largest divisor whose step ran within (1 - margin) of the budget: its
+    measured peak is inside that share, and halving the share keeps a smaller size."""
+    torch.manual_seed(0)
+    model = build_model(GPTConfig.from_depth(2, BUDGET_VOCAB, BUDGET_SEQ))
+    budget, found = 0.5, {}
+    for margin in (0.0, 0.5):
+        bs, accum, _, info = resolve_device_batch_size(
+            model, build_optimizers, BUDGET_SEQ, 32 * BUDGET_SEQ, 1, "cpu", memory_budget_gb=budget,
+            safety_margin=margin, stop_gain=None, use_cache=False)
+        kept = [t for t in info["trials"] if t["ok"] and t["batch_size"] == bs][-1]
+        used = (kept["peak_memory_bytes"] - info["memory_baseline_bytes"]) / (budget * 2**30)
+        assert 0 < used <= 1 - margin, (margin, used)
+        assert all(32 % t["batch_size"] == 0 for t in info["trials"])
+        found[margin] = bs
+        failed = [t for t in info["trials"] if not t["ok"]]
+        assert failed and all("can't allocate memory" in t["error"] for t in failed)   # the allocator's own error
+    assert found[0.5] < found[0.0]
+
+
 # -----------------------------------------------------------------------------
 # The probe recipe and its command line
 

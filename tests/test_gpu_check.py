@@ -110,3 +110,59 @@ def test_gpu_marked_tests_need_no_rustbpe():
                 todo += [functions[n.func.id] for n in ast.walk(f) if isinstance(n, ast.Call)
                          and isinstance(n.func, ast.Name) and n.func.id in functions]
     assert not offenders, offenders
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def _train_in_budget(cfg) -> tuple[dict, int]:
+    """Runs in the memory-budget child: base training; its row and the resident bytes before it."""
+    from nanochat.base_train import run
+    before = _rss_bytes()
+    return run(cfg), before
+
+
+def _sft_in_budget(B: int) -> tuple[dict, int]:
+    """Runs in the memory-budget child: SFT of a fresh model at a configured device batch B."""
+    from nanochat.chat_sft import SFTConfig, render_examples, train
+    from nanochat.gpt import GPTConfig, build_model
+    from nanochat.synthetic import generate_conversations
+    from nanochat.tokenizer import Tokenizer
+    T, tok = 64, Tokenizer.byte_level()
+    convs = generate_conversations(2 * B + 8, seed=1, max_tokens=T)
+    model = build_model(GPTConfig.from_depth(1, tok.get_vocab_size(), T))
+    cfg = SFTConfig(mode="eager-dynamic", max_seq_len=T, device_batch_size=B, max_steps=1, save_checkpoint=False,
+                    val_conversations=0)
+    before = _rss_bytes()
+    return train(cfg, model, tok, render_examples(convs, tok, T, "test"), [], B, "config"), before
+
+
+@pytest.mark.slow
+def test_oom_fallback_check_passes_a_real_fallback_and_the_peak_is_the_kept_sizes(tmp_path):
+    """A real out-of-memory on a CPU (the budget child's allocator) in base training at a configured
+    batch: the oom_fallback check's own verdict accepts the row (config+oom_fallback), and the row's peak
+    is the size it went on with, not the failed attempts' (the same training configured at that size)."""
+    from nanochat.auto_batch_size import run_under_memory_budget
+    vocab = gpu_check.prepare_byte_tokenizer(tmp_path, 2, 200_000)
+    cfg = replace(gpu_check.oom_config(tmp_path, vocab, 1 << 30, "cpu"), depth=1, seq_len=64, device_batch_size=2048,
+                  total_batch_size=2048 * 64, num_shards=2, data_max_chars=200_000, max_data_epochs=0)
+    row, before = run_under_memory_budget(_train_in_budget, (cfg,), 0.5, threads=1)
+    figures = gpu_check.oom_fallback_figures(row, cfg)
+    assert figures["device_batch_size"] < 2048 and figures["batch_size_source"] == "config+oom_fallback"
+    kept = replace(cfg, device_batch_size=row["device_batch_size"])
+    ref, ref_before = run_under_memory_budget(_train_in_budget, (kept,), 0.5, threads=1)
+    assert ref["batch_size_source"] == "config" and ref["device_batch_size"] == row["device_batch_size"]
+    peak, ref_peak = row["peak_memory_bytes"] - before, ref["peak_memory_bytes"] - ref_before
+    assert peak < 1.25 * ref_peak, (peak >> 20, ref_peak >> 20)   # without the reset: the failed attempts
+
+
+@pytest.mark.slow
+def test_sft_row_peak_after_an_oom_fallback_is_the_kept_sizes():
+    from nanochat.auto_batch_size import run_under_memory_budget
+    row, before = run_under_memory_budget(_sft_in_budget, (4096,), 0.4, threads=1)
+    assert row["batch_size_source"] == "config+oom_fallback" and row["device_batch_size"] < 1024
+    ref, ref_before = run_under_memory_budget(_sft_in_budget, (row["device_batch_size"],), 0.4, threads=1)
+    peak, ref_peak = row["peak_memory_bytes"] - before, ref["peak_memory_bytes"] - ref_before
+    assert peak < 1.25 * ref_peak, (peak >> 20, ref_peak >> 20)   # without the reset: the failed attempts
