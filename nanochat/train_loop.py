@@ -521,12 +521,13 @@ def train(cfg: TrainConfig, *, stage: str, model, tokenizer, tokenizer_dir: str,
             synchronize(device)
             dt = time.time() - t0
             step += 1
-            # the first step of this process includes compilation and warm-up: leave it out of the rate
+            # the first step of this process includes compilation and warm-up: leave it out of the rate,
+            # the stage's and its metrics row's (a row that covers only that step has no rate)
             if step > start_step + 1 or num_steps - start_step == 1:
                 timed_tokens += total_batch
                 timed_seconds += dt
-            interval_tokens += total_batch
-            interval_seconds += dt
+                interval_tokens += total_batch
+                interval_seconds += dt
 
             stop = _any_rank(bool(should_stop and should_stop()), ddp, device)
             last = step == num_steps
@@ -538,16 +539,18 @@ def train(cfg: TrainConfig, *, stage: str, model, tokenizer, tokenizer_dir: str,
             if val_this is not None:
                 val_bpb = val_this
             if rank == 0 and (last or stop or step % cfg.log_every == 0 or val_this is not None):
-                tps = interval_tokens / max(interval_seconds, 1e-9)
-                row = {"step": step, "loss": round(loss_value, 6), "lrm": round(lrm, 6), "tokens_per_s": round(tps, 2),
-                       "mfu": mfu_percent(flops_per_token, tps, device, world_size),
+                tps = interval_tokens / interval_seconds if interval_seconds > 0 else None
+                row = {"step": step, "loss": round(loss_value, 6), "lrm": round(lrm, 6),
+                       "tokens_per_s": round(tps, 2) if tps else None,
+                       "mfu": mfu_percent(flops_per_token, tps, device, world_size) if tps else None,
                        "peak_memory_bytes": peak_memory_bytes(device), "elapsed_s": round(time.time() - t_start, 3),
                        "val_bpb": val_this, "num_steps": num_steps}
                 metrics.append(row)
                 interval_tokens, interval_seconds = 0, 0.0
                 if metrics_path:
                     write_metrics(metrics_path, metrics)
-                print0(f"[{stage}] step {step}/{num_steps} loss {loss_value:.4f} lrm {lrm:.3f} tok/s {tps:,.0f}"
+                print0(f"[{stage}] step {step}/{num_steps} loss {loss_value:.4f} lrm {lrm:.3f} "
+                       f"tok/s {f'{tps:,.0f}' if tps else '- (warm-up)'}"
                        + (f" val_bpb {val_this:.4f}" if val_this is not None else ""))
             if stop and not last:
                 state = "PREEMPTED"
