@@ -155,9 +155,14 @@ def local_cuda_index(local_rank: int, device_count: int) -> int:
     """The CUDA device a rank uses on its node. A site that binds one GPU per task (gres binding,
     CUDA_VISIBLE_DEVICES set per task) shows every task a single device, numbered 0, whatever its
     SLURM_LOCALID; a site that does not shows every task all the node's GPUs. The local rank modulo
-    the visible count is right in both cases (cuda:{local_rank} fails in the first)."""
+    the visible count is right in both cases (cuda:{local_rank} fails in the first); a local rank past
+    several visible GPUs is an error (two ranks on one GPU), not a wrap-around."""
     if device_count < 1:
         raise RuntimeError("no CUDA device is visible to this process (CUDA_VISIBLE_DEVICES?)")
+    if device_count > 1 and local_rank >= device_count:
+        # all the node's GPUs visible and more tasks than GPUs: two ranks would share one and NCCL fails later
+        raise RuntimeError(f"local rank {local_rank} on a node with {device_count} visible GPUs: more tasks per node "
+                           f"than GPUs (set tasks_per_node <= gpus_per_node)")
     return local_rank % device_count
 
 

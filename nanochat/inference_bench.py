@@ -37,7 +37,7 @@ import torch
 
 from nanochat.common import (ConfigError, atomic_write_json, autodetect_device_type, device_name, git_commit, peak_bandwidth,
                              peak_memory_bytes, synchronize)
-from nanochat.engine import (DECODE_PRECISIONS, Engine, check_decode, decode_precision_route, full_fp32_matmuls,
+from nanochat.engine import (DECODE_PRECISIONS, INT8_CPU_ONLY, Engine, check_decode, decode_precision_route, full_fp32_matmuls,
                              generate_naive, prepare_for_inference)
 from nanochat.gpt import GPTConfig, build_model
 
@@ -82,6 +82,15 @@ class InferenceBenchConfig:
             raise ConfigError(f"inference_bench: dtype must be float32, bfloat16 or empty, got {self.dtype!r}")
         if self.device_type not in ("", "cpu", "cuda", "mps"):
             raise ConfigError(f"inference_bench: device_type must be cpu, cuda, mps or empty, got {self.device_type!r}")
+        for key, message in self.check_args(vars(self)):
+            raise ConfigError(f"inference_bench: {key}: {message}")
+
+    @staticmethod
+    def check_args(args: dict) -> list[tuple[str, str]]:
+        """Values that cannot run on the stage's device (the spec passes device_type cuda for a stage with GPUs)."""
+        if args.get("precision") == "int8" and args.get("device_type") == "cuda":
+            return [("precision", INT8_CPU_ONLY)]
+        return []
 
 
 def randomize_weights(model, seed: int = 0) -> None:
@@ -213,6 +222,7 @@ def greedy_agreement(reference, fast, prompts: list[list[int]], new_tokens: int)
 
 def _run(cfg: InferenceBenchConfig, should_stop=None) -> list[dict]:
     device = torch.device(cfg.device_type or autodetect_device_type())
+    fast_precision = decode_precision_route(cfg.precision, device)   # refused here, before any work
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model, _tokenizer, weights = _load(cfg, device)
@@ -241,7 +251,6 @@ def _run(cfg: InferenceBenchConfig, should_stop=None) -> list[dict]:
             naive_fp32 = generate_naive(model, prompt, cfg.new_tokens, num_samples=cfg.num_samples)
     timed_dtype = getattr(torch, cfg.dtype) if cfg.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     timed_precision = {torch.float32: "fp32", torch.bfloat16: "bf16"}[timed_dtype]
-    fast_precision = decode_precision_route(cfg.precision, device)
     fast_model = None
     if fast_precision != timed_precision:
         import copy

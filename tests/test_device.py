@@ -74,6 +74,12 @@ def test_local_cuda_index_exists_on_the_node(env, device_count, index):
     assert 0 <= got < device_count
 
 
+def test_more_local_ranks_than_visible_gpus_is_an_error_not_a_shared_gpu():
+    with pytest.raises(RuntimeError, match="more tasks per node than GPUs"):
+        local_cuda_index(2, 2)          # 4 tasks on a node showing its 2 GPUs: rank 2 would take cuda:0
+    assert local_cuda_index(3, 1) == 0  # one GPU bound per task: fine
+
+
 def test_no_visible_cuda_device_is_a_clear_error():
     with pytest.raises(RuntimeError, match="no CUDA device"):
         local_cuda_index(0, 0)
