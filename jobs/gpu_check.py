@@ -338,7 +338,7 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         from nanochat.common import ConfigError
         raise ConfigError(f"gpu-check --only: unknown check {unknown[0]!r} (choose from {', '.join(CHECKS)})")
-    from nanochat.common import DEVICE_PEAKS, git_commit, peak_bandwidth, peak_flops
+    from nanochat.common import DEVICE_PEAKS, device_peaks, git_commit
     t0 = time.time()
     name = torch.cuda.get_device_name(0)
     workdir = Path(tempfile.mkdtemp(prefix="nanochat-gpu-check-"))
@@ -352,7 +352,7 @@ def run(args: argparse.Namespace) -> int:
     failed = [n for n, r in results.items() if r["state"] in ("FAIL", "NOT_RUN")]
     out = {"command": "gpu-check", "state": "FAIL" if failed else "PASS", "failed": failed,
            "device": name, "device_known": name in DEVICE_PEAKS, "gpus": torch.cuda.device_count(),
-           "peak_flops": peak_flops(name), "peak_bandwidth": peak_bandwidth(name),
+           **device_peaks(torch.device("cuda", 0)),
            "total_memory": torch.cuda.get_device_properties(0).total_memory,
            "torch": torch.__version__, "cuda": torch.version.cuda, "python": sys.version.split()[0],
            "git_commit": git_commit(REPO), "seconds": round(time.time() - t0, 1), "checks": results}

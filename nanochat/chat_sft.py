@@ -35,8 +35,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from nanochat.common import (ConfigError, atomic_write_json, compute_init, device_name, get_base_dir, git_commit,
-                             peak_flops, peak_memory_bytes, print0, reset_peak_memory, synchronize)
+from nanochat.common import (ConfigError, atomic_write_json, compute_init, device_name, device_peaks, get_base_dir,
+                             git_commit, peak_memory_bytes, print0, reset_peak_memory, synchronize)
 from nanochat.datasets_chat import read_mixture
 from nanochat.gpt import GPT, GPTConfig, build_model, doc_attention_route
 from nanochat.optim import GradientBuckets, all_reduce_gradients, build_optimizers
@@ -81,6 +81,7 @@ class SFTConfig:
     eval_batch_size: int = 8
     save_checkpoint: bool = True
     overlap: bool = True        # several ranks: all-reduce in buckets during backward, shard Muon; false = plain path
+    peak_flops: float = 0.0     # bf16 dense FLOP/s of one device for MFU; 0 = common.device_peaks' table/fallback
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -88,7 +89,8 @@ class SFTConfig:
         for key in ("max_seq_len", "num_epochs", "eval_batch_size", "pack_buffer", "depth"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"sft.{key}: must be at least 1 (got {getattr(self, key)})")
-        for key in ("device_batch_size", "total_batch_size", "max_steps", "warmup_steps", "val_conversations"):
+        for key in ("device_batch_size", "total_batch_size", "max_steps", "warmup_steps", "val_conversations",
+                    "peak_flops"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"sft.{key}: must not be negative (got {getattr(self, key)})")
         if not isinstance(self.overlap, bool):
@@ -550,7 +552,8 @@ def train(cfg: SFTConfig, model: GPT, tokenizer: Tokenizer, train_examples: list
     compile_s = 0.0
     if compiled:
         compile_s = max(0.0, warmup_s - cfg.warmup_steps * mean_step_s) if mean_step_s else warmup_s
-    peak = peak_flops(device_name(device))
+    peaks = device_peaks(device, cfg.peak_flops)
+    peak = peaks["peak_flops"]
     mfu = None
     if peak and tokens_per_s:
         mfu = 100 * model.estimate_flops() * tokens_per_s / (peak * world)
@@ -563,6 +566,7 @@ def train(cfg: SFTConfig, model: GPT, tokenizer: Tokenizer, train_examples: list
         "tokens_per_s": tokens_per_s, "real_tokens_per_s": rate(real), "supervised_tokens_per_s": rate(supervised),
         "padding_fraction": (1 - real / positions) if positions else None,
         "mfu": mfu, "peak_memory_bytes": peak_memory_bytes(device),
+        "peak_flops": peak, "peak_flops_source": peaks["peak_flops_source"],
         "compile": compiled, "num_compiles": counter.count if compiled else 0,
         "final_loss": losses[-1] if losses else None,
         "wall_time_s": time.time() - started, "git_commit": git_commit(),

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat.checkpoint import check_model_config, latest_valid_checkpoint, save_checkpoint, set_rng_state
-from nanochat.common import (ConfigError, DistInfo, atomic_write_text, device_name, peak_flops,
+from nanochat.common import (ConfigError, DistInfo, atomic_write_text, device_name, device_peaks,
                              peak_memory_bytes, print0, reset_peak_memory, synchronize)
 from nanochat.dataloader import StepRows
 from nanochat.optim import GradientBuckets, all_reduce_gradients, build_optimizers
@@ -70,6 +70,7 @@ class TrainConfig:
     seed: int = 42
     num_streams: int = 0               # data streams; 0 = world_size (see dataloader.py)
     overlap: bool = True               # prefetch rows, all-reduce during backward, shard Muon; false = plain path
+    peak_flops: float = 0.0            # bf16 dense FLOP/s of one device for MFU; 0 = common.device_peaks' table/fallback
 
 
 def validate_common(cfg: TrainConfig) -> None:
@@ -82,6 +83,8 @@ def validate_common(cfg: TrainConfig) -> None:
             raise ConfigError(f"{name}.{key}={getattr(cfg, key)}: must be >= 0")
     if cfg.log_every <= 0:
         raise ConfigError(f"{name}.log_every={cfg.log_every}: must be positive")
+    if cfg.peak_flops < 0:
+        raise ConfigError(f"{name}.peak_flops={cfg.peak_flops}: must be >= 0 (0: the peak table or the CUDA properties)")
     if cfg.keep_checkpoints < 1:
         raise ConfigError(f"{name}.keep_checkpoints={cfg.keep_checkpoints}: must be >= 1")
     if not 0.0 <= cfg.warmdown_ratio <= 1.0:
@@ -121,10 +124,10 @@ def muon_momentum(step: int) -> float:
     return (1 - frac) * 0.85 + frac * 0.95
 
 
-def mfu_percent(flops_per_token: float, tokens_per_s: float, device: torch.device, world_size: int) -> float | None:
-    if device.type != "cuda":
-        return None
-    peak = peak_flops(device_name(device))
+def mfu_percent(flops_per_token: float, tokens_per_s: float, device: torch.device, world_size: int,
+                peak_flops: float = 0.0) -> float | None:
+    """Model FLOPs utilisation in percent against common.device_peaks (peak_flops: a user-given peak)."""
+    peak = device_peaks(device, peak_flops)["peak_flops"]
     if not peak:
         return None
     return flops_per_token * tokens_per_s / (peak * world_size) * 100
@@ -542,7 +545,7 @@ def train(cfg: TrainConfig, *, stage: str, model, tokenizer, tokenizer_dir: str,
                 tps = interval_tokens / interval_seconds if interval_seconds > 0 else None
                 row = {"step": step, "loss": round(loss_value, 6), "lrm": round(lrm, 6),
                        "tokens_per_s": round(tps, 2) if tps else None,
-                       "mfu": mfu_percent(flops_per_token, tps, device, world_size) if tps else None,
+                       "mfu": mfu_percent(flops_per_token, tps, device, world_size, cfg.peak_flops) if tps else None,
                        "peak_memory_bytes": peak_memory_bytes(device), "elapsed_s": round(time.time() - t_start, 3),
                        "val_bpb": val_this, "num_steps": num_steps}
                 metrics.append(row)
@@ -568,7 +571,8 @@ def train(cfg: TrainConfig, *, stage: str, model, tokenizer, tokenizer_dir: str,
         "batch_size_source": batch_source, "total_batch_size": total_batch, "grad_accum_steps": grad_accum,
         "steps": step - start_step, "start_step": start_step, "step": step, "num_steps": num_steps,
         "tokens_per_s": tokens_per_s, "real_tokens_per_s": tokens_per_s,
-        "mfu": mfu_percent(flops_per_token, tokens_per_s, device, world_size) if tokens_per_s else None,
+        "mfu": mfu_percent(flops_per_token, tokens_per_s, device, world_size, cfg.peak_flops) if tokens_per_s else None,
+        **{k: v for k, v in device_peaks(device, cfg.peak_flops).items() if k.startswith("peak_flops")},
         "peak_memory_bytes": peak_memory_bytes(device), "compile": use_compile,
         "num_compiles": num_compiles() - compiles_before, "final_loss": loss_value, "val_bpb": val_bpb,
         "device_name": device_name(device), "world_size": world_size, "state": state,

@@ -37,6 +37,15 @@ def test_this_gpu_is_in_the_peak_table_if_it_is_a_datacenter_part():
         assert peak_flops(name) > 100e12 and peak_bandwidth(name) > 1e12
 
 
+def test_this_gpu_has_peaks_from_the_table_or_its_properties():
+    from nanochat.common import device_peaks
+    peaks = device_peaks(torch.device("cuda", 0))
+    major, minor = torch.cuda.get_device_capability(0)
+    if (major, minor) >= (8, 0):
+        assert peaks["peak_flops"] and peaks["peak_flops_source"] in ("table", "cuda_properties"), peaks
+        assert peaks["peak_bandwidth"] and peaks["peak_bandwidth_source"] in ("table", "cuda_properties"), peaks
+
+
 def test_local_rank_maps_to_a_visible_device():
     n = torch.cuda.device_count()
     for local_rank in range(2 * n + 3):

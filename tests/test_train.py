@@ -251,3 +251,15 @@ def test_metrics_rows_leave_the_warm_up_step_out_of_the_rate(base_dir, tmp_path,
     assert rows[0]["tokens_per_s"] == "" and rows[0]["mfu"] == ""     # step 1: only the 100 s warm-up
     assert [float(r["tokens_per_s"]) for r in rows[1:]] == [tokens_per_step / 1.0] * 4
     assert row["tokens_per_s"] == pytest.approx(tokens_per_step / 1.0)
+
+
+def test_a_given_peak_fills_the_mfu_column_anywhere(base_dir, tmp_path):
+    # on a CPU (no table entry, no CUDA properties) a stage's peak_flops key still gives MFU
+    out = tmp_path / "peak"
+    row = base_train.run(cfg(base_dir, out, num_steps=3, log_every=1, eval_tokens=256, peak_flops=1e12))
+    assert row["mfu"] == pytest.approx(row["flops_per_token"] * row["tokens_per_s"] / 1e12 * 100)
+    assert (row["peak_flops"], row["peak_flops_source"]) == (1e12, "config")
+    with open(out / "metrics.csv") as f:
+        assert all(float(r["mfu"]) > 0 for r in list(csv.DictReader(f))[1:])
+    with pytest.raises(ConfigError, match="peak_flops"):
+        base_train.run(cfg(base_dir, tmp_path / "neg", peak_flops=-1.0))
