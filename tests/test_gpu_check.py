@@ -40,8 +40,9 @@ def test_every_check_config_builds_and_validates(tmp_path):
     cfg = gpu_check.oom_config(tmp_path, 265, 80 * 2**30, "cpu")
     validate_common(cfg)
     assert cfg.total_batch_size == cfg.device_batch_size * cfg.seq_len and cfg.compile == "off"
-    assert set(gpu_check.CHECKS) == {"gpu_tests", "inference", "train_compiled", "sft_compile", "oom_fallback",
-                                     "nvml", "nccl"}
+    # cheapest first (a run cut short has the most done), the compiling ones last
+    assert list(gpu_check.CHECKS) == ["nvml", "nccl", "inference", "oom_fallback", "train_compiled", "sft_compile",
+                                      "gpu_tests"]
 
 
 @pytest.mark.parametrize("gib", [24, 40, 80, 141])
@@ -166,3 +167,63 @@ def test_sft_row_peak_after_an_oom_fallback_is_the_kept_sizes():
     ref, ref_before = run_under_memory_budget(_sft_in_budget, (row["device_batch_size"],), 0.4, threads=1)
     peak, ref_peak = row["peak_memory_bytes"] - before, ref["peak_memory_bytes"] - ref_before
     assert peak < 1.25 * ref_peak, (peak >> 20, ref_peak >> 20)   # without the reset: the failed attempts
+
+
+def test_every_check_s_result_is_written_at_once_and_the_budget_stops_the_rest(tmp_path, monkeypatch, capsys):
+    ran = []
+
+    def passes(ctx):
+        ran.append("a")
+        return {"figure": 1}
+
+    def fails(ctx):
+        ran.append("b")
+        raise RuntimeError("broken")
+
+    def never(ctx):
+        raise AssertionError("started past the budget")
+    monkeypatch.setattr(gpu_check, "CHECKS", {"a": passes, "b": fails, "c": never})
+    out = tmp_path / "gpu-check.json"
+    report = gpu_check.Report(["a", "b", "c"], {"device": "test"}, str(out))
+    snapshots = []
+
+    def update(results, running):
+        report.update(results, running)
+        snapshots.append(json.loads(out.read_text()))
+    clock = iter([0.0, 1.0, 11.0])              # the third check would start past the deadline (10)
+    results = gpu_check.run_checks(["a", "b", "c"], {"deadline": 10.0}, update, clock=lambda: next(clock))
+    assert ran == ["a", "b"] and results["c"]["state"] == "NOT_RUN"
+    assert [(s["running"], sorted(s["checks"])) for s in snapshots] == [("a", []), (None, ["a"]), ("b", ["a"]),
+                                                                        (None, ["a", "b"])]
+    assert snapshots[1]["state"] == "RUNNING" and snapshots[1]["pending"] == ["b", "c"]
+    final = report.finish()
+    assert final["state"] == "FAIL" and final["failed"] == ["b", "c"] and json.loads(out.read_text()) == final
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 5 and json.loads(lines[-1]) == final      # one JSON line per update, the final last
+
+
+def test_at_the_wall_the_running_check_fails_and_the_final_json_is_written(tmp_path):
+    out = tmp_path / "gpu-check.json"
+    report = gpu_check.Report(["nvml", "inference", "gpu_tests"], {"device": "test"}, str(out))
+    report.update({"nvml": {"state": "PASS", "seconds": 1.0}}, "inference")
+    child = subprocess.Popen(["sleep", "600"], start_new_session=True)     # as the pytest child runs
+    exits = []
+    report.at_the_wall({"child": child}, exit=exits.append)
+    assert exits == [1] and child.wait(timeout=30) == -9
+    final = json.loads(out.read_text())
+    assert final["state"] == "FAIL" and final["checks"]["nvml"]["state"] == "PASS"
+    assert final["checks"]["inference"]["state"] == "FAIL" and "time budget" in final["checks"]["inference"]["error"]
+    assert final["checks"]["gpu_tests"]["state"] == "NOT_RUN"
+    report.update({}, "gpu_tests")                                         # a late update changes nothing
+    assert json.loads(out.read_text()) == final
+
+
+def test_pytest_out_of_time_prints_what_it_was_doing(tmp_path, capsys):
+    hang = tmp_path / "test_hang.py"
+    hang.write_text("import threading\nimport pytest\n\n\n@pytest.mark.gpu\n"
+                    "def test_waits_forever():\n    threading.Event().wait()\n")
+    import time
+    ctx = {"workdir": tmp_path, "deadline": time.time() + 25, "gpu_test_files": [str(hang)]}
+    with pytest.raises(AssertionError, match="did not finish in .* s .last: .*test_waits_forever"):
+        gpu_check.check_gpu_tests(ctx)
+    assert "test session starts" in capsys.readouterr().err and "child" not in ctx
