@@ -57,7 +57,7 @@ report: setup ## build the report of RUN=<run id> (or the latest run)
 bench: setup ## benchmark each optimization against its baseline on this machine
 	$(PY) -m jobs bench all
 
-gpu-check: ## every GPU path, short (sized for 8 min on one H100/H200, not yet run on a GPU): one JSON line; skips without CUDA
+gpu-check: ## every GPU path, short (a 300 s wall, not yet run on a GPU): a JSON line per check, the last final; skips without CUDA
 	@$(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m jobs gpu-check $(if $(OUT_JSON),--out $(OUT_JSON),)
 
 slurm-up: ## start a real two-node Slurm (with accounting) on localhost (slurm_local.sh up --nodes N for more)

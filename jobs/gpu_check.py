@@ -1,21 +1,25 @@
 """
 `python -m jobs gpu-check [--out FILE] [--budget-s S]` (also `make gpu-check`): every GPU path of the
-product, short, on this machine's CUDA device, in one command meant for a lent GPU (sized for under 8 minutes on
-one H100/H200). Progress goes to stderr; the last line of stdout is one JSON object of results, with
-one entry per check:
+product, short, on this machine's CUDA device, in one command meant for a lent GPU. Progress goes to
+stderr; after every check a JSON line with the results so far goes to stdout (and to --out, rewritten),
+so a run cut short still says what it found; the last line is the final object. Checks, cheapest first:
 
-- gpu_tests:      the `gpu`-marked tests (pytest -m gpu, in a child process)
-- inference:      bf16 timed decode, eager KV cache / static cache / CUDA graph, each first checked in fp32
-                  against a full forward (nanochat.engine.check_decode); kv-graph must complete
-- train_compiled: base training compiled (torch.compile), its device batch size found by the probe
-                  (compiled trials), three optimizer steps, a checkpoint
-- sft_compile:    SFT compile-pad and compile-pack from that checkpoint, with each mode's compile count
-                  (one compilation expected: fixed shapes)
-- oom_fallback:   base training configured with a batch several times the device memory: a real CUDA
-                  out-of-memory, then the run-time fallback halves the micro-batch and keeps the total
 - nvml:           gpu_util_mean's sampler on a busy GPU (nvidia-ml-py)
 - nccl:           a 2-process NCCL all-reduce through compute_init (only with 2 or more GPUs)
+- inference:      bf16 timed decode, eager KV cache / static cache / CUDA graph, each first checked in fp32
+                  against a full forward (nanochat.engine.check_decode); kv-graph must complete
+- oom_fallback:   base training configured with a batch several times the device memory: a real CUDA
+                  out-of-memory, then the run-time fallback halves the micro-batch and keeps the total
+- train_compiled: base training compiled (torch.compile), its device batch size found by the probe
+                  (compiled trials on the training's own module), three optimizer steps, a checkpoint
+- sft_compile:    SFT compile-pad and compile-pack from that checkpoint, with each mode's compile count
+                  (one compilation expected: fixed shapes)
+- gpu_tests:      the `gpu`-marked tests (pytest -m gpu, in a child process; its output is printed when it
+                  runs out of time)
 
+The budget (--budget-s, default 300 s) is a hard wall: checks not started by then are NOT_RUN, and a check
+still running then is FAIL (the final JSON is written and the command exits 1). Sized so that one run and
+a rerun fit in 15 minutes of a lent machine, its start included (the plan is in the README).
 Without CUDA it prints one line (a JSON object saying why) and exits 0. Exit 1 when a check fails.
 Nothing here needs submitit or rustbpe (the lent GPU machine has neither): training uses a byte-level
 tokenizer (256 bytes + the special tokens, no BPE merges) written into a temporary work directory.
@@ -27,23 +31,26 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_BUDGET_S = 450          # 7.5 minutes: checks not started by then are reported NOT_RUN
-DATA_SHARDS, DATA_CHARS = 4, 4_000_000   # BaseTrainConfig's defaults: the same data folder as training's
+DEFAULT_BUDGET_S = 300          # a hard wall: a run and a rerun fit in 15 device minutes with the machine's start
+DATA_SHARDS, DATA_CHARS = 2, 1_000_000   # enough for every check's few steps, and quick to write
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="", help="also write the JSON result to this file")
     parser.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S,
-                        help="seconds after which checks not yet started are skipped (default: %(default)s)")
+                        help="hard wall in seconds: checks not started are NOT_RUN, one still running is FAIL "
+                             "(default: %(default)s)")
     parser.add_argument("--only", default="", help="comma-separated checks to run (default: all)")
     parser.add_argument("--keep-workdir", action="store_true", help="keep the temporary work directory")
 
@@ -58,20 +65,19 @@ def _one_line(e: BaseException) -> str:
 
 
 def byte_tokenizer_vocab() -> int:
-    from nanochat.tokenizer import SPECIAL_TOKENS
-    return 256 + len(SPECIAL_TOKENS)
+    from nanochat.tokenizer import Tokenizer
+    return Tokenizer.byte_level().get_vocab_size()
 
 
-def prepare_byte_tokenizer(base_dir: Path) -> int:
+def prepare_byte_tokenizer(base_dir: Path, num_shards: int = DATA_SHARDS, max_chars: int = DATA_CHARS) -> int:
     """Write the pretraining data (Python's own text) and a byte-level tokenizer where base training
     looks for its tokenizer, so no BPE training (rustbpe) is needed. Returns its vocabulary size."""
     from nanochat.prepare import ensure_pretraining_data, tokenizer_dir
-    from nanochat.tokenizer import SPLIT_PATTERN, Tokenizer
-    data_path = ensure_pretraining_data(base_dir, "", DATA_SHARDS, DATA_CHARS)
-    vocab = byte_tokenizer_vocab()
-    tok = Tokenizer(Tokenizer._make_encoding(SPLIT_PATTERN, {bytes([i]): i for i in range(256)}))
-    tok.save(tokenizer_dir(base_dir, vocab, data_path))
-    return vocab
+    from nanochat.tokenizer import Tokenizer
+    data_path = ensure_pretraining_data(base_dir, "", num_shards, max_chars)
+    tok = Tokenizer.byte_level()
+    tok.save(tokenizer_dir(base_dir, tok.get_vocab_size(), data_path))
+    return tok.get_vocab_size()
 
 
 # -----------------------------------------------------------------------------
@@ -81,20 +87,34 @@ class Skip(Exception):
     """The check cannot run on this machine (e.g. the all-reduce with one GPU)."""
 
 
+def gpu_test_files() -> list[str]:
+    return sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").glob("test_*.py") if "mark.gpu" in p.read_text())
+
+
 def check_gpu_tests(ctx: dict) -> dict:
-    files = sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").glob("test_*.py") if "mark.gpu" in p.read_text())
+    files = ctx.get("gpu_test_files") or gpu_test_files()
     if not files:
         raise AssertionError("no test file carries a gpu mark")
     junit = Path(ctx["workdir"]) / "gpu-tests.xml"
-    timeout = max(30, min(240, ctx["deadline"] - time.time()))
-    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
+    timeout = max(5.0, ctx["deadline"] - time.time() - 5)   # leave the wall's last seconds to the report
+    cmd = [sys.executable, "-m", "pytest", "-v", "-m", "gpu", "-p", "no:cacheprovider",
            "--continue-on-collection-errors", f"--junitxml={junit}", *files]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    ctx["child"] = proc      # the watchdog kills it with the run
     try:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+        output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        raise AssertionError(f"pytest -m gpu did not finish in {timeout:.0f} s") from None
-    sys.stderr.write(proc.stdout[-4000:])
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        sys.stderr.write(output[-6000:])      # what it was doing when the time ran out
+        running = [line for line in output.splitlines() if "::" in line][-1:]
+        raise AssertionError(f"pytest -m gpu did not finish in {timeout:.0f} s"
+                             + (f" (last: {running[0].strip()[:200]})" if running else "")) from None
+    finally:
+        ctx.pop("child", None)
+    sys.stderr.write(output[-4000:])
     counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
     failed = []
     if junit.exists():
@@ -206,23 +226,29 @@ def check_sft_compile(ctx: dict) -> dict:
     return figures
 
 
-def check_oom_fallback(ctx: dict) -> dict:
-    import torch
-    from nanochat.base_train import run
-    cfg = oom_config(ctx["workdir"], ctx["vocab"], torch.cuda.get_device_properties(0).total_memory)
-    rows, T, depth = cfg.device_batch_size, cfg.seq_len, cfg.depth
-    row = run(cfg)
-    figures = {"configured_device_batch_size": rows, "seq_len": T, "depth": depth,
-               "run_state": row.get("state"),
+def oom_fallback_figures(row: dict, cfg) -> dict:
+    """The oom_fallback check's verdict on a training row of oom_config(cfg): a configured batch that ran
+    out of memory falls back (batch_size_source config+oom_fallback: a configured size stays the fixed
+    side of the report), keeps the total batch exact and trains on. Raises AssertionError otherwise."""
+    from nanochat.train_loop import source_after_oom
+    rows, T = cfg.device_batch_size, cfg.seq_len
+    figures = {"configured_device_batch_size": rows, "seq_len": T, "depth": cfg.depth, "run_state": row.get("state"),
                **{k: row.get(k) for k in ("device_batch_size", "grad_accum_steps", "batch_size_source",
                                           "total_batch_size", "final_loss", "peak_memory_bytes")}}
-    if row.get("batch_size_source") != "fallback":
-        raise AssertionError(f"no out-of-memory at {rows} rows x {T} tokens (depth {depth}): {figures}")
+    if row.get("batch_size_source") != source_after_oom("config"):
+        raise AssertionError(f"no out-of-memory fallback at {rows} rows x {T} tokens (depth {cfg.depth}): {figures}")
     if row["device_batch_size"] * row["grad_accum_steps"] != rows or row["total_batch_size"] != rows * T:
         raise AssertionError(f"the fallback changed the total batch: {figures}")
     if row.get("state") != "COMPLETED" or not math.isfinite(row.get("final_loss") or float("nan")):
         raise AssertionError(f"training after the fallback: {figures}")
     return figures
+
+
+def check_oom_fallback(ctx: dict) -> dict:
+    import torch
+    from nanochat.base_train import run
+    cfg = oom_config(ctx["workdir"], ctx["vocab"], torch.cuda.get_device_properties(0).total_memory)
+    return oom_fallback_figures(run(cfg), cfg)
 
 
 def check_nvml(ctx: dict) -> dict:
@@ -277,26 +303,30 @@ def check_nccl(ctx: dict) -> dict:
     return {"ranks": ranks}
 
 
+# Cheapest first: a run cut short has the most checks done. The compiling ones last, pytest's (which
+# compiles again in its own process) at the end.
 CHECKS = {
-    "gpu_tests": check_gpu_tests,
-    "inference": check_inference,
-    "train_compiled": check_train_compiled,
-    "sft_compile": check_sft_compile,
-    "oom_fallback": check_oom_fallback,
     "nvml": check_nvml,
     "nccl": check_nccl,
+    "inference": check_inference,
+    "oom_fallback": check_oom_fallback,
+    "train_compiled": check_train_compiled,
+    "sft_compile": check_sft_compile,
+    "gpu_tests": check_gpu_tests,
 }
 
 
-def run_checks(names: list[str], ctx: dict) -> dict:
-    import torch
-    results = {}
+def run_checks(names: list[str], ctx: dict, report=lambda results, running: None, clock=time.time) -> dict:
+    """Each check in turn; report(results so far, the check running or None) before and after each.
+    A check that raises is a FAIL and the next one still runs; past ctx["deadline"] nothing starts."""
+    results: dict = {}
     for name in names:
-        if time.time() > ctx["deadline"]:
+        if clock() > ctx["deadline"]:
             results[name] = {"state": "NOT_RUN", "reason": "time budget spent"}
             _log(f"{name}: NOT_RUN (time budget spent)")
             continue
         _log(f"{name}: running")
+        report(results, name)
         t0 = time.perf_counter()
         try:
             result = {**CHECKS[name](ctx), "state": "PASS"}
@@ -306,13 +336,82 @@ def run_checks(names: list[str], ctx: dict) -> dict:
             traceback.print_exc(file=sys.stderr)
             result = {"state": "FAIL", "error": _one_line(e)}
         finally:
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            _empty_cuda_cache()
         result["seconds"] = round(time.perf_counter() - t0, 1)
         results[name] = result
         _log(f"{name}: {result['state']} ({result['seconds']} s)"
              + (f": {result.get('error') or result.get('reason')}" if result["state"] != "PASS" else ""))
+        report(results, None)
     return results
+
+
+def _empty_cuda_cache() -> None:
+    import torch
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class Report:
+    """The JSON object of a run: written after every check (stdout and --out), final or not. The
+    watchdog ends a run at the wall: the check running then is FAIL, the rest NOT_RUN."""
+
+    def __init__(self, names: list[str], header: dict, out_path: str = "", t0: float | None = None):
+        self.names, self.header, self.out_path = names, header, out_path
+        self.t0 = time.time() if t0 is None else t0
+        self.results: dict = {}
+        self.running: str | None = None
+        self.lock = threading.Lock()
+        self.done = False
+
+    def obj(self, final: bool) -> dict:
+        checks = dict(self.results)
+        if final:
+            for name in self.names:
+                checks.setdefault(name, {"state": "NOT_RUN", "reason": "time budget spent"})
+        failed = [n for n, r in checks.items() if r["state"] in ("FAIL", "NOT_RUN")]
+        state = ("FAIL" if failed else "PASS") if final else "RUNNING"
+        return {"command": "gpu-check", "state": state, "failed": failed, **self.header,
+                "running": None if final else self.running, "pending": [n for n in self.names if n not in checks],
+                "seconds": round(time.time() - self.t0, 1), "checks": checks}
+
+    def write(self, final: bool = False) -> dict:
+        obj = self.obj(final)
+        line = json.dumps(obj, sort_keys=True, default=str)
+        if self.out_path:
+            from nanochat.common import atomic_write_text
+            atomic_write_text(self.out_path, line + "\n")
+        print(line, flush=True)
+        return obj
+
+    def update(self, results: dict, running: str | None) -> None:
+        with self.lock:
+            if not self.done:
+                self.results, self.running = dict(results), running
+                self.write()
+
+    def finish(self) -> dict:
+        with self.lock:
+            self.done = True
+            return self.write(final=True)
+
+    def at_the_wall(self, ctx: dict, exit=os._exit) -> None:
+        """The watchdog's end of a run: the running check FAILs, the final object is written, exit 1."""
+        with self.lock:
+            if self.done:
+                return
+            if self.running:
+                self.results[self.running] = {"state": "FAIL", "error": "still running at the time budget's end",
+                                              "seconds": round(time.time() - self.t0, 1)}
+            child = ctx.get("child")
+            if child is not None:
+                try:
+                    os.killpg(child.pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            self.done = True
+            self.write(final=True)
+        _log("time budget spent: stopping")
+        exit(1)
 
 
 def _skip_line(reason: str) -> int:
@@ -333,30 +432,27 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         from nanochat.common import ConfigError
         raise ConfigError(f"gpu-check --only: unknown check {unknown[0]!r} (choose from {', '.join(CHECKS)})")
-    from nanochat.common import DEVICE_PEAKS, git_commit, peak_bandwidth, peak_flops
+    from nanochat.common import DEVICE_PEAKS, device_peaks, git_commit
     t0 = time.time()
     name = torch.cuda.get_device_name(0)
+    header = {"device": name, "device_known": name in DEVICE_PEAKS, "gpus": torch.cuda.device_count(),
+              **device_peaks(torch.device("cuda", 0)), "total_memory": torch.cuda.get_device_properties(0).total_memory,
+              "torch": torch.__version__, "cuda": torch.version.cuda, "python": sys.version.split()[0],
+              "git_commit": git_commit(REPO), "budget_s": args.budget_s}
+    report = Report(names, header, args.out, t0)
     workdir = Path(tempfile.mkdtemp(prefix="nanochat-gpu-check-"))
     ctx = {"workdir": workdir, "deadline": t0 + args.budget_s}
+    watchdog = threading.Timer(max(0.0, ctx["deadline"] - time.time()), report.at_the_wall, args=(ctx,))
+    watchdog.daemon = True
+    watchdog.start()
     try:
         ctx["vocab"] = prepare_byte_tokenizer(workdir)
-        results = run_checks(names, ctx)
+        run_checks(names, ctx, report.update)
     finally:
+        watchdog.cancel()
         if not args.keep_workdir:
             shutil.rmtree(workdir, ignore_errors=True)
-    failed = [n for n, r in results.items() if r["state"] in ("FAIL", "NOT_RUN")]
-    out = {"command": "gpu-check", "state": "FAIL" if failed else "PASS", "failed": failed,
-           "device": name, "device_known": name in DEVICE_PEAKS, "gpus": torch.cuda.device_count(),
-           "peak_flops": peak_flops(name), "peak_bandwidth": peak_bandwidth(name),
-           "total_memory": torch.cuda.get_device_properties(0).total_memory,
-           "torch": torch.__version__, "cuda": torch.version.cuda, "python": sys.version.split()[0],
-           "git_commit": git_commit(REPO), "seconds": round(time.time() - t0, 1), "checks": results}
-    line = json.dumps(out, sort_keys=True, default=str)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(line + "\n")
-    print(line, flush=True)
-    return 1 if failed else 0
+    return 1 if report.finish()["failed"] else 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -369,6 +369,10 @@ def parse_pipeline(raw: dict, source: str, check_args: bool = True) -> Pipeline:
         res.update(default_res)
         res.update(res_raw)
         resources = Resources(**res)
+        if resources.gpus_per_node and resources.tasks_per_node > resources.gpus_per_node:
+            raise err(f"{where}.resources.tasks_per_node",
+                      f"{resources.tasks_per_node} tasks per node with gpus_per_node {resources.gpus_per_node}: ranks "
+                      f"would share a GPU (NCCL fails); one task per GPU")
         if resources.signal_delay_s >= resources.time_min * 60:
             raise err(f"{where}.resources.signal_delay_s",
                       f"{resources.signal_delay_s} s must be shorter than time_min ({resources.time_min} min)")
@@ -431,7 +435,7 @@ def parse_pipeline(raw: dict, source: str, check_args: bool = True) -> Pipeline:
             if missing:
                 raise err(f"stages.{s.name}.args.{missing[0]}", "missing required key")
             check = getattr(cls, "check_args", None)   # a recipe's own value checks (e.g. chat_eval's task names)
-            for key, message in (check(merged) if check is not None else []):
+            for key, message in (check(checked_args(s, merged, fields)) if check is not None else []):
                 raise err(f"stages.{s.name}.args.{key}", message)
         known = {f.name for s in stages.values() for f in dataclasses.fields(config_class(s.kind))}
         for k in default_args:
@@ -462,6 +466,14 @@ def parse_pipeline(raw: dict, source: str, check_args: bool = True) -> Pipeline:
     return Pipeline(name=resolved["name"], description=raw.get("description", ""),
                     results_dir=raw.get("results_dir", ""), cluster=cluster, stages=ordered,
                     source=source, raw=resolved, default_args=dict(default_args))
+
+
+def checked_args(stage: Stage, args: dict, fields: set) -> dict:
+    """The args a recipe's check_args sees: device_type "" (auto) is "cuda" for a stage given GPUs, so
+    a value that cannot run there (inference_bench precision int8) is refused before submission."""
+    if "device_type" in fields and not args.get("device_type") and stage.resources.gpus_per_node:
+        return dict(args, device_type="cuda")
+    return args
 
 
 def _check_serves(err: SpecError, stages: dict[str, Stage], probe: Stage, own: set) -> None:

@@ -255,7 +255,8 @@ def run_stage(run_dir: str | os.PathLike, stage_name: str, task: int | None = No
             os.environ["HF_HUB_OFFLINE"] = "1"
         if "SLURM_JOB_ID" in os.environ:
             install_preemption_handler()
-        _limit_threads()
+        base["cpu_binding"] = check_cpu_binding()
+        _limit_threads(base["cpu_binding"])
         module = importlib.import_module(__name__ if kind == "noop" else _module_of(kind))
         recipe = run_noop if kind == "noop" else module.run
         print(f"[stage] {run['run_id']}/{stage_name}{'' if task is None else f'[{task}]'} kind={kind} "
@@ -380,16 +381,33 @@ def _collect_metrics(run_dir: Path, stage_name: str, variant, cfg) -> None:
     atomic_write_bytes(run_dir / "metrics" / f"{name}.csv", src.read_bytes())
 
 
-def _limit_threads() -> None:
+def check_cpu_binding(env=None, affinity: set | None = None) -> dict:
+    """The CPUs this task may run on (its affinity) against the cpus_per_task Slurm allotted it. Fewer
+    means srun bound the task to fewer cores than asked (srun without --cpus-per-task on Slurm 22.05+):
+    said on stderr, and the threads are then set to the CPUs there are. Goes into the row."""
+    env = os.environ if env is None else env
+    affinity = os.sched_getaffinity(0) if affinity is None else affinity
+    wanted = env.get("SLURM_CPUS_PER_TASK", "")
+    out = {"cpus_per_task": int(wanted) if wanted.isdigit() else None, "cpus_bound": len(affinity),
+           "srun_cpus_per_task": env.get("SRUN_CPUS_PER_TASK")}
+    if out["cpus_per_task"] and len(affinity) < out["cpus_per_task"]:
+        print(f"[stage] warning: this task is bound to {len(affinity)} CPU(s) but cpus_per_task is "
+              f"{out['cpus_per_task']} (srun without --cpus-per-task / SRUN_CPUS_PER_TASK?): "
+              f"running {len(affinity)} thread(s)", file=sys.stderr, flush=True)
+    return out
+
+
+def _limit_threads(binding: dict) -> None:
     # torch starts one thread per core of the machine, not of the allocation; on a shared node (or a
     # loaded laptop) oversubscribed OpenMP threads spin against each other and a tiny model ran >10x
-    # slower here. Use what Slurm allotted (or what the local runner chose) unless the user said otherwise.
+    # slower here. Use what Slurm allotted and the task is bound to (or what the local runner chose)
+    # unless the user said otherwise.
     if os.environ.get("OMP_NUM_THREADS"):
         return
     n = os.environ.get("SLURM_CPUS_PER_TASK") or os.environ.get("NANOCHAT_STAGE_THREADS")
     if n and n.isdigit() and int(n) > 0:
         import torch
-        torch.set_num_threads(int(n))
+        torch.set_num_threads(min(int(n), binding["cpus_bound"]))
 
 
 def _module_of(kind: str) -> str:

@@ -72,7 +72,10 @@ def _slurm_parameters(pipeline, stage, dependency_ids: list[str]) -> dict:
         cpus_per_task=r.cpus_per_task,
         time=r.time_min,
         signal_delay_s=r.signal_delay_s,
-        setup=list(c.setup),
+        # Slurm 22.05+: srun no longer takes --cpus-per-task from the allocation, and submitit's srun line
+        # passes none, so each task could get one core while torch starts cpus_per_task threads. The
+        # product sets it, not the user's setup lines (jobs.stages.check_cpu_binding checks what arrived).
+        setup=[f"export SRUN_CPUS_PER_TASK={r.cpus_per_task}", *c.setup],
         # a requeued job resumes from its checkpoint; arrays run all their tasks at once
         additional_parameters={"requeue": True},
     )

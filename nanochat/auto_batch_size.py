@@ -1,35 +1,41 @@
 """
 Automatic device batch size: find the largest per-device batch that trains without running out
-of memory, keep a safety margin under it, and keep the configured total batch (tokens per optimizer
-step) exact by choosing a device batch that divides it; gradient accumulation makes up the rest.
+of memory with a safety margin of the device's memory left over, and keep the configured total batch
+(tokens per optimizer step) exact by trying only device batches that divide it; gradient
+accumulation makes up the rest.
 
 How it searches:
-- A trial is one real training step (forward with full logits, backward, optimizer step with its
-  state allocated) on the real model, at the stage's sequence length, autocast (bf16 on cuda) and
-  compile setting. Weights are snapshotted to CPU before and restored after every trial, and the
-  trial's optimizers are fresh ones from `optimizers_factory`, so the caller's model and optimizers
-  end exactly as they were.
-- Sizes grow 1, 2, 4, ... until a trial fails or the cap is reached, then a binary search between
-  the last success and the first failure, stopped as soon as the final choice cannot change.
-  The cap is ceil(R / (1 - margin)) where R = total_batch / (seq_len * world_size) rows per rank:
-  a success there proves that R, the largest useful size, fits with the margin. Memory alone gives
-  the baseline size.
-- When the training compiles, the search runs eager and one compiled step confirms the chosen size
-  (backing off to the next smaller divisor if it fails): one compile, not one per trial.
+- A trial is one real training step (the training's own forward/backward with full logits, backward,
+  optimizer step with its state allocated) on the real model, at the stage's sequence length, autocast
+  (bf16 on cuda) and compile setting. Weights are snapshotted to CPU before and restored after every
+  trial, and the trial's optimizers are fresh ones from `optimizers_factory`, so the caller's model and
+  optimizers end exactly as they were.
+- The margin is applied to bytes: every trial runs with only (1 - safety_margin) of the device's memory
+  available (CUDA: torch.cuda.set_per_process_memory_fraction, so the caching allocator's own
+  out-of-memory error stops a trial that needs more, fragmentation and workspaces included; CPU: the
+  budget child's address-space limit). The size kept is the largest divisor of the rows per rank
+  R = total_batch / (seq_len * world_size) whose trial passes. Each trial records its measured peak.
+- Only divisors of R are tried: growth (each next size the smallest divisor at least twice the last,
+  up to R), then a binary search over the divisors between the last pass and the first failure.
+- When the training compiles, the trials step the training's compiled module (resolve_device_batch_size's
+  `compiled`), so the search measures the compiled step and its graphs serve the training that follows:
+  with dynamo's default dynamic setting a graph for the first size and one with a symbolic batch size
+  for every other, the training's size included. A training compiled with dynamic=False (SFT) searches
+  eager and confirms the chosen size with one compiled step, again on the training's own module.
 - The speed check (stop_gain; eager training only): the baseline and the next smaller divisor are
   timed in interleaved rounds; the smaller is kept only when every round of it beats every round of
   the baseline by stop_gain, and never when one size's timings disagree by more than NOISE_LIMIT
   (a contended machine). The timings go into the cache entry; a size below the baseline expires.
 - time_limit_s: no trial starts that would overrun it; the best size found so far is kept.
 - With several ranks, every rank runs every trial and the verdicts are reduced (MIN on success,
-  MAX on step time) in one collective per trial that every rank reaches whatever its outcome,
+  MAX on step time and peak) in one collective per trial that every rank reaches whatever its outcome,
   so a rank that runs out of memory cannot deadlock the others and all ranks agree.
 - On CPU the search runs under a real memory budget in a spawned child process: after importing
   torch and warming up its thread pools, the child measures its address-space size (VmSize) and
-  sets RLIMIT_AS to that baseline plus the budget. The budget is therefore the address space the
-  training step may add on top of the torch runtime (model, optimizer state, activations, logits);
-  an allocation beyond it fails with the CPU allocator's real error. Address space bounds resident
-  memory from above, so a size found this way also stays within the budget in RSS.
+  sets RLIMIT_AS to that baseline plus (1 - safety_margin) x the budget. The budget is therefore the
+  address space the training step may add on top of the torch runtime (model, optimizer state,
+  activations, logits); an allocation beyond it fails with the CPU allocator's real error. Address
+  space bounds resident memory from above, so a size found this way also stays within it in RSS.
 
 Results are cached per sha256 digest of everything that changes memory, one JSON file per key in
 a shared folder (default <base_dir>/batch_size_cache), written atomically under a file lock.
@@ -49,7 +55,7 @@ import resource
 import sys
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -58,11 +64,14 @@ import torch.distributed as dist
 from filelock import Timeout
 
 from nanochat.common import (ConfigError, atomic_write_json, autodetect_device_type, device_name,
-                             device_total_memory, get_base_dir, peak_memory_bytes, print0)
+                             device_total_memory, get_base_dir, peak_memory_bytes, print0, reset_peak_memory)
 from nanochat.locking import file_lock
+# At import, not in TrainStep: the budget child imports this module before it sets its limit, and
+# train_loop's own imports (the data loader's pyarrow) map address space that is no trial's.
+from nanochat.train_loop import autocast_context, compile_model, forward_backward
 
 # Bump when the trial step changes in a way that changes its memory: old cache entries stop matching.
-STEP_VERSION = 1
+STEP_VERSION = 2   # 2: the margin on bytes, trials at divisors only, training's forward_backward
 DEFAULT_SAFETY_MARGIN = 0.15
 DEFAULT_STOP_GAIN = 0.05      # a smaller size must be this much faster, in every round, to be chosen
 SPEED_ROUNDS = 3              # interleaved timing rounds per comparison
@@ -125,26 +134,9 @@ def largest_divisor_at_most(n: int, limit: int) -> int:
     return 0
 
 
-def kept_size(max_fit: int, safety_margin: float) -> int:
-    """floor(max_fit * (1 - margin)), robust to float error (0.85 * 20 must be 17, not 16)."""
-    return int(math.floor(max_fit * (1.0 - safety_margin) + 1e-9))
-
-
-def search_cap(rows: int, safety_margin: float) -> int:
-    """The largest size worth a trial: a success there proves `rows` fits with the margin."""
-    return max(rows, int(math.ceil(rows / (1.0 - safety_margin) - 1e-9)))
-
-
-def choose_device_batch(max_fit: int, rows: int, safety_margin: float, speed_cap: int | None = None) -> int:
-    """The device batch kept from a largest fitting size: within the margin, at most the speed cap,
-    and a divisor of the rows per rank. 0 when nothing fits."""
-    if max_fit < 1:
-        return 0
-    target = kept_size(max_fit, safety_margin)
-    if speed_cap is not None:
-        target = min(target, speed_cap)
-    # Size 1 ran a real step; with max_fit in 1..6 a 15% margin leaves nothing, so keep 1 rather than fail.
-    return largest_divisor_at_most(rows, max(1, target))
+def divisors(n: int) -> list[int]:
+    """The device batch sizes that keep the total batch exact: every d with d | n, ascending."""
+    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 # -----------------------------------------------------------------------------
@@ -152,8 +144,10 @@ def choose_device_batch(max_fit: int, rows: int, safety_margin: float, speed_cap
 
 @dataclass
 class TrainStep:
-    """The default trial step: the base/mid training step on random tokens (memory does not depend
-    on the data). A dataclass, not a closure, so it can be pickled into the budget child."""
+    """The default trial step: base/mid training's own micro-batch (train_loop.forward_backward, the
+    same call and autocast, so a compiled trial runs the graph training runs) and optimizer step, on
+    random tokens (memory does not depend on the data). A dataclass, not a closure, so it can be
+    pickled into the budget child."""
     seq_len: int
     vocab_size: int
     world_size: int = 1
@@ -162,14 +156,11 @@ class TrainStep:
     def __call__(self, model, optimizers, batch_size: int) -> None:
         device = next(model.parameters()).device
         buckets = reserve_gradient_buckets(model) if self.world_size > 1 else None
-        idx = torch.randint(0, self.vocab_size, (batch_size, self.seq_len + 1), device=device)
-        x, y = idx[:, :-1], idx[:, 1:]
-        ctx = (torch.autocast(device_type=device.type, dtype=getattr(torch, self.autocast_dtype))
-               if self.autocast_dtype else nullcontext())
-        with ctx:
-            loss = model(x, y)
-        loss.backward()
-        del loss, x, y, idx
+        rows = torch.randint(0, self.vocab_size, (batch_size, self.seq_len + 1), device=device)
+        mask = torch.ones_like(rows, dtype=torch.bool)
+        precision = "bf16" if self.autocast_dtype == "bfloat16" else "fp32"
+        loss = forward_backward(model, rows, mask, batch_size, device, autocast_context(precision, device))
+        del loss, rows, mask
         gathered = reserve_muon_gather(optimizers) if self.world_size > 1 else None
         for opt in optimizers:
             opt.step()
@@ -178,13 +169,20 @@ class TrainStep:
 
 
 def reserve_gradient_buckets(model) -> torch.Tensor:
-    """A multi-rank training run all-reduces gradients through optim.GradientBuckets' flat buffers
-    (one gradient's worth of bytes), allocated once and held through every step, backward's peak
-    included. A multi-rank trial holds the same bytes from before its forward to after its optimizer
-    step, without the collectives: a rank that fails mid-trial must not leave the others waiting in
-    one (verdicts are reduced after the trial). Returns the buffer; the caller drops it at the end."""
+    """A multi-rank training run keeps its gradients in optim.GradientBuckets' flat buffers (each
+    .grad a view into them: one gradient's worth of bytes), allocated once and held through every
+    step, forward included. A multi-rank trial lays its gradients out the same way, without the
+    collectives (a rank that fails mid-trial must not leave the others waiting in one; verdicts are
+    reduced after the trial): backward accumulates into the views, so the trial holds what training
+    holds, not a reserve beside freshly allocated gradients. Returns the buffer; the caller's
+    zero_grad(set_to_none=True) and dropping it free both."""
     params = [p for p in model.parameters() if p.requires_grad]
-    return torch.empty(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
+    buffer = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
+    offset = 0
+    for p in params:
+        p.grad = buffer[offset:offset + p.numel()].view_as(p)
+        offset += p.numel()
+    return buffer
 
 
 def reserve_muon_gather(optimizers) -> torch.Tensor | None:
@@ -220,8 +218,9 @@ class Trial:
     seconds: float = 0.0           # time of the timed step(s) (max over ranks), 0 when not timed
     tokens_per_s: float | None = None
     error: str = ""
-    compiled: bool = False         # a compiled confirmation (the search itself runs eager)
+    compiled: bool = False         # ran the compiled step
     phase: str = "memory"          # memory (the search) | compiled (confirmation) | timed (speed check)
+    peak_memory_bytes: int | None = None   # measured over the trial (common.peak_memory_bytes; max over ranks)
 
 
 def _synchronize(device: torch.device) -> None:
@@ -233,15 +232,15 @@ def _dist_active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _reduce_trial(status: int, seconds: float, device: torch.device) -> tuple[int, float]:
+def _reduce_trial(status: int, seconds: float, peak: int, device: torch.device) -> tuple[int, float, int]:
     """One collective per trial, reached by every rank whatever happened: status MAX (0 ok, 1 OOM,
-    2 other error) and step time MAX (the slowest rank sets the pace)."""
+    2 other error), step time MAX (the slowest rank sets the pace) and peak memory MAX."""
     if not _dist_active():
-        return status, seconds
+        return status, seconds, peak
     comm_device = device if dist.get_backend() == "nccl" else torch.device("cpu")
-    t = torch.tensor([float(status), seconds], dtype=torch.float64, device=comm_device)
+    t = torch.tensor([float(status), seconds, float(peak)], dtype=torch.float64, device=comm_device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t[0].item()), float(t[1].item())
+    return int(t[0].item()), float(t[1].item()), int(t[2].item())
 
 
 def _any_rank(flag: bool, device: torch.device) -> bool:
@@ -265,19 +264,18 @@ def _restore(model, snapshot: dict) -> None:
 
 
 def run_trial(model, optimizers_factory, step_fn, batch_size: int, seq_len: int, device: torch.device,
-              snapshot: dict, compile: bool = False, timed_steps: int = 0, compile_backend="inductor") -> Trial:
+              snapshot: dict, trial_model=None, timed_steps: int = 0) -> Trial:
     """One trial at batch_size: fresh optimizers, one step (allocates optimizer state; compiles),
-    then max(timed_steps, 1) steady-state steps (timed when timed_steps > 0). Frees everything and restores the weights whatever happens.
-    Under torch.distributed every rank must call it with the same batch_size."""
+    then max(timed_steps, 1) steady-state steps (timed when timed_steps > 0), stepping `trial_model`
+    (the compiled module when the training compiles; `model` itself by default). Frees everything and
+    restores the weights whatever happens. Under torch.distributed every rank must call it with the
+    same batch_size."""
     status, error, seconds, failure = 0, "", 0.0, None
-    trial_model = optimizers = None
+    trial_model = model if trial_model is None else trial_model
+    optimizers = None
+    free_memory(device)
+    reset_peak_memory(device)
     try:
-        trial_model = model
-        if compile and not hasattr(model, "_orig_mod"):
-            # Recompiling for every size would hit dynamo's recompile limit and silently fall back to
-            # eager (measuring the wrong memory), so each trial starts from a clean dynamo state.
-            torch._dynamo.reset()
-            trial_model = torch.compile(model, dynamic=False, backend=compile_backend)
         optimizers = optimizers_factory(model)
         step_fn(trial_model, optimizers, batch_size)
         _synchronize(device)
@@ -297,14 +295,13 @@ def run_trial(model, optimizers_factory, step_fn, batch_size: int, seq_len: int,
             failure = e
         else:
             e.__traceback__ = None  # the traceback pins the trial's tensors; drop it before freeing
-    optimizers = trial_model = None
+    peak = peak_memory_bytes(device)
+    optimizers = None
     model.zero_grad(set_to_none=True)
     _restore(model, snapshot)
     free_memory(device)
-    if compile:
-        torch._dynamo.reset()
     # Every rank reaches this collective, whatever its own trial did.
-    status, seconds = _reduce_trial(status, seconds, device)
+    status, seconds, peak = _reduce_trial(status, seconds, peak, device)
     if status == 2:
         if failure is not None:
             raise failure
@@ -313,7 +310,8 @@ def run_trial(model, optimizers_factory, step_fn, batch_size: int, seq_len: int,
     if not ok and not error:
         error = "out of memory on another rank"
     tps = (batch_size * seq_len / seconds) if (ok and seconds > 0) else None
-    return Trial(batch_size=batch_size, ok=ok, seconds=seconds, tokens_per_s=tps, error=error, compiled=bool(compile))
+    return Trial(batch_size=batch_size, ok=ok, seconds=seconds, tokens_per_s=tps, error=error,
+                 compiled=trial_model is not model, peak_memory_bytes=peak)
 
 
 # -----------------------------------------------------------------------------
@@ -323,8 +321,8 @@ def run_trial(model, optimizers_factory, step_fn, batch_size: int, seq_len: int,
 class SearchResult:
     device_batch_size: int
     grad_accum: int
-    max_found: int              # largest size that ran (0: none)
-    first_failure: int | None   # smallest size that failed (None: none failed)
+    max_found: int              # largest size that ran within the margin (0: none)
+    first_failure: int | None   # smallest size that did not (None: none failed)
     stopped_by_speed: bool      # the speed check chose a size below the memory baseline
     trials: list[dict] = field(default_factory=list)
     seconds: float = 0.0
@@ -332,6 +330,7 @@ class SearchResult:
     stopped_by_deadline: bool = False
     compile_confirmed: bool | None = None   # None: compile off; False: no compiled confirmation ran in time
     speed: dict | None = None   # the interleaved timings behind the speed check (None: not run)
+    memory_baseline: int = 0    # CPU budget child: its resident bytes before the model (trial peaks include them)
 
 
 def _spread(rates: list[float]) -> float:
@@ -386,23 +385,24 @@ def speed_check(time_fn, rows: int, baseline: int, stop_gain: float, rounds: int
     return record
 
 
-def search_device_batch_size(trial_fn, rows: int, safety_margin: float = DEFAULT_SAFETY_MARGIN,
-                             stop_gain: float | None = DEFAULT_STOP_GAIN, log=print0, *, time_fn=None,
-                             confirm_fn=None, deadline: float | None = None, speed_rounds: int = SPEED_ROUNDS,
-                             noise_limit: float = NOISE_LIMIT, agree=lambda flag: flag) -> SearchResult:
-    """Exponential growth then binary search, on any `trial_fn(batch_size) -> Trial` (memory verdicts,
-    eager when the training compiles). Then, when given:
-    - confirm_fn(bs) -> Trial: one compiled step at the chosen size, backing off to the next smaller
-      divisor until one passes (a compile per confirmation, not per trial);
+def search_device_batch_size(trial_fn, rows: int, stop_gain: float | None = DEFAULT_STOP_GAIN, log=print0, *,
+                             time_fn=None, confirm_fn=None, deadline: float | None = None,
+                             speed_rounds: int = SPEED_ROUNDS, noise_limit: float = NOISE_LIMIT,
+                             agree=lambda flag: flag) -> SearchResult:
+    """The largest divisor of `rows` whose trial passes, on any `trial_fn(batch_size) -> Trial` (its
+    memory verdict: the trial ran within the margin's share of the device, see _search_on_model).
+    Only divisors are tried: growth (each next size the smallest divisor at least twice the last, up to
+    rows itself), then a binary search over the divisors between the last pass and the first failure.
+    Then, when given:
+    - confirm_fn(bs) -> Trial: the compiled step at the chosen size, backing off to the next smaller
+      divisor until one passes (when the search itself ran eager);
     - time_fn(bs) -> Trial with seconds, and stop_gain: the speed check (speed_check above);
     - deadline (time.monotonic()): no trial starts when the last one's duration would overrun it;
       the search keeps the best size found so far and says so (stopped_by_deadline). agree(flag)
       makes the ranks of a distributed probe take that decision together (any rank out of time).
     Kept apart from torch so the exact sequence of trials is easy to reason about and test."""
-    if not 0.0 <= safety_margin < 1.0:
-        raise ConfigError(f"safety_margin: {safety_margin} must be in [0, 1)")
     t_start = time.perf_counter()
-    cap = search_cap(rows, safety_margin)
+    sizes = divisors(rows)
     trials: list[Trial] = []
     last = [0.0]  # duration of the latest trial: the estimate for the next one
 
@@ -415,47 +415,44 @@ def search_device_batch_size(trial_fn, rows: int, safety_margin: float = DEFAULT
         last[0] = time.monotonic() - t0
         t.phase = "memory" if label == "trial" else label
         trials.append(t)
-        log(f"auto batch size: {label} {bs:5d} {'ok ' if t.ok else 'OOM'} {t.error if not t.ok else ''}".rstrip())
+        peak = f" peak {t.peak_memory_bytes / 2**20:,.0f} MiB" if t.ok and t.peak_memory_bytes else ""
+        log(f"auto batch size: {label} {bs:5d} {'ok ' if t.ok else 'OOM'}{peak} {t.error if not t.ok else ''}".rstrip())
         return t
 
-    lo, hi = 0, None          # largest success, smallest failure
+    lo, hi = -1, None          # indices into sizes: largest pass, smallest failure
     stopped_by_deadline = False
-    bs = 1
+    i = 0
     while True:
-        if lo and out_of_time():
+        if lo >= 0 and out_of_time():
             stopped_by_deadline = True
             break
-        t = attempt(bs)
-        if not t.ok:
-            hi = bs
+        if not attempt(sizes[i]).ok:
+            hi = i
             break
-        lo = bs
-        if bs >= cap:
+        lo = i
+        if i == len(sizes) - 1:
             break
-        bs = min(bs * 2, cap)
+        i = next(k for k in range(i + 1, len(sizes)) if sizes[k] >= 2 * sizes[i] or k == len(sizes) - 1)
 
-    if lo == 0:
+    if lo < 0:
         raise ConfigError(f"device_batch_size: even 1 row of {rows} per rank does not fit in memory "
                           f"({trials[0].error}); use a smaller model, seq_len or a larger memory budget")
+    while hi is not None and hi - lo > 1 and not stopped_by_deadline:
+        if out_of_time():
+            stopped_by_deadline = True
+            break
+        mid = (lo + hi) // 2
+        if attempt(sizes[mid]).ok:
+            lo = mid
+        else:
+            hi = mid
+    max_found, first_failure = sizes[lo], (sizes[hi] if hi is not None else None)
 
-    # Binary search, stopped once every size left between lo and hi would give the same choice.
-    if hi is not None and not stopped_by_deadline:
-        while hi - lo > 1 and choose_device_batch(lo, rows, safety_margin) != choose_device_batch(hi - 1, rows, safety_margin):
-            if out_of_time():
-                stopped_by_deadline = True
-                break
-            mid = (lo + hi) // 2
-            if attempt(mid).ok:
-                lo = mid
-            else:
-                hi = mid
-
-    chosen = choose_device_batch(lo, rows, safety_margin)
-    compile_confirmed = None
+    chosen, compile_confirmed = max_found, None
     if confirm_fn is not None:
         compile_confirmed = False
         while True:
-            if trials and out_of_time() and chosen != choose_device_batch(lo, rows, safety_margin):
+            if out_of_time() and chosen != max_found:
                 stopped_by_deadline = True   # at least the first confirmation always runs
                 break
             if attempt(chosen, confirm_fn, "compiled").ok:
@@ -473,38 +470,65 @@ def search_device_batch_size(trial_fn, rows: int, safety_margin: float = DEFAULT
         speed = speed_check(lambda b: attempt(b, time_fn, "timed"), rows, baseline, stop_gain, speed_rounds,
                             noise_limit, out_of_time, log)
         chosen = speed["chosen"]
-    return SearchResult(device_batch_size=chosen, grad_accum=rows // chosen, max_found=lo, first_failure=hi,
-                        stopped_by_speed=chosen < baseline, trials=[asdict(t) for t in trials],
-                        seconds=time.perf_counter() - t_start, baseline=baseline,
+    return SearchResult(device_batch_size=chosen, grad_accum=rows // chosen, max_found=max_found,
+                        first_failure=first_failure, stopped_by_speed=chosen < baseline,
+                        trials=[asdict(t) for t in trials], seconds=time.perf_counter() - t_start, baseline=baseline,
                         stopped_by_deadline=stopped_by_deadline or bool(speed and speed["stopped_by_deadline"]),
                         compile_confirmed=compile_confirmed, speed=speed)
 
 
+@contextmanager
+def memory_share(device: torch.device, fraction: float):
+    """On CUDA, the caching allocator may take only `fraction` of the device's memory while inside (its
+    own out-of-memory error beyond that): a trial that passes ran within that share, fragmentation and
+    workspaces included. Elsewhere nothing (the CPU budget child sets its own limit)."""
+    if device.type != "cuda" or fraction >= 1.0:
+        yield
+        return
+    get = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    before = get(device) if get is not None else 1.0
+    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    try:
+        yield
+    finally:
+        torch.cuda.set_per_process_memory_fraction(before, device)
+
+
 def _search_on_model(model, optimizers_factory, step_fn, seq_len: int, rows: int, device: torch.device,
                      compile: bool, safety_margin: float, stop_gain: float | None, timed_steps: int,
-                     deadline: float | None = None, compile_backend="inductor") -> SearchResult:
-    """The memory search runs eager; when the training compiles, one compiled step confirms the
-    chosen size (compiled steps may allocate differently; their memory is what training sees)."""
+                     deadline: float | None = None, compile_backend="inductor", compiled=None,
+                     compiled_search: bool = True) -> SearchResult:
+    """The search on the real model, every trial within (1 - safety_margin) of the device's memory
+    (memory_share on CUDA; on a CPU the budget child's limit is already that share). When the training
+    compiles, the trials step `compiled` (the training's own compiled module, so its graphs serve
+    training too: one compile for both; without one, a module compiled here as training compiles):
+    - compiled_search True (dynamo's default dynamic): every trial compiled, the memory of the step
+      training runs; a graph for the first size, one with a symbolic batch size for all the others;
+    - False (a training compiled with dynamic=False: a compile per size, and FlexAttention's block mask
+      wants fixed shapes): the search runs eager and the compiled step confirms the chosen size."""
     was_training = model.training
     model.train()
     snapshot = _snapshot(model)
+    if compile and compiled is None:   # no module from the caller (a probe stage, the budget child): build one as training does
+        compiled = compile_model(model, compile_backend, None if compiled_search else False)
+    searched = compiled if (compile and compiled_search) else None
     try:
         def trial_fn(bs):
-            return run_trial(model, optimizers_factory, step_fn, bs, seq_len, device, snapshot)
+            return run_trial(model, optimizers_factory, step_fn, bs, seq_len, device, snapshot, searched)
 
         def confirm_fn(bs):
-            return run_trial(model, optimizers_factory, step_fn, bs, seq_len, device, snapshot,
-                             compile=True, compile_backend=compile_backend)
+            return run_trial(model, optimizers_factory, step_fn, bs, seq_len, device, snapshot, compiled)
 
         def time_fn(bs):
             return run_trial(model, optimizers_factory, step_fn, bs, seq_len, device, snapshot,
                              timed_steps=max(1, timed_steps))
-        # Timing compiled steps would cost a compile per size; eager timings are not the compiled
-        # step's, so with compile on there is no speed check (memory decides).
-        return search_device_batch_size(trial_fn, rows, safety_margin, None if compile else stop_gain,
-                                        time_fn=None if compile else time_fn,
-                                        confirm_fn=confirm_fn if compile else None, deadline=deadline,
-                                        agree=lambda flag: _any_rank(flag, device))
+        # Timing compiled steps would cost a compile per size with dynamic=False, and eager timings are
+        # not the compiled step's: with compile on there is no speed check (memory decides).
+        with memory_share(device, 1.0 - safety_margin):
+            return search_device_batch_size(trial_fn, rows, None if compile else stop_gain,
+                                            time_fn=None if compile else time_fn,
+                                            confirm_fn=confirm_fn if (compile and not compiled_search) else None,
+                                            deadline=deadline, agree=lambda flag: _any_rank(flag, device))
     finally:
         _restore(model, snapshot)
         model.train(was_training)
@@ -513,12 +537,15 @@ def _search_on_model(model, optimizers_factory, step_fn, seq_len: int, rows: int
 # -----------------------------------------------------------------------------
 # A real memory budget on CPU: the search runs in a spawned child under RLIMIT_AS
 
-def _vm_size_bytes() -> int:
+def _vm_size_bytes(field: str = "VmSize") -> int:
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmSize:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
-    raise RuntimeError("VmSize not found in /proc/self/status")
+    raise RuntimeError(f"{field} not found in /proc/self/status")
+
+
+_CHILD_RSS_BASELINE = 0   # in the budget child: its resident size when the limit was set (trial peaks are above it)
 
 
 def _warm_up_torch() -> None:
@@ -542,6 +569,8 @@ def _budget_child_main(payload_path: str, result_path: str, budget_bytes: int, t
             torch.set_num_threads(threads)
         _warm_up_torch()
         baseline = _vm_size_bytes()
+        global _CHILD_RSS_BASELINE
+        _CHILD_RSS_BASELINE = _vm_size_bytes("VmRSS")
         payload = Path(payload_path).read_bytes()
         resource.setrlimit(resource.RLIMIT_AS, (baseline + budget_bytes, resource.getrlimit(resource.RLIMIT_AS)[1]))
         fn, args = pickle.loads(payload)
@@ -605,13 +634,16 @@ def run_under_memory_budget(fn, args: tuple, budget_gb: float, timeout_s: float 
 
 
 def _budget_search_job(model, optimizers_factory, step_fn, seq_len, rows, compile, safety_margin, stop_gain,
-                       timed_steps, deadline=None, compile_backend="inductor"):
+                       timed_steps, deadline=None, compile_backend="inductor", compiled_search=True):
     if compile:
         # Inductor's worker pool would fork helpers under the same address-space limit; compile in-process.
         import torch._inductor.config as inductor_config
         inductor_config.compile_threads = 1
-    return _search_on_model(model, optimizers_factory, step_fn, seq_len, rows, torch.device("cpu"),
-                            compile, safety_margin, stop_gain, timed_steps, deadline, compile_backend)
+    result = _search_on_model(model, optimizers_factory, step_fn, seq_len, rows, torch.device("cpu"),
+                              compile, safety_margin, stop_gain, timed_steps, deadline, compile_backend,
+                              compiled_search=compiled_search)
+    result.memory_baseline = _CHILD_RSS_BASELINE
+    return result
 
 
 def default_cpu_budget_gb() -> float:
@@ -715,25 +747,57 @@ def read_cache(cache_dir, key: str, rows: int | None = None) -> dict | None:
     return entry
 
 
-def write_cache(cache_dir, key: str, entry: dict, lock_timeout_s: float = 60.0) -> Path:
-    """Atomic write under a file lock. When an entry exists, the smaller device batch wins (a
-    run-time fallback on one job must not be undone by another job's older probe)."""
+def update_cache(cache_dir, key: str, update, lock_timeout_s: float = 60.0) -> Path:
+    """Read-modify-write of one entry under its file lock: update(the current entry or None) returns the
+    entry to write, or None to leave the file as it is. Reading under the lock is what keeps two writers
+    (a probe and a run-time fallback, two ranks' fallbacks) from each writing over what the other read."""
     path = cache_path(cache_dir, key)
-    entry = dict(entry, key=key)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with file_lock(str(path) + ".lock", timeout=lock_timeout_s):
-            with warnings.catch_warnings():   # the reader already warned about a corrupt entry
-                warnings.simplefilter("ignore")
-                old = read_cache(cache_dir, key) if path.exists() else None
-            if old is not None and entry.get("source") == "fallback" and old["device_batch_size"] < entry["device_batch_size"]:
-                return path
-            atomic_write_json(path, entry)
+            old = read_cache(cache_dir, key) if path.exists() else None
+            new = update(old)
+            if new is not None:
+                atomic_write_json(path, dict(new, key=key))
     except Timeout:
         warnings.warn(f"batch size cache {path}: lock busy for {lock_timeout_s} s; not cached")
     except OSError as e:   # e.g. a directory squatting on the entry's name: the answer still holds, uncached
         warnings.warn(f"batch size cache {path}: cannot write ({type(e).__name__}: {e}); not cached")
     return path
+
+
+def _last_fallback_at(entry: dict) -> float | None:
+    times = [f.get("at_unix") for f in entry.get("fallbacks", [])]
+    times = [t for t in times if isinstance(t, (int, float)) and not isinstance(t, bool)]
+    return max(times) if times else (0.0 if entry.get("fallbacks") else None)
+
+
+def kept_entry(old: dict | None, new: dict) -> dict | None:
+    """Which entry a write leaves (None: the old one stays). A run-time fallback on one job must not be
+    undone by another job's older probe: an entry with fallbacks keeps its smaller device batch against
+    a probe that started before its last fallback (probe_started_at; a probe without one counts as
+    older). A fallback does not raise a size another writer has already lowered further. A probe
+    started after the fallback (a --refresh) replaces it: that is a new measurement."""
+    if old is None:
+        return new
+    smaller = old["device_batch_size"] < new["device_batch_size"]
+    if new.get("source") == "fallback" and smaller:
+        return None
+    last_fallback = _last_fallback_at(old)
+    if new.get("source") == "probe" and smaller and last_fallback is not None:
+        started = new.get("probe_started_at")
+        if not isinstance(started, (int, float)) or started < last_fallback:
+            print0(f"auto batch size: keeping the cached run-time fallback (device batch {old['device_batch_size']}) "
+                   f"against a probe that started before it ({new['device_batch_size']})")
+            return None
+    return new
+
+
+def write_cache(cache_dir, key: str, entry: dict, lock_timeout_s: float = 60.0) -> Path:
+    """Atomic write under a file lock, as kept_entry decides against the entry already there."""
+    with warnings.catch_warnings():   # a probe's reader already warned about a corrupt entry
+        warnings.filterwarnings("ignore", message="batch size cache .*: corrupt entry ignored")
+        return update_cache(cache_dir, key, lambda old: kept_entry(old, entry), lock_timeout_s)
 
 
 # -----------------------------------------------------------------------------
@@ -807,15 +871,22 @@ def resolve_device_batch_size(model, optimizers_factory, seq_len: int, total_bat
                               base_dir: str | os.PathLike | None = None, vocab_size: int | None = None,
                               autocast_dtype: str | None = "auto", cache_extra: dict | None = None,
                               budget_child_threads: int = 0, time_limit_s: float | None = None,
-                              compile_backend="inductor"):
+                              compile_backend="inductor", compiled=None, compiled_search: bool = True):
     """Decide the device batch size for training `model` at `seq_len` with `total_batch_size` tokens
     per optimizer step over `world_size` ranks. Returns (device_batch_size, grad_accum, source, info):
     source is "cache" or "probe"; info holds max_found, trials, seconds, cache_key, cache_dir, ...
     device_batch_size * seq_len * world_size * grad_accum == total_batch_size always holds.
+    The size kept is the largest divisor of the rows per rank whose trial step runs within
+    (1 - safety_margin) of the device's memory (on a CPU: of memory_budget_gb).
+    compiled: the training's own compiled module (compile on): the compiled trials step it, so the
+    graphs they build serve the training that follows (not in the CPU budget child: another process).
+    compiled_search: see _search_on_model.
     time_limit_s: the search stops starting trials after this long and keeps the best size so far
     (info["stopped_by_deadline"]). Under torch.distributed every rank must call it; all ranks return
     the same numbers."""
-    t0 = time.perf_counter()
+    if not 0.0 <= safety_margin < 1.0:
+        raise ConfigError(f"safety_margin: {safety_margin} must be in [0, 1)")
+    t0, started_at = time.perf_counter(), time.time()
     deadline = time.monotonic() + time_limit_s if time_limit_s else None
     ki = key_inputs(model, optimizers_factory, seq_len, total_batch_size, world_size, device, step_fn,
                     compile=compile, safety_margin=safety_margin, stop_gain=stop_gain,
@@ -841,10 +912,12 @@ def resolve_device_batch_size(model, optimizers_factory, seq_len: int, total_bat
         if is_rank0:
             job_model = copy.deepcopy(getattr(model, "_orig_mod", model)).cpu()
             try:
+                # the margin applied to bytes: the child's limit is (1 - margin) of the budget
                 result = run_under_memory_budget(
                     _budget_search_job, (job_model, optimizers_factory, step_fn, seq_len, rows, compile,
-                                         safety_margin, stop_gain, timed_steps, deadline, compile_backend),
-                    memory_budget_gb,
+                                         safety_margin, stop_gain, timed_steps, deadline, compile_backend,
+                                         compiled_search),
+                    memory_budget_gb * (1.0 - safety_margin),
                     threads=budget_child_threads)
             except Exception as e:  # noqa: BLE001 - the other ranks must hear of it before it is raised
                 failure = e
@@ -859,13 +932,14 @@ def resolve_device_batch_size(model, optimizers_factory, seq_len: int, total_bat
                                   first_failure=None, stopped_by_speed=False)
     else:
         result = _search_on_model(model, optimizers_factory, step_fn, seq_len, rows, device, compile,
-                                  safety_margin, stop_gain, timed_steps, deadline, compile_backend)
+                                  safety_margin, stop_gain, timed_steps, deadline, compile_backend, compiled,
+                                  compiled_search)
 
     info.update(max_found=result.max_found, first_failure=result.first_failure,
                 stopped_by_speed=result.stopped_by_speed, trials=result.trials,
                 seconds=time.perf_counter() - t0, baseline=result.baseline,
                 stopped_by_deadline=result.stopped_by_deadline, compile_confirmed=result.compile_confirmed,
-                speed=result.speed)
+                speed=result.speed, memory_baseline_bytes=result.memory_baseline or None)
     if result.stopped_by_deadline:
         print0(f"auto batch size: time limit ({time_limit_s:.0f} s) reached; keeping device batch "
                f"{result.device_batch_size}, the best found so far (a later --refresh can search further)")
@@ -877,6 +951,7 @@ def resolve_device_batch_size(model, optimizers_factory, seq_len: int, total_bat
             "compile_confirmed": result.compile_confirmed, "speed": result.speed,
             "trials": result.trials, "source": "probe", "safety_margin": safety_margin, "stop_gain": stop_gain,
             "parts": parts, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "probe_started_at": started_at,   # against a run-time fallback recorded meanwhile (kept_entry)
         }
         if result.stopped_by_speed:
             # below the memory baseline on timings alone: measure again after a while rather than forever
@@ -911,11 +986,13 @@ def fallback_after_oom(device_batch_size: int, grad_accum: int, cache_key: str |
     print0(f"auto batch size: out of memory at device batch {device_batch_size}; "
            f"continuing at {new_bs} x {new_accum} accumulation steps (same total batch)")
     if cache_key and cache_dir and (not _dist_active() or dist.get_rank() == 0):
-        old = read_cache(cache_dir, cache_key) or {}
-        history = list(old.get("fallbacks", [])) + [{"from": device_batch_size, "to": new_bs,
-                                                     "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}]
-        write_cache(cache_dir, cache_key, dict(old, device_batch_size=new_bs, grad_accum=new_accum,
-                                               source="fallback", fallbacks=history))
+        def record(old: dict | None) -> dict | None:   # runs under the entry's lock, on what is there now
+            old = old or {}
+            history = list(old.get("fallbacks", [])) + [{"from": device_batch_size, "to": new_bs, "at_unix": time.time(),
+                                                         "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}]
+            return kept_entry(old or None, dict(old, device_batch_size=new_bs, grad_accum=new_accum,
+                                                source="fallback", fallbacks=history))
+        update_cache(cache_dir, cache_key, record)
     return new_bs, new_accum
 
 

@@ -35,8 +35,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from nanochat.common import (ConfigError, atomic_write_json, compute_init, device_name, get_base_dir, git_commit,
-                             peak_flops, peak_memory_bytes, print0, reset_peak_memory, synchronize)
+from nanochat.common import (ConfigError, atomic_write_json, compute_init, device_name, device_peaks, get_base_dir,
+                             git_commit, peak_memory_bytes, print0, reset_peak_memory, synchronize)
 from nanochat.dataloader import Prefetcher
 from nanochat.datasets_chat import read_mixture
 from nanochat.gpt import GPT, CompiledGPT, GPTConfig, build_model, doc_attention_route
@@ -82,6 +82,7 @@ class SFTConfig:
     eval_batch_size: int = 8
     save_checkpoint: bool = True
     overlap: bool = True        # several ranks: all-reduce in buckets during backward, shard Muon; false = plain path
+    peak_flops: float = 0.0     # bf16 dense FLOP/s of one device for MFU; 0 = common.device_peaks' table/fallback
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -89,7 +90,8 @@ class SFTConfig:
         for key in ("max_seq_len", "num_epochs", "eval_batch_size", "pack_buffer", "depth"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"sft.{key}: must be at least 1 (got {getattr(self, key)})")
-        for key in ("device_batch_size", "total_batch_size", "max_steps", "warmup_steps", "val_conversations"):
+        for key in ("device_batch_size", "total_batch_size", "max_steps", "warmup_steps", "val_conversations",
+                    "peak_flops"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"sft.{key}: must not be negative (got {getattr(self, key)})")
         if not isinstance(self.overlap, bool):
@@ -191,7 +193,9 @@ class SFTTrialStep:
         device = next(model.parameters()).device
         x = torch.randint(0, self.vocab_size, (batch_size, self.seq_len), device=device)
         y = torch.randint(0, self.vocab_size, (batch_size, self.seq_len), device=device)
-        doc_ids = (torch.arange(self.seq_len, device=device) // 256).expand(batch_size, -1) if self.packed else None
+        # contiguous, as packing.build_batch makes them: a compiled trial then meets training's guards
+        doc_ids = ((torch.arange(self.seq_len, device=device) // 256).repeat(batch_size, 1).contiguous()
+                   if self.packed else None)
         from nanochat.auto_batch_size import reserve_gradient_buckets, reserve_muon_gather
         buckets = reserve_gradient_buckets(model) if self.world_size > 1 else None
         with autocast_context(device):
@@ -214,18 +218,35 @@ def default_total_batch_size(cfg: SFTConfig, world_size: int) -> int:
     return cfg.total_batch_size or 32 * cfg.max_seq_len * world_size
 
 
-def resolve_batch_size(cfg: SFTConfig, model: GPT, world_size: int, device: torch.device) -> tuple[int, str, dict]:
+def compile_sft(model: GPT) -> tuple[torch.nn.Module, CompileCounter]:
+    """THE compile of SFT's compiled modes: fixed shapes (dynamic=False), graphs counted. Fresh dynamo
+    caches first: a second model in this process must not eat the recompile limit."""
+    counter = CompileCounter()
+    torch._dynamo.reset()
+    return CompiledGPT(model, backend=counter), counter  # by region: GradientBuckets overlaps backward
+
+
+def probe_compiles(cfg: SFTConfig, device: torch.device) -> bool:
+    """Does the automatic batch size confirm its size with a compiled step? On CUDA for a compiled mode
+    (the compiled step's kernels and workspaces differ from eager's); on a CPU the compiled step uses
+    no more memory than the eager one, so no compilation is paid there."""
+    return cfg.device_batch_size == 0 and cfg.mode.startswith("compile") and device.type == "cuda"
+
+
+def resolve_batch_size(cfg: SFTConfig, model: GPT, world_size: int, device: torch.device,
+                       compiled=None) -> tuple[int, str, dict]:
     """device_batch_size from the config, or (0) from the automatic batch size (probe or cache).
-    The size is searched eager; on CUDA a compiled mode then confirms it with one compiled step (the
-    probe backs off if the compiled step does not fit: its kernels' workspaces differ from eager's).
-    On a CPU the compiled step uses no more memory than the eager one, so no compilation is paid."""
+    The size is searched eager (a compile per trial size otherwise: the modes compile with
+    dynamic=False) and, where probe_compiles, confirmed by one step of `compiled` (compile_sft's
+    module, which the training then steps: that one compile serves both)."""
     if cfg.device_batch_size > 0:
         return cfg.device_batch_size, "config", {}
     from nanochat.auto_batch_size import resolve_device_batch_size
     step = SFTTrialStep(cfg.max_seq_len, model.config.vocab_size, cfg.mode in PACKED_MODES, world_size)
     dbs, _accum, source, info = resolve_device_batch_size(
         model, build_sft_optimizers, cfg.max_seq_len, default_total_batch_size(cfg, world_size), world_size, device,
-        step_fn=step, compile=cfg.mode.startswith("compile") and device.type == "cuda", base_dir=cfg.base_dir or None, cache_extra={"recipe": "sft", "mode": cfg.mode})
+        step_fn=step, compile=probe_compiles(cfg, device), base_dir=cfg.base_dir or None,
+        cache_extra={"recipe": "sft", "mode": cfg.mode}, compiled=compiled, compiled_search=False)
     return int(dbs), str(source), dict(info or {})
 
 
@@ -338,9 +359,10 @@ def _step_micro_batches(plans: list, first: int, plan_accum: int, rank: int, B: 
 def train(cfg: SFTConfig, model: GPT, tokenizer: Tokenizer, train_examples: list[Example],
           val_examples: list[Example], device_batch_size: int, batch_size_source: str,
           should_stop: Callable[[], bool] | None = None, meta: dict | None = None,
-          batch_info: dict | None = None) -> dict:
+          batch_info: dict | None = None, compiled: tuple | None = None) -> dict:
     """Fine-tune `model` in place and return the result row (a dict of RESULT_COLUMNS and extras).
-    batch_info: resolve_batch_size's info (its cache_key and cache_dir receive an out-of-memory fallback)."""
+    batch_info: resolve_batch_size's info (its cache_key and cache_dir receive an out-of-memory fallback).
+    compiled: compile_sft(model) when the batch-size probe already stepped it (a compiled mode)."""
     started = time.time()
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -397,13 +419,11 @@ def train(cfg: SFTConfig, model: GPT, tokenizer: Tokenizer, train_examples: list
         raise ConfigError(f"sft: {len(train_examples)} conversations make {len(plans)} micro-batches, fewer than "
                           f"one optimizer step needs ({micro_per_step}); add data or lower device_batch_size")
 
-    compiled = mode.startswith("compile")
-    counter = CompileCounter()
-    if compiled:
-        torch._dynamo.reset()  # fresh caches: a second model in this process must not eat the recompile limit
-        train_model = CompiledGPT(model, backend=counter)  # by region: GradientBuckets overlaps backward
+    if mode.startswith("compile"):
+        train_model, counter = compiled or compile_sft(model)
     else:
-        train_model = model
+        train_model, counter = model, CompileCounter()
+    compiled = mode.startswith("compile")
     model.train()
     oom = _oom_handlers()
     # gradients all-reduced in buckets during the last micro-batch's backward (train_loop does the same)
@@ -476,6 +496,7 @@ def train(cfg: SFTConfig, model: GPT, tokenizer: Tokenizer, train_examples: list
                 zero_gradients(model, grad_buckets)
                 B, accum = oom[1](B, accum, batch_info.get("cache_key"), batch_info.get("cache_dir"), device)
                 batch_size_source = source_after_oom(batch_size_source)  # a configured batch stays the fixed side
+                reset_peak_memory(device)   # the failed attempt filled the device: not the peak of the size kept
                 print0(f"sft[{mode}] out of memory at step {step}: rerunning it with device_batch_size={B}, "
                        f"grad_accum={accum}")
                 batches = step_batches(step, B)
@@ -552,7 +573,8 @@ def train(cfg: SFTConfig, model: GPT, tokenizer: Tokenizer, train_examples: list
     compile_s = 0.0
     if compiled:
         compile_s = max(0.0, warmup_s - cfg.warmup_steps * mean_step_s) if mean_step_s else warmup_s
-    peak = peak_flops(device_name(device))
+    peaks = device_peaks(device, cfg.peak_flops)
+    peak = peaks["peak_flops"]
     mfu = None
     if peak and tokens_per_s:
         mfu = 100 * model.estimate_flops() * tokens_per_s / (peak * world)
@@ -565,6 +587,7 @@ def train(cfg: SFTConfig, model: GPT, tokenizer: Tokenizer, train_examples: list
         "tokens_per_s": tokens_per_s, "real_tokens_per_s": rate(real), "supervised_tokens_per_s": rate(supervised),
         "padding_fraction": (1 - real / positions) if positions else None,
         "mfu": mfu, "peak_memory_bytes": peak_memory_bytes(device),
+        "peak_flops": peak, "peak_flops_source": peaks["peak_flops_source"],
         "compile": compiled, "num_compiles": counter.count if compiled else 0,
         "final_loss": losses[-1] if losses else None,
         "wall_time_s": time.time() - started, "git_commit": git_commit(),
@@ -601,8 +624,11 @@ def run(cfg: SFTConfig, should_stop: Callable[[], bool] | None = None) -> dict:
     cfg.validate()
     info = compute_init(cfg.device_type or None, seed=cfg.seed)
     model, tokenizer, meta, train_examples, val_examples = prepare(cfg, info.device)
-    dbs, source, bs_info = resolve_batch_size(cfg, model, info.world_size, info.device)
-    row = train(cfg, model, tokenizer, train_examples, val_examples, dbs, source, should_stop, meta, bs_info)
+    compiled = compile_sft(model) if probe_compiles(cfg, info.device) else None
+    dbs, source, bs_info = resolve_batch_size(cfg, model, info.world_size, info.device,
+                                              compiled[0] if compiled else None)
+    row = train(cfg, model, tokenizer, train_examples, val_examples, dbs, source, should_stop, meta, bs_info,
+                compiled)
     row["extra"]["batch_size_info"] = bs_info
     if cfg.out_dir and info.is_master:
         atomic_write_json(Path(cfg.out_dir) / "sft_result.json", row)

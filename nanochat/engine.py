@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from nanochat.calculator import use_calculator
+from nanochat.common import ConfigError
 
 
 class KVCacheOverflow(RuntimeError):
@@ -485,6 +486,8 @@ def check_decode(model, tokens: list[int], max_tokens: int, num_samples: int = 1
 # batch-1 decode step is bound by reading the weights. It needs fast bf16 on the CPU (AMX or
 # AVX512-BF16): without them its bf16 activations are emulated and it is slower than fp32.
 DECODE_PRECISIONS = ("auto", "fp32", "bf16", "int8")
+INT8_CPU_ONLY = ("int8 is for CPUs: torch's _weight_int8pack_mm has no CUDA kernel; "
+                 "on CUDA use bf16 (what auto takes there)")
 
 
 def decode_precision_route(choice: str, device: torch.device | str) -> str:
@@ -494,6 +497,8 @@ def decode_precision_route(choice: str, device: torch.device | str) -> str:
     if choice not in DECODE_PRECISIONS:
         raise ValueError(f"decode precision {choice!r}: choose one of {', '.join(DECODE_PRECISIONS)}")
     device = torch.device(device)
+    if choice == "int8" and device.type == "cuda":
+        raise ConfigError(f"decode precision {INT8_CPU_ONLY}")
     if choice != "auto":
         return choice
     if device.type == "cuda":

@@ -309,8 +309,8 @@ COMPILE_BACKEND = "inductor"
 
 
 class CompiledGPT(nn.Module):
-    """A GPT's training forward with each region torch.compile'd on its own, dynamic=False (training's
-    shapes are fixed; a new batch size after an out-of-memory fallback compiles once more): one graph
+    """A GPT's training forward with each region torch.compile'd on its own, by default dynamic=False
+    (SFT's shapes are fixed; base training passes None so the probe's trial sizes share a graph): one graph
     serves every block (the same code and shapes), one the head (norm, lm_head, softcap, cross-entropy),
     one the packed rows' attention mask. Why not the whole model: its backward would be one autograd
     node, so every gradient would be ready only once all of backward had run, and GradientBuckets'
@@ -320,9 +320,9 @@ class CompiledGPT(nn.Module):
     One block's compile serving all blocks also keeps the compile short at any depth.
     Called like the model for training (no kv_cache); `model` stays the uncompiled module (eval, checkpoints)."""
 
-    def __init__(self, model: GPT, backend=None):
+    def __init__(self, model: GPT, backend=None, dynamic: bool | None = False):
         super().__init__()
-        compile_region = functools.partial(torch.compile, dynamic=False, backend=backend or COMPILE_BACKEND)
+        compile_region = functools.partial(torch.compile, dynamic=dynamic, backend=backend or COMPILE_BACKEND)
         self.model = model
         self.block = compile_region(Block.forward)
         self.head = compile_region(GPT.head)

@@ -85,6 +85,25 @@ def nvml_reader(cuda_index: int) -> tuple[Callable[[], float] | None, str]:
     return read, ""
 
 
+def nvml_clocks(cuda_index: int) -> dict | None:
+    """What common.peaks_from_properties needs from NVML for this CUDA device: {"sm_clock_hz",
+    "mem_clock_hz", "bus_width_bits", "memory_share"} (max clocks; a MIG slice reads its parent's
+    clocks and bus, and memory_share is its share of the parent's memory), or None without NVML."""
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+        handle = _nvml_handle(pynvml, cuda_index)
+        share, full = 1.0, handle
+        if pynvml.nvmlDeviceIsMigDeviceHandle(handle):
+            full = pynvml.nvmlDeviceGetDeviceHandleFromMigDeviceHandle(handle)
+            share = pynvml.nvmlDeviceGetMemoryInfo(handle).total / pynvml.nvmlDeviceGetMemoryInfo(full).total
+        return {"sm_clock_hz": pynvml.nvmlDeviceGetMaxClockInfo(full, pynvml.NVML_CLOCK_SM) * 1e6,
+                "mem_clock_hz": pynvml.nvmlDeviceGetMaxClockInfo(full, pynvml.NVML_CLOCK_MEM) * 1e6,
+                "bus_width_bits": pynvml.nvmlDeviceGetMemoryBusWidth(full), "memory_share": share}
+    except Exception:   # no nvidia-ml-py, no driver, a call this driver lacks: no fallback figures
+        return None
+
+
 def _nvml_handle(pynvml, cuda_index: int):
     import os
 

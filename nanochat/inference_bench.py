@@ -35,9 +35,9 @@ from pathlib import Path
 
 import torch
 
-from nanochat.common import (ConfigError, atomic_write_json, autodetect_device_type, device_name, git_commit, peak_bandwidth,
+from nanochat.common import (ConfigError, atomic_write_json, autodetect_device_type, device_name, device_peaks, git_commit,
                              peak_memory_bytes, synchronize)
-from nanochat.engine import (DECODE_PRECISIONS, Engine, check_decode, decode_precision_route, full_fp32_matmuls,
+from nanochat.engine import (DECODE_PRECISIONS, INT8_CPU_ONLY, Engine, check_decode, decode_precision_route, full_fp32_matmuls,
                              generate_naive, prepare_for_inference)
 from nanochat.gpt import GPTConfig, build_model
 
@@ -61,6 +61,7 @@ class InferenceBenchConfig:
     precision: str = "auto"      # kv-fast's weights: auto | fp32 | bf16 | int8 (engine.decode_precision_route)
     multi_samples: int = 8       # rows of kv-eager-xN (1: no multi-sample variant)
     quality_prompts: int = 10    # prompts in kv-fast's quality guard (0: no guard)
+    peak_bandwidth: float = 0.0  # bytes/s of the device's memory for bandwidth_util; 0 = common.device_peaks'
 
     def validate(self) -> None:
         if not isinstance(self.threads, int) or self.threads < 0:
@@ -76,12 +77,25 @@ class InferenceBenchConfig:
                                   f"integer, got {value!r}")
         if self.precision not in DECODE_PRECISIONS:
             raise ConfigError(f"inference_bench: precision must be one of {', '.join(DECODE_PRECISIONS)}, got {self.precision!r}")
+        if isinstance(self.peak_bandwidth, bool) or not isinstance(self.peak_bandwidth, (int, float)) \
+                or self.peak_bandwidth < 0:
+            raise ConfigError(f"inference_bench: peak_bandwidth must be >= 0 (bytes/s; 0 = the table or the CUDA "
+                              f"properties), got {self.peak_bandwidth!r}")
         if self.new_tokens < 2:
             raise ConfigError("inference_bench: new_tokens must be at least 2 (time per output token needs two)")
         if self.dtype not in ("", "float32", "bfloat16"):
             raise ConfigError(f"inference_bench: dtype must be float32, bfloat16 or empty, got {self.dtype!r}")
         if self.device_type not in ("", "cpu", "cuda", "mps"):
             raise ConfigError(f"inference_bench: device_type must be cpu, cuda, mps or empty, got {self.device_type!r}")
+        for key, message in self.check_args(vars(self)):
+            raise ConfigError(f"inference_bench: {key}: {message}")
+
+    @staticmethod
+    def check_args(args: dict) -> list[tuple[str, str]]:
+        """Values that cannot run on the stage's device (the spec passes device_type cuda for a stage with GPUs)."""
+        if args.get("precision") == "int8" and args.get("device_type") == "cuda":
+            return [("precision", INT8_CPU_ONLY)]
+        return []
 
 
 def randomize_weights(model, seed: int = 0) -> None:
@@ -213,6 +227,7 @@ def greedy_agreement(reference, fast, prompts: list[list[int]], new_tokens: int)
 
 def _run(cfg: InferenceBenchConfig, should_stop=None) -> list[dict]:
     device = torch.device(cfg.device_type or autodetect_device_type())
+    fast_precision = decode_precision_route(cfg.precision, device)   # refused here, before any work
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model, _tokenizer, weights = _load(cfg, device)
@@ -241,7 +256,6 @@ def _run(cfg: InferenceBenchConfig, should_stop=None) -> list[dict]:
             naive_fp32 = generate_naive(model, prompt, cfg.new_tokens, num_samples=cfg.num_samples)
     timed_dtype = getattr(torch, cfg.dtype) if cfg.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     timed_precision = {torch.float32: "fp32", torch.bfloat16: "bf16"}[timed_dtype]
-    fast_precision = decode_precision_route(cfg.precision, device)
     fast_model = None
     if fast_precision != timed_precision:
         import copy
@@ -262,7 +276,8 @@ def _run(cfg: InferenceBenchConfig, should_stop=None) -> list[dict]:
         model.to(timed_dtype)
 
     name = device_name(device)
-    bandwidth_peak = peak_bandwidth(name) if device.type == "cuda" else None
+    peaks = device_peaks(device, bandwidth_override=cfg.peak_bandwidth)
+    bandwidth_peak = peaks["peak_bandwidth"]
     common = {
         "kind": "inference_bench", "device_name": name, "world_size": 1, "depth": model.config.n_layer,
         "n_params": model.num_params(), "seq_len": total_len, "device_batch_size": cfg.num_samples,
@@ -336,7 +351,7 @@ def _run(cfg: InferenceBenchConfig, should_stop=None) -> list[dict]:
             tpot_s=tpot,
             decode_bytes_per_step=bytes_per_step,
             bandwidth_bytes_per_s=achieved,
-            peak_bandwidth_bytes_per_s=bandwidth_peak,
+            peak_bandwidth_bytes_per_s=bandwidth_peak, peak_bandwidth_source=peaks["peak_bandwidth_source"],
             bandwidth_util=(100.0 * achieved / bandwidth_peak) if bandwidth_peak else None,
             peak_memory_bytes=peak_memory_bytes(device),
             wall_time_s=wall,

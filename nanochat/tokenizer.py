@@ -51,6 +51,12 @@ class Tokenizer:
         ranks = {bytes(k): v for k, v in bpe.get_mergeable_ranks()}
         return cls(cls._make_encoding(SPLIT_PATTERN, ranks))
 
+    @classmethod
+    def byte_level(cls) -> "Tokenizer":
+        """The 256 bytes and the special tokens, no merges: needs no training and no rustbpe (the lent GPU
+        machine has none), so the GPU tests and gpu-check use it. Vocabulary 256 + len(SPECIAL_TOKENS)."""
+        return cls(cls._make_encoding(SPLIT_PATTERN, {bytes([i]): i for i in range(256)}))
+
     @staticmethod
     def _make_encoding(pattern: str, ranks: dict[bytes, int]) -> tiktoken.Encoding:
         offset = len(ranks)

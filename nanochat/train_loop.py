@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat.checkpoint import check_model_config, latest_valid_checkpoint, save_checkpoint, set_rng_state
-from nanochat.common import (ConfigError, DistInfo, atomic_write_text, device_name, peak_flops,
+from nanochat.common import (ConfigError, DistInfo, atomic_write_text, device_name, device_peaks,
                              peak_memory_bytes, print0, reset_peak_memory, synchronize)
 from nanochat.dataloader import StepRows
 from nanochat.gpt import CompiledGPT
@@ -71,6 +71,7 @@ class TrainConfig:
     seed: int = 42
     num_streams: int = 0               # data streams; 0 = world_size (see dataloader.py)
     overlap: bool = True               # prefetch rows, all-reduce during backward, shard Muon; false = plain path
+    peak_flops: float = 0.0            # bf16 dense FLOP/s of one device for MFU; 0 = common.device_peaks' table/fallback
 
 
 def validate_common(cfg: TrainConfig) -> None:
@@ -83,6 +84,8 @@ def validate_common(cfg: TrainConfig) -> None:
             raise ConfigError(f"{name}.{key}={getattr(cfg, key)}: must be >= 0")
     if cfg.log_every <= 0:
         raise ConfigError(f"{name}.log_every={cfg.log_every}: must be positive")
+    if cfg.peak_flops < 0:
+        raise ConfigError(f"{name}.peak_flops={cfg.peak_flops}: must be >= 0 (0: the peak table or the CUDA properties)")
     if cfg.keep_checkpoints < 1:
         raise ConfigError(f"{name}.keep_checkpoints={cfg.keep_checkpoints}: must be >= 1")
     if not 0.0 <= cfg.warmdown_ratio <= 1.0:
@@ -122,10 +125,10 @@ def muon_momentum(step: int) -> float:
     return (1 - frac) * 0.85 + frac * 0.95
 
 
-def mfu_percent(flops_per_token: float, tokens_per_s: float, device: torch.device, world_size: int) -> float | None:
-    if device.type != "cuda":
-        return None
-    peak = peak_flops(device_name(device))
+def mfu_percent(flops_per_token: float, tokens_per_s: float, device: torch.device, world_size: int,
+                peak_flops: float = 0.0) -> float | None:
+    """Model FLOPs utilisation in percent against common.device_peaks (peak_flops: a user-given peak)."""
+    peak = device_peaks(device, peak_flops)["peak_flops"]
     if not peak:
         return None
     return flops_per_token * tokens_per_s / (peak * world_size) * 100
@@ -218,6 +221,15 @@ def resolve_compile(setting, device: torch.device, train_flops: float | None = N
             and cpu_can_compile())
 
 
+def compile_model(model, backend=None, dynamic: bool | None = None):
+    """THE compile of base and mid training (and of the batch-size probe that serves them, so the
+    graphs it builds are the ones training runs): by region (gpt.CompiledGPT), so gradient buckets
+    overlap backward. dynamic None, dynamo's default: a graph for the first batch size, then one with
+    a symbolic batch size for every other (the probe's trial sizes, an out-of-memory fallback's smaller
+    micro-batch) instead of a compile per size; a run at one size compiles once, as with dynamic=False."""
+    return CompiledGPT(model, backend=backend, dynamic=dynamic)
+
+
 def auto_batch_options(model, seq_len: int, total_batch_size: int, world_size: int, device: torch.device,
                        compile_setting, precision: str = "auto") -> dict:
     """The arguments (and so the cache key) of the automatic device batch size for a base or mid
@@ -240,8 +252,10 @@ def batch_cache_key(cfg: TrainConfig, model, world_size: int, device: torch.devi
                                          cfg.precision)).key
 
 
-def resolve_batch(cfg: TrainConfig, model, world_size: int, device: torch.device, opt_factory=None) -> tuple[int, int, str, int, dict]:
-    """-> (device_batch_size, grad_accum_steps, batch_size_source, total_batch_size, info)."""
+def resolve_batch(cfg: TrainConfig, model, world_size: int, device: torch.device,
+                  compiled=None) -> tuple[int, int, str, int, dict]:
+    """-> (device_batch_size, grad_accum_steps, batch_size_source, total_batch_size, info).
+    compiled: the module training will step (compile on): the probe's compiled trials step it."""
     name = type(cfg).__name__
     T = cfg.seq_len
     if cfg.device_batch_size == 0:
@@ -254,7 +268,7 @@ def resolve_batch(cfg: TrainConfig, model, world_size: int, device: torch.device
             raise ConfigError(f"{name}.total_batch_size must be set (tokens per step) when device_batch_size=0")
         B, accum, source, info = resolve_device_batch_size(
             **auto_batch_options(model, T, cfg.total_batch_size, world_size, device, cfg.compile, cfg.precision),
-            base_dir=cfg.base_dir or None)
+            base_dir=cfg.base_dir or None, compiled=compiled)
         total = cfg.total_batch_size
     else:
         B, source, info = cfg.device_batch_size, "config", {}
@@ -372,8 +386,11 @@ def train(cfg: TrainConfig, *, stage: str, model, tokenizer, tokenizer_dir: str,
     opt_factory = functools.partial(build_optimizers, unembedding_lr=cfg.unembedding_lr, embedding_lr=cfg.embedding_lr,
                                     matrix_lr=cfg.matrix_lr, weight_decay=cfg.weight_decay)
 
-    # Batch geometry first (the automatic probe may run trial steps on a copy of the state).
-    B, grad_accum, batch_source, total_batch, batch_info = resolve_batch(cfg, model, world_size, device)
+    # Batch geometry first (the automatic probe may run trial steps on a copy of the state). A probe
+    # that compiles steps the module training will step: its graphs serve the training (one compile).
+    compiles_before = num_compiles()
+    probe_compiled = compile_model(model) if cfg.device_batch_size == 0 and resolve_compile(cfg.compile, device) else None
+    B, grad_accum, batch_source, total_batch, batch_info = resolve_batch(cfg, model, world_size, device, probe_compiled)
     reset_peak_memory(device)  # the probe's largest (failed) trial is not this stage's peak
     T = cfg.seq_len
     rows_per_rank = B * grad_accum
@@ -413,8 +430,7 @@ def train(cfg: TrainConfig, *, stage: str, model, tokenizer, tokenizer_dir: str,
                                   train_flops=(num_steps - start_step) * rows_per_rank * T * model.estimate_flops())
     precision = train_precision_route(cfg.precision, device, compiled=use_compile)  # bf16 pays on some CPUs only compiled
     autocast_ctx = autocast_context(precision, device)
-    compiles_before = num_compiles()
-    train_model = CompiledGPT(model) if use_compile else model  # by region: GradientBuckets overlaps backward
+    train_model = (probe_compiled or compile_model(model)) if use_compile else model  # by region: buckets overlap backward
     flops_per_token = model.estimate_flops()
     token_bytes = tokenizer.token_bytes()
     oom_handlers = _oom_handlers()
@@ -488,6 +504,7 @@ def train(cfg: TrainConfig, *, stage: str, model, tokenizer, tokenizer_dir: str,
                 B, grad_accum = oom_handlers[1](B, grad_accum, batch_info.get("cache_key"),
                                                 batch_info.get("cache_dir"), device)
                 batch_source = source_after_oom(batch_source)
+                reset_peak_memory(device)   # the failed attempt filled the device: not the peak of the size kept
                 print0(f"[{stage}] out of memory at step {step}: rerunning it with device_batch_size={B}, "
                        f"grad_accum={grad_accum}")
             if grad_buckets is None:
@@ -508,12 +525,13 @@ def train(cfg: TrainConfig, *, stage: str, model, tokenizer, tokenizer_dir: str,
             synchronize(device)
             dt = time.time() - t0
             step += 1
-            # the first step of this process includes compilation and warm-up: leave it out of the rate
+            # the first step of this process includes compilation and warm-up: leave it out of the rate,
+            # the stage's and its metrics row's (a row that covers only that step has no rate)
             if step > start_step + 1 or num_steps - start_step == 1:
                 timed_tokens += total_batch
                 timed_seconds += dt
-            interval_tokens += total_batch
-            interval_seconds += dt
+                interval_tokens += total_batch
+                interval_seconds += dt
 
             stop = _any_rank(bool(should_stop and should_stop()), ddp, device)
             last = step == num_steps
@@ -525,16 +543,18 @@ def train(cfg: TrainConfig, *, stage: str, model, tokenizer, tokenizer_dir: str,
             if val_this is not None:
                 val_bpb = val_this
             if rank == 0 and (last or stop or step % cfg.log_every == 0 or val_this is not None):
-                tps = interval_tokens / max(interval_seconds, 1e-9)
-                row = {"step": step, "loss": round(loss_value, 6), "lrm": round(lrm, 6), "tokens_per_s": round(tps, 2),
-                       "mfu": mfu_percent(flops_per_token, tps, device, world_size),
+                tps = interval_tokens / interval_seconds if interval_seconds > 0 else None
+                row = {"step": step, "loss": round(loss_value, 6), "lrm": round(lrm, 6),
+                       "tokens_per_s": round(tps, 2) if tps else None,
+                       "mfu": mfu_percent(flops_per_token, tps, device, world_size, cfg.peak_flops) if tps else None,
                        "peak_memory_bytes": peak_memory_bytes(device), "elapsed_s": round(time.time() - t_start, 3),
                        "val_bpb": val_this, "num_steps": num_steps}
                 metrics.append(row)
                 interval_tokens, interval_seconds = 0, 0.0
                 if metrics_path:
                     write_metrics(metrics_path, metrics)
-                print0(f"[{stage}] step {step}/{num_steps} loss {loss_value:.4f} lrm {lrm:.3f} tok/s {tps:,.0f}"
+                print0(f"[{stage}] step {step}/{num_steps} loss {loss_value:.4f} lrm {lrm:.3f} "
+                       f"tok/s {f'{tps:,.0f}' if tps else '- (warm-up)'}"
                        + (f" val_bpb {val_this:.4f}" if val_this is not None else ""))
             if stop and not last:
                 state = "PREEMPTED"
@@ -552,7 +572,8 @@ def train(cfg: TrainConfig, *, stage: str, model, tokenizer, tokenizer_dir: str,
         "batch_size_source": batch_source, "total_batch_size": total_batch, "grad_accum_steps": grad_accum,
         "steps": step - start_step, "start_step": start_step, "step": step, "num_steps": num_steps,
         "tokens_per_s": tokens_per_s, "real_tokens_per_s": tokens_per_s,
-        "mfu": mfu_percent(flops_per_token, tokens_per_s, device, world_size) if tokens_per_s else None,
+        "mfu": mfu_percent(flops_per_token, tokens_per_s, device, world_size, cfg.peak_flops) if tokens_per_s else None,
+        **{k: v for k, v in device_peaks(device, cfg.peak_flops).items() if k.startswith("peak_flops")},
         "peak_memory_bytes": peak_memory_bytes(device), "compile": use_compile,
         "num_compiles": num_compiles() - compiles_before, "final_loss": loss_value, "val_bpb": val_bpb,
         "device_name": device_name(device), "world_size": world_size, "state": state,

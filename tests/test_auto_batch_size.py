@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from nanochat.auto_batch_size import (ProbeConfig, Trial, TrainStep, cache_path, choose_device_batch,
+from nanochat.auto_batch_size import (ProbeConfig, Trial, TrainStep, cache_path, divisors,
                                       fallback_after_oom, find_optimal_device_batch_size, is_oom_error, read_cache,
                                       resolve_device_batch_size, run as run_probe, run_under_memory_budget,
                                       search_device_batch_size, write_cache)
@@ -91,43 +91,31 @@ def test_is_oom_error_recognises_allocation_failures_only():
 def test_exact_trial_sequence_margin_and_divisibility():
     model = tiny_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    # 24 rows per rank, fits up to 11: grow 1..16, binary 12 (fail), 10 (ok); then every size in
-    # [10, 11] keeps floor(0.85 x size) in [8, 9] whose largest divisor of 24 is 8: the search stops.
+    # 24 rows per rank (divisors 1 2 3 4 6 8 12 24), fits up to 11: grow 1, 2, 4, 8, 24 (fail), then the
+    # one divisor between 8 and 24, 12 (fail): 8 is the largest divisor that fits.
     step = ThresholdStep(limit=11)
     bs, accum, source, info = resolve(model, step, rows=24)
-    assert tried(info) == [1, 2, 4, 8, 16, 12, 10]
-    assert [t["ok"] for t in info["trials"]] == [True, True, True, True, False, False, True]
+    assert tried(info) == [1, 2, 4, 8, 24, 12]
+    assert [t["ok"] for t in info["trials"]] == [True, True, True, True, False, False]
     assert (bs, accum, source) == (8, 3, "probe")
-    assert info["max_found"] == 10 and info["first_failure"] == 12
+    assert info["max_found"] == 8 and info["first_failure"] == 12
     assert bs * SEQ * 1 * accum == 24 * SEQ
     # trials never change the caller's weights and leave no gradients behind
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_divisor_is_chosen_when_the_margin_size_does_not_divide():
-    # 20 rows: fits up to 11 -> floor(0.85 x 11) = 9 is no divisor of 20; the largest one below is 5.
+def test_only_divisors_are_tried_and_never_more_than_the_rows():
+    # 20 rows (divisors 1 2 4 5 10 20), fits up to 11: 1, 2, 4, 10 (the smallest divisor >= 8), 20 (fail)
     step = ThresholdStep(limit=11)
     bs, accum, _, info = resolve(tiny_model(), step, rows=20)
-    assert tried(info) == [1, 2, 4, 8, 16, 12]
-    assert (bs, accum) == (5, 4)
-
-
-def test_search_is_capped_at_the_size_that_proves_the_total_fits_with_margin():
-    # 8 rows per rank; ceil(8 / 0.85) = 10 is the largest size worth trying.
+    assert tried(info) == [1, 2, 4, 10, 20]
+    assert (bs, accum) == (10, 2)
+    # everything fits: no trial above the 8 rows per rank (the rows margin tried ceil(8 / 0.85) = 10)
     bs, accum, _, info = resolve(tiny_model(), ThresholdStep(limit=1000), rows=8)
-    assert tried(info) == [1, 2, 4, 8, 10]
-    assert (bs, accum) == (8, 1)
-    # fits 9 but not 10: 8 is not within the 15% margin (floor(0.85 x 9) = 7), so 4 x 2
-    bs, accum, _, info = resolve(tiny_model(), ThresholdStep(limit=9), rows=8)
-    assert tried(info) == [1, 2, 4, 8, 10]
-    assert (bs, accum) == (4, 2)
-
-
-def test_margin_is_configurable():
-    bs, accum, _, info = resolve(tiny_model(), ThresholdStep(limit=9), rows=8, safety_margin=0.0)
     assert tried(info) == [1, 2, 4, 8]
     assert (bs, accum) == (8, 1)
+    assert divisors(24) == [1, 2, 3, 4, 6, 8, 12, 24] and divisors(7) == [1, 7]
 
 
 def quiet(*_):
@@ -147,7 +135,7 @@ def table_timer(seconds: dict[int, list[float]]):
 def test_memory_search_never_stops_for_speed():
     # the old speed-aware stop ended growth at 8 here (370/360 tok/s); memory now decides the trials
     result = search_device_batch_size(lambda bs: Trial(bs, True), rows=16, stop_gain=0.05, log=quiet)
-    assert [t["batch_size"] for t in result.trials] == [1, 2, 4, 8, 16, 19]
+    assert [t["batch_size"] for t in result.trials] == [1, 2, 4, 8, 16]
     assert result.device_batch_size == result.baseline == 16 and not result.stopped_by_speed
 
 
@@ -187,7 +175,7 @@ def test_deadline_keeps_the_best_size_found():
                                       deadline=_time.monotonic() + 0.12)
     tried_sizes = [t["batch_size"] for t in result.trials]
     assert result.stopped_by_deadline and len(tried_sizes) < 7 and tried_sizes == [1, 2, 4][:len(tried_sizes)]
-    assert result.device_batch_size == choose_device_batch(result.max_found, 64, 0.15)
+    assert result.device_batch_size == result.max_found
 
 
 @dataclass
@@ -214,34 +202,41 @@ class CountingBackend:
         return gm.forward
 
 
-def test_compile_is_paid_once_not_per_trial_and_backs_off(tmp_path):
-    # graphs one compile of this step produces
-    one = CountingBackend()
-    resolve(tiny_model(), CompiledLimitStep(compiled_limit=64), rows=1, compile=True, compile_backend=one)
-    assert one.graphs > 0
+def test_compiled_search_steps_the_trainings_module_and_its_graphs_serve_training(tmp_path):
+    from nanochat.train_loop import compile_model
+    model = tiny_model()
     counter = CountingBackend()
-    bs, accum, _, info = resolve(tiny_model(), CompiledLimitStep(compiled_limit=64), rows=8, compile=True,
-                                 compile_backend=counter, tmp_path=tmp_path)
-    compiled = [t["batch_size"] for t in info["trials"] if t["compiled"]]
-    assert [t["batch_size"] for t in info["trials"] if not t["compiled"]] == [1, 2, 4, 8, 10]   # eager search
-    assert compiled == [8] and info["compile_confirmed"] and (bs, accum) == (8, 1)
-    assert counter.graphs == one.graphs             # one compile for the whole probe
-    assert read_cache(tmp_path, info["cache_key"], 8)["compile_confirmed"] is True
-    # the compiled step fails at 8 and 4 (but not eager): back off 8 -> 4 -> 2, one compile each
-    counter = CountingBackend()
+    module = compile_model(model, backend=counter)          # what base training compiles and steps
+    bs, accum, _, info = resolve(model, CompiledLimitStep(compiled_limit=64), rows=8, compile=True,
+                                 compiled=module, tmp_path=tmp_path)
+    assert [(t["batch_size"], t["compiled"]) for t in info["trials"]] == [(1, True), (2, True), (4, True), (8, True)]
+    assert (bs, accum) == (8, 1) and info["compile_confirmed"] is None     # the search itself was compiled
+    searched = counter.graphs
+    assert searched > 0
+    TrainStep(SEQ, VOCAB)(module, build_optimizers(model), bs)           # the training's step at the size found
+    TrainStep(SEQ, VOCAB)(module, build_optimizers(model), 4)            # and after an OOM fallback's halving
+    assert counter.graphs == searched                                   # nothing compiled again
+    # a compiled step that fits less than the eager one: the compiled search sees it
     bs, accum, _, info = resolve(tiny_model(), CompiledLimitStep(compiled_limit=3), rows=8, compile=True,
-                                 compile_backend=counter)
+                                 compile_backend=CountingBackend())
+    assert tried(info) == [1, 2, 4] and (bs, accum) == (2, 4)
+
+
+def test_eager_search_confirmed_by_the_trainings_fixed_shape_module(tmp_path):
+    # SFT compiles with dynamic=False (a compile per size): the search runs eager, its own module
+    # confirms the size, backing off 8 -> 4 -> 2 where the compiled step fits less
+    model = tiny_model()
+    counter = CountingBackend()
+    module = torch.compile(model, dynamic=False, backend=counter)
+    bs, accum, _, info = resolve(model, CompiledLimitStep(compiled_limit=3), rows=8, compile=True, compiled=module,
+                                 compiled_search=False, tmp_path=tmp_path)
+    assert [t["batch_size"] for t in info["trials"] if not t["compiled"]] == [1, 2, 4, 8]
     assert [t["batch_size"] for t in info["trials"] if t["compiled"]] == [8, 4, 2]
     assert (bs, accum) == (2, 4) and info["compile_confirmed"] and info["baseline"] == 2
-    assert counter.graphs <= 3 * one.graphs
-
-
-def test_choose_device_batch_rules():
-    assert choose_device_batch(20, 64, 0.15) == 16     # floor(17) -> largest divisor of 64 <= 17
-    assert choose_device_batch(20, 60, 0.15) == 15
-    assert choose_device_batch(1, 64, 0.15) == 1       # size 1 ran: keep it rather than fail
-    assert choose_device_batch(0, 64, 0.15) == 0
-    assert choose_device_batch(64, 64, 0.15, speed_cap=8) == 8
+    assert read_cache(tmp_path, info["cache_key"], 8)["compile_confirmed"] is True
+    graphs = counter.graphs
+    TrainStep(SEQ, VOCAB)(module, build_optimizers(model), bs)
+    assert counter.graphs == graphs                                     # the confirmation's graph serves training
 
 
 def test_config_errors_name_the_key():
@@ -270,7 +265,7 @@ def test_earlier_fork_call_returns_an_exact_int(tmp_path):
 
     bs = find_optimal_device_batch_size(model, SEQ, 12 * SEQ, 1, sample, safety_margin=0.85,
                                         cache_dir=tmp_path, stop_gain=None, memory_budget_gb=0)
-    assert isinstance(bs, int) and bs == 4  # fits 6 -> floor(5.1) = 5 -> largest divisor of 12 <= 5
+    assert isinstance(bs, int) and bs == 6  # fits 6, a divisor of 12
 
 
 # -----------------------------------------------------------------------------
@@ -331,6 +326,57 @@ def test_sixteen_concurrent_writers_leave_valid_entries(tmp_path):
         assert entry is not None and entry["device_batch_size"] * entry["grad_accum"] == 8
         assert len(entry["trials"]) == 50
     assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_fallback_entry_is_kept_against_a_probe_that_started_before_it(tmp_path):
+    key = "e" * 64
+    write_cache(tmp_path, key, {"device_batch_size": 8, "grad_accum": 1, "source": "probe", "probe_started_at": 100.0})
+    assert fallback_after_oom(8, 1, key, tmp_path) == (4, 2)
+    # a probe that was running when the fallback happened (started long before it) finishes and writes 8
+    write_cache(tmp_path, key, {"device_batch_size": 8, "grad_accum": 1, "source": "probe", "probe_started_at": 200.0})
+    entry = read_cache(tmp_path, key, rows=8)
+    assert (entry["device_batch_size"], entry["source"]) == (4, "fallback")
+    write_cache(tmp_path, key, {"device_batch_size": 8, "grad_accum": 1, "source": "probe"})   # no start time: older
+    assert read_cache(tmp_path, key, rows=8)["device_batch_size"] == 4
+    # a later fallback from a stale size does not raise what is cached
+    assert fallback_after_oom(16, 1, key, tmp_path) == (8, 2)
+    assert read_cache(tmp_path, key)["device_batch_size"] == 4
+    # a probe started after the last fallback (a --refresh) is a new measurement: it replaces the entry
+    last = max(f["at_unix"] for f in read_cache(tmp_path, key)["fallbacks"])
+    write_cache(tmp_path, key, {"device_batch_size": 8, "grad_accum": 1, "source": "probe", "probe_started_at": last + 1})
+    assert read_cache(tmp_path, key, rows=8)["source"] == "probe"
+
+
+def _lock_is_free(lock_path: str, queue) -> None:
+    from filelock import Timeout
+    from nanochat.locking import file_lock
+    try:
+        with file_lock(lock_path, timeout=0):
+            queue.put(True)
+    except Timeout:
+        queue.put(False)
+
+
+def test_fallback_reads_the_entry_under_its_lock(tmp_path, monkeypatch):
+    import nanochat.auto_batch_size as abs_module
+    key = "d" * 64
+    write_cache(tmp_path, key, {"device_batch_size": 8, "grad_accum": 1, "source": "probe"})
+    seen = []
+    real_read = abs_module.read_cache
+
+    def read_and_look(cache_dir, k, rows=None):
+        ctx = mp.get_context("fork")   # another process tries the entry's lock while the entry is read
+        queue = ctx.Queue()
+        p = ctx.Process(target=_lock_is_free, args=(str(cache_path(tmp_path, key)) + ".lock", queue))
+        p.start()
+        seen.append(queue.get(timeout=60))
+        p.join(60)
+        return real_read(cache_dir, k, rows)
+    monkeypatch.setattr(abs_module, "read_cache", read_and_look)
+    fallback_after_oom(8, 1, key, tmp_path)
+    assert seen == [False]            # the lock was held while the entry it updates was read
+    monkeypatch.setattr(abs_module, "read_cache", real_read)
+    assert read_cache(tmp_path, key, rows=8)["device_batch_size"] == 4
 
 
 # -----------------------------------------------------------------------------
@@ -458,7 +504,7 @@ def test_two_gloo_ranks_agree_when_one_fails():
     for p in procs:
         p.join(60)
     assert all(p.exitcode == 0 for p in procs), results
-    expected_trials = [1, 2, 4, 8, 6, 5]  # lo 4 hi 8 -> 6 fails (rank 1) -> 5 ok -> floor(4.25) -> 4
+    expected_trials = [1, 2, 4, 8, 6]  # 8 fails on rank 1; 6, the divisor of 24 between 4 and 8, too
     assert results[1][6] == "ValueError: a bug in the step"
     assert results[0][6].startswith("RuntimeError: another rank failed its trial at device batch size 4")
     assert results[0][7] == results[1][7] and results[0][7][2] is True, results   # agreed under the time limit
@@ -521,6 +567,27 @@ def test_cpu_budget_is_real_grows_with_budget_and_training_fits(tmp_path):
     assert small[2]["cache_key"] != large[2]["cache_key"]
 
 
+@pytest.mark.slow
+def test_the_margin_is_on_bytes_under_a_real_budget(tmp_path):
+    """The size kept is the largest divisor whose step ran within (1 - margin) of the budget: its
+    measured peak is inside that share, and halving the share keeps a smaller size."""
+    torch.manual_seed(0)
+    model = build_model(GPTConfig.from_depth(2, BUDGET_VOCAB, BUDGET_SEQ))
+    budget, found = 0.5, {}
+    for margin in (0.0, 0.5):
+        bs, accum, _, info = resolve_device_batch_size(
+            model, build_optimizers, BUDGET_SEQ, 32 * BUDGET_SEQ, 1, "cpu", memory_budget_gb=budget,
+            safety_margin=margin, stop_gain=None, use_cache=False)
+        kept = [t for t in info["trials"] if t["ok"] and t["batch_size"] == bs][-1]
+        used = (kept["peak_memory_bytes"] - info["memory_baseline_bytes"]) / (budget * 2**30)
+        assert 0 < used <= 1 - margin, (margin, used)
+        assert all(32 % t["batch_size"] == 0 for t in info["trials"])
+        found[margin] = bs
+        failed = [t for t in info["trials"] if not t["ok"]]
+        assert failed and all("can't allocate memory" in t["error"] for t in failed)   # the allocator's own error
+    assert found[0.5] < found[0.0]
+
+
 # -----------------------------------------------------------------------------
 # The probe recipe and its command line
 
@@ -534,7 +601,7 @@ def test_probe_command_json_and_cache(tmp_path, capsys):
     assert cmd_probe.run(parser.parse_args(argv)) == 0
     first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert first["source"] == "probe" and first["batch_size"] * first["grad_accum"] == 4
-    assert [t["batch_size"] for t in first["trials"]] == [1, 2, 4, 5]   # cap ceil(4 / 0.85) = 5
+    assert [t["batch_size"] for t in first["trials"]] == [1, 2, 4]      # never more than the 4 rows
     assert {"batch_size", "max_found", "trials", "seconds", "source", "grad_accum"} <= set(first)
     assert cmd_probe.run(parser.parse_args(argv)) == 0
     second = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -561,8 +628,8 @@ def test_bench_batch_reports_exact_size_and_cache_hit(capsys):
     assert bench_batch.run(args) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (out["probe_source"], out["cache_source"]) == ("probe", "cache")
-    assert out["trials"] == [1, 2, 4, 8]          # cap ceil(6 / 0.85) = 8, all fit
-    assert (out["device_batch_size"], out["grad_accum"]) == (6, 1)   # floor(6.8) = 6 divides 6
+    assert out["trials"] == [1, 2, 6]             # the divisors of 6 rows, growing: all fit
+    assert (out["device_batch_size"], out["grad_accum"]) == (6, 1)
     assert out["tokens_per_s_auto"] > 0 and out["tokens_per_s_baseline"] > 0
 
 
@@ -578,7 +645,7 @@ class SleepyStep:
 def test_time_limit_stops_the_search_keeps_the_best_size_and_says_so(tmp_path):
     bs, accum, source, info = resolve(tiny_model(), SleepyStep(), rows=64, tmp_path=tmp_path, time_limit_s=0.9)
     assert info["stopped_by_deadline"] and 1 <= info["max_found"] < 64 and len(info["trials"]) <= 3
-    assert bs == choose_device_batch(info["max_found"], 64, 0.15) and bs * accum == 64
+    assert bs == info["max_found"] and bs * accum == 64
     entry = read_cache(tmp_path, info["cache_key"], 64)
     assert entry["stopped_by_deadline"] is True and entry["device_batch_size"] == bs
 

@@ -65,6 +65,8 @@ def test_bad_spec_is_exit_2_with_one_line_naming_file_and_key(env):
     (["submit", "NOOP", "--set", "b.resources.time_min=-5"], "stages.b.resources.time_min: -5 out of range"),
     (["submit", "NOOP", "--set", "q.x=1"], "--set q.x: no stage or section named 'q'"),
     (["submit", "NOOP", "--max-parallel", "0"], "--max-parallel 0: must be at least 1"),
+    (["submit", "NOOP", "--set", "b.resources.tasks_per_node=4", "--set", "b.resources.gpus_per_node=2"],
+     "stages.b.resources.tasks_per_node: 4 tasks per node with gpus_per_node 2: ranks would share a GPU"),
     (["status", "no-such-run"], "no-such-run: no such run"),
     (["cancel", "no-such-run"], "no-such-run: no such run"),
     (["resume", "no-such-run"], "no-such-run: no such run"),

@@ -35,6 +35,17 @@ def fast_bf16(monkeypatch):
     return set_to
 
 
+def test_int8_on_cuda_is_refused_before_any_work():
+    # _weight_int8pack_mm has no CUDA kernel: a ConfigError (exit 2) from the route and the config check
+    from nanochat.common import ConfigError
+    from nanochat.inference_bench import InferenceBenchConfig
+    with pytest.raises(ConfigError, match="no CUDA kernel"):
+        decode_precision_route("int8", "cuda")
+    with pytest.raises(ConfigError, match="precision: int8 is for CPUs"):
+        InferenceBenchConfig(device_type="cuda", precision="int8").validate()
+    InferenceBenchConfig(device_type="cpu", precision="int8").validate()
+
+
 def test_auto_precision_follows_the_hardware(fast_bf16):
     fast_bf16(True)
     assert decode_precision_route("auto", "cpu") == "int8"

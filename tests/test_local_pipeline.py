@@ -162,3 +162,22 @@ def test_stage_config_merges_defaults_variant_and_run_paths(env, monkeypatch):
     assert cfg.init_from == str(Path(run["workdir"]) / "cfg" / "a" / "checkpoints")  # a stage name -> its checkpoints
     cfg, variant = stages.build_config(run, reloaded, "c", 1)
     assert variant.name == "y" and cfg.steps == 2 and cfg.out_dir.endswith("/cfg/c/y")
+
+
+def test_a_task_bound_to_fewer_cpus_than_it_asked_for_says_so_and_runs_that_many_threads(capsys, monkeypatch):
+    import torch
+    from jobs import stages
+    binding = stages.check_cpu_binding({"SLURM_CPUS_PER_TASK": "8"}, affinity={0})
+    assert binding == {"cpus_per_task": 8, "cpus_bound": 1, "srun_cpus_per_task": None}
+    assert "bound to 1 CPU(s) but cpus_per_task is 8" in capsys.readouterr().err
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "8")
+    before = torch.get_num_threads()
+    try:
+        stages._limit_threads(binding)
+        assert torch.get_num_threads() == 1            # not 8 threads on one core
+    finally:
+        torch.set_num_threads(before)
+    assert stages.check_cpu_binding({"SLURM_CPUS_PER_TASK": "2", "SRUN_CPUS_PER_TASK": "2"}, affinity={0, 1}) == \
+        {"cpus_per_task": 2, "cpus_bound": 2, "srun_cpus_per_task": "2"}
+    assert capsys.readouterr().err == ""

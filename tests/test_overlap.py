@@ -326,5 +326,12 @@ def test_probe_trial_step_of_several_ranks_holds_the_buffers_without_collectives
     assert not torch.distributed.is_initialized()
     TrainStep(16, 320, world_size=2)(model, optimizers, 2)
     n = sum(p.numel() for p in model.parameters())
-    assert reserve_gradient_buckets(model).numel() == n  # GradientBuckets' buffers: one gradient's worth
+    buffer = reserve_gradient_buckets(model)
+    assert buffer.numel() == n  # GradientBuckets' buffers: one gradient's worth
+    # the trial's gradients ARE that buffer, as training's are its buckets' (no second gradient's worth)
+    model(torch.randint(0, 320, (2, 16)), torch.randint(0, 320, (2, 16))).backward()
+    start, end = buffer.data_ptr(), buffer.data_ptr() + buffer.numel() * buffer.element_size()
+    assert all(start <= p.grad.data_ptr() < end for p in model.parameters())
+    assert buffer.abs().sum() > 0
+    model.zero_grad(set_to_none=True)
     assert reserve_muon_gather(optimizers).numel() == sum(p.numel() for p in model.transformer.h.parameters())

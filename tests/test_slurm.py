@@ -150,6 +150,22 @@ def test_two_task_distributed_stage_uses_gloo(slurm):
     assert rs[0]["world_size"] == 2 and extra["all_reduce_sum"] == 3.0   # ranks 0 and 1 -> 1 + 2
 
 
+def test_srun_carries_cpus_per_task_and_the_stage_reports_its_binding(slurm):
+    # Slurm 22.05+ srun takes no --cpus-per-task from the allocation; the product exports it
+    root, env = slurm
+    spec = write_spec(root, "cpus", {"one": {
+        "kind": "noop", "args": {"steps": 1}, "resources": {"cpus_per_task": 2, "time_min": 5}}})
+    out = jobs_cli(env, "submit", str(spec), "--executor", "slurm", "--run-id", "cpus", "--wait", "--json")
+    assert out.returncode == 0
+    [row] = rows(Path(last_json(out)["run_dir"]))
+    binding = json.loads(row["extra"])["cpu_binding"]
+    assert binding["cpus_per_task"] == 2 and binding["srun_cpus_per_task"] == "2" and binding["cpus_bound"] >= 1
+    [script] = (root / "work" / "cpus" / "submitit" / "one").glob("*_submission.sh")
+    lines = script.read_text().splitlines()
+    assert "export SRUN_CPUS_PER_TASK=2" in lines
+    assert lines.index("export SRUN_CPUS_PER_TASK=2") < next(i for i, x in enumerate(lines) if x.startswith("srun"))
+
+
 def test_smoke_pipeline_on_slurm_runs_every_stage_in_order(slurm):
     root, env = slurm
     t0 = time.time()

@@ -87,6 +87,16 @@ BAD = [
     (lambda d: d["cluster"].update(qos="high normal"), "cluster.qos", "letters, digits"),
     (lambda d: d["cluster"].update(constraint="a100\nrm -rf ~"), "cluster.constraint", "no spaces"),
     (lambda d: d["stages"]["b"]["resources"].update(partition="x'y"), "stages.b.resources.partition", "letters"),
+    # more ranks per node than GPUs: two ranks would share one, NCCL fails hours later
+    (lambda d: d["stages"]["b"]["resources"].update(tasks_per_node=4, gpus_per_node=2),
+     "stages.b.resources.tasks_per_node", "would share a GPU"),
+    (lambda d: d["cluster"].update(gpus_per_node=1) or d["stages"]["b"]["resources"].update(tasks_per_node=2),
+     "stages.b.resources.tasks_per_node", "would share a GPU"),
+    # int8 decode has no CUDA kernel: refused where the stage runs on GPUs (device_type auto) or says cuda
+    (lambda d: d["stages"].update(i={"kind": "inference_bench", "resources": {"gpus_per_node": 1},
+                                     "args": {"precision": "int8"}}), "stages.i.args.precision", "no CUDA kernel"),
+    (lambda d: d["stages"].update(i={"kind": "inference_bench", "args": {"precision": "int8", "device_type": "cuda"}}),
+     "stages.i.args.precision", "no CUDA kernel"),
 ]
 
 
@@ -150,3 +160,13 @@ def test_smoke_pipeline_has_its_stages_in_order():
     p = spec.load_pipeline(spec.DEFAULT_PIPELINE)
     assert [s.kind for s in p.stages.values()] == ["probe", "base_train", "base_train", "mid_train", "sft", "sft",
                                                    "inference_bench", "base_eval", "chat_eval"]
+
+
+def test_tasks_per_gpu_and_int8_on_cpu_stages_are_fine(tmp_path):
+    import copy
+    data = copy.deepcopy(GOOD)
+    data["stages"]["b"]["resources"].update(tasks_per_node=2)                        # CPU ranks (gloo): no GPUs
+    data["stages"]["i"] = {"kind": "inference_bench", "args": {"precision": "int8"}}  # a CPU stage
+    data["stages"]["g"] = {"kind": "inference_bench", "resources": {"gpus_per_node": 2, "tasks_per_node": 2}}
+    p = spec.load_pipeline(write(tmp_path, data))
+    assert p.stages["b"].resources.tasks_per_node == 2 and p.stages["i"].args["precision"] == "int8"

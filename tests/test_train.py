@@ -217,3 +217,49 @@ def test_bench_train_compares_fast_precision_with_fp32(base_dir, capsys, fast_as
         assert fast["final_loss"] != fp32["final_loss"]
     else:
         assert fast["final_loss"] == fp32["final_loss"]
+
+
+class StepClock:
+    """train_loop's clock, injected: the first forward/backward of the process takes 100 s (a compile),
+    every later one 1 s, and nothing else takes any time."""
+
+    def __init__(self):
+        self.now, self.calls = 1000.0, 0
+
+    def time(self) -> float:
+        return self.now
+
+    def forward_backward(self, real):
+        def timed(*args, **kwargs):
+            self.calls += 1
+            self.now += 100.0 if self.calls == 1 else 1.0
+            return real(*args, **kwargs)
+        return timed
+
+
+def test_metrics_rows_leave_the_warm_up_step_out_of_the_rate(base_dir, tmp_path, monkeypatch):
+    import types
+    from nanochat import train_loop
+    clock = StepClock()
+    monkeypatch.setattr(train_loop, "time", types.SimpleNamespace(time=clock.time))
+    monkeypatch.setattr(train_loop, "forward_backward", clock.forward_backward(train_loop.forward_backward))
+    out = tmp_path / "clock"
+    row = base_train.run(cfg(base_dir, out, num_steps=5, log_every=1, eval_tokens=256))
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    tokens_per_step = 4 * 64 * 2
+    assert rows[0]["tokens_per_s"] == "" and rows[0]["mfu"] == ""     # step 1: only the 100 s warm-up
+    assert [float(r["tokens_per_s"]) for r in rows[1:]] == [tokens_per_step / 1.0] * 4
+    assert row["tokens_per_s"] == pytest.approx(tokens_per_step / 1.0)
+
+
+def test_a_given_peak_fills_the_mfu_column_anywhere(base_dir, tmp_path):
+    # on a CPU (no table entry, no CUDA properties) a stage's peak_flops key still gives MFU
+    out = tmp_path / "peak"
+    row = base_train.run(cfg(base_dir, out, num_steps=3, log_every=1, eval_tokens=256, peak_flops=1e12))
+    assert row["mfu"] == pytest.approx(row["flops_per_token"] * row["tokens_per_s"] / 1e12 * 100)
+    assert (row["peak_flops"], row["peak_flops_source"]) == (1e12, "config")
+    with open(out / "metrics.csv") as f:
+        assert all(float(r["mfu"]) > 0 for r in list(csv.DictReader(f))[1:])
+    with pytest.raises(ConfigError, match="peak_flops"):
+        base_train.run(cfg(base_dir, tmp_path / "neg", peak_flops=-1.0))
