@@ -19,7 +19,7 @@ from nanochat.auto_batch_size import (ProbeConfig, Trial, TrainStep, cache_path,
                                       resolve_device_batch_size, run as run_probe, run_under_memory_budget,
                                       search_device_batch_size, write_cache)
 from nanochat.common import ConfigError
-from nanochat.gpt import GPTConfig, build_model
+from nanochat.gpt import CompiledGPT, GPTConfig, build_model
 from nanochat.optim import build_optimizers
 
 SEQ = 64
@@ -187,7 +187,7 @@ class CompiledLimitStep:
     vocab_size: int = VOCAB
 
     def __call__(self, model, optimizers, batch_size):
-        if hasattr(model, "_orig_mod") and batch_size > self.compiled_limit:
+        if isinstance(model, CompiledGPT) and batch_size > self.compiled_limit:
             raise fake_oom(batch_size)
         TrainStep(self.seq_len, self.vocab_size)(model, optimizers, batch_size)
 
@@ -227,7 +227,7 @@ def test_eager_search_confirmed_by_the_trainings_fixed_shape_module(tmp_path):
     # confirms the size, backing off 8 -> 4 -> 2 where the compiled step fits less
     model = tiny_model()
     counter = CountingBackend()
-    module = torch.compile(model, dynamic=False, backend=counter)
+    module = CompiledGPT(model, backend=counter)   # as chat_sft.compile_sft builds it
     bs, accum, _, info = resolve(model, CompiledLimitStep(compiled_limit=3), rows=8, compile=True, compiled=module,
                                  compiled_search=False, tmp_path=tmp_path)
     assert [t["batch_size"] for t in info["trials"] if not t["compiled"]] == [1, 2, 4, 8]
