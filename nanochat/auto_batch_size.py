@@ -265,9 +265,11 @@ def _restore(model, snapshot: dict) -> None:
 
 
 def run_trial(model, optimizers_factory, step_fn, batch_size: int, seq_len: int, device: torch.device,
-              snapshot: dict, compile: bool = False, timed_steps: int = 0, compile_backend="inductor") -> Trial:
+              snapshot: dict, compile: bool = False, timed_steps: int = 0, compile_backend="inductor",
+              clock=time.monotonic) -> Trial:
     """One trial at batch_size: fresh optimizers, one step (allocates optimizer state; compiles),
-    then max(timed_steps, 1) steady-state steps (timed when timed_steps > 0). Frees everything and restores the weights whatever happens.
+    then max(timed_steps, 1) steady-state steps (timed with clock() when timed_steps > 0). Frees
+    everything and restores the weights whatever happens.
     Under torch.distributed every rank must call it with the same batch_size."""
     status, error, seconds, failure = 0, "", 0.0, None
     trial_model = optimizers = None
@@ -284,12 +286,12 @@ def run_trial(model, optimizers_factory, step_fn, batch_size: int, seq_len: int,
         # The first step creates the optimizer state only after its backward; every later step holds
         # that state through forward and backward, so memory peaks there: at least one more step,
         # timed when asked for.
-        t0 = time.perf_counter()
+        t0 = clock()
         for _ in range(max(timed_steps, 1)):
             step_fn(trial_model, optimizers, batch_size)
         _synchronize(device)
         if timed_steps > 0:
-            seconds = (time.perf_counter() - t0) / timed_steps
+            seconds = (clock() - t0) / timed_steps
     except Exception as e:  # noqa: BLE001 - an OOM is a verdict; anything else is re-raised below
         status = 1 if is_oom_error(e) else 2
         error = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"[:300]
@@ -389,30 +391,32 @@ def speed_check(time_fn, rows: int, baseline: int, stop_gain: float, rounds: int
 def search_device_batch_size(trial_fn, rows: int, safety_margin: float = DEFAULT_SAFETY_MARGIN,
                              stop_gain: float | None = DEFAULT_STOP_GAIN, log=print0, *, time_fn=None,
                              confirm_fn=None, deadline: float | None = None, speed_rounds: int = SPEED_ROUNDS,
-                             noise_limit: float = NOISE_LIMIT, agree=lambda flag: flag) -> SearchResult:
+                             noise_limit: float = NOISE_LIMIT, agree=lambda flag: flag,
+                             clock=time.monotonic) -> SearchResult:
     """Exponential growth then binary search, on any `trial_fn(batch_size) -> Trial` (memory verdicts,
     eager when the training compiles). Then, when given:
     - confirm_fn(bs) -> Trial: one compiled step at the chosen size, backing off to the next smaller
       divisor until one passes (a compile per confirmation, not per trial);
     - time_fn(bs) -> Trial with seconds, and stop_gain: the speed check (speed_check above);
-    - deadline (time.monotonic()): no trial starts when the last one's duration would overrun it;
+    - deadline (a clock() reading): no trial starts when the last one's duration would overrun it;
       the search keeps the best size found so far and says so (stopped_by_deadline). agree(flag)
       makes the ranks of a distributed probe take that decision together (any rank out of time).
+    clock() -> seconds times the trials against the deadline (tests drive it: no verdict on the machine's load).
     Kept apart from torch so the exact sequence of trials is easy to reason about and test."""
     if not 0.0 <= safety_margin < 1.0:
         raise ConfigError(f"safety_margin: {safety_margin} must be in [0, 1)")
-    t_start = time.perf_counter()
+    t_start = clock()
     cap = search_cap(rows, safety_margin)
     trials: list[Trial] = []
     last = [0.0]  # duration of the latest trial: the estimate for the next one
 
     def out_of_time() -> bool:
-        return deadline is not None and agree(time.monotonic() + last[0] > deadline)
+        return deadline is not None and agree(clock() + last[0] > deadline)
 
     def attempt(bs: int, fn=trial_fn, label: str = "trial") -> Trial:
-        t0 = time.monotonic()
+        t0 = clock()
         t = fn(bs)
-        last[0] = time.monotonic() - t0
+        last[0] = clock() - t0
         t.phase = "memory" if label == "trial" else label
         trials.append(t)
         log(f"auto batch size: {label} {bs:5d} {'ok ' if t.ok else 'OOM'} {t.error if not t.ok else ''}".rstrip())
@@ -475,14 +479,14 @@ def search_device_batch_size(trial_fn, rows: int, safety_margin: float = DEFAULT
         chosen = speed["chosen"]
     return SearchResult(device_batch_size=chosen, grad_accum=rows // chosen, max_found=lo, first_failure=hi,
                         stopped_by_speed=chosen < baseline, trials=[asdict(t) for t in trials],
-                        seconds=time.perf_counter() - t_start, baseline=baseline,
+                        seconds=clock() - t_start, baseline=baseline,
                         stopped_by_deadline=stopped_by_deadline or bool(speed and speed["stopped_by_deadline"]),
                         compile_confirmed=compile_confirmed, speed=speed)
 
 
 def _search_on_model(model, optimizers_factory, step_fn, seq_len: int, rows: int, device: torch.device,
                      compile: bool, safety_margin: float, stop_gain: float | None, timed_steps: int,
-                     deadline: float | None = None, compile_backend="inductor") -> SearchResult:
+                     deadline: float | None = None, compile_backend="inductor", clock=time.monotonic) -> SearchResult:
     """The memory search runs eager; when the training compiles, one compiled step confirms the
     chosen size (compiled steps may allocate differently; their memory is what training sees)."""
     was_training = model.training
@@ -498,13 +502,13 @@ def _search_on_model(model, optimizers_factory, step_fn, seq_len: int, rows: int
 
         def time_fn(bs):
             return run_trial(model, optimizers_factory, step_fn, bs, seq_len, device, snapshot,
-                             timed_steps=max(1, timed_steps))
+                             timed_steps=max(1, timed_steps), clock=clock)
         # Timing compiled steps would cost a compile per size; eager timings are not the compiled
         # step's, so with compile on there is no speed check (memory decides).
         return search_device_batch_size(trial_fn, rows, safety_margin, None if compile else stop_gain,
                                         time_fn=None if compile else time_fn,
                                         confirm_fn=confirm_fn if compile else None, deadline=deadline,
-                                        agree=lambda flag: _any_rank(flag, device))
+                                        agree=lambda flag: _any_rank(flag, device), clock=clock)
     finally:
         _restore(model, snapshot)
         model.train(was_training)
@@ -605,13 +609,13 @@ def run_under_memory_budget(fn, args: tuple, budget_gb: float, timeout_s: float 
 
 
 def _budget_search_job(model, optimizers_factory, step_fn, seq_len, rows, compile, safety_margin, stop_gain,
-                       timed_steps, deadline=None, compile_backend="inductor"):
+                       timed_steps, deadline=None, compile_backend="inductor", clock=time.monotonic):
     if compile:
         # Inductor's worker pool would fork helpers under the same address-space limit; compile in-process.
         import torch._inductor.config as inductor_config
         inductor_config.compile_threads = 1
     return _search_on_model(model, optimizers_factory, step_fn, seq_len, rows, torch.device("cpu"),
-                            compile, safety_margin, stop_gain, timed_steps, deadline, compile_backend)
+                            compile, safety_margin, stop_gain, timed_steps, deadline, compile_backend, clock)
 
 
 def default_cpu_budget_gb() -> float:
@@ -807,16 +811,17 @@ def resolve_device_batch_size(model, optimizers_factory, seq_len: int, total_bat
                               base_dir: str | os.PathLike | None = None, vocab_size: int | None = None,
                               autocast_dtype: str | None = "auto", cache_extra: dict | None = None,
                               budget_child_threads: int = 0, time_limit_s: float | None = None,
-                              compile_backend="inductor"):
+                              compile_backend="inductor", clock=time.monotonic):
     """Decide the device batch size for training `model` at `seq_len` with `total_batch_size` tokens
     per optimizer step over `world_size` ranks. Returns (device_batch_size, grad_accum, source, info):
     source is "cache" or "probe"; info holds max_found, trials, seconds, cache_key, cache_dir, ...
     device_batch_size * seq_len * world_size * grad_accum == total_batch_size always holds.
     time_limit_s: the search stops starting trials after this long and keeps the best size so far
-    (info["stopped_by_deadline"]). Under torch.distributed every rank must call it; all ranks return
-    the same numbers."""
+    (info["stopped_by_deadline"]). clock() -> seconds times the trials and the time limit (default
+    time.monotonic; tests pass a clock their step function advances). Under torch.distributed every
+    rank must call it; all ranks return the same numbers."""
     t0 = time.perf_counter()
-    deadline = time.monotonic() + time_limit_s if time_limit_s else None
+    deadline = clock() + time_limit_s if time_limit_s else None
     ki = key_inputs(model, optimizers_factory, seq_len, total_batch_size, world_size, device, step_fn,
                     compile=compile, safety_margin=safety_margin, stop_gain=stop_gain,
                     memory_budget_gb=memory_budget_gb, vocab_size=vocab_size, autocast_dtype=autocast_dtype,
@@ -843,7 +848,7 @@ def resolve_device_batch_size(model, optimizers_factory, seq_len: int, total_bat
             try:
                 result = run_under_memory_budget(
                     _budget_search_job, (job_model, optimizers_factory, step_fn, seq_len, rows, compile,
-                                         safety_margin, stop_gain, timed_steps, deadline, compile_backend),
+                                         safety_margin, stop_gain, timed_steps, deadline, compile_backend, clock),
                     memory_budget_gb,
                     threads=budget_child_threads)
             except Exception as e:  # noqa: BLE001 - the other ranks must hear of it before it is raised
@@ -859,7 +864,7 @@ def resolve_device_batch_size(model, optimizers_factory, seq_len: int, total_bat
                                   first_failure=None, stopped_by_speed=False)
     else:
         result = _search_on_model(model, optimizers_factory, step_fn, seq_len, rows, device, compile,
-                                  safety_margin, stop_gain, timed_steps, deadline, compile_backend)
+                                  safety_margin, stop_gain, timed_steps, deadline, compile_backend, clock)
 
     info.update(max_found=result.max_found, first_failure=result.first_failure,
                 stopped_by_speed=result.stopped_by_speed, trials=result.trials,

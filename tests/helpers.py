@@ -77,3 +77,18 @@ def pretraining_base(base: Path, vocab: int) -> Path:
     data = ensure_pretraining_data(base, num_shards=3, max_chars=400_000, row_group_size=16)
     ensure_tokenizer(base, vocab, data_path=data)
     return base
+
+
+class StepClock:
+    """A clock that moves only when told: a test's step function advances it by the seconds that step
+    is to take, and the code under test (the batch-size probe's timings, contention check and time
+    limit) reads it instead of the machine's clock, so its verdict cannot depend on the load."""
+
+    def __init__(self, start: float = 1000.0):
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from helpers import StepClock
 from nanochat.auto_batch_size import (ProbeConfig, Trial, TrainStep, cache_path, choose_device_batch,
                                       fallback_after_oom, find_optimal_device_batch_size, is_oom_error, read_cache,
                                       resolve_device_batch_size, run as run_probe, run_under_memory_budget,
@@ -178,16 +179,16 @@ def test_contended_timings_make_no_speed_choice():
 
 
 def test_deadline_keeps_the_best_size_found():
-    import time as _time
+    clock = StepClock()
 
     def slow_trial(bs):
-        _time.sleep(0.05)
+        clock.advance(0.05)
         return Trial(bs, True)
     result = search_device_batch_size(slow_trial, rows=64, stop_gain=None, log=quiet,
-                                      deadline=_time.monotonic() + 0.12)
-    tried_sizes = [t["batch_size"] for t in result.trials]
-    assert result.stopped_by_deadline and len(tried_sizes) < 7 and tried_sizes == [1, 2, 4][:len(tried_sizes)]
-    assert result.device_batch_size == choose_device_batch(result.max_found, 64, 0.15)
+                                      deadline=clock() + 0.12, clock=clock)
+    # 1 ends at 0.05 s, 2 at 0.10 s; 4 would end at 0.15 s, past the deadline: it does not start
+    assert result.stopped_by_deadline and [t["batch_size"] for t in result.trials] == [1, 2]
+    assert result.device_batch_size == choose_device_batch(2, 64, 0.15)
 
 
 @dataclass
@@ -425,15 +426,16 @@ def _rank_worker(rank: int, port: int, limits: list[int], queue) -> None:
             raised = "nothing"
         except Exception as e:  # noqa: BLE001
             raised = f"{type(e).__name__}: {e}"
-        # the time limit: rank 1 is slow, rank 0 alone would go on; they stop together, same answer
+        # the time limit: rank 1 is slow (0.3 s a step on its clock), rank 0 alone would go on; they
+        # stop together, same answer
+        clock = StepClock()
+
         def slow_on_rank1(model, optimizers, batch_size):
-            if rank == 1:
-                import time as _time
-                _time.sleep(0.3)
             TrainStep(SEQ, VOCAB)(model, optimizers, batch_size)
+            clock.advance(0.3 if rank == 1 else 0.0)
         bs3, accum3, _, info3 = resolve_device_batch_size(
             model, build_optimizers, SEQ, 24 * SEQ * 2, 2, "cpu", slow_on_rank1, use_cache=False, stop_gain=0.05,
-            memory_budget_gb=0, time_limit_s=1.5)
+            memory_budget_gb=0, time_limit_s=1.5, clock=clock)
         limited = (bs3, accum3, info3["stopped_by_deadline"], [(t["batch_size"], t["phase"]) for t in info3["trials"]])
         queue.put((rank, bs, accum, source, tried(info), step.calls, raised, limited))
     except BaseException as e:  # noqa: BLE001
@@ -461,8 +463,9 @@ def test_two_gloo_ranks_agree_when_one_fails():
     expected_trials = [1, 2, 4, 8, 6, 5]  # lo 4 hi 8 -> 6 fails (rank 1) -> 5 ok -> floor(4.25) -> 4
     assert results[1][6] == "ValueError: a bug in the step"
     assert results[0][6].startswith("RuntimeError: another rank failed its trial at device batch size 4")
-    assert results[0][7] == results[1][7] and results[0][7][2] is True, results   # agreed under the time limit
-    assert 24 % results[0][7][0] == 0 and results[0][7][0] * results[0][7][1] == 24
+    # agreed under the time limit: rank 1's trials take 0.6 s (two steps), so 1 and 2 run and 4 would
+    # overrun its 1.5 s; rank 0 stops with it, keeps floor(2 x 0.85) = 1, and the speed check does not start
+    assert results[0][7] == results[1][7] == (1, 24, True, [(1, "memory"), (2, "memory")]), results
     for rank in (0, 1):
         _, bs, accum, source, trials, calls, _, _ = results[rank]
         assert (bs, accum, source) == (4, 6, "probe"), results[rank]
@@ -567,18 +570,22 @@ def test_bench_batch_reports_exact_size_and_cache_hit(capsys):
 
 
 @dataclass
-class SleepyStep:
-    """The real step, 0.1 s slower: a model whose trials are long against the time limit."""
+class SlowStep:
+    """The real step, taking 0.1 s on the probe's clock: a model whose trials are long against the time limit."""
+    clock: StepClock
+
     def __call__(self, model, optimizers, batch_size):
-        import time as _time
-        _time.sleep(0.1)
         TrainStep(SEQ, VOCAB)(model, optimizers, batch_size)
+        self.clock.advance(0.1)
 
 
 def test_time_limit_stops_the_search_keeps_the_best_size_and_says_so(tmp_path):
-    bs, accum, source, info = resolve(tiny_model(), SleepyStep(), rows=64, tmp_path=tmp_path, time_limit_s=0.9)
-    assert info["stopped_by_deadline"] and 1 <= info["max_found"] < 64 and len(info["trials"]) <= 3
-    assert bs == choose_device_batch(info["max_found"], 64, 0.15) and bs * accum == 64
+    step = SlowStep(StepClock())
+    bs, accum, source, info = resolve(tiny_model(), step, rows=64, tmp_path=tmp_path, time_limit_s=0.9,
+                                      clock=step.clock)
+    # a trial is two steps (0.2 s): 1, 2, 4 and 8 end by 0.8 s; 16 would end at 1.0 s, past the limit
+    assert info["stopped_by_deadline"] and tried(info) == [1, 2, 4, 8] and info["max_found"] == 8
+    assert bs == choose_device_batch(8, 64, 0.15) and bs * accum == 64
     entry = read_cache(tmp_path, info["cache_key"], 64)
     assert entry["stopped_by_deadline"] is True and entry["device_batch_size"] == bs
 
