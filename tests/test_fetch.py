@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -61,9 +60,7 @@ def add_fineweb(hub, n: int, faults: dict | None = None) -> list[str]:
 
 def test_fetch_shards_then_noop_without_network(hub, tmp_path):
     names = add_fineweb(hub, 8)
-    t0 = time.perf_counter()
     s = fetch_pretraining_shards(tmp_path, "fineweb-edu-100b", 8, workers=4, backoff_s=0.01)
-    first = time.perf_counter() - t0
     dest = pretraining_dir(tmp_path, "fineweb-edu-100b")
     assert s["fetched"] == 8 and sorted(p.name for p in dest.glob("shard_*.parquet")) == names
     assert names[-1] == "shard_01822.parquet"   # the pinned validation shard sorts last
@@ -71,13 +68,9 @@ def test_fetch_shards_then_noop_without_network(hub, tmp_path):
         assert (dest / name).read_bytes() == hub.files[(FINEWEB.repo_id, name)]
     assert not (dest / ".staging").exists()
     before = len(hub.requests)
-    t0 = time.perf_counter()
     again = fetch_pretraining_shards(tmp_path, "fineweb-edu-100b", 8)
-    second = time.perf_counter() - t0
     assert again["fetched"] == 0 and again["present"] == 8
     assert len(hub.requests) == before, "a second run with everything present must not touch the network"
-    assert second < 0.5
-    print(f"\nfetch of 8 shards: {first:.2f} s; second (no-op) run: {second * 1000:.1f} ms")
     assert fetched_shards(tmp_path, "fineweb-edu-100b") == dest
 
 
