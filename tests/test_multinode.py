@@ -366,7 +366,6 @@ def test_srun_ranks_ignore_a_rendezvous_inherited_from_the_submitting_shell(monk
     # A job inherits its submitter's environment: a MASTER_PORT left there (by an earlier in-process
     # run, or a user's shell) named one port for every job, so concurrent jobs collided. Under srun the
     # job's own first node and job-id port win. (init_process_group is stopped right after the env is set.)
-    import nanochat.common as common
     for key in list(os.environ):
         if key.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_")):
             monkeypatch.delenv(key)
@@ -380,7 +379,7 @@ def test_srun_ranks_ignore_a_rendezvous_inherited_from_the_submitting_shell(monk
 
     def stop(**kw):
         raise Stop
-    monkeypatch.setattr(common.dist, "init_process_group", stop)
+    monkeypatch.setattr(torch.distributed, "init_process_group", stop)
     with pytest.raises(Stop):
         compute_init("cpu")
     assert (os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]) == ("n1", str(rendezvous_port(1234)))

@@ -457,24 +457,14 @@ def test_report_from_the_real_rows_of_a_smoke_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_report_of_a_real_smoke_run(tmp_path):
-    """The smoke pipeline's real rows, end to end (needs the pipeline: jobs/stages.py)."""
-    needed = ["jobs/stages.py", "pipelines/smoke.yaml"] + [f"nanochat/{m}.py" for m in (
-        "auto_batch_size", "base_train", "mid_train", "chat_sft", "inference_bench")]
-    if not all((REPO / n).is_file() for n in needed):
-        pytest.skip("the smoke pipeline is not all in the tree yet")
+def test_report_of_a_real_smoke_run(tmp_path, smoke_run):
+    """The smoke pipeline's real rows, end to end: `jobs report` on a copy of the shared smoke run's
+    results (conftest.smoke_run; the copy, so the run's own files stay as it wrote them)."""
+    assert smoke_run.out.returncode == 0, smoke_run.out.stderr[-3000:]
     results = tmp_path / "results"
-    env = dict(os.environ, NANOCHAT_BASE_DIR=str(tmp_path / "base"), NANOCHAT_RESULTS_DIR=str(results))
-    # The smoke pipeline cut short (a few steps per stage): ~1.5 CPU-minutes instead of ~5.
-    short = ["base_train.num_steps=4", "base_train.save_every=0", "base_train.log_every=2",
-             "base_train.eval_tokens=2048", "mid_train.num_steps=2", "sft.max_steps=2", "sft.num_conversations=40",
-             "inference_bench.new_tokens=8", "base_eval.max_per_task=2", "chat_eval.max_per_task=1"]
-    cmd = [sys.executable, "-m", "jobs", "submit", "pipelines/smoke.yaml", "--executor", "local", "--wait"]
-    cmd += [a for kv in short for a in ("--set", kv)]
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
-    assert done.returncode == 0, done.stderr[-3000:]
+    shutil.copytree(smoke_run.results, results)
     done = subprocess.run([sys.executable, "-m", "jobs", "report", "--latest", "--results-dir", str(results),
-                           "--json"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+                           "--json"], cwd=REPO, env=smoke_run.env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
     (run_id, info), = out["runs"].items()
