@@ -215,11 +215,12 @@ def _final_model_state(run_root: Path, run_id: str, stage: str) -> dict:
 def test_base_train_requeued_on_signal_resumes_to_identical_weights(slurm):
     import torch
     root, env = slurm
-    steps = 300
+    # the signal is sent once the first checkpoint (step 10) is there: 190 steps are left for it to land
+    steps = 200
     spec = write_spec(root, "train-requeue", {"train": {
         "kind": "base_train",
         "args": {"depth": 2, "vocab_size": 512, "seq_len": 128, "device_batch_size": 8, "total_batch_size": 1024,
-                 "num_steps": steps, "save_every": 20, "log_every": 20, "eval_tokens": 2048},
+                 "num_steps": steps, "save_every": 10, "log_every": 20, "eval_tokens": 2048},
         "resources": {"cpus_per_task": 1, "time_min": 10, "max_requeues": 1}}})
     # one thread in both runs, so the arithmetic (and so the weights) can be compared bit for bit
     env = dict(env, OMP_NUM_THREADS="1")
