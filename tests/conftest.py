@@ -62,8 +62,10 @@ def smoke_run(tmp_path_factory):
     """One run of the embedded default pipeline (pipelines/smoke.yaml, cut short by helpers.SMOKE_SHORT)
     as a user without Slurm runs it: `python -m jobs submit --run-id smoke --json`, the auto executor,
     no Slurm commands on PATH. Shared by every test that only reads what it wrote (its output, rows,
-    report, checkpoints, metrics); a test that breaks, kills or resumes a run makes its own. Nothing
-    is asserted here: each test asserts what it reads, so a failed run fails them with its output."""
+    report, checkpoints, metrics): they live in tests/test_smoke_run.py, so that each xdist worker
+    (one module at a time) does not make its own. A test that breaks, kills or resumes a run makes
+    its own. Nothing is asserted here: each test asserts what it reads, so a failed run fails them
+    with its output."""
     from helpers import SMOKE_SHORT, path_without_slurm
     root = tmp_path_factory.mktemp("smoke")
     env = dict(os.environ, NANOCHAT_RESULTS_DIR=str(root / "results"), NANOCHAT_BASE_DIR=str(root / "work"),

@@ -1,5 +1,5 @@
 """The local executor (no Slurm): dependency order, arrays, failure -> dependants cancelled, resume,
-cancel, rows on failure; and the real smoke pipeline end to end (slow)."""
+cancel, rows on failure. The real smoke pipeline end to end: tests/test_smoke_run.py."""
 import json
 import os
 import subprocess
@@ -107,25 +107,6 @@ def test_cancel_stops_a_running_local_run(env):
     assert proc.returncode == 1
     last = json.loads(stdout.strip().splitlines()[-1])
     assert last["stages"] == {"long": "CANCELLED", "after": "CANCELLED"}
-
-
-@pytest.mark.slow
-def test_smoke_pipeline_runs_every_stage_locally_without_slurm(smoke_run):
-    out = smoke_run.out                   # the embedded default, auto executor, no Slurm on PATH (conftest)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    last = json.loads(out.stdout.strip().splitlines()[-1])
-    assert last["executor"] == "local" and last["state"] == "COMPLETED"
-    assert set(last["stages"]) == {"probe", "base_train", "batch_baseline", "mid_train", "sft", "sft_baselines", "inference_bench", "base_eval", "chat_eval"}
-    rs = rows(smoke_run.run_dir)
-    # every stage completed; a benchmark variant may be SKIPPED where it cannot run (CUDA graphs on a CPU)
-    assert {r["stage"] for r in rs if r["state"] == "COMPLETED"} == set(last["stages"])
-    assert {r["state"] for r in rs} <= {"COMPLETED", "SKIPPED"}
-    assert (smoke_run.run_dir / "report.csv").exists()
-    # the probe served base_train: training read the very entry the probe wrote
-    probe_row = next(r for r in rs if r["stage"] == "probe")
-    train_row = next(r for r in rs if r["stage"] == "base_train")
-    assert train_row["batch_size_source"] == "cache"
-    assert train_row["device_batch_size"] == probe_row["device_batch_size"]
 
 
 def test_stage_config_merges_defaults_variant_and_run_paths(env, monkeypatch):

@@ -1,10 +1,6 @@
 """Live progress (jobs/progress.py): stage lines read from the metrics files the training loop writes,
-plain lines when stdout is not a terminal, on a real local run (the shared smoke run); `status --watch`."""
-import json
+plain lines when stdout is not a terminal and `status --watch` on a real run: tests/test_smoke_run.py."""
 import os
-import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -63,22 +59,3 @@ def test_a_stage_s_own_step_count_replaces_the_cap_from_its_arguments(tmp_path, 
     status["stages"]["sft"]["state"] = "COMPLETED"
     line = progress.stage_lines(run, pipeline, status)[0]
     assert (line["step"], line["total"]) == (18, 18)
-
-
-@pytest.mark.slow
-def test_wait_prints_plain_progress_lines_when_not_a_terminal(smoke_run):
-    # the shared smoke run (conftest.smoke_run): `submit --json`, stdout a pipe; base_train runs 4 steps
-    out = smoke_run.out
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    lines = [ln for ln in out.stdout.splitlines() if re.match(r"\s+base_train\s+(RUNNING|COMPLETED)\s+step", ln)]
-    assert lines, out.stdout
-    assert "\x1b[" not in out.stdout                 # no escape codes in a pipe
-    assert re.search(r"COMPLETED\s+step 4/4\s+loss \d", lines[-1])
-    assert json.loads(out.stdout.strip().splitlines()[-1])["state"] == "COMPLETED"
-    # status shows the same lines; --watch on a finished run prints them and ends with the run's exit code
-    st = subprocess.run([sys.executable, "-m", "jobs", "status", "smoke", "--watch", "--interval", "0.5", "--json"],
-                        capture_output=True, text=True, env=smoke_run.env, cwd=REPO, timeout=120)
-    assert st.returncode == 0 and "step 4/4" in st.stdout
-    result = json.loads(st.stdout.strip().splitlines()[-1])
-    train = next(p for p in result["progress"] if p["stage"] == "base_train")
-    assert train["step"] == 4 and train["total"] == 4

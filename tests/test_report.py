@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -454,36 +453,6 @@ def test_report_from_the_real_rows_of_a_smoke_run(tmp_path):
         assert (folder / name).read_bytes()[:8] == PNG_MAGIC
     summary = (folder / "summary.md").read_text()
     assert summary.startswith(f"# Run {REAL_RUN.name}") and "## Stage inference_bench (inference_bench)" in summary
-
-
-@pytest.mark.slow
-def test_report_of_a_real_smoke_run(tmp_path, smoke_run):
-    """The smoke pipeline's real rows, end to end: `jobs report` on a copy of the shared smoke run's
-    results (conftest.smoke_run; the copy, so the run's own files stay as it wrote them)."""
-    assert smoke_run.out.returncode == 0, smoke_run.out.stderr[-3000:]
-    results = tmp_path / "results"
-    shutil.copytree(smoke_run.results, results)
-    done = subprocess.run([sys.executable, "-m", "jobs", "report", "--latest", "--results-dir", str(results),
-                           "--json"], cwd=REPO, env=smoke_run.env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    out = json.loads(done.stdout.strip().splitlines()[-1])
-    (run_id, info), = out["runs"].items()
-    folder = Path(info["folder"])
-    df = report_rows.read_report_csv(folder / "report.csv")
-    assert len(df) >= 1 and info["rows"] == len(df)
-    assert set(df["state"]) <= {"COMPLETED", "SKIPPED"}  # kv-graph is SKIPPED without CUDA
-    assert df["wall_time_s"].notna().all() and (df["gpus"].fillna(0) == 0).all()
-    recipe = ["probe", "base_train", "mid_train", "sft", "inference_bench"]
-    assert [s for s in dict.fromkeys(df["stage"]) if s in recipe] == recipe
-    assert set(df["stage"]) == set(recipe) | {"batch_baseline", "sft_baselines", "base_eval", "chat_eval"}
-    assert out["problems"] == []
-    kv = next(o for o in info["optimizations"] if o["optimized_label"] == "kv-eager")
-    tps = df.set_index("variant")["tokens_per_s"]
-    assert kv["ratio"] == pytest.approx(tps["kv-eager"] / tps["naive"])
-    assert (folder / "summary.md").read_text().startswith(f"# Run {run_id}")
-    assert report_load.find_metrics(folder, report_load.run_stages(json.loads((folder / "run.json").read_text()))).keys() >= {"base_train"}
-    for name in ("loss.png", "throughput.png", "batch_size.png"):
-        assert (folder / name).read_bytes()[:8] == PNG_MAGIC
 
 
 def test_array_task_rows_gather_into_one_table(tmp_path):
