@@ -89,6 +89,7 @@ def test_is_oom_error_recognises_allocation_failures_only():
 # -----------------------------------------------------------------------------
 # The search on the real model with an injected failure threshold
 
+@pytest.mark.slow
 def test_exact_trial_sequence_margin_and_divisibility():
     model = tiny_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -106,6 +107,7 @@ def test_exact_trial_sequence_margin_and_divisibility():
     assert all(p.grad is None for p in model.parameters())
 
 
+@pytest.mark.slow
 def test_divisor_is_chosen_when_the_margin_size_does_not_divide():
     # 20 rows: fits up to 11 -> floor(0.85 x 11) = 9 is no divisor of 20; the largest one below is 5.
     step = ThresholdStep(limit=11)
@@ -114,6 +116,7 @@ def test_divisor_is_chosen_when_the_margin_size_does_not_divide():
     assert (bs, accum) == (5, 4)
 
 
+@pytest.mark.slow
 def test_search_is_capped_at_the_size_that_proves_the_total_fits_with_margin():
     # 8 rows per rank; ceil(8 / 0.85) = 10 is the largest size worth trying.
     bs, accum, _, info = resolve(tiny_model(), ThresholdStep(limit=1000), rows=8)
@@ -215,6 +218,7 @@ class CountingBackend:
         return gm.forward
 
 
+@pytest.mark.slow
 def test_compile_is_paid_once_not_per_trial_and_backs_off(tmp_path):
     # graphs one compile of this step produces
     one = CountingBackend()
@@ -260,6 +264,7 @@ def test_non_oom_error_in_a_trial_is_raised():
         resolve(tiny_model(), broken, rows=8)
 
 
+@pytest.mark.slow
 def test_earlier_fork_call_returns_an_exact_int(tmp_path):
     model = tiny_model()
 
@@ -277,6 +282,7 @@ def test_earlier_fork_call_returns_an_exact_int(tmp_path):
 # -----------------------------------------------------------------------------
 # Cache
 
+@pytest.mark.slow
 def test_cache_hit_refresh_and_corrupt_entry(tmp_path):
     model = tiny_model()
     step = ThresholdStep(limit=11)
@@ -527,6 +533,7 @@ def test_cpu_budget_is_real_grows_with_budget_and_training_fits(tmp_path):
 # -----------------------------------------------------------------------------
 # The probe recipe and its command line
 
+@pytest.mark.slow
 def test_probe_command_json_and_cache(tmp_path, capsys):
     import argparse
     from jobs import cmd_probe
@@ -553,6 +560,7 @@ def test_probe_config_validation():
         run_probe(ProbeConfig(safety_margin=1.5))
 
 
+@pytest.mark.slow
 def test_bench_batch_reports_exact_size_and_cache_hit(capsys):
     import argparse
     from jobs import bench_batch

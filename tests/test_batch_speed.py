@@ -63,6 +63,7 @@ def resolve(step, tmp_path, **kw):
                                      memory_budget_gb=0, cache_dir=tmp_path, clock=step.clock, **kw)
 
 
+@pytest.mark.slow
 def test_default_probe_records_its_timings_in_the_cache_entry(tmp_path):
     cfg = ProbeConfig(depth=1, seq_len=SEQ, vocab_size=VOCAB, total_batch_size=8 * SEQ, cache_dir=str(tmp_path),
                       refresh_cache=True, device_type="cpu")   # every other key: the default
@@ -72,6 +73,7 @@ def test_default_probe_records_its_timings_in_the_cache_entry(tmp_path):
     assert entry["speed"]["rounds"] == 3 and entry["speed"]["comparisons"]   # the timings are in the entry
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [1234, 1, 2])
 def test_contended_timings_never_go_below_the_baseline_nor_get_cached_as_speed(tmp_path, seed):
     # the same answer whatever the draw: noise alone never moves the cached size
@@ -84,6 +86,7 @@ def test_contended_timings_never_go_below_the_baseline_nor_get_cached_as_speed(t
     assert entry["device_batch_size"] == 4 and "expires_at" not in entry and entry["speed"] == info["speed"]
 
 
+@pytest.mark.slow
 def test_a_real_speed_advantage_is_taken_recorded_and_expires(tmp_path):
     bs, accum, source, info = resolve(SlowLargeStep(StepClock()), tmp_path, stop_gain=0.05)
     assert info["baseline"] == 4 and (bs, accum) == (2, 2) and info["stopped_by_speed"]

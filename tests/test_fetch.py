@@ -178,6 +178,7 @@ def _jobs(args, env_extra, timeout=600):
                           cwd=REPO, env=env)
 
 
+@pytest.mark.slow
 def test_guard_refuses_1000_epochs_before_submitting(tmp_path):
     # a folder of 2 tiny shards (~2.6K tokens of training text) and a budget of ~1000 passes over it
     data = tmp_path / "tiny"
@@ -198,6 +199,7 @@ def test_guard_refuses_1000_epochs_before_submitting(tmp_path):
     assert not (tmp_path / "results" / "guarded").exists() and not (base / "guarded").exists()
 
 
+@pytest.mark.slow
 def test_plan_artemis_offline():
     r = _jobs(["data", "plan", "artemis-a100", "--json"], {"HF_HUB_OFFLINE": "1"}, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -247,6 +249,7 @@ def test_listing_500_is_retried(hub, tmp_path):
     assert sum(1 for m, p in hub.requests if m == "POST") == 2
 
 
+@pytest.mark.slow
 def test_unreachable_hub_is_one_line_exit_1(tmp_path):
     # nothing listens on this port: a connection error is the work failing (exit 1), one line, no traceback
     import socket

@@ -33,6 +33,7 @@ def env(tmp_path):
     return tmp_path, e
 
 
+@pytest.mark.slow
 def test_local_run_orders_stages_runs_arrays_and_writes_rows(env):
     tmp, e = env
     spec = tmp / "p.yaml"
@@ -57,6 +58,7 @@ def test_local_run_orders_stages_runs_arrays_and_writes_rows(env):
     assert final["step"] == 3
 
 
+@pytest.mark.slow
 def test_failed_stage_cancels_dependants_and_resume_reruns_only_those(env):
     tmp, e = env
     spec = tmp / "p.yaml"

@@ -102,6 +102,7 @@ except Exception as e:
 """
 
 
+@pytest.mark.slow
 def test_collective_with_a_stuck_peer_fails_within_the_timeout():
     # before: gloo's default timeout (30 min) kept rank 0 waiting; now NANOCHAT_DIST_TIMEOUT_S bounds it
     import socket

@@ -135,6 +135,7 @@ def _steps(events: list) -> list[list]:
     return cuts
 
 
+@pytest.mark.slow
 def test_overlapped_weights_equal_the_plain_path(runs):
     for step in range(1, STEPS + 1):
         a = load_checkpoint(list_checkpoints(runs["overlap"]["dir"] / "checkpoints")[step - 1])
