@@ -35,12 +35,12 @@ setup: $(STAMP) ## bootstrap .venv (idempotent; fast when done)
 pipeline: setup ## run a pipeline (default: the CPU smoke pipeline; locally when no Slurm is found)
 	$(PY) -m jobs submit $(PIPELINE) --executor $(EXECUTOR) --wait
 
-test: setup ## run the test suite (brings up the local Slurm where it can; required when CI=true)
+test: setup ## run the test suite on 2 xdist workers, 25 slowest printed (brings up the local Slurm; required when CI=true)
 	@if [ "$${CI:-}" = "true" ]; then bash sbatch/slurm_local.sh up; \
 	 else bash sbatch/slurm_local.sh up || echo "local Slurm not available: slurm tests will be skipped"; fi
 	$(PY) -m pytest $(PYTEST_XDIST) $(PYTEST_ARGS)
 
-test-fast: setup ## the unit tests only (no Slurm, no slow tests)
+test-fast: setup ## the unit tests only (no Slurm, nothing marked slow)
 	$(PY) -m pytest -m "not slurm and not slow" $(PYTEST_XDIST) $(PYTEST_ARGS)
 
 report: setup ## build the report of RUN=<run id> (or the latest run)

@@ -12,6 +12,14 @@ def fp32_muon(monkeypatch):
     monkeypatch.setattr(nanochat.optim, "_NS_DTYPE_CPU", torch.float32)
 
 
+def pytest_collection_modifyitems(config, items):
+    """A test that needs the local Slurm (the local_slurm fixture, directly or through another
+    fixture) is a `slurm` test whether or not it says so: `make test-fast` (-m "not slurm") leaves it out."""
+    for item in items:
+        if "local_slurm" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slurm)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op thread for a module's tests (`pytestmark = pytest.mark.usefixtures("one_thread")`):
