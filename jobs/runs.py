@@ -310,11 +310,12 @@ def format_status(status: dict) -> str:
 
 
 def wait_for_run(run_dir: Path, poll_s: float = 5.0, progress=print, timeout_s: float | None = None,
-                 on_status=None) -> dict:
+                 on_status=None, clock=time.monotonic, sleep=time.sleep) -> dict:
     """Follow a Slurm run until every stage is finished (sacct), printing each change; on_status(status)
-    after each poll (the live progress lines reuse it rather than ask Slurm again)."""
+    after each poll (the live progress lines reuse it rather than ask Slurm again). clock() and
+    sleep(s) time the polls, the no-accounting warning and timeout_s (tests pass a clock that sleep advances)."""
     seen: dict[str, str] = {}
-    t0 = time.time()
+    t0 = clock()
     warned = False
     while True:
         status = run_status(run_dir)
@@ -323,18 +324,18 @@ def wait_for_run(run_dir: Path, poll_s: float = 5.0, progress=print, timeout_s: 
         for name, s in status["stages"].items():
             if seen.get(name) != s["state"]:
                 seen[name] = s["state"]
-                progress(f"[{time.time() - t0:7.1f}s] {name}: {s['state']} (job {s['job_id']})"
+                progress(f"[{clock() - t0:7.1f}s] {name}: {s['state']} (job {s['job_id']})"
                          + (f": {s['error']}" if s.get("error") else ""))
         unknown = [n for n, s in status["stages"].items() if s["state"] == "UNKNOWN"]
-        if unknown and not warned and time.time() - t0 > 60:
+        if unknown and not warned and clock() - t0 > 60:
             warned = True  # without accounting (slurmdbd) a finished job is invisible: say so, do not hang quietly
             progress(f"warning: neither sacct nor squeue knows the job(s) of {', '.join(unknown)}; "
                      f"is Slurm accounting (slurmdbd) running? still waiting for markers or rows")
         if all(s["state"] in TERMINAL or s["state"] == "NOT_SUBMITTED" for s in status["stages"].values()):
             return status
-        if timeout_s is not None and time.time() - t0 > timeout_s:
+        if timeout_s is not None and clock() - t0 > timeout_s:
             return status
-        time.sleep(poll_s)
+        sleep(poll_s)
 
 
 def cancel_run(run_dir: Path) -> list[str]:

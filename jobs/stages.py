@@ -256,7 +256,8 @@ def run_stage(run_dir: str | os.PathLike, stage_name: str, task: int | None = No
         if "SLURM_JOB_ID" in os.environ:
             install_preemption_handler()
         base["cpu_binding"] = check_cpu_binding()
-        _limit_threads(base["cpu_binding"])
+        if kind != "noop":   # a noop stage does no tensor work: it need not import torch (seconds a process)
+            _limit_threads(base["cpu_binding"])
         module = importlib.import_module(__name__ if kind == "noop" else _module_of(kind))
         recipe = run_noop if kind == "noop" else module.run
         print(f"[stage] {run['run_id']}/{stage_name}{'' if task is None else f'[{task}]'} kind={kind} "

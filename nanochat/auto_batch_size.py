@@ -264,9 +264,9 @@ def _restore(model, snapshot: dict) -> None:
 
 
 def run_trial(model, optimizers_factory, step_fn, batch_size: int, seq_len: int, device: torch.device,
-              snapshot: dict, trial_model=None, timed_steps: int = 0) -> Trial:
+              snapshot: dict, trial_model=None, timed_steps: int = 0, clock=time.monotonic) -> Trial:
     """One trial at batch_size: fresh optimizers, one step (allocates optimizer state; compiles),
-    then max(timed_steps, 1) steady-state steps (timed when timed_steps > 0), stepping `trial_model`
+    then max(timed_steps, 1) steady-state steps (timed with clock() when timed_steps > 0), stepping `trial_model`
     (the compiled module when the training compiles; `model` itself by default). Frees everything and
     restores the weights whatever happens. Under torch.distributed every rank must call it with the
     same batch_size."""
@@ -282,12 +282,12 @@ def run_trial(model, optimizers_factory, step_fn, batch_size: int, seq_len: int,
         # The first step creates the optimizer state only after its backward; every later step holds
         # that state through forward and backward, so memory peaks there: at least one more step,
         # timed when asked for.
-        t0 = time.perf_counter()
+        t0 = clock()
         for _ in range(max(timed_steps, 1)):
             step_fn(trial_model, optimizers, batch_size)
         _synchronize(device)
         if timed_steps > 0:
-            seconds = (time.perf_counter() - t0) / timed_steps
+            seconds = (clock() - t0) / timed_steps
     except Exception as e:  # noqa: BLE001 - an OOM is a verdict; anything else is re-raised below
         status = 1 if is_oom_error(e) else 2
         error = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"[:300]
@@ -388,7 +388,7 @@ def speed_check(time_fn, rows: int, baseline: int, stop_gain: float, rounds: int
 def search_device_batch_size(trial_fn, rows: int, stop_gain: float | None = DEFAULT_STOP_GAIN, log=print0, *,
                              time_fn=None, confirm_fn=None, deadline: float | None = None,
                              speed_rounds: int = SPEED_ROUNDS, noise_limit: float = NOISE_LIMIT,
-                             agree=lambda flag: flag) -> SearchResult:
+                             agree=lambda flag: flag, clock=time.monotonic) -> SearchResult:
     """The largest divisor of `rows` whose trial passes, on any `trial_fn(batch_size) -> Trial` (its
     memory verdict: the trial ran within the margin's share of the device, see _search_on_model).
     Only divisors are tried: growth (each next size the smallest divisor at least twice the last, up to
@@ -397,22 +397,23 @@ def search_device_batch_size(trial_fn, rows: int, stop_gain: float | None = DEFA
     - confirm_fn(bs) -> Trial: the compiled step at the chosen size, backing off to the next smaller
       divisor until one passes (when the search itself ran eager);
     - time_fn(bs) -> Trial with seconds, and stop_gain: the speed check (speed_check above);
-    - deadline (time.monotonic()): no trial starts when the last one's duration would overrun it;
+    - deadline (a clock() reading): no trial starts when the last one's duration would overrun it;
       the search keeps the best size found so far and says so (stopped_by_deadline). agree(flag)
       makes the ranks of a distributed probe take that decision together (any rank out of time).
+    clock() -> seconds times the trials against the deadline (tests drive it: no verdict on the machine's load).
     Kept apart from torch so the exact sequence of trials is easy to reason about and test."""
-    t_start = time.perf_counter()
+    t_start = clock()
     sizes = divisors(rows)
     trials: list[Trial] = []
     last = [0.0]  # duration of the latest trial: the estimate for the next one
 
     def out_of_time() -> bool:
-        return deadline is not None and agree(time.monotonic() + last[0] > deadline)
+        return deadline is not None and agree(clock() + last[0] > deadline)
 
     def attempt(bs: int, fn=trial_fn, label: str = "trial") -> Trial:
-        t0 = time.monotonic()
+        t0 = clock()
         t = fn(bs)
-        last[0] = time.monotonic() - t0
+        last[0] = clock() - t0
         t.phase = "memory" if label == "trial" else label
         trials.append(t)
         peak = f" peak {t.peak_memory_bytes / 2**20:,.0f} MiB" if t.ok and t.peak_memory_bytes else ""
@@ -472,7 +473,7 @@ def search_device_batch_size(trial_fn, rows: int, stop_gain: float | None = DEFA
         chosen = speed["chosen"]
     return SearchResult(device_batch_size=chosen, grad_accum=rows // chosen, max_found=max_found,
                         first_failure=first_failure, stopped_by_speed=chosen < baseline,
-                        trials=[asdict(t) for t in trials], seconds=time.perf_counter() - t_start, baseline=baseline,
+                        trials=[asdict(t) for t in trials], seconds=clock() - t_start, baseline=baseline,
                         stopped_by_deadline=stopped_by_deadline or bool(speed and speed["stopped_by_deadline"]),
                         compile_confirmed=compile_confirmed, speed=speed)
 
@@ -497,7 +498,7 @@ def memory_share(device: torch.device, fraction: float):
 def _search_on_model(model, optimizers_factory, step_fn, seq_len: int, rows: int, device: torch.device,
                      compile: bool, safety_margin: float, stop_gain: float | None, timed_steps: int,
                      deadline: float | None = None, compile_backend="inductor", compiled=None,
-                     compiled_search: bool = True) -> SearchResult:
+                     compiled_search: bool = True, clock=time.monotonic) -> SearchResult:
     """The search on the real model, every trial within (1 - safety_margin) of the device's memory
     (memory_share on CUDA; on a CPU the budget child's limit is already that share). When the training
     compiles, the trials step `compiled` (the training's own compiled module, so its graphs serve
@@ -521,14 +522,15 @@ def _search_on_model(model, optimizers_factory, step_fn, seq_len: int, rows: int
 
         def time_fn(bs):
             return run_trial(model, optimizers_factory, step_fn, bs, seq_len, device, snapshot,
-                             timed_steps=max(1, timed_steps))
+                             timed_steps=max(1, timed_steps), clock=clock)
         # Timing compiled steps would cost a compile per size with dynamic=False, and eager timings are
         # not the compiled step's: with compile on there is no speed check (memory decides).
         with memory_share(device, 1.0 - safety_margin):
             return search_device_batch_size(trial_fn, rows, None if compile else stop_gain,
                                             time_fn=None if compile else time_fn,
                                             confirm_fn=confirm_fn if (compile and not compiled_search) else None,
-                                            deadline=deadline, agree=lambda flag: _any_rank(flag, device))
+                                            deadline=deadline, agree=lambda flag: _any_rank(flag, device),
+                                            clock=clock)
     finally:
         _restore(model, snapshot)
         model.train(was_training)
@@ -634,14 +636,15 @@ def run_under_memory_budget(fn, args: tuple, budget_gb: float, timeout_s: float 
 
 
 def _budget_search_job(model, optimizers_factory, step_fn, seq_len, rows, compile, safety_margin, stop_gain,
-                       timed_steps, deadline=None, compile_backend="inductor", compiled_search=True):
+                       timed_steps, deadline=None, compile_backend="inductor", compiled_search=True,
+                       clock=time.monotonic):
     if compile:
         # Inductor's worker pool would fork helpers under the same address-space limit; compile in-process.
         import torch._inductor.config as inductor_config
         inductor_config.compile_threads = 1
     result = _search_on_model(model, optimizers_factory, step_fn, seq_len, rows, torch.device("cpu"),
                               compile, safety_margin, stop_gain, timed_steps, deadline, compile_backend,
-                              compiled_search=compiled_search)
+                              compiled_search=compiled_search, clock=clock)
     result.memory_baseline = _CHILD_RSS_BASELINE
     return result
 
@@ -871,7 +874,8 @@ def resolve_device_batch_size(model, optimizers_factory, seq_len: int, total_bat
                               base_dir: str | os.PathLike | None = None, vocab_size: int | None = None,
                               autocast_dtype: str | None = "auto", cache_extra: dict | None = None,
                               budget_child_threads: int = 0, time_limit_s: float | None = None,
-                              compile_backend="inductor", compiled=None, compiled_search: bool = True):
+                              compile_backend="inductor", compiled=None, compiled_search: bool = True,
+                              clock=time.monotonic):
     """Decide the device batch size for training `model` at `seq_len` with `total_batch_size` tokens
     per optimizer step over `world_size` ranks. Returns (device_batch_size, grad_accum, source, info):
     source is "cache" or "probe"; info holds max_found, trials, seconds, cache_key, cache_dir, ...
@@ -882,12 +886,13 @@ def resolve_device_batch_size(model, optimizers_factory, seq_len: int, total_bat
     graphs they build serve the training that follows (not in the CPU budget child: another process).
     compiled_search: see _search_on_model.
     time_limit_s: the search stops starting trials after this long and keeps the best size so far
-    (info["stopped_by_deadline"]). Under torch.distributed every rank must call it; all ranks return
-    the same numbers."""
+    (info["stopped_by_deadline"]). clock() -> seconds times the trials and the time limit (default
+    time.monotonic; tests pass a clock their step function advances). Under torch.distributed every
+    rank must call it; all ranks return the same numbers."""
     if not 0.0 <= safety_margin < 1.0:
         raise ConfigError(f"safety_margin: {safety_margin} must be in [0, 1)")
     t0, started_at = time.perf_counter(), time.time()
-    deadline = time.monotonic() + time_limit_s if time_limit_s else None
+    deadline = clock() + time_limit_s if time_limit_s else None
     ki = key_inputs(model, optimizers_factory, seq_len, total_batch_size, world_size, device, step_fn,
                     compile=compile, safety_margin=safety_margin, stop_gain=stop_gain,
                     memory_budget_gb=memory_budget_gb, vocab_size=vocab_size, autocast_dtype=autocast_dtype,
@@ -916,7 +921,7 @@ def resolve_device_batch_size(model, optimizers_factory, seq_len: int, total_bat
                 result = run_under_memory_budget(
                     _budget_search_job, (job_model, optimizers_factory, step_fn, seq_len, rows, compile,
                                          safety_margin, stop_gain, timed_steps, deadline, compile_backend,
-                                         compiled_search),
+                                         compiled_search, clock),
                     memory_budget_gb * (1.0 - safety_margin),
                     threads=budget_child_threads)
             except Exception as e:  # noqa: BLE001 - the other ranks must hear of it before it is raised
@@ -933,7 +938,7 @@ def resolve_device_batch_size(model, optimizers_factory, seq_len: int, total_bat
     else:
         result = _search_on_model(model, optimizers_factory, step_fn, seq_len, rows, device, compile,
                                   safety_margin, stop_gain, timed_steps, deadline, compile_backend, compiled,
-                                  compiled_search)
+                                  compiled_search, clock)
 
     info.update(max_found=result.max_found, first_failure=result.first_failure,
                 stopped_by_speed=result.stopped_by_speed, trials=result.trials,

@@ -16,8 +16,9 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Callable
 
-import torch
-import torch.distributed as dist
+# torch is imported inside the functions that use it: the orchestration (jobs/) reads this module
+# for its file helpers and ConfigError, and a command line or a stage process that never touches a
+# tensor (status, cancel, a noop stage) should not pay torch's import of a few seconds.
 
 
 class ConfigError(ValueError):
@@ -105,6 +106,7 @@ def atomic_write_json(path, obj) -> None:
 
 
 def atomic_torch_save(obj, path) -> None:
+    import torch
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
@@ -112,6 +114,7 @@ def atomic_torch_save(obj, path) -> None:
 # Devices and torch.distributed
 
 def autodetect_device_type() -> str:
+    import torch
     if torch.cuda.is_available():
         return "cuda"
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
@@ -169,6 +172,8 @@ def local_cuda_index(local_rank: int, device_count: int) -> int:
 def compute_init(device_type: str | None = None, seed: int = 42) -> DistInfo:
     """Seed, pick the device, and join the process group if the environment describes one
     (torchrun or Slurm). NCCL on CUDA, gloo on CPU."""
+    import torch
+    import torch.distributed as dist
     device_type = device_type or autodetect_device_type()
     torch.manual_seed(seed)
     if device_type == "cuda":
@@ -264,11 +269,13 @@ def _slurm_master_addr() -> str:
 
 
 def compute_cleanup() -> None:
+    import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
 def device_name(device: torch.device) -> str:
+    import torch
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return device.type
@@ -276,6 +283,7 @@ def device_name(device: torch.device) -> str:
 
 def device_total_memory(device: torch.device) -> int:
     """Bytes of memory on the device; the host's RAM for CPU."""
+    import torch
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
     try:
@@ -285,6 +293,7 @@ def device_total_memory(device: torch.device) -> int:
 
 
 def synchronize(device: torch.device) -> None:
+    import torch
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -292,6 +301,7 @@ def synchronize(device: torch.device) -> None:
 def peak_memory_bytes(device: torch.device) -> int:
     """Peak allocated memory on CUDA; on CPU the peak resident set size of this process since the last
     reset_peak_memory() (Linux: VmHWM, which that reset lowers; elsewhere ru_maxrss, never reset)."""
+    import torch
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     try:
@@ -310,6 +320,7 @@ def reset_peak_memory(device: torch.device) -> None:
     """Start a new peak: what a batch-size probe's largest (failed) trial or an earlier benchmark mode
     allocated must not be reported as this stage's peak. CUDA: the allocator's peak statistics; CPU on
     Linux: the resident-set high-water mark (writing 5 to /proc/self/clear_refs); elsewhere nothing."""
+    import torch
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return

@@ -12,6 +12,14 @@ def fp32_muon(monkeypatch):
     monkeypatch.setattr(nanochat.optim, "_NS_DTYPE_CPU", torch.float32)
 
 
+def pytest_collection_modifyitems(config, items):
+    """A test that needs the local Slurm (the local_slurm fixture, directly or through another
+    fixture) is a `slurm` test whether or not it says so: `make test-fast` (-m "not slurm") leaves it out."""
+    for item in items:
+        if "local_slurm" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slurm)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op thread for a module's tests (`pytestmark = pytest.mark.usefixtures("one_thread")`):
@@ -26,7 +34,9 @@ def one_thread():
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -53,3 +63,23 @@ def local_slurm():
         if os.environ.get("CI") == "true":
             pytest.fail("CI=true but the local Slurm with accounting is not up (bash sbatch/slurm_local.sh up)")
         pytest.skip("no local Slurm with accounting here: bash sbatch/slurm_local.sh up")
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """One run of the embedded default pipeline (pipelines/smoke.yaml, cut short by helpers.SMOKE_SHORT)
+    as a user without Slurm runs it: `python -m jobs submit --run-id smoke --json`, the auto executor,
+    no Slurm commands on PATH. Shared by every test that only reads what it wrote (its output, rows,
+    report, checkpoints, metrics): they live in tests/test_smoke_run.py, so that each xdist worker
+    (one module at a time) does not make its own. A test that breaks, kills or resumes a run makes
+    its own. Nothing is asserted here: each test asserts what it reads, so a failed run fails them
+    with its output."""
+    from helpers import SMOKE_SHORT, path_without_slurm
+    root = tmp_path_factory.mktemp("smoke")
+    env = dict(os.environ, NANOCHAT_RESULTS_DIR=str(root / "results"), NANOCHAT_BASE_DIR=str(root / "work"),
+               PATH=path_without_slurm(root))
+    cmd = [sys.executable, "-m", "jobs", "submit", "--run-id", "smoke", "--json"]
+    out = subprocess.run(cmd + [a for kv in SMOKE_SHORT for a in ("--set", kv)], capture_output=True, text=True,
+                         env=env, cwd=REPO, timeout=1500)
+    return SimpleNamespace(out=out, env=env, root=root, results=root / "results", run_dir=root / "results" / "smoke",
+                           workdir=root / "work")

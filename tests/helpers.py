@@ -70,6 +70,26 @@ def squeue_state(job_id: str) -> str:
     return out.stdout.strip()
 
 
+def path_without_slurm(tmp: Path) -> str:
+    """A PATH with everything in /usr/bin except the Slurm client commands (as on a laptop)."""
+    bin_dir = tmp / "bin"
+    bin_dir.mkdir()
+    slurm = {"sbatch", "sinfo", "squeue", "sacct", "scancel", "scontrol", "srun", "salloc", "sacctmgr"}
+    for p in Path("/usr/bin").iterdir():
+        if p.name not in slurm:
+            (bin_dir / p.name).symlink_to(p)
+    return f"{Path(sys.executable).parent}:{bin_dir}"
+
+
+# The smoke pipeline cut short: every stage and every variant, a few steps each (what the tests
+# check is that each stage runs and hands on its outputs, not how far the tiny model trains).
+SMOKE_SHORT = ["base_train.num_steps=4", "base_train.save_every=0", "base_train.log_every=2",
+               "base_train.eval_tokens=2048", "batch_baseline.num_steps=2", "batch_baseline.log_every=1",
+               "mid_train.num_steps=2", "sft.max_steps=2", "sft.num_conversations=40", "sft_baselines.max_steps=2",
+               "sft_baselines.num_conversations=40", "inference_bench.new_tokens=8", "base_eval.max_per_task=2",
+               "chat_eval.max_per_task=1"]
+
+
 def pretraining_base(base: Path, vocab: int) -> Path:
     """A base dir with 3 small pretraining shards (Python's own text) and a `vocab`-token tokenizer
     trained on them: what the training tests read."""
@@ -77,3 +97,18 @@ def pretraining_base(base: Path, vocab: int) -> Path:
     data = ensure_pretraining_data(base, num_shards=3, max_chars=400_000, row_group_size=16)
     ensure_tokenizer(base, vocab, data_path=data)
     return base
+
+
+class StepClock:
+    """A clock that moves only when told: a test's step function advances it by the seconds that step
+    is to take, and the code under test (the batch-size probe's timings, contention check and time
+    limit) reads it instead of the machine's clock, so its verdict cannot depend on the load."""
+
+    def __init__(self, start: float = 1000.0):
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds

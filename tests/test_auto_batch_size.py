@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from helpers import StepClock
 from nanochat.auto_batch_size import (ProbeConfig, Trial, TrainStep, cache_path, divisors,
                                       fallback_after_oom, find_optimal_device_batch_size, is_oom_error, read_cache,
                                       resolve_device_batch_size, run as run_probe, run_under_memory_budget,
@@ -88,6 +89,7 @@ def test_is_oom_error_recognises_allocation_failures_only():
 # -----------------------------------------------------------------------------
 # The search on the real model with an injected failure threshold
 
+@pytest.mark.slow
 def test_exact_trial_sequence_margin_and_divisibility():
     model = tiny_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -166,16 +168,16 @@ def test_contended_timings_make_no_speed_choice():
 
 
 def test_deadline_keeps_the_best_size_found():
-    import time as _time
+    clock = StepClock()
 
     def slow_trial(bs):
-        _time.sleep(0.05)
+        clock.advance(0.05)
         return Trial(bs, True)
     result = search_device_batch_size(slow_trial, rows=64, stop_gain=None, log=quiet,
-                                      deadline=_time.monotonic() + 0.12)
-    tried_sizes = [t["batch_size"] for t in result.trials]
-    assert result.stopped_by_deadline and len(tried_sizes) < 7 and tried_sizes == [1, 2, 4][:len(tried_sizes)]
-    assert result.device_batch_size == result.max_found
+                                      deadline=clock() + 0.12, clock=clock)
+    # 1 ends at 0.05 s, 2 at 0.10 s; 4 would end at 0.15 s, past the deadline: it does not start
+    assert result.stopped_by_deadline and [t["batch_size"] for t in result.trials] == [1, 2]
+    assert result.device_batch_size == result.max_found == 2
 
 
 @dataclass
@@ -202,6 +204,7 @@ class CountingBackend:
         return gm.forward
 
 
+@pytest.mark.slow
 def test_compiled_search_steps_the_trainings_module_and_its_graphs_serve_training(tmp_path):
     from nanochat.train_loop import compile_model
     model = tiny_model()
@@ -254,6 +257,7 @@ def test_non_oom_error_in_a_trial_is_raised():
         resolve(tiny_model(), broken, rows=8)
 
 
+@pytest.mark.slow
 def test_earlier_fork_call_returns_an_exact_int(tmp_path):
     model = tiny_model()
 
@@ -271,6 +275,7 @@ def test_earlier_fork_call_returns_an_exact_int(tmp_path):
 # -----------------------------------------------------------------------------
 # Cache
 
+@pytest.mark.slow
 def test_cache_hit_refresh_and_corrupt_entry(tmp_path):
     model = tiny_model()
     step = ThresholdStep(limit=11)
@@ -471,15 +476,16 @@ def _rank_worker(rank: int, port: int, limits: list[int], queue) -> None:
             raised = "nothing"
         except Exception as e:  # noqa: BLE001
             raised = f"{type(e).__name__}: {e}"
-        # the time limit: rank 1 is slow, rank 0 alone would go on; they stop together, same answer
+        # the time limit: rank 1 is slow (0.3 s a step on its clock), rank 0 alone would go on; they
+        # stop together, same answer
+        clock = StepClock()
+
         def slow_on_rank1(model, optimizers, batch_size):
-            if rank == 1:
-                import time as _time
-                _time.sleep(0.3)
             TrainStep(SEQ, VOCAB)(model, optimizers, batch_size)
+            clock.advance(0.3 if rank == 1 else 0.0)
         bs3, accum3, _, info3 = resolve_device_batch_size(
             model, build_optimizers, SEQ, 24 * SEQ * 2, 2, "cpu", slow_on_rank1, use_cache=False, stop_gain=0.05,
-            memory_budget_gb=0, time_limit_s=1.5)
+            memory_budget_gb=0, time_limit_s=1.5, clock=clock)
         limited = (bs3, accum3, info3["stopped_by_deadline"], [(t["batch_size"], t["phase"]) for t in info3["trials"]])
         queue.put((rank, bs, accum, source, tried(info), step.calls, raised, limited))
     except BaseException as e:  # noqa: BLE001
@@ -507,8 +513,10 @@ def test_two_gloo_ranks_agree_when_one_fails():
     expected_trials = [1, 2, 4, 8, 6]  # 8 fails on rank 1; 6, the divisor of 24 between 4 and 8, too
     assert results[1][6] == "ValueError: a bug in the step"
     assert results[0][6].startswith("RuntimeError: another rank failed its trial at device batch size 4")
-    assert results[0][7] == results[1][7] and results[0][7][2] is True, results   # agreed under the time limit
-    assert 24 % results[0][7][0] == 0 and results[0][7][0] * results[0][7][1] == 24
+    # agreed under the time limit: rank 1's trials take 0.6 s (two steps), so 1 and 2 run and 4 would
+    # overrun its 1.5 s; rank 0 stops with it, keeps 2 (the largest size that ran), and the speed check
+    # does not start
+    assert results[0][7] == results[1][7] == (2, 12, True, [(1, "memory"), (2, "memory")]), results
     for rank in (0, 1):
         _, bs, accum, source, trials, calls, _, _ = results[rank]
         assert (bs, accum, source) == (4, 6, "probe"), results[rank]
@@ -591,6 +599,7 @@ def test_the_margin_is_on_bytes_under_a_real_budget(tmp_path):
 # -----------------------------------------------------------------------------
 # The probe recipe and its command line
 
+@pytest.mark.slow
 def test_probe_command_json_and_cache(tmp_path, capsys):
     import argparse
     from jobs import cmd_probe
@@ -617,6 +626,7 @@ def test_probe_config_validation():
         run_probe(ProbeConfig(safety_margin=1.5))
 
 
+@pytest.mark.slow
 def test_bench_batch_reports_exact_size_and_cache_hit(capsys):
     import argparse
     from jobs import bench_batch
@@ -634,17 +644,21 @@ def test_bench_batch_reports_exact_size_and_cache_hit(capsys):
 
 
 @dataclass
-class SleepyStep:
-    """The real step, 0.1 s slower: a model whose trials are long against the time limit."""
+class SlowStep:
+    """The real step, taking 0.1 s on the probe's clock: a model whose trials are long against the time limit."""
+    clock: StepClock
+
     def __call__(self, model, optimizers, batch_size):
-        import time as _time
-        _time.sleep(0.1)
         TrainStep(SEQ, VOCAB)(model, optimizers, batch_size)
+        self.clock.advance(0.1)
 
 
 def test_time_limit_stops_the_search_keeps_the_best_size_and_says_so(tmp_path):
-    bs, accum, source, info = resolve(tiny_model(), SleepyStep(), rows=64, tmp_path=tmp_path, time_limit_s=0.9)
-    assert info["stopped_by_deadline"] and 1 <= info["max_found"] < 64 and len(info["trials"]) <= 3
+    step = SlowStep(StepClock())
+    bs, accum, source, info = resolve(tiny_model(), step, rows=64, tmp_path=tmp_path, time_limit_s=0.9,
+                                      clock=step.clock)
+    # a trial is two steps (0.2 s): 1, 2, 4 and 8 end by 0.8 s; 16 would end at 1.0 s, past the limit
+    assert info["stopped_by_deadline"] and tried(info) == [1, 2, 4, 8] and info["max_found"] == 8
     assert bs == info["max_found"] and bs * accum == 64
     entry = read_cache(tmp_path, info["cache_key"], 64)
     assert entry["stopped_by_deadline"] is True and entry["device_batch_size"] == bs

@@ -84,6 +84,7 @@ def test_sparse_but_valid_entry_is_a_hit(model, tmp_path):
     assert (bs, accum, source, info["max_found"], info["trials"]) == (1, 2, "cache", 0, [])
 
 
+@pytest.mark.slow
 def test_a_directory_or_device_at_the_entry_path_is_not_a_crash(model, tmp_path):
     *_, info = probe(model, tmp_path)
     path = cache_path(tmp_path, info["cache_key"])
@@ -109,6 +110,7 @@ def test_fallback_after_oom_over_a_garbage_entry(tmp_path):
     assert (entry["device_batch_size"], entry["grad_accum"], len(entry["fallbacks"])) == (1, 2, 1)
 
 
+@pytest.mark.slow
 def test_probe_command_over_binary_garbage_exits_0_and_rewrites(tmp_path, capsys):
     from jobs import cmd_probe
     parser = argparse.ArgumentParser()

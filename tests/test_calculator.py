@@ -1,5 +1,4 @@
 """The calculator evaluates arithmetic and letter counts, and refuses everything else quickly."""
-import time
 
 import pytest
 
@@ -76,12 +75,11 @@ HOSTILE = [
 
 @pytest.mark.parametrize("expr", HOSTILE)
 def test_hostile_input_is_refused_quickly(expr, capfd):
-    t0 = time.perf_counter()
+    # "quickly" is structural (caps checked before the work): without them some of these run for
+    # minutes or exhaust memory, and the suite's per-test timeout (pyproject.toml) fails the test
     with pytest.raises(CalculatorError):
         evaluate(expr)
     assert use_calculator(expr) is None
-    # "quickly" is structural (caps), so a generous bound here only catches a hang
-    assert time.perf_counter() - t0 < 5.0
     out, err = capfd.readouterr()
     assert "pwned" not in out + err
 
@@ -102,12 +100,12 @@ def test_values_just_under_the_caps_are_computed():
 
 
 def test_random_inputs_only_ever_raise_calculator_error():
-    # Seeded fuzz over arithmetic-looking strings: a value or CalculatorError, nothing else, and fast.
+    # Seeded fuzz over arithmetic-looking strings: a value or CalculatorError, nothing else (a hang
+    # is the per-test timeout's to catch).
     import random
     rng = random.Random(0)
     pieces = ["9", "99", "0", "1.5", "1e300", "1e-300", "-", "+", "*", "/", "//", "%", "**", "(", ")",
               " ", ",", "'ab'", ".count(", "'a')", "x", "__class__", ".", "_", "[", "]", "0.5"]
-    t0 = time.perf_counter()
     for _ in range(3000):
         expr = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 30)))
         try:
@@ -115,4 +113,3 @@ def test_random_inputs_only_ever_raise_calculator_error():
         except CalculatorError:
             continue
         assert isinstance(value, (int, float)) and not isinstance(value, bool)
-    assert time.perf_counter() - t0 < 30.0

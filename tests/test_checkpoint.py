@@ -93,6 +93,7 @@ def test_load_model_for_other_stages(tmp_path):
         load_model(tmp_path / "nowhere", "cpu")
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_shape_is_refused(tmp_path):
     base = tmp_path / "base"
     ensure_pretraining_data(base, num_shards=3, max_chars=400_000, row_group_size=16)

@@ -41,6 +41,7 @@ def test_help_lists_every_command():
         assert command in out.stdout
 
 
+@pytest.mark.slow
 def test_bench_help_shows_each_benchmark_s_text():
     # a "%" in a help text is argparse formatting: unescaped, it printed the action's dict
     out = run_cli("bench", "--help")
@@ -83,6 +84,7 @@ def test_bad_input_exit_codes_in_process(env, capsys, argv, needle):
     assert len(err) == 1 and needle in err[0], err
 
 
+@pytest.mark.slow
 def test_submit_local_json_status_and_resume_when_complete(env):
     path = env / "noop.yaml"
     path.write_text(yaml.safe_dump(NOOP))
@@ -135,6 +137,7 @@ def test_json_failures_end_with_an_error_object(env, capsys, argv, code, needle)
     assert err.strip().splitlines() == [f"error: {last['error']}"]
 
 
+@pytest.mark.slow
 def test_a_failed_stage_shows_its_error_and_status_exits_1(env):
     path = env / "noop.yaml"
     path.write_text(yaml.safe_dump(NOOP))

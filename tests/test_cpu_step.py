@@ -74,6 +74,7 @@ def _losses(out_dir):
         return [float(r["loss"]) for r in csv.DictReader(f)]
 
 
+@pytest.mark.slow
 def test_short_cpu_run_stays_fp32_eager_and_exact(base_dir, tmp_path, monkeypatch):
     """compile/precision auto on a CPU for a run below the payback: the very same fp32 eager steps as
     `precision: fp32, compile: off` (bitwise); a run above it would compile, unless inductor cannot."""
@@ -92,6 +93,7 @@ def test_short_cpu_run_stays_fp32_eager_and_exact(base_dir, tmp_path, monkeypatc
     assert fallback["compile"] is False and _losses(tmp_path / "fallback") == _losses(tmp_path / "exact")
 
 
+@pytest.mark.slow
 def test_bench_compare_cpu_step_reports_each_route(base_dir, capsys):
     from jobs import bench_train
     p = argparse.ArgumentParser()

@@ -126,6 +126,7 @@ def _prepare_in_child(base, q):
     q.put((str(path), tok.encode("concurrent jobs")))
 
 
+@pytest.mark.slow
 def test_concurrent_preparation_is_safe(tmp_path):
     ctx = mp.get_context("spawn")
     q = ctx.Queue()

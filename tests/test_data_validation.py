@@ -131,6 +131,7 @@ def _nothing_written(tmp_path):
     return not (tmp_path / "results").exists() and not (tmp_path / "work").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("executor", ["local", "slurm"])
 def test_submit_refuses_bad_sft_data_before_submitting_anything(tmp_path, request, executor):
     if executor == "slurm":

@@ -96,6 +96,7 @@ print("GLOO_THREADS", sorted(n for n in names if "gloo" in n), flush=True)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
 def test_cleanup_stops_gloo_threads():
     for out in _spawn(TEARDOWN_CHILD, [], 2, timeout=120):

@@ -145,6 +145,7 @@ def test_status_of_a_dead_driver_is_not_fooled_by_a_reused_pid(env, monkeypatch)
     assert runs.cancel_run(run_dir) == ["long: FAILED", "after: CANCELLED"]     # and this process was not signalled
 
 
+@pytest.mark.slow
 def test_a_stage_killed_by_a_signal_says_so(env):
     """The driver lives, its stage is killed -9 (as the OOM killer does): FAILED with the reason on
     the console, its dependant CANCELLED, the command exits 1 and status agrees."""

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 
 from jobs.spec import load_pipeline, resolve_pipeline_path
 
@@ -68,6 +69,7 @@ def test_dry_run_reports_a_request_the_partition_refuses(tmp_path, local_slurm):
     assert not (tmp_path / "results").exists()
 
 
+@pytest.mark.slow
 def test_dry_run_without_slurm_prints_scripts_and_the_plan(tmp_path):
     out = run_cli(tmp_path, "submit", "smoke", "--dry-run", "--executor", "local")
     assert out.returncode == 0, out.stderr

@@ -296,6 +296,7 @@ def test_chat_loop_streams_replies_and_stops_at_quit(memorised):
     assert "never read" not in text
 
 
+@pytest.mark.slow
 def test_chat_command_with_a_checkpoint_and_piped_stdin(memorised, tmp_path):
     from nanochat.checkpoint import save_checkpoint
     model, tokenizer = memorised
@@ -336,6 +337,7 @@ def test_inference_bench_rows(tmp_path):
     assert summary(rows)["speedup_graph_vs_naive"] is None
 
 
+@pytest.mark.slow
 def test_bench_inference_command_prints_json_last(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "jobs", "bench", "inference", "--depth", "2", "--vocab-size", "512",

@@ -77,6 +77,7 @@ def test_multiple_choice_batched_equals_one_by_one(ckpt):
     assert batched == single
 
 
+@pytest.mark.slow
 def test_chat_eval_end_to_end(ckpt):
     cfg = evaluate.ChatEvalConfig(init_from=str(ckpt), data_dir="fixtures", max_per_task=3, max_new_tokens=8,
                                   num_samples=2, temperature=1.0, compare_broadcast=True, device_type="cpu",
@@ -120,6 +121,7 @@ def test_base_eval_core(ckpt):
     assert all(r["num_examples"] == 4 for r in rows[:3])
 
 
+@pytest.mark.slow
 def test_cli_bad_input_is_one_line_exit_2(ckpt, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     for extra, needle in ((["--tasks", "arc_hard"], "unknown task 'arc_hard'"),
@@ -178,6 +180,7 @@ def test_report_card_in_summary_and_comparison():
     assert figs[("chat_eval", "gsm8k", "pass_at_k")] == 0.5 and figs[("chat_eval", "gsm8k.broadcast", "accuracy")] == 0.25
 
 
+@pytest.mark.slow
 def test_cli_eval_prints_rows_and_json(ckpt):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     p = subprocess.run([sys.executable, "-m", "jobs", "eval", str(ckpt), "--tasks", "core", "--data-dir", "fixtures",
@@ -188,6 +191,7 @@ def test_cli_eval_prints_rows_and_json(ckpt):
     assert "name_a_thing" in p.stdout
 
 
+@pytest.mark.slow
 def test_independent_first_token_raises_pass_at_k(tmp_path, capsys):
     """The first-token fix measured as quality. A model that learned two answers per question, half
     starting "Yes" (then the right number) and half "No" (a wrong one): with the broadcast first

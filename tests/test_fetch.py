@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -47,9 +46,7 @@ def add_fineweb(hub, n: int, faults: dict | None = None) -> list[str]:
 
 def test_fetch_shards_then_noop_without_network(hub, tmp_path):
     names = add_fineweb(hub, 8)
-    t0 = time.perf_counter()
     s = fetch_pretraining_shards(tmp_path, "fineweb-edu-100b", 8, workers=4, backoff_s=0.01)
-    first = time.perf_counter() - t0
     dest = pretraining_dir(tmp_path, "fineweb-edu-100b")
     assert s["fetched"] == 8 and sorted(p.name for p in dest.glob("shard_*.parquet")) == names
     assert names[-1] == "shard_01822.parquet"   # the pinned validation shard sorts last
@@ -57,13 +54,9 @@ def test_fetch_shards_then_noop_without_network(hub, tmp_path):
         assert (dest / name).read_bytes() == hub.files[(FINEWEB.repo_id, name)]
     assert not (dest / ".staging").exists()
     before = len(hub.requests)
-    t0 = time.perf_counter()
     again = fetch_pretraining_shards(tmp_path, "fineweb-edu-100b", 8)
-    second = time.perf_counter() - t0
     assert again["fetched"] == 0 and again["present"] == 8
     assert len(hub.requests) == before, "a second run with everything present must not touch the network"
-    assert second < 0.5
-    print(f"\nfetch of 8 shards: {first:.2f} s; second (no-op) run: {second * 1000:.1f} ms")
     assert fetched_shards(tmp_path, "fineweb-edu-100b") == dest
 
 
@@ -175,6 +168,7 @@ def _jobs(args, env_extra, timeout=600):
                           cwd=REPO, env=env)
 
 
+@pytest.mark.slow
 def test_guard_refuses_1000_epochs_before_submitting(tmp_path):
     # a folder of 2 tiny shards (~2.6K tokens of training text) and a budget of ~1000 passes over it
     data = tmp_path / "tiny"
@@ -195,6 +189,7 @@ def test_guard_refuses_1000_epochs_before_submitting(tmp_path):
     assert not (tmp_path / "results" / "guarded").exists() and not (base / "guarded").exists()
 
 
+@pytest.mark.slow
 def test_plan_artemis_offline():
     # ClimbMix by default, FineWeb-Edu one --set away; every set the evaluation stages read is in the plan
     r = _jobs(["data", "plan", "artemis-a100", "--json"], {"HF_HUB_OFFLINE": "1"}, timeout=300)
@@ -256,6 +251,7 @@ def test_listing_500_is_retried(hub, tmp_path):
     assert sum(1 for m, p in hub.requests if m == "POST") == 1
 
 
+@pytest.mark.slow
 def test_unreachable_hub_is_one_line_exit_1(tmp_path):
     # nothing listens on this port: a connection error is the work failing (exit 1), one line, no traceback
     import socket

@@ -20,6 +20,7 @@ from jobs import gpu_check
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the no-CUDA path")
 def test_gpu_check_without_cuda_is_one_line_and_exit_0():
     env = dict(os.environ, PYTHONPATH=str(REPO))
@@ -54,6 +55,7 @@ def test_oom_batch_is_several_times_the_device_memory(gib):
     assert 3 * gib * 2**30 <= activation_bytes < 6 * gib * 2**30
 
 
+@pytest.mark.slow
 def test_byte_tokenizer_route_needs_no_rustbpe(tmp_path, monkeypatch):
     from nanochat.base_train import run as base_run
     from nanochat.chat_sft import bench as sft_bench

@@ -5,7 +5,6 @@ putting the sampler's mean into its row. The NVML reading itself is checked on a
 """
 import json
 import threading
-import time
 
 import pytest
 import yaml
@@ -17,44 +16,47 @@ from nanochat.gpu_monitor import UtilSampler, nvml_reader, start_gpu_sampler
 class Counter:
     """A source that counts its reads and returns 10, 20, 30, ... (stands for any reading)."""
 
-    def __init__(self):
+    def __init__(self, signal_at: int = 0):
         self.reads = 0
         self.threads = set()
+        self.signal_at, self.reached = signal_at, threading.Event()
 
     def __call__(self):
         self.reads += 1
         self.threads.add(threading.current_thread().name)
+        if self.reads == self.signal_at:
+            self.reached.set()
         return 10.0 * self.reads
 
 
 def test_sampler_reads_in_a_thread_until_stopped_and_averages():
-    source = Counter()
+    source = Counter(signal_at=5)
     sampler = UtilSampler(source, interval_s=0.01).start()
     assert sampler.running and source.reads == 1           # one reading at start
-    deadline = time.time() + 10
-    while source.reads < 5 and time.time() < deadline:
-        time.sleep(0.01)
+    assert source.reached.wait(timeout=60)                 # the thread's readings, however busy the machine
     mean = sampler.stop()
     assert not sampler.running
     n = source.reads
     assert n >= 6                                           # start + thread readings + one at stop
     assert mean == pytest.approx(sum(10.0 * i for i in range(1, n + 1)) / n)
     assert "gpu-util-sampler" in source.threads
-    time.sleep(0.05)
-    assert source.reads == n                                # stopped means stopped
+    assert not any(t.name == "gpu-util-sampler" for t in threading.enumerate())   # stopped means stopped
     assert sampler.stop() == mean                           # a second stop changes nothing
 
 
 def test_sampler_skips_failed_reads_and_is_empty_without_readings():
     values = iter([None, 50.0, RuntimeError("flaky"), 70.0])
+    all_read = threading.Event()
 
     def read():
         v = next(values, None)
+        if v == 70.0:
+            all_read.set()
         if isinstance(v, Exception):
             raise v
         return v
     sampler = UtilSampler(read, interval_s=0.01).start()
-    time.sleep(0.1)
+    assert all_read.wait(timeout=60)                       # the thread has read all four (however busy the machine)
     assert sampler.stop() == pytest.approx(60.0)
     assert UtilSampler(lambda: None, interval_s=0.01).start().stop() is None
     with pytest.raises(RuntimeError, match="already started"):

@@ -6,11 +6,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from jobs.rows import make_row, write_row
 
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_a_non_editable_install_finds_the_built_in_pipelines(tmp_path):
     src = tmp_path / "src"
     src.mkdir()

@@ -1,5 +1,5 @@
 """The local executor (no Slurm): dependency order, arrays, failure -> dependants cancelled, resume,
-cancel, rows on failure; and the real smoke pipeline end to end (slow)."""
+cancel, rows on failure. The real smoke pipeline end to end: tests/test_smoke_run.py."""
 import json
 import os
 import subprocess
@@ -33,6 +33,7 @@ def env(tmp_path):
     return tmp_path, e
 
 
+@pytest.mark.slow
 def test_local_run_orders_stages_runs_arrays_and_writes_rows(env):
     tmp, e = env
     spec = tmp / "p.yaml"
@@ -57,6 +58,7 @@ def test_local_run_orders_stages_runs_arrays_and_writes_rows(env):
     assert final["step"] == 3
 
 
+@pytest.mark.slow
 def test_failed_stage_cancels_dependants_and_resume_reruns_only_those(env):
     tmp, e = env
     spec = tmp / "p.yaml"
@@ -107,43 +109,6 @@ def test_cancel_stops_a_running_local_run(env):
     assert proc.returncode == 1
     last = json.loads(stdout.strip().splitlines()[-1])
     assert last["stages"] == {"long": "CANCELLED", "after": "CANCELLED"}
-
-
-def _path_without_slurm(tmp: Path) -> str:
-    """A PATH with everything in /usr/bin except the Slurm client commands (as on a laptop)."""
-    bin_dir = tmp / "bin"
-    bin_dir.mkdir()
-    slurm = {"sbatch", "sinfo", "squeue", "sacct", "scancel", "scontrol", "srun", "salloc", "sacctmgr"}
-    for p in Path("/usr/bin").iterdir():
-        if p.name not in slurm:
-            (bin_dir / p.name).symlink_to(p)
-    return f"{Path(sys.executable).parent}:{bin_dir}"
-
-
-@pytest.mark.slow
-def test_smoke_pipeline_runs_every_stage_locally_without_slurm(env):
-    tmp, e = env
-    e["PATH"] = _path_without_slurm(tmp)
-    t0 = time.time()
-    out = jobs_cli(e, "submit", "--run-id", "smoke", "--json", timeout=900)   # the embedded default, auto executor
-    wall = time.time() - t0
-    print(out.stdout[-3000:], out.stderr[-3000:])
-    assert out.returncode == 0
-    last = json.loads(out.stdout.strip().splitlines()[-1])
-    assert last["executor"] == "local" and last["state"] == "COMPLETED"
-    assert set(last["stages"]) == {"probe", "base_train", "batch_baseline", "mid_train", "sft", "sft_baselines", "inference_bench", "base_eval", "chat_eval"}
-    run_dir = tmp / "results" / "smoke"
-    rs = rows(run_dir)
-    # every stage completed; a benchmark variant may be SKIPPED where it cannot run (CUDA graphs on a CPU)
-    assert {r["stage"] for r in rs if r["state"] == "COMPLETED"} == set(last["stages"])
-    assert {r["state"] for r in rs} <= {"COMPLETED", "SKIPPED"}
-    assert (run_dir / "report.csv").exists()
-    # the probe served base_train: training read the very entry the probe wrote
-    probe_row = next(r for r in rs if r["stage"] == "probe")
-    train_row = next(r for r in rs if r["stage"] == "base_train")
-    assert train_row["batch_size_source"] == "cache"
-    assert train_row["device_batch_size"] == probe_row["device_batch_size"]
-    print(f"smoke pipeline locally: {wall:.1f} s")
 
 
 def test_stage_config_merges_defaults_variant_and_run_paths(env, monkeypatch):

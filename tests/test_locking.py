@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -115,14 +114,13 @@ def test_a_soft_lock_left_by_a_killed_process_is_taken_over(tmp_path):
     holder.send_signal(signal.SIGKILL)                      # dies holding it: the lock file stays
     holder.wait(timeout=30)
     assert Path(lock).exists()
-    t0 = time.monotonic()
     out = child(f"""
         from nanochat.locking import file_lock
         with file_lock({lock!r}, timeout=20):
             print("taken")
     """, no_flock_errno=errno.ENOSYS)
+    # taken over, not waited out: the child's own timeout=20 would have failed it with an error
     assert out.returncode == 0 and out.stdout.strip() == "taken", out.stderr
-    assert time.monotonic() - t0 < 20
 
 
 OTHER_HOST = "import socket\nsocket.gethostname = lambda: 'n2'   # as if on another node of the cluster\n"

@@ -3,6 +3,7 @@ local Slurm (submitit's files) and for local runs; --task for arrays; --follow t
 import json
 import os
 
+import pytest
 import yaml
 
 from helpers import jobs_cli
@@ -34,6 +35,7 @@ def test_logs_of_a_slurm_stage_show_the_failed_attempt_then_the_resumed_one(tmp_
     assert files["files"][0]["path"].startswith(str(tmp_path / "work" / "lg" / "submitit" / "a"))
 
 
+@pytest.mark.slow
 def test_logs_of_a_local_array_task_and_bad_input(tmp_path):
     env, spec = setup(tmp_path, "logs-local", {"grid": {"kind": "noop", "variants": [
         {"name": "x", "args": {"steps": 1}}, {"name": "y", "args": {"fail": True}}]}})

@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -95,15 +94,15 @@ info = compute_init("cpu")
 if info.rank == 1:
     time.sleep(120)          # alive but never reaches the all-reduce (a hung node)
     sys.exit(0)
-t0 = time.time()
 try:
     dist.all_reduce(torch.ones(4))
 except Exception as e:
-    print(f"RAISED after {time.time() - t0:.1f}s: {type(e).__name__}", flush=True)
+    print(f"RAISED {type(e).__name__}: {(str(e).splitlines() or [''])[0]}", flush=True)
     os._exit(3)
 """
 
 
+@pytest.mark.slow
 def test_collective_with_a_stuck_peer_fails_within_the_timeout():
     # before: gloo's default timeout (30 min) kept rank 0 waiting; now NANOCHAT_DIST_TIMEOUT_S bounds it
     import socket
@@ -119,8 +118,8 @@ def test_collective_with_a_stuck_peer_fails_within_the_timeout():
     finally:
         procs[1].kill()
         procs[1].communicate()
-    assert procs[0].returncode == 3 and "RAISED after" in out, out[-2000:]
-    assert float(out.split("RAISED after ")[1].split("s")[0]) < 30
+    # gloo names the timeout it waited: the 5 s given, not the 600 s default (nor its own 30 min)
+    assert procs[0].returncode == 3 and "RAISED" in out and "Timed out waiting 5000ms" in out, out[-2000:]
 
 
 # ----------------------------------------------------------------------------- on the two-node Slurm
@@ -193,7 +192,7 @@ def test_two_node_stage_on_usr2_checkpoints_once_and_requeues(slurm2):
     subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=30)
     preempted = wait_until(lambda: [r for r in rows(run_dir) if r["state"] == "PREEMPTED"], 120)
     assert preempted and len(preempted) == 1 and preempted[0]["world_size"] == 2
-    _preempt.update(job=job, run_dir=run_dir, stopped_at=extra(preempted[0])["step"], t0=time.time())
+    _preempt.update(job=job, run_dir=run_dir, stopped_at=extra(preempted[0])["step"])
 
 
 def _on_two_nodes_and_in_one_process(root, env, spec, run_id: str, stage: str):
@@ -319,11 +318,10 @@ def test_killed_rank_fails_the_stage_promptly_and_resume_continues(slurm2):
     node = dict(kv.split("=", 1) for kv in Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0") if "=" in kv)["SLURMD_NODENAME"]
     assert node == "n2"
     os.kill(pid, signal.SIGKILL)
-    t_kill = time.time()
-    ended = wait_until(lambda: sacct_state(job) not in {"", "PENDING", "RUNNING", "COMPLETING"}, 180, 1)
-    took = time.time() - t_kill
-    print(f"rank 1 killed: the job ended {took:.0f} s later ({sacct_state(job)})")
-    assert ended and took < 120                          # NANOCHAT_DIST_TIMEOUT_S=60 bounds the wait
+    # promptly: within this generous deadline, far below the job's 10-minute limit (NANOCHAT_DIST_TIMEOUT_S=60
+    # bounds rank 0's wait), and as a failure of the job itself, not Slurm's time limit
+    assert wait_until(lambda: sacct_state(job) not in {"", "PENDING", "RUNNING", "COMPLETING"}, 180, 1)
+    assert sacct_state(job) == "FAILED", sacct_state(job)
     after = info["jobs"]["after"]
     assert wait_until(lambda: sacct_state(after) == "CANCELLED", 60), sacct_state(after)   # kill-on-invalid-dep
     status = jobs_cli(env, "status", str(run_dir), "--json")
@@ -369,7 +367,6 @@ def test_srun_ranks_ignore_a_rendezvous_inherited_from_the_submitting_shell(monk
     # A job inherits its submitter's environment: a MASTER_PORT left there (by an earlier in-process
     # run, or a user's shell) named one port for every job, so concurrent jobs collided. Under srun the
     # job's own first node and job-id port win. (init_process_group is stopped right after the env is set.)
-    import nanochat.common as common
     for key in list(os.environ):
         if key.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_")):
             monkeypatch.delenv(key)
@@ -383,7 +380,7 @@ def test_srun_ranks_ignore_a_rendezvous_inherited_from_the_submitting_shell(monk
 
     def stop(**kw):
         raise Stop
-    monkeypatch.setattr(common.dist, "init_process_group", stop)
+    monkeypatch.setattr(torch.distributed, "init_process_group", stop)
     with pytest.raises(Stop):
         compute_init("cpu")
     assert (os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]) == ("n1", str(rendezvous_port(1234)))

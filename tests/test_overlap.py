@@ -169,6 +169,7 @@ def _steps(events: list) -> list[list]:
     return cuts
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("compiled", [False, True])
 def test_overlapped_weights_equal_the_plain_path(runs, compiled):
     overlap, plain = ("overlap-compile", "plain-compile") if compiled else ("overlap", "plain")

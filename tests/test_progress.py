@@ -1,14 +1,9 @@
 """Live progress (jobs/progress.py): stage lines read from the metrics files the training loop writes,
-plain lines when stdout is not a terminal, on a real local run; `status --watch`."""
-import json
+plain lines when stdout is not a terminal and `status --watch` on a real run: tests/test_smoke_run.py."""
 import os
-import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from jobs import progress, runs, spec
 from nanochat.train_loop import write_metrics
@@ -64,24 +59,3 @@ def test_a_stage_s_own_step_count_replaces_the_cap_from_its_arguments(tmp_path, 
     status["stages"]["sft"]["state"] = "COMPLETED"
     line = progress.stage_lines(run, pipeline, status)[0]
     assert (line["step"], line["total"]) == (18, 18)
-
-
-@pytest.mark.slow
-def test_wait_prints_plain_progress_lines_when_not_a_terminal(tmp_path):
-    env = dict(os.environ, NANOCHAT_RESULTS_DIR=str(tmp_path / "results"), NANOCHAT_BASE_DIR=str(tmp_path / "work"))
-    spec_path = tmp_path / "prog.yaml"
-    spec_path.write_text(yaml.safe_dump({"name": "prog", "stages": {"base_train": TINY_TRAIN}}))
-    out = subprocess.run([sys.executable, "-m", "jobs", "submit", str(spec_path), "--executor", "local", "--run-id", "pr", "--json"],
-                         capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
-    assert out.returncode == 0, out.stdout + out.stderr
-    lines = [ln for ln in out.stdout.splitlines() if re.match(r"\s+base_train\s+(RUNNING|COMPLETED)\s+step", ln)]
-    assert lines, out.stdout
-    assert "\x1b[" not in out.stdout                 # no escape codes in a pipe
-    assert re.search(r"COMPLETED\s+step 12/12\s+loss \d", lines[-1])
-    assert json.loads(out.stdout.strip().splitlines()[-1])["state"] == "COMPLETED"
-    # status shows the same lines; --watch on a finished run prints them and ends with the run's exit code
-    st = subprocess.run([sys.executable, "-m", "jobs", "status", "pr", "--watch", "--interval", "0.5", "--json"],
-                        capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
-    assert st.returncode == 0 and "step 12/12" in st.stdout
-    result = json.loads(st.stdout.strip().splitlines()[-1])
-    assert result["progress"][0]["step"] == 12 and result["progress"][0]["total"] == 12

@@ -47,6 +47,7 @@ def tiny_model(tokenizer, seq_len, seed=0):
     return build_model(GPTConfig.from_depth(2, tokenizer.get_vocab_size(), seq_len))
 
 
+@pytest.mark.slow
 def test_pad_and_pack_give_the_same_loss(tokenizer):
     """Sum of per-token losses over the same conversations, batched three ways. Packing several
     conversations per row must not let attention cross between them."""

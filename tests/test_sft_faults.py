@@ -216,6 +216,7 @@ def test_stop_flag_on_one_rank_stops_both_at_the_same_step(tmp_path):
     assert found is not None and found["meta"]["step"] == 2
 
 
+@pytest.mark.slow
 def test_preempted_run_saves_before_it_evaluates(tmp_path, monkeypatch):
     """On preemption the grace period goes to the checkpoint: an evaluation that would fail (or outlast
     the grace period) after the last step must not cost the trained steps."""

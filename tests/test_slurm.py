@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import jobs_cli, last_json, rows, sacct, sacct_state, wait_until, write_spec
+from helpers import SMOKE_SHORT, jobs_cli, last_json, rows, sacct, sacct_state, wait_until, write_spec
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -167,13 +167,13 @@ def test_srun_carries_cpus_per_task_and_the_stage_reports_its_binding(slurm):
 
 
 def test_smoke_pipeline_on_slurm_runs_every_stage_in_order(slurm):
+    # the same pipeline (and the same cut) as the local smoke run (conftest.smoke_run), on the other executor
     root, env = slurm
-    t0 = time.time()
     out = jobs_cli(env, "submit", "pipelines/smoke.yaml", "--executor", "slurm", "--run-id", "smoke",
-                   "--wait", "--json", timeout=900)
+                   "--wait", "--json", *[a for kv in SMOKE_SHORT for a in ("--set", kv)], timeout=900)
     assert out.returncode == 0
     info = last_json(out)
-    print(f"submitted {len(info['jobs'])} stages in {info['submit_seconds']:.2f} s; whole smoke pipeline {time.time() - t0:.0f} s")
+    print(f"submitted {len(info['jobs'])} stages in {info['submit_seconds']:.2f} s")
     order = ["probe", "base_train", "mid_train", "sft", "inference_bench"]
     assert set(info["jobs"]) == {"probe", "base_train", "batch_baseline", "mid_train", "sft", "sft_baselines", "inference_bench", "base_eval", "chat_eval"}
     acct = sacct(list(info["jobs"].values()))
@@ -231,11 +231,12 @@ def _final_model_state(run_root: Path, run_id: str, stage: str) -> dict:
 def test_base_train_requeued_on_signal_resumes_to_identical_weights(slurm):
     import torch
     root, env = slurm
-    steps = 300
+    # the signal is sent once the first checkpoint (step 10) is there: 190 steps are left for it to land
+    steps = 200
     spec = write_spec(root, "train-requeue", {"train": {
         "kind": "base_train",
         "args": {"depth": 2, "vocab_size": 512, "seq_len": 128, "device_batch_size": 8, "total_batch_size": 1024,
-                 "num_steps": steps, "save_every": 20, "log_every": 20, "eval_tokens": 2048},
+                 "num_steps": steps, "save_every": 10, "log_every": 20, "eval_tokens": 2048},
         "resources": {"cpus_per_task": 1, "time_min": 10, "max_requeues": 1}}})
     # one thread in both runs, so the arithmetic (and so the weights) can be compared bit for bit
     env = dict(env, OMP_NUM_THREADS="1")
