@@ -419,6 +419,7 @@ def device_peaks(device: torch.device, flops_override: float = 0.0, bandwidth_ov
         if table:
             found = {"flops": (table[0], "table"), "bandwidth": (table[1], "table")}
         else:
+            import torch
             from nanochat.gpu_monitor import nvml_clocks
             props = torch.cuda.get_device_properties(device)
             clocks = nvml_clocks(device.index if device.index is not None else torch.cuda.current_device()) or {}
