@@ -42,7 +42,8 @@ import threading
 import time
 from pathlib import Path
 
-from nanochat.common import ConfigError, git_commit
+from nanochat.errors import ConfigError
+from nanochat.files import git_commit
 
 GRID_KEYS = {"name", "kind", "defaults", "grid", "rows", "command"}
 BUILTIN_FIELDS = ("python", "task", "run_id", "results_dir")

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import torch
 
 from nanochat.auto_batch_size import DEFAULT_SAFETY_MARGIN, TrainStep, resolve_device_batch_size, rows_per_rank
-from nanochat.common import ConfigError, autodetect_device_type, device_name, synchronize
+from nanochat.device import autodetect_device_type, device_name, synchronize
+from nanochat.errors import ConfigError
 from nanochat.gpt import GPTConfig, build_model
 from nanochat.optim import build_optimizers
 

@@ -15,7 +15,7 @@ import json
 import sys
 
 from nanochat.chat_sft import SFTConfig, bench, bench_ratios
-from nanochat.common import ConfigError
+from nanochat.errors import ConfigError
 from nanochat.packing import MODES
 
 

@@ -33,7 +33,7 @@ import sys
 from pathlib import Path
 
 from nanochat.base_train import BaseTrainConfig, run as run_base_train
-from nanochat.common import ConfigError
+from nanochat.errors import ConfigError
 
 # --compare-cpu-step: route name -> (precision, compile) as the training loop takes them
 CPU_STEP_ROUTES = {"fp32-eager": ("fp32", False), "fp32-compile": ("fp32", True),
@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _compare_precision(args: argparse.Namespace) -> int:
     import torch
-    from nanochat.common import autodetect_device_type
+    from nanochat.device import autodetect_device_type
     from nanochat.train_loop import train_precision_route
     if args.rounds < 1:
         raise ConfigError(f"bench train --rounds: need at least 1, got {args.rounds}")
@@ -247,7 +247,7 @@ def _compare_muon(args: argparse.Namespace) -> int:
     import statistics
     import time
     import torch
-    from nanochat.common import autodetect_device_type, synchronize
+    from nanochat.device import autodetect_device_type, synchronize
     from nanochat.gpt import GPTConfig, build_model
     from nanochat.optim import Muon
     if args.rounds < 1:
@@ -309,7 +309,8 @@ def _compare_cpu_step(args: argparse.Namespace) -> int:
     import statistics
     import time
     import torch
-    from nanochat.common import autodetect_device_type, get_base_dir
+    from nanochat.device import autodetect_device_type
+    from nanochat.files import get_base_dir
     from nanochat.cpu_features import cpu_has_amx, cpu_has_fast_bf16
     from nanochat.dataloader import pretraining_loader
     from nanochat.dataset import split_shards

@@ -14,7 +14,7 @@
 Every command module is imported when its command runs, so `--help` is fast and a module that is
 missing or broken only affects its own command. Exit codes: 0 ok, 1 the work failed (also an
 OSError such as a full disk, and a report that could not be written: one line naming the file),
-2 bad input (nanochat.common.ConfigError, argparse errors: one line on stderr naming the file and
+2 bad input (nanochat.errors.ConfigError, argparse errors: one line on stderr naming the file and
 the key), 130 Ctrl-C, 128+N stopped by signal N. `status` exits 1 once the run ended FAILED or CANCELLED.
 With --json the last line of standard output is one JSON object; a failing command's has "error"
 and "exit_code".
@@ -28,7 +28,8 @@ import os
 import sys
 import time
 
-from jobs.command import ArgumentParser, UsageError, _call, _fail, _one_line, run_module_named
+from jobs.command import ArgumentParser, UsageError, _call, _fail, run_module_named
+from nanochat.errors import one_line
 
 # command -> module providing add_arguments(parser) and run(args) -> int
 EXTERNAL_COMMANDS = {
@@ -126,7 +127,7 @@ def _write_report(run_dir) -> str | None:
         print(f"report: {run_dir}", flush=True)
         return None
     except Exception as e:
-        return f"report not built: {_one_line(e)}"
+        return f"report not built: {one_line(e)}"
 
 
 def cmd_submit(args) -> int:

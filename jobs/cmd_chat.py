@@ -12,7 +12,8 @@ import argparse
 import sys
 from typing import TextIO
 
-from nanochat.common import ConfigError, autodetect_device_type
+from nanochat.device import autodetect_device_type
+from nanochat.errors import ConfigError
 from nanochat.engine import Engine, prepare_for_inference
 
 

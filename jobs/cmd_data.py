@@ -25,7 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-from nanochat.common import ConfigError, get_base_dir
+from nanochat.errors import ConfigError
+from nanochat.files import get_base_dir
 
 PRETRAIN_KINDS = ("base_train",)
 
@@ -434,7 +435,7 @@ def _fetch(args) -> int:
 
 def run(args) -> int:
     from jobs import spec
-    from nanochat.fetch import FetchError
+    from nanochat.errors import FetchError
     if args.action == "fetch":
         try:
             return _fetch(args)

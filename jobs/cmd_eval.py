@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from nanochat.common import ConfigError
+from nanochat.errors import ConfigError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

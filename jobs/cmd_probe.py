@@ -9,7 +9,7 @@ import argparse
 import json
 
 from nanochat.auto_batch_size import DEFAULT_SAFETY_MARGIN, DEFAULT_STOP_GAIN, ProbeConfig, run as run_probe
-from nanochat.common import ConfigError
+from nanochat.errors import ConfigError
 
 
 SHAPE_FLAGS = {"depth": None, "seq_len": None, "vocab_size": 4096, "total_batch_size": 0, "world_size": 1, "compile": False}
@@ -66,7 +66,7 @@ def config_from_args(args: argparse.Namespace) -> ProbeConfig:
                            **common)
     from jobs.spec import load_pipeline, resolve_pipeline_path
     from jobs.stages import probe_args
-    from nanochat.common import get_base_dir
+    from nanochat.files import get_base_dir
     for flag, default in SHAPE_FLAGS.items():
         if getattr(args, flag) != default:
             raise ConfigError(f"--{flag.replace('_', '-')}: not with --pipeline (the shape comes from the training "

@@ -12,12 +12,7 @@ import json
 import sys
 import traceback
 
-
-def _one_line(e: BaseException) -> str:
-    from nanochat.common import ConfigError
-    text = str(e) if isinstance(e, (ConfigError, OSError)) else f"{type(e).__name__}: {e}"
-    lines = text.strip().splitlines()
-    return lines[0][:500] if lines else type(e).__name__
+from nanochat.errors import ConfigError, one_line
 
 
 def run_module_named(module_name: str, argv: list[str] | None, prog: str, description: str | None = None) -> int:
@@ -71,15 +66,14 @@ def _call(fn, as_json: bool = False) -> int:
     except KeyboardInterrupt:
         return _fail("interrupted", 130, as_json)
     except BaseException as e:
-        from nanochat.common import ConfigError
         if type(e).__name__ == "Terminated" and hasattr(e, "signum"):   # jobs.submit.Terminated
             return _fail(f"{e}: the run's running stages were stopped", 128 + e.signum, as_json)
         if isinstance(e, ConfigError):
             return _fail(str(e), 2, as_json)
         if isinstance(e, OSError):
-            return _fail(_one_line(e), 1, as_json)
+            return _fail(one_line(e), 1, as_json)
         if isinstance(e, SystemExit) or not isinstance(e, Exception):
             raise
         traceback.print_exc()        # a bug: keep its traceback, and still end as the contract says
-        return _fail(_one_line(e), 1, as_json)
+        return _fail(one_line(e), 1, as_json)
     return int(rc or 0)

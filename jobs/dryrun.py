@@ -15,7 +15,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from nanochat.common import get_base_dir
+from nanochat.files import get_base_dir
 
 
 def render_sbatch(pipeline, stage, folder: Path, dependency_ids: list[str]) -> str:

@@ -41,6 +41,8 @@ import traceback
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+from nanochat.errors import one_line
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_BUDGET_S = 300          # a hard wall: a run and a rerun fit in 15 device minutes with the machine's start
 DATA_SHARDS, DATA_CHARS = 2, 1_000_000   # enough for every check's few steps, and quick to write
@@ -57,11 +59,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _log(msg: str) -> None:
     print(f"[gpu-check] {msg}", file=sys.stderr, flush=True)
-
-
-def _one_line(e: BaseException) -> str:
-    text = f"{type(e).__name__}: {e}".strip().splitlines()
-    return text[0][:400] if text else type(e).__name__
 
 
 def byte_tokenizer_vocab() -> int:
@@ -276,7 +273,7 @@ def _nccl_worker(rank: int, world: int, port: int, out_dir: str) -> None:
                       MASTER_PORT=str(port))
     import torch
     import torch.distributed as dist
-    from nanochat.common import compute_cleanup, compute_init
+    from nanochat.distributed import compute_cleanup, compute_init
     info = compute_init("cuda")
     t = torch.tensor([float(rank + 1)], device=info.device)
     dist.all_reduce(t)
@@ -334,7 +331,7 @@ def run_checks(names: list[str], ctx: dict, report=lambda results, running: None
             result = {"state": "SKIPPED", "reason": str(e)}
         except Exception as e:  # a failed check is a result; the next check still runs
             traceback.print_exc(file=sys.stderr)
-            result = {"state": "FAIL", "error": _one_line(e)}
+            result = {"state": "FAIL", "error": one_line(e)}
         finally:
             _empty_cuda_cache()
         result["seconds"] = round(time.perf_counter() - t0, 1)
@@ -378,7 +375,7 @@ class Report:
         obj = self.obj(final)
         line = json.dumps(obj, sort_keys=True, default=str)
         if self.out_path:
-            from nanochat.common import atomic_write_text
+            from nanochat.files import atomic_write_text
             atomic_write_text(self.out_path, line + "\n")
         print(line, flush=True)
         return obj
@@ -430,9 +427,10 @@ def run(args: argparse.Namespace) -> int:
     names = [n.strip() for n in args.only.split(",") if n.strip()] or list(CHECKS)
     unknown = [n for n in names if n not in CHECKS]
     if unknown:
-        from nanochat.common import ConfigError
+        from nanochat.errors import ConfigError
         raise ConfigError(f"gpu-check --only: unknown check {unknown[0]!r} (choose from {', '.join(CHECKS)})")
-    from nanochat.common import DEVICE_PEAKS, device_peaks, git_commit
+    from nanochat.files import git_commit
+    from nanochat.peaks import DEVICE_PEAKS, device_peaks
     t0 = time.time()
     name = torch.cuda.get_device_name(0)
     header = {"device": name, "device_known": name in DEVICE_PEAKS, "gpus": torch.cuda.device_count(),

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from nanochat.common import ConfigError
+from nanochat.errors import ConfigError
 
 
 def add_arguments(p) -> None:

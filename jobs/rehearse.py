@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nanochat.common import ConfigError
+from nanochat.errors import ConfigError
 
 # The sizes: the smallest that still take every code path (several optimizer steps, an eval, a
 # checkpoint, the chat format). (config key, rehearsal value, stage kinds, why)
@@ -252,7 +252,7 @@ def _print_outcome(out: dict) -> None:
 def run(args) -> int:
     from jobs import cli, cmd_data, runs, spec, submit
     from jobs.local_hub import LocalHub
-    from nanochat.common import atomic_write_json, get_base_dir
+    from nanochat.files import atomic_write_json, get_base_dir
     t0 = time.perf_counter()
     path = spec.resolve_pipeline_path(args.pipeline)
     shipped = spec.load_pipeline(path, args.sets)

@@ -39,7 +39,8 @@ from jobs.report_pairs import compare_runs, optimizations
 from jobs.report_plots import batch_size_figure, loss_figure, run_throughput_figure, save_png, throughput_figure
 from jobs.report_rows import DEFAULT_PRICE_PER_GPU_HOUR, Problem, write_report_csv
 from jobs.runs import results_root
-from nanochat.common import ConfigError, atomic_write_text
+from nanochat.errors import ConfigError
+from nanochat.files import atomic_write_text
 
 
 def write_run_outputs(run: RunData, out_dir: Path, price: float) -> dict:

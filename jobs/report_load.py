@@ -15,7 +15,7 @@ import yaml
 from jobs.report_rows import DEFAULT_PRICE_PER_GPU_HOUR, Problem, read_rows, rows_frame
 from jobs.report_sacct import join_sacct, rows_for_jobs_without_rows
 from jobs.sacct import SacctResult, query_sacct
-from nanochat.common import ConfigError
+from nanochat.errors import ConfigError
 
 # Columns every metrics CSV has (written by the training loops, one line per optimizer step).
 METRICS_COLUMNS = ["step", "loss", "lr", "tokens_per_s", "mfu", "peak_memory_bytes", "elapsed_s", "val_bpb"]

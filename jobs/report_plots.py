@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 
 from jobs.report_load import RunData
 from jobs.report_pairs import run_figures
-from nanochat.common import atomic_write_bytes
+from nanochat.files import atomic_write_bytes
 
 def loss_figure(curves: dict[str, pd.DataFrame]) -> Figure:
     """Training loss against step, one line per stage (label = stage, or run/stage); validation

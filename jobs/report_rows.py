@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from jobs.rows import RESULT_COLUMNS
-from nanochat.common import atomic_write_text
+from nanochat.files import atomic_write_text
 
 # A list price for renting one A100/H100-class GPU for an hour, in dollars; --price-per-gpu-hour
 # sets the one that applies to you. It only scales the cost column; GPU-hours are measured.

@@ -11,7 +11,7 @@ import platform
 import time
 from pathlib import Path
 
-from nanochat.common import atomic_write_json
+from nanochat.files import atomic_write_json
 
 # Column -> (pandas dtype, meaning). The one place the schema is defined.
 RESULT_COLUMNS: dict[str, tuple[str, str]] = {

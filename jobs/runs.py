@@ -28,7 +28,8 @@ from jobs.spec import REPO_ROOT, Pipeline
 from jobs.stages import load_run_pipeline, read_json
 from jobs.rows import failed_row_error
 from jobs.submit import _kill_group, missing_tasks, process_alive, stage_completed
-from nanochat.common import ConfigError, atomic_write_json, atomic_write_text, get_base_dir, git_commit
+from nanochat.errors import ConfigError
+from nanochat.files import atomic_write_json, atomic_write_text, get_base_dir, git_commit
 
 # LOST: no longer queued, no accounting record, no marker and no row (see run_status)
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL",

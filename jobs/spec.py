@@ -2,7 +2,7 @@
 The pipeline model: a YAML spec (pipelines/*.yaml, documented key by key in pipelines/README.md)
 parsed into plain dataclasses and validated completely before anything is submitted.
 
-Every problem becomes one nanochat.common.ConfigError line naming the file and the key, e.g.
+Every problem becomes one nanochat.errors.ConfigError line naming the file and the key, e.g.
     pipelines/x.yaml: stages.base.args.devce_batch_size: unknown key (did you mean device_batch_size?)
 Stage `args` are checked against the fields of the stage kind's config dataclass, imported lazily
 (importing a recipe imports torch; the CLI's --help stays fast because cli.py imports this lazily).
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from nanochat.common import ConfigError
+from nanochat.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # a checkout's pipelines/, else the copy an installed package carries (pyproject.toml: jobs.pipelines)

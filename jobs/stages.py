@@ -26,6 +26,8 @@ import traceback
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from nanochat.errors import one_line
+
 RUN_FILES = ("resolved.yaml", "run.json", "jobs.json")
 
 
@@ -56,7 +58,7 @@ def run_noop(cfg: NoopConfig, should_stop=None) -> dict:
         raise RuntimeError("noop stage asked to fail (args.fail: true)")
     out = Path(cfg.out_dir) if cfg.out_dir else None
     if cfg.fail_times and out is not None:
-        from nanochat.common import atomic_write_json as _write
+        from nanochat.files import atomic_write_json as _write
         attempts = (read_json(out / "attempts.json") or {"attempts": 0})["attempts"] + 1
         _write(out / "attempts.json", {"attempts": attempts})
         if attempts <= cfg.fail_times:
@@ -71,15 +73,15 @@ def run_noop(cfg: NoopConfig, should_stop=None) -> dict:
     if cfg.all_reduce:
         import torch
         import torch.distributed as dist
-        from nanochat.common import compute_init
+        from nanochat.distributed import compute_init
         info = compute_init("cpu")
         t = torch.tensor([float(info.rank + 1)])
         if info.ddp:
             dist.all_reduce(t)
         result.update(world_size=info.world_size, all_reduce_sum=float(t.item()))
-        from nanochat.common import compute_cleanup
+        from nanochat.distributed import compute_cleanup
         compute_cleanup()
-    from nanochat.common import atomic_write_json
+    from nanochat.files import atomic_write_json
     per_step = cfg.seconds / cfg.steps if cfg.steps else 0.0
     if not cfg.steps:
         time.sleep(cfg.seconds)
@@ -229,11 +231,11 @@ def run_stage(run_dir: str | os.PathLike, stage_name: str, task: int | None = No
     """Run one stage (one task of it, for an array) on this machine. Returns the row written.
     Raises on failure after writing a FAILED row."""
     from jobs.rows import make_row, row_path, utc_now, write_row
-    from nanochat.common import atomic_write_json
+    from nanochat.files import atomic_write_json
     run_dir = Path(run_dir).resolve()
     run = read_json(run_dir / "run.json")
     if run is None:
-        from nanochat.common import ConfigError
+        from nanochat.errors import ConfigError
         raise ConfigError(f"{run_dir}: not a run folder (no run.json)")
     started_at, t0 = utc_now(), time.time()
     restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
@@ -271,7 +273,7 @@ def run_stage(run_dir: str | os.PathLike, stage_name: str, task: int | None = No
         if rank == 0:
             _collect_metrics(run_dir, stage_name, variant, cfg)
             row = make_row(**base, kind=kind, variant=variant.name if variant else None, state="FAILED",
-                           error=_one_line(e), wall_time_s=time.time() - t0)
+                           error=one_line(e), wall_time_s=time.time() - t0)
             try:
                 write_row(run_dir, row)
             except OSError as w:   # a full disk: the stage's own error still goes up, not this one
@@ -350,7 +352,7 @@ def _start_gpu_sampler(kind: str, cfg, rank: int):
 def _unsay_completed(paths: list[Path], rows: list[dict], error: str) -> None:
     """Rewrite the stage's COMPLETED rows as FAILED; where even that cannot be written (the disk
     that refused the marker), remove them: removing needs no space."""
-    from nanochat.common import atomic_write_json
+    from nanochat.files import atomic_write_json
     for path, row in zip(paths, rows):
         try:
             atomic_write_json(path, {**row, "state": "FAILED", "error": error})
@@ -377,7 +379,7 @@ def _collect_metrics(run_dir: Path, stage_name: str, variant, cfg) -> None:
     src = Path(out_dir) / "metrics.csv" if out_dir else None
     if src is None or not src.is_file():
         return
-    from nanochat.common import atomic_write_bytes
+    from nanochat.files import atomic_write_bytes
     name = stage_name if variant is None else f"{stage_name}.{variant.name}"
     atomic_write_bytes(run_dir / "metrics" / f"{name}.csv", src.read_bytes())
 
@@ -416,11 +418,6 @@ def _module_of(kind: str) -> str:
     return KINDS[kind][0]
 
 
-def _one_line(e: BaseException) -> str:
-    text = f"{type(e).__name__}: {e}".strip().splitlines()
-    return text[0][:500] if text else type(e).__name__
-
-
 class StageEntry:
     """The callable submitit pickles and runs on the node (a plain object: picklable, no state)."""
 
@@ -437,6 +434,6 @@ def main_stage_run(run_dir: str, stage: str, task: int | None) -> int:
     try:
         run_stage(run_dir, stage, task)
     except Exception as e:
-        print(f"error: {_one_line(e)}", file=sys.stderr, flush=True)   # the log's last line: the console shows it
+        print(f"error: {one_line(e)}", file=sys.stderr, flush=True)   # the log's last line: the console shows it
         return 1
     return 0

@@ -24,8 +24,9 @@ import time
 from pathlib import Path
 
 from jobs.rows import failed_row_error
-from jobs.stages import StageEntry, _one_line, marker_path, read_json
-from nanochat.common import ConfigError, atomic_write_json
+from jobs.stages import StageEntry, marker_path, read_json
+from nanochat.errors import ConfigError, one_line
+from nanochat.files import atomic_write_json
 
 
 def slurm_available() -> bool:
@@ -353,7 +354,7 @@ def run_local(run: dict, run_dir: Path, pipeline, todo: list[str], max_parallel:
         for sig in handlers:
             signal.signal(sig, signal.SIG_IGN)   # a second SIGTERM must not cut the clean-up short
         _stop_all(running)
-        why = "interrupted" if isinstance(e, (KeyboardInterrupt, Terminated)) else f"the driver failed: {_one_line(e)}"
+        why = "interrupted" if isinstance(e, (KeyboardInterrupt, Terminated)) else f"the driver failed: {one_line(e)}"
         try:
             for name in todo:
                 if state[name] in ("PENDING", "RUNNING"):

@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from nanochat.common import ConfigError
+from nanochat.errors import ConfigError
 
 # tracker -> (what its value is, its keys, the key it cannot do without and an example of it)
 TRACKERS = {

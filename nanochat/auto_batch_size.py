@@ -63,8 +63,11 @@ import torch
 import torch.distributed as dist
 from filelock import Timeout
 
-from nanochat.common import (ConfigError, atomic_write_json, autodetect_device_type, device_name,
-                             device_total_memory, get_base_dir, peak_memory_bytes, print0, reset_peak_memory)
+from nanochat.device import (autodetect_device_type, device_name, device_total_memory, peak_memory_bytes,
+                             reset_peak_memory)
+from nanochat.distributed import print0
+from nanochat.errors import ConfigError
+from nanochat.files import atomic_write_json, get_base_dir
 from nanochat.locking import file_lock
 # At import, not in TrainStep: the budget child imports this module before it sets its limit, and
 # train_loop's own imports (the data loader's pyarrow) map address space that is no trial's.

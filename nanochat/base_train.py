@@ -10,7 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from nanochat.common import ConfigError, compute_cleanup, compute_init, get_base_dir
+from nanochat.distributed import compute_cleanup, compute_init
+from nanochat.errors import ConfigError
+from nanochat.files import get_base_dir
 from nanochat.dataloader import pretraining_loader
 from nanochat.dataset import chars_per_token, data_epochs_guard, shard_text_bytes, split_shards
 from nanochat.gpt import GPTConfig, build_model

@@ -35,8 +35,11 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from nanochat.common import (ConfigError, atomic_write_json, compute_init, device_name, device_peaks, get_base_dir,
-                             git_commit, peak_memory_bytes, print0, reset_peak_memory, synchronize)
+from nanochat.device import device_name, peak_memory_bytes, reset_peak_memory, synchronize
+from nanochat.distributed import compute_init, print0
+from nanochat.errors import ConfigError
+from nanochat.files import atomic_write_json, get_base_dir, git_commit
+from nanochat.peaks import device_peaks
 from nanochat.dataloader import Prefetcher
 from nanochat.datasets_chat import read_mixture
 from nanochat.gpt import GPT, CompiledGPT, GPTConfig, build_model, doc_attention_route
@@ -53,7 +56,7 @@ ATTENTION_NAMES = {"flex": "flex-document-mask", "sdpa": "sdpa-bool-mask"}  # ro
 @dataclass
 class SFTConfig:
     # filled by the jobs layer (docs/CONTRACTS.md)
-    base_dir: str = ""          # shared artifacts; "" -> nanochat.common.get_base_dir()
+    base_dir: str = ""          # shared artifacts; "" -> nanochat.files.get_base_dir()
     out_dir: str = ""           # this stage's folder: checkpoints/ and metrics.csv go here; "" = nothing written
     init_from: str = ""         # checkpoint folder of the model to fine-tune; "" = a fresh model (benchmarks, tests)
     device_type: str = ""       # "" = auto (cuda, else cpu)
@@ -82,7 +85,7 @@ class SFTConfig:
     eval_batch_size: int = 8
     save_checkpoint: bool = True
     overlap: bool = True        # several ranks: all-reduce in buckets during backward, shard Muon; false = plain path
-    peak_flops: float = 0.0     # bf16 dense FLOP/s of one device for MFU; 0 = common.device_peaks' table/fallback
+    peak_flops: float = 0.0     # bf16 dense FLOP/s of one device for MFU; 0 = peaks.device_peaks' table/fallback
 
     def validate(self) -> None:
         if self.mode not in MODES:

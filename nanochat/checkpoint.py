@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from nanochat.common import ConfigError
+from nanochat.errors import ConfigError
 from nanochat.gpt import GPTConfig, build_model
 
 STEP_PREFIX = "step_"

@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-from nanochat.common import ConfigError
+from nanochat.errors import ConfigError
 
 PART_TYPES = ("text", "python", "python_output")
 

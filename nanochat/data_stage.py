@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from nanochat.common import ConfigError, get_base_dir
+from nanochat.errors import ConfigError
+from nanochat.files import get_base_dir
 
 
 @dataclass

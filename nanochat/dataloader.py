@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from nanochat.common import ConfigError
+from nanochat.errors import ConfigError
 from nanochat.dataset import open_shard, read_row_group
 
 TOKENIZE_CHUNK = 32  # documents tokenized per refill (a batch call uses tiktoken's threads)

@@ -11,7 +11,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nanochat.common import ConfigError, atomic_write
+from nanochat.errors import ConfigError
+from nanochat.files import atomic_write
 
 SHARD_GLOB = "shard_*.parquet"
 

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-from nanochat.common import ConfigError, atomic_write_text
+from nanochat.errors import ConfigError
+from nanochat.files import atomic_write_text
 from nanochat.conversations import check_conversation_file, read_conversations
 from nanochat.fetch import HUB_SPLITS, HubSplit, fetch_split, split_files
 from nanochat.locking import file_lock

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from nanochat.calculator import use_calculator
-from nanochat.common import ConfigError
+from nanochat.errors import ConfigError
 
 
 class KVCacheOverflow(RuntimeError):

@@ -22,7 +22,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from nanochat.common import ConfigError, atomic_write, atomic_write_json
+from nanochat.errors import ConfigError
+from nanochat.files import atomic_write, atomic_write_json
 from nanochat.fetch import HUB_SPLITS, HubSplit, fetch_split, fetch_url, hub_repo_dir, split_files
 from nanochat.locking import file_lock
 

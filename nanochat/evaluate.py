@@ -26,7 +26,9 @@ from dataclasses import dataclass
 
 import torch
 
-from nanochat.common import ConfigError, autodetect_device_type, compute_cleanup, compute_init, device_name
+from nanochat.device import autodetect_device_type, device_name
+from nanochat.distributed import compute_cleanup, compute_init
+from nanochat.errors import ConfigError
 
 CHAT_TASKS = ("arc_easy", "arc_challenge", "mmlu", "gsm8k", "humaneval")
 GENERATIVE = ("gsm8k", "humaneval")

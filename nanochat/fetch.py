@@ -33,8 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-from nanochat.common import ConfigError, atomic_write_json
 from nanochat.dataset import shard_name
+from nanochat.errors import ConfigError, FetchError, one_line
+from nanochat.files import atomic_write_json
 from nanochat.locking import file_lock
 
 MANIFEST = "fetched.json"
@@ -181,11 +182,11 @@ def _hub_call(what: str, call, retries: int, backoff_s: float, log):
             raise
         except Exception as e:  # HTTP errors, connection errors, a malformed endpoint: all one line
             if _not_found(e):
-                raise ConfigError(f"{what}: not on the hub at {_endpoint()} ({_one_line(e)})") from None
+                raise ConfigError(f"{what}: not on the hub at {_endpoint()} ({one_line(e)})") from None
             if attempt == retries:
                 raise FetchError(f"{what}: no answer from {_endpoint()} after {retries} attempts "
-                                 f"({_one_line(e)})") from None
-            log(f"[fetch] {what}: {_one_line(e)}; retrying")
+                                 f"({one_line(e)})") from None
+            log(f"[fetch] {what}: {one_line(e)}; retrying")
             time.sleep(backoff_s * 2 ** (attempt - 1))
 
 
@@ -315,15 +316,6 @@ def _endpoint() -> str:
     return constants.ENDPOINT
 
 
-class FetchError(RuntimeError):
-    """A file could not be fetched and verified after every retry (the work failed: exit 1)."""
-
-
-def _one_line(e: BaseException) -> str:
-    text = f"{type(e).__name__}: {e}".strip().splitlines()
-    return text[0][:300] if text else type(e).__name__
-
-
 # -----------------------------------------------------------------------------
 # Fetching
 
@@ -362,7 +354,7 @@ def _fetch_one(repo_id: str, name: str, dest: Path, expected: dict, revision: st
             staged = got
             last = verify_file(got, name, expected)
         except Exception as e:  # network errors, HTTP errors, size checks inside huggingface_hub
-            last = _one_line(e)
+            last = one_line(e)
         if not last:
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(staged, final)   # same filesystem: atomic, a reader sees no file or the whole file
@@ -480,7 +472,7 @@ def fetch_url(url: str, dest: str | os.PathLike, name: str, sha256: str, retries
                     http_get(url, f, resume_size=f.tell())
                 last = verify_file(staged, name, {"sha256": sha256})
             except Exception as e:  # network and HTTP errors: retried, then one line
-                last = _one_line(e)
+                last = one_line(e)
             if not last:
                 break
             if "sha256" in last:
@@ -516,4 +508,4 @@ def fetched_shards(base_dir: str | os.PathLike, name: str) -> Path:
 
 __all__ = ["PRETRAINING_SETS", "HUB_SPLITS", "HubSplit", "pretraining_set", "shard_files", "shards_for_tokens",
            "pretraining_dir", "hub_repo_dir", "fetch_files", "fetch_split", "split_files", "fetch_url",
-           "fetch_pretraining_shards", "fetched_shards", "check_present", "resolve_revision", "FetchError"]
+           "fetch_pretraining_shards", "fetched_shards", "check_present", "resolve_revision"]

@@ -125,7 +125,7 @@ def start_gpu_sampler(device_type: str, cuda_index: int | None = None,
     if not torch.cuda.is_available():
         return None, "no CUDA device"
     if cuda_index is None:
-        from nanochat.common import _env_rank_info, local_cuda_index
+        from nanochat.distributed import _env_rank_info, local_cuda_index
         cuda_index = local_cuda_index(_env_rank_info()[1], torch.cuda.device_count())
     read, why = nvml_reader(cuda_index)
     if read is None:

@@ -35,8 +35,10 @@ from pathlib import Path
 
 import torch
 
-from nanochat.common import (ConfigError, atomic_write_json, autodetect_device_type, device_name, device_peaks, git_commit,
-                             peak_memory_bytes, synchronize)
+from nanochat.device import autodetect_device_type, device_name, peak_memory_bytes, synchronize
+from nanochat.errors import ConfigError
+from nanochat.files import atomic_write_json, git_commit
+from nanochat.peaks import device_peaks
 from nanochat.engine import (DECODE_PRECISIONS, INT8_CPU_ONLY, Engine, check_decode, decode_precision_route, full_fp32_matmuls,
                              generate_naive, prepare_for_inference)
 from nanochat.gpt import GPTConfig, build_model
@@ -61,7 +63,7 @@ class InferenceBenchConfig:
     precision: str = "auto"      # kv-fast's weights: auto | fp32 | bf16 | int8 (engine.decode_precision_route)
     multi_samples: int = 8       # rows of kv-eager-xN (1: no multi-sample variant)
     quality_prompts: int = 10    # prompts in kv-fast's quality guard (0: no guard)
-    peak_bandwidth: float = 0.0  # bytes/s of the device's memory for bandwidth_util; 0 = common.device_peaks'
+    peak_bandwidth: float = 0.0  # bytes/s of the device's memory for bandwidth_util; 0 = peaks.device_peaks'
 
     def validate(self) -> None:
         if not isinstance(self.threads, int) or self.threads < 0:

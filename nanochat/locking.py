@@ -32,7 +32,7 @@ from pathlib import Path
 
 from filelock import BaseFileLock, FileLock, SoftFileLease, Timeout
 
-from nanochat.common import ConfigError
+from nanochat.errors import ConfigError
 
 LOCK_ENV = "NANOCHAT_LOCK"
 TIMEOUT_ENV = "NANOCHAT_LOCK_TIMEOUT"

@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Callable
 
 from nanochat.checkpoint import load_model
-from nanochat.common import ConfigError, compute_cleanup, compute_init, get_base_dir
+from nanochat.distributed import compute_cleanup, compute_init
+from nanochat.errors import ConfigError
+from nanochat.files import get_base_dir
 from nanochat.dataloader import conversation_loader
 from nanochat.datasets_chat import read_mixture
 from nanochat.synthetic import generate_conversations

@@ -19,7 +19,8 @@ import os
 import sysconfig
 from pathlib import Path
 
-from nanochat.common import ConfigError, atomic_write_json, get_base_dir
+from nanochat.errors import ConfigError
+from nanochat.files import atomic_write_json, get_base_dir
 from nanochat.dataset import (SHARD_GLOB, iter_shard_texts, list_shards, open_shard, shard_name, split_shards,
                               write_shard)
 from nanochat.locking import file_lock

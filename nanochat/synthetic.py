@@ -20,7 +20,8 @@ import re
 from functools import lru_cache
 from pathlib import Path
 
-from nanochat.common import ConfigError, atomic_write_text
+from nanochat.errors import ConfigError
+from nanochat.files import atomic_write_text
 
 CHARS_PER_TOKEN = 2.5  # rough size estimate for the length cap (no tokenizer here; small vocabularies ~2.5)
 

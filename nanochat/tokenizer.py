@@ -16,7 +16,8 @@ from typing import Iterable, Iterator
 import tiktoken
 import torch
 
-from nanochat.common import ConfigError, atomic_torch_save, atomic_write_json
+from nanochat.errors import ConfigError
+from nanochat.files import atomic_torch_save, atomic_write_json
 
 SPECIAL_TOKENS = [
     "<|bos|>",

@@ -32,8 +32,11 @@ import torch
 import torch.distributed as dist
 
 from nanochat.checkpoint import check_model_config, latest_valid_checkpoint, save_checkpoint, set_rng_state
-from nanochat.common import (ConfigError, DistInfo, atomic_write_text, device_name, device_peaks,
-                             peak_memory_bytes, print0, reset_peak_memory, synchronize)
+from nanochat.device import device_name, peak_memory_bytes, reset_peak_memory, synchronize
+from nanochat.distributed import DistInfo, print0
+from nanochat.errors import ConfigError
+from nanochat.files import atomic_write_text
+from nanochat.peaks import device_peaks
 from nanochat.dataloader import StepRows
 from nanochat.gpt import CompiledGPT
 from nanochat.optim import GradientBuckets, all_reduce_gradients, build_optimizers, zero_gradients
@@ -46,7 +49,7 @@ COMPILE_CHOICES = {"auto": None, "on": True, "true": True, "1": True, "off": Fal
 @dataclass
 class TrainConfig:
     """Fields common to base and mid training. Every field is a YAML key of the stage."""
-    base_dir: str = ""                 # shared artifacts; "" -> nanochat.common.get_base_dir()
+    base_dir: str = ""                 # shared artifacts; "" -> nanochat.files.get_base_dir()
     out_dir: str = ""                  # this stage's folder: checkpoints/, metrics.csv
     init_from: str = ""                # checkpoint folder to start from (mid training)
     device_type: str = ""              # "" = cuda if available, else cpu
@@ -71,7 +74,7 @@ class TrainConfig:
     seed: int = 42
     num_streams: int = 0               # data streams; 0 = world_size (see dataloader.py)
     overlap: bool = True               # prefetch rows, all-reduce during backward, shard Muon; false = plain path
-    peak_flops: float = 0.0            # bf16 dense FLOP/s of one device for MFU; 0 = common.device_peaks' table/fallback
+    peak_flops: float = 0.0            # bf16 dense FLOP/s of one device for MFU; 0 = peaks.device_peaks' table/fallback
 
 
 def validate_common(cfg: TrainConfig) -> None:
@@ -127,7 +130,7 @@ def muon_momentum(step: int) -> float:
 
 def mfu_percent(flops_per_token: float, tokens_per_s: float, device: torch.device, world_size: int,
                 peak_flops: float = 0.0) -> float | None:
-    """Model FLOPs utilisation in percent against common.device_peaks (peak_flops: a user-given peak)."""
+    """Model FLOPs utilisation in percent against peaks.device_peaks (peak_flops: a user-given peak)."""
     peak = device_peaks(device, peak_flops)["peak_flops"]
     if not peak:
         return None

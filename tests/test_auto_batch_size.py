@@ -19,7 +19,7 @@ from nanochat.auto_batch_size import (ProbeConfig, Trial, TrainStep, cache_path,
                                       fallback_after_oom, find_optimal_device_batch_size, is_oom_error, read_cache,
                                       resolve_device_batch_size, run as run_probe, run_under_memory_budget,
                                       search_device_batch_size, write_cache)
-from nanochat.common import ConfigError
+from nanochat.errors import ConfigError
 from nanochat.gpt import CompiledGPT, GPTConfig, build_model
 from nanochat.optim import build_optimizers
 

@@ -162,7 +162,7 @@ def test_key_changes_with_everything_training_reads(device):
 
 
 def test_serves_is_validated(tmp_path):
-    from nanochat.common import ConfigError
+    from nanochat.errors import ConfigError
     import yaml
     raw = yaml.safe_load((REPO_ROOT / "pipelines" / "smoke.yaml").read_text())
     cases = [({"serves": "sft"}, "serves"), ({"serves": "nope"}, "unknown stage"),

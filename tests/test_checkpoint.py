@@ -7,7 +7,7 @@ import torch
 from nanochat import base_train
 from nanochat.checkpoint import (latest_valid_checkpoint, list_checkpoints, load_checkpoint, load_model,
                                  save_checkpoint, set_rng_state)
-from nanochat.common import ConfigError
+from nanochat.errors import ConfigError
 from nanochat.gpt import GPTConfig, build_model
 from nanochat.optim import build_optimizers
 from nanochat.prepare import ensure_pretraining_data

@@ -114,7 +114,7 @@ def test_bench_compare_cpu_step_reports_each_route(base_dir, capsys):
     assert bf16["max_rel_dev"] < 0.02 and bf16["compile_s"] == 0.0
     assert out["training_routes"]["compile_auto_long_run"] == nanochat.cpu_features.cpu_can_compile()
     args.routes = "fp32-eager,fp16-compile"
-    from nanochat.common import ConfigError
+    from nanochat.errors import ConfigError
     with pytest.raises(ConfigError, match="fp16-compile"):
         bench_train.run(args)
 

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from nanochat.common import ConfigError
+from nanochat.errors import ConfigError
 from nanochat.dataloader import conversation_loader, pretraining_loader
 from nanochat.dataset import list_shards, open_shard, shard_name, split_shards, write_shard
 from nanochat.prepare import data_dir, ensure_pretraining_data, ensure_tokenizer

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from jobs import spec
-from nanochat.common import ConfigError
+from nanochat.errors import ConfigError
 from nanochat.conversations import check_conversation_file, read_conversations
 
 REPO = Path(__file__).resolve().parent.parent

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanochat.common import DEVICE_PEAKS, _env_rank_info, local_cuda_index, peak_bandwidth, peak_flops
+from nanochat.distributed import _env_rank_info, local_cuda_index
+from nanochat.peaks import DEVICE_PEAKS, peak_bandwidth, peak_flops
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,7 +57,7 @@ def test_table_is_consistent():
 # Devices not in the table: the CUDA properties (SMs, compute capability, NVML clocks), or a given peak
 
 def test_peaks_from_properties_reproduce_the_data_sheets():
-    from nanochat.common import peaks_from_properties
+    from nanochat.peaks import peaks_from_properties
     # A100 SXM4 80GB: 108 SMs at 1410 MHz, HBM2e at 1593 MHz on 5120 bits
     flops, bandwidth = peaks_from_properties(8, 0, 108, 1410e6, 1593e6, 5120)
     assert flops == pytest.approx(312e12, rel=0.01) and bandwidth == pytest.approx(2.039e12, rel=0.01)
@@ -72,29 +73,29 @@ def test_peaks_from_properties_reproduce_the_data_sheets():
 
 def test_device_peaks_order_config_then_table_then_cuda_properties(monkeypatch):
     import types
-    from nanochat import common, gpu_monitor
+    from nanochat import gpu_monitor, peaks
     cpu = torch.device("cpu")
-    assert common.device_peaks(cpu)["peak_flops"] is None                 # a CPU has no peak...
-    given = common.device_peaks(cpu, 2e12, 5e10)                            # ...unless one is given
+    assert peaks.device_peaks(cpu)["peak_flops"] is None                 # a CPU has no peak...
+    given = peaks.device_peaks(cpu, 2e12, 5e10)                            # ...unless one is given
     assert given == {"peak_flops": 2e12, "peak_flops_source": "config", "peak_bandwidth": 5e10,
                      "peak_bandwidth_source": "config"}
     cuda = torch.device("cuda", 0)
     names = {"name": "NVIDIA A100-SXM4-80GB"}
-    monkeypatch.setattr(common, "_peaks_cache", {})
-    monkeypatch.setattr(common, "device_name", lambda device: names["name"])
+    monkeypatch.setattr(peaks, "_peaks_cache", {})
+    monkeypatch.setattr(peaks, "device_name", lambda device: names["name"])
     monkeypatch.setattr(torch.cuda, "get_device_properties",
                         lambda device: types.SimpleNamespace(major=9, minor=0, multi_processor_count=132))
     monkeypatch.setattr(gpu_monitor, "nvml_clocks", lambda index: {
         "sm_clock_hz": 1980e6, "mem_clock_hz": 2619e6, "bus_width_bits": 6144, "memory_share": 1.0})
-    table = common.device_peaks(cuda)
+    table = peaks.device_peaks(cuda)
     assert (table["peak_flops"], table["peak_flops_source"]) == (312e12, "table")
     names["name"] = "NVIDIA GH200 144G HBM3e"                               # not in the table
-    common._peaks_cache.clear()                                             # (cached per device)
-    fallback = common.device_peaks(cuda)
+    peaks._peaks_cache.clear()                                             # (cached per device)
+    fallback = peaks.device_peaks(cuda)
     assert fallback["peak_flops_source"] == fallback["peak_bandwidth_source"] == "cuda_properties"
     assert fallback["peak_flops"] == pytest.approx(132 * 4096 * 1980e6)
     assert fallback["peak_bandwidth"] == pytest.approx(2 * 2619e6 * 6144 / 8)
-    mixed = common.device_peaks(cuda, flops_override=900e12)
+    mixed = peaks.device_peaks(cuda, flops_override=900e12)
     assert (mixed["peak_flops"], mixed["peak_flops_source"], mixed["peak_bandwidth_source"]) == \
         (900e12, "config", "cuda_properties")
 

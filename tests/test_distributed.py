@@ -85,7 +85,7 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
 # and torch.compile do; it used to pin the default process group.
 TEARDOWN_CHILD = """
 import os, torch, torch.distributed as dist
-from nanochat.common import compute_cleanup, compute_init
+from nanochat.distributed import compute_cleanup, compute_init
 compute_init("cpu")
 import torch._dynamo  # noqa: F401  (late import, as the meta-device model build does)
 t = torch.ones(8)

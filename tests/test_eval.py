@@ -10,7 +10,7 @@ import torch
 
 from nanochat import evaluate
 from nanochat.checkpoint import load_model, save_checkpoint
-from nanochat.common import ConfigError
+from nanochat.errors import ConfigError
 from nanochat.gpt import GPTConfig, build_model
 from nanochat.tasks import core, gsm8k, multiple_choice
 from nanochat.tasks.common import FIXTURES_DIR, load_records

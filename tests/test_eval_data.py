@@ -18,9 +18,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 pytest_plugins = ["hub_server"]   # the `hub` fixture
 
 from jobs import hub_files  # noqa: E402
-from nanochat.common import ConfigError  # noqa: E402
+from nanochat.errors import ConfigError  # noqa: E402
 from nanochat.eval_data import EVAL_SETS, ensure_eval_set, eval_path  # noqa: E402
-from nanochat.fetch import HUB_SPLITS, PRETRAINING_SETS, FetchError, fetch_pretraining_shards, read_manifest  # noqa: E402
+from nanochat.errors import FetchError
+from nanochat.fetch import HUB_SPLITS, PRETRAINING_SETS, fetch_pretraining_shards, read_manifest  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 EVAL_SPLITS = [k for k in HUB_SPLITS if k.endswith("/test")]

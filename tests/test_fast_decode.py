@@ -37,7 +37,7 @@ def fast_bf16(monkeypatch):
 
 def test_int8_on_cuda_is_refused_before_any_work():
     # _weight_int8pack_mm has no CUDA kernel: a ConfigError (exit 2) from the route and the config check
-    from nanochat.common import ConfigError
+    from nanochat.errors import ConfigError
     from nanochat.inference_bench import InferenceBenchConfig
     with pytest.raises(ConfigError, match="no CUDA kernel"):
         decode_precision_route("int8", "cuda")

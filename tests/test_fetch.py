@@ -14,9 +14,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 pytest_plugins = ["hub_server"]   # the `hub` fixture
 
-from nanochat.common import ConfigError  # noqa: E402
-from nanochat.fetch import (PRETRAINING_SETS, FetchError, fetch_pretraining_shards, fetched_shards,  # noqa: E402
-                            pretraining_dir, shard_files)
+from nanochat.errors import ConfigError  # noqa: E402
+from nanochat.errors import FetchError
+from nanochat.fetch import PRETRAINING_SETS, fetch_pretraining_shards, fetched_shards, pretraining_dir, shard_files
 
 REPO = Path(__file__).resolve().parent.parent
 FINEWEB = PRETRAINING_SETS["fineweb-edu-100b"]

@@ -11,7 +11,8 @@ import math
 import pytest
 import torch
 
-from nanochat.common import DEVICE_PEAKS, local_cuda_index, peak_bandwidth, peak_flops
+from nanochat.distributed import local_cuda_index
+from nanochat.peaks import DEVICE_PEAKS, peak_bandwidth, peak_flops
 from nanochat.engine import Engine, KVCache, check_decode, full_fp32_matmuls
 from nanochat.gpt import GPTConfig, build_model
 from nanochat.inference_bench import InferenceBenchConfig, randomize_weights, run as run_bench
@@ -33,12 +34,12 @@ def prompt(n=12, vocab=512):
 def test_this_gpu_is_in_the_peak_table_if_it_is_a_datacenter_part():
     name = torch.cuda.get_device_name(0)
     if name.startswith(("NVIDIA H100", "NVIDIA H200", "NVIDIA A100")):
-        assert name in DEVICE_PEAKS, f"{name!r}: add it to nanochat.common.DEVICE_PEAKS (exact name)"
+        assert name in DEVICE_PEAKS, f"{name!r}: add it to nanochat.peaks.DEVICE_PEAKS (exact name)"
         assert peak_flops(name) > 100e12 and peak_bandwidth(name) > 1e12
 
 
 def test_this_gpu_has_peaks_from_the_table_or_its_properties():
-    from nanochat.common import device_peaks
+    from nanochat.peaks import device_peaks
     peaks = device_peaks(torch.device("cuda", 0))
     major, minor = torch.cuda.get_device_capability(0)
     if (major, minor) >= (8, 0):

@@ -67,7 +67,7 @@ def test_the_real_call_sites_lock_where_flock_is_missing(tmp_path):
 
 def test_flock_where_it_works_and_a_bad_setting_is_one_line(tmp_path):
     out = child(f"""
-        from nanochat.common import ConfigError
+        from nanochat.errors import ConfigError
         from nanochat.locking import file_lock
         from filelock import SoftFileLock
         print("soft" if isinstance(file_lock({str(tmp_path / 'x.lock')!r}), SoftFileLock) else "flock")

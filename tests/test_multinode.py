@@ -21,7 +21,7 @@ import torch
 
 from helpers import jobs_cli, last_json, rows, sacct, sacct_state, wait_until, write_spec
 from nanochat.checkpoint import list_checkpoints, load_checkpoint
-from nanochat.common import _env_rank_info, _first_host, _slurm_master_addr, compute_init, rendezvous_port
+from nanochat.distributed import _env_rank_info, _first_host, _slurm_master_addr, compute_init, rendezvous_port
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = str(Path(sys.executable).parent)
@@ -89,7 +89,7 @@ def test_env_rank_info_reads_torchrun_then_srun():
 
 STUCK_PEER = """
 import os, sys, time, torch, torch.distributed as dist
-from nanochat.common import compute_init
+from nanochat.distributed import compute_init
 info = compute_init("cpu")
 if info.rank == 1:
     time.sleep(120)          # alive but never reaches the all-reduce (a hung node)

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanochat.common import DistInfo, peak_memory_bytes, reset_peak_memory
+from nanochat.device import peak_memory_bytes, reset_peak_memory
+from nanochat.distributed import DistInfo
 from nanochat.gpt import GPTConfig, build_model
 
 GB = 1 << 30

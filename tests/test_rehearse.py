@@ -10,7 +10,7 @@ import pytest
 
 from helpers import jobs_cli, last_json, sacct
 from jobs import rehearse, spec
-from nanochat.common import ConfigError
+from nanochat.errors import ConfigError
 
 VENV_BIN = str(Path(sys.executable).parent)
 

@@ -15,7 +15,8 @@ import pytest
 from jobs import report as rp
 from jobs import report_load, report_pairs, report_plots, report_rows, report_sacct
 from jobs.rows import make_row, row_path, write_row
-from nanochat.common import ConfigError, atomic_write_json
+from nanochat.errors import ConfigError
+from nanochat.files import atomic_write_json
 from jobs.sacct import SacctResult, is_slurm_job_id, parse_sacct, query_sacct
 
 REPO = Path(__file__).resolve().parents[1]

@@ -29,7 +29,7 @@ def umask(request):
 
 def test_atomic_helpers_honour_the_umask(tmp_path, umask):
     import torch
-    from nanochat.common import atomic_torch_save, atomic_write_bytes, atomic_write_json, atomic_write_text
+    from nanochat.files import atomic_torch_save, atomic_write_bytes, atomic_write_json, atomic_write_text
     atomic_write_json(tmp_path / "j" / "run.json", {"a": 1})
     atomic_write_text(tmp_path / "t.md", "x")
     atomic_write_bytes(tmp_path / "b.png", b"x")

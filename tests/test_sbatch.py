@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from jobs.array import load_grid
-from nanochat.common import ConfigError
+from nanochat.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 SBATCH = REPO / "sbatch"

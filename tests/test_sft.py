@@ -10,7 +10,7 @@ import torch
 
 from nanochat.chat_sft import (CompileCounter, SFTConfig, bench_ratios, load_conversations, render_examples,
                                summed_loss, train)
-from nanochat.common import ConfigError
+from nanochat.errors import ConfigError
 from nanochat.gpt import CompiledGPT, GPTConfig, build_model
 from nanochat.packing import MODES
 from nanochat.tokenizer import Tokenizer

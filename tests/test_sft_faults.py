@@ -123,7 +123,7 @@ def test_real_out_of_memory_reruns_the_step_smaller_and_a_restart_keeps_it(tmp_p
 # fails to allocate (the CPU allocator's own error, for an impossible request) whenever it is handed
 # more than 2 rows; with STOP_RANK set, only that rank's stop flag is raised, after its second step.
 RANKS_CHILD = COMMON + r"""
-from nanochat.common import compute_cleanup, compute_init
+from nanochat.distributed import compute_cleanup, compute_init
 info = compute_init("cpu")
 out_dir = sys.argv[1]
 

@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from jobs import spec
-from nanochat.common import ConfigError
+from nanochat.errors import ConfigError
 
 GOOD = {
     "name": "t",

@@ -1,7 +1,7 @@
 """Tokenizer: round trips, conversation masks, save/load."""
 import pytest
 
-from nanochat.common import ConfigError
+from nanochat.errors import ConfigError
 from nanochat.prepare import python_stdlib_documents
 from nanochat.tokenizer import SPECIAL_TOKENS, TOKEN_BYTES_FILE, TOKENIZER_FILE, Tokenizer
 

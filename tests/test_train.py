@@ -8,7 +8,8 @@ import torch
 
 from nanochat import base_train, mid_train
 from nanochat.checkpoint import list_checkpoints, load_checkpoint, load_model
-from nanochat.common import ConfigError, DistInfo
+from nanochat.distributed import DistInfo
+from nanochat.errors import ConfigError
 from nanochat.dataloader import pretraining_loader
 from nanochat.dataset import split_shards
 from nanochat.gpt import GPT, GPTConfig

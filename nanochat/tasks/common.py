@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nanochat.common import ConfigError
+from nanochat.errors import ConfigError
 from nanochat.conversations import jsonl_lines
 
 FIXTURES_DIR = Path(__file__).resolve().parent.parent / "eval_fixtures"
@@ -16,7 +16,7 @@ def resolve_data_dir(data_dir: str, base_dir: str) -> Path:
         return FIXTURES_DIR
     if data_dir:
         return Path(data_dir)
-    from nanochat.common import get_base_dir
+    from nanochat.files import get_base_dir
     return Path(base_dir or get_base_dir()) / "eval_data"
 
 

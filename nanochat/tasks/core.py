@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from nanochat.common import ConfigError
+from nanochat.errors import ConfigError
 from nanochat.tasks.common import load_records, require
 
 TYPES = {"multiple_choice": ("query", "choices", "gold"), "schema": ("context_options", "continuation", "gold"),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nanochat.common import ConfigError
+from nanochat.errors import ConfigError
 from nanochat.tasks.common import load_records, require
 
 LETTERS = "ABCDEFGHIJ"
