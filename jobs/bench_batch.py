@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from nanochat.auto_batch_size import DEFAULT_SAFETY_MARGIN, TrainStep, resolve_device_batch_size, rows_per_rank
+from nanochat.auto_batch_size import DEFAULT_SAFETY_MARGIN, TrainStep, resolve_device_batch_size
+from nanochat.training.geometry import rows_per_rank
 from nanochat.device import autodetect_device_type, device_name, synchronize
 from nanochat.errors import ConfigError
 from nanochat.gpt import GPTConfig, build_model

@@ -13,7 +13,7 @@ import argparse
 import json
 import sys
 
-from nanochat.inference_bench import InferenceBenchConfig, run as run_bench, summary
+from nanochat.recipes.inference_bench import InferenceBenchConfig, run as run_bench, summary
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

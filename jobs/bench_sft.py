@@ -4,7 +4,7 @@ the same conversations, model init and batch size, in one process. Prints a tabl
 JSON object as the last line: per mode the three tokens/s figures, the padding fraction, the compile count
 and compile seconds (the untimed first step's time beyond an ordinary step; inductor's on-disk cache
 can make a repeated compilation nearly free), and three ratios of real tokens/s that attribute the gain
-(nanochat.chat_sft.BENCH_RATIOS): packing (compile-pack / compile-pad, both compiled), compiling
+(nanochat.recipes.sft.BENCH_RATIOS): packing (compile-pack / compile-pad, both compiled), compiling
 (compile-pack / eager-pack, both packed) and everything (compile-pack / eager-dynamic, the original).
 Timings on a shared CPU are noisy: compare ratios from one run, and repeat.
 """
@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 
-from nanochat.chat_sft import SFTConfig, bench, bench_ratios
+from nanochat.recipes.sft import SFTConfig, bench, bench_ratios
 from nanochat.errors import ConfigError
 from nanochat.packing import MODES
 
@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--init-from", default="", help="checkpoint folder to start from (default: a fresh model)")
     parser.add_argument("--depth", type=int, default=4, help="depth of the fresh model")
     parser.add_argument("--vocab-size", type=int, default=2048, help="vocabulary of the fresh model's tokenizer")
-    parser.add_argument("--seq-len", type=int, default=1024, help="max_seq_len: tokens per row")
+    parser.add_argument("--seq-len", type=int, default=1024, help="seq_len: tokens per row")
     parser.add_argument("--batch-size", type=int, default=4, help="rows per micro-batch (0 = automatic)")
     parser.add_argument("--steps", type=int, default=10, help="optimizer steps per mode, the first one untimed")
     parser.add_argument("--pack-buffer", type=int, default=512, help="conversations best-fit packing looks at")
@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     cfg = SFTConfig(data_path=args.data, num_conversations=args.conversations, init_from=args.init_from,
-                    depth=args.depth, vocab_size=args.vocab_size, max_seq_len=args.seq_len,
+                    depth=args.depth, vocab_size=args.vocab_size, seq_len=args.seq_len,
                     device_batch_size=args.batch_size, max_steps=args.steps, pack_buffer=args.pack_buffer,
                     device_type=args.device, seed=args.seed, save_checkpoint=False)
     if args.steps < 2:

@@ -5,7 +5,7 @@ and, with --json, one JSON object as the last line: tokens/s, MFU where the devi
 known, device batch size and its source. --device-batch-size 0 lets nanochat.auto_batch_size
 choose; --baseline-batch-size N also runs a fixed batch of N and reports auto / fixed.
 --compare-precision runs the fp32 step and the `fast` one (bf16 autocast on CUDA and CPUs with AMX,
-fp32 elsewhere: nanochat.train_loop.train_precision_route) alternately, --rounds times each, and reports the best
+fp32 elsewhere: nanochat.training.routes.train_precision_route) alternately, --rounds times each, and reports the best
 tokens/s of each, their ratio and how far the fast run's final loss is from fp32's (same data, init).
 --ranks 1,2 runs the same global batch on 1 and on 2 processes (gloo on CPU, NCCL on CUDA; the CPU's
 threads split between the ranks) and reports tokens/s of each; at the largest rank count also the
@@ -32,7 +32,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from nanochat.base_train import BaseTrainConfig, run as run_base_train
+from nanochat.recipes.base_train import BaseTrainConfig, run as run_base_train
 from nanochat.errors import ConfigError
 
 # --compare-cpu-step: route name -> (precision, compile) as the training loop takes them
@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
 def _compare_precision(args: argparse.Namespace) -> int:
     import torch
     from nanochat.device import autodetect_device_type
-    from nanochat.train_loop import train_precision_route
+    from nanochat.training.routes import train_precision_route
     if args.rounds < 1:
         raise ConfigError(f"bench train --rounds: need at least 1, got {args.rounds}")
     device = torch.device(args.device or autodetect_device_type())
@@ -153,7 +153,7 @@ def _compare_precision(args: argparse.Namespace) -> int:
 
 RANK_CHILD = """
 import json, sys
-from nanochat.base_train import BaseTrainConfig, run
+from nanochat.recipes.base_train import BaseTrainConfig, run
 print("ROW " + json.dumps(run(BaseTrainConfig(**json.loads(sys.argv[1]))), default=str), flush=True)
 """
 
@@ -317,7 +317,9 @@ def _compare_cpu_step(args: argparse.Namespace) -> int:
     from nanochat.gpt import CompiledGPT, GPTConfig, build_model
     from nanochat.optim import build_optimizers
     from nanochat.prepare import ensure_pretraining_data, ensure_tokenizer
-    from nanochat.train_loop import autocast_context, forward_backward, lr_multiplier, muon_momentum
+    from nanochat.training.routes import autocast_context
+    from nanochat.training.step import forward_backward
+    from nanochat.training.train_loop import lr_multiplier, muon_momentum
 
     names = [r.strip() for r in args.routes.split(",") if r.strip()]
     for r in names:
@@ -394,7 +396,7 @@ def _compare_cpu_step(args: argparse.Namespace) -> int:
         print(f"{name:<13} tok/s={tokens / step_s:8,.0f} ratio={base_step / step_s:5.2f}x (cpu-s {base_cpu / cpu_s:4.2f}x) compile={compile_s:6.1f}s "
               f"payback_steps={pay:>6} loss_dev(last {gap['last_steps']} steps: max raw {100 * gap['max_rel_dev']:.2f}%, "
               f"max ema {100 * gap['max_rel_dev_ema']:.2f}%) final_loss={r['losses'][-1]:.4f}", flush=True)
-    from nanochat.train_loop import CPU_COMPILE_MIN_TRAIN_FLOPS, resolve_compile, train_precision_route
+    from nanochat.training.routes import CPU_COMPILE_MIN_TRAIN_FLOPS, resolve_compile, train_precision_route
     compiled = resolve_compile("auto", device, train_flops=float("inf"))
     out["training_routes"] = {"compile_auto_long_run": compiled,
                               "precision_fast": train_precision_route("fast", device, compiled=compiled)}

@@ -387,7 +387,7 @@ def format_plan(plan: dict) -> str:
 def _fetch(args) -> int:
     from jobs import spec
     from nanochat import fetch
-    from nanochat.data_stage import DataConfig, run as run_data
+    from nanochat.recipes.data import DataConfig, run as run_data
     from nanochat.datasets_chat import CHAT_SETS
     from nanochat.eval_data import EVAL_SETS
     base_dir = args.base_dir or str(get_base_dir())

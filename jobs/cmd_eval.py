@@ -5,7 +5,7 @@
     python -m jobs eval <workdir>/<run>/base_train/checkpoints --tasks core
     torchrun --nproc_per_node 2 -m jobs eval CKPT --tasks humaneval     (each rank a slice)
 
---tasks core runs the base-model CORE suite (nanochat.evaluate.BaseEvalConfig); any of arc_easy,
+--tasks core runs the base-model CORE suite (nanochat.recipes.base_eval.BaseEvalConfig); any of arc_easy,
 arc_challenge, mmlu, gsm8k, humaneval run the chat evaluation. Prints one line per task (accuracy,
 examples, seconds, examples/s) and, with --json, the rows as one JSON object on the last line.
 Exit 1 when a task was not run (HumanEval where no sandbox can be made: the one-line reason is on
@@ -39,19 +39,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nanochat import evaluate
+    from nanochat.recipes import base_eval, chat_eval
     if args.max_per_task < 0:
         raise ConfigError(f"--max-per-task {args.max_per_task}: must be >= 0")
     common = dict(data_dir=args.data_dir, max_per_task=args.max_per_task, init_from=args.checkpoint,
                   device_type=args.device)
     if args.tasks.strip() == "core":
-        cfg = evaluate.BaseEvalConfig(**common)
+        cfg = base_eval.BaseEvalConfig(**common)
+        recipe = base_eval
     else:
-        cfg = evaluate.ChatEvalConfig(tasks=args.tasks, num_samples=args.num_samples, temperature=args.temperature,
+        recipe = chat_eval
+        cfg = chat_eval.ChatEvalConfig(tasks=args.tasks, num_samples=args.num_samples, temperature=args.temperature,
                                       max_new_tokens=args.max_new_tokens, first_token=args.first_token,
                                       compare_broadcast=args.compare_broadcast,
                                       allow_unsafe_code=args.allow_unsafe_code, **common)
-    rows = evaluate.run(cfg)
+    rows = recipe.run(cfg)
     print(format_rows(rows), flush=True)
     skipped = [r["error"] for r in rows if r.get("state") == "SKIPPED"]
     if args.json:

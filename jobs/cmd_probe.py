@@ -8,7 +8,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from nanochat.auto_batch_size import DEFAULT_SAFETY_MARGIN, DEFAULT_STOP_GAIN, ProbeConfig, run as run_probe
+from nanochat.auto_batch_size import DEFAULT_SAFETY_MARGIN, DEFAULT_STOP_GAIN
+from nanochat.recipes.probe import ProbeConfig, run as run_probe
 from nanochat.errors import ConfigError
 
 

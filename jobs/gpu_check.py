@@ -134,21 +134,21 @@ def check_gpu_tests(ctx: dict) -> dict:
 # The checks' configs, built apart so a CPU test can build and validate every one of them.
 
 def inference_config(device_type: str = "cuda"):
-    from nanochat.inference_bench import InferenceBenchConfig
+    from nanochat.recipes.inference_bench import InferenceBenchConfig
     return InferenceBenchConfig(device_type=device_type, depth=8, vocab_size=65536, prompt_len=50, new_tokens=64,
                                 num_samples=4, diversity_samples=16)
 
 
 def train_compiled_config(workdir, vocab: int, device_type: str = "cuda"):
-    from nanochat.base_train import BaseTrainConfig
+    from nanochat.recipes.base_train import BaseTrainConfig
     return BaseTrainConfig(base_dir=str(workdir), out_dir=str(Path(workdir) / "base"), device_type=device_type, depth=4,
                            seq_len=256, vocab_size=vocab, device_batch_size=0, total_batch_size=4 * 256, num_steps=3,
                            eval_tokens=1, log_every=1, compile="on", num_shards=DATA_SHARDS, data_max_chars=DATA_CHARS)
 
 
 def sft_config(workdir, init_from: str, device_type: str = "cuda"):
-    from nanochat.chat_sft import SFTConfig
-    return SFTConfig(base_dir=str(workdir), init_from=init_from, device_type=device_type, max_seq_len=256,
+    from nanochat.recipes.sft import SFTConfig
+    return SFTConfig(base_dir=str(workdir), init_from=init_from, device_type=device_type, seq_len=256,
                      device_batch_size=4, max_steps=4, num_conversations=200, val_conversations=8, save_checkpoint=False)
 
 
@@ -156,7 +156,7 @@ OOM_DEPTH, OOM_SEQ_LEN = 20, 2048
 
 
 def oom_config(workdir, vocab: int, total_memory: int, device_type: str = "cuda"):
-    from nanochat.base_train import BaseTrainConfig
+    from nanochat.recipes.base_train import BaseTrainConfig
     rows = oom_batch_rows(total_memory, OOM_DEPTH, OOM_SEQ_LEN)
     return BaseTrainConfig(base_dir=str(workdir), out_dir="", device_type=device_type, depth=OOM_DEPTH,
                            seq_len=OOM_SEQ_LEN, vocab_size=vocab, device_batch_size=rows,
@@ -173,7 +173,7 @@ def oom_batch_rows(total_memory: int, depth: int, seq_len: int) -> int:
 
 
 def check_inference(ctx: dict) -> dict:
-    from nanochat.inference_bench import run, summary
+    from nanochat.recipes.inference_bench import run, summary
     rows = run(inference_config())     # raises DecodeMismatch when a cached variant fails the fp32 check
     s = summary(rows)
     by = {r["variant"]: r for r in rows}
@@ -191,7 +191,7 @@ def check_inference(ctx: dict) -> dict:
 
 
 def check_train_compiled(ctx: dict) -> dict:
-    from nanochat.base_train import run
+    from nanochat.recipes.base_train import run
     cfg = train_compiled_config(ctx["workdir"], ctx["vocab"])
     row = run(cfg)
     info = row.get("batch_info") or {}
@@ -210,7 +210,7 @@ def check_train_compiled(ctx: dict) -> dict:
 def check_sft_compile(ctx: dict) -> dict:
     if not ctx.get("base_checkpoints"):
         raise Skip("needs train_compiled's checkpoint")
-    from nanochat.chat_sft import bench
+    from nanochat.recipes.sft import bench
     rows = bench(sft_config(ctx["workdir"], ctx["base_checkpoints"]), ("compile-pad", "compile-pack"))
     figures = {r["variant"]: {"state": r["state"], "num_compiles": r["num_compiles"],
                               "compile_seconds": r["extra"]["compile_seconds"],
@@ -227,7 +227,7 @@ def oom_fallback_figures(row: dict, cfg) -> dict:
     """The oom_fallback check's verdict on a training row of oom_config(cfg): a configured batch that ran
     out of memory falls back (batch_size_source config+oom_fallback: a configured size stays the fixed
     side of the report), keeps the total batch exact and trains on. Raises AssertionError otherwise."""
-    from nanochat.train_loop import source_after_oom
+    from nanochat.training.retry import source_after_oom
     rows, T = cfg.device_batch_size, cfg.seq_len
     figures = {"configured_device_batch_size": rows, "seq_len": T, "depth": cfg.depth, "run_state": row.get("state"),
                **{k: row.get(k) for k in ("device_batch_size", "grad_accum_steps", "batch_size_source",
@@ -243,7 +243,7 @@ def oom_fallback_figures(row: dict, cfg) -> dict:
 
 def check_oom_fallback(ctx: dict) -> dict:
     import torch
-    from nanochat.base_train import run
+    from nanochat.recipes.base_train import run
     cfg = oom_config(ctx["workdir"], ctx["vocab"], torch.cuda.get_device_properties(0).total_memory)
     return oom_fallback_figures(run(cfg), cfg)
 

@@ -2,7 +2,7 @@
 Live progress: where each stage is, read from what the stages already write.
 
 One line per stage (one per task of an array): state, step/total, loss, tokens/s, MFU, elapsed
-and ETA. Training stages write their metrics CSV (nanochat.train_loop.write_metrics: step, loss,
+and ETA. Training stages write their metrics CSV (nanochat.training.metrics.write_metrics: step, loss,
 tokens_per_s, mfu, elapsed_s, ...) into their out_dir as they go; the data stage's progress is the
 shards present in the work directory out of those it fetches. The total of steps comes from the
 stage's arguments (num_steps, or the token budget over total_batch_size, as the training loop

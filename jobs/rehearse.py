@@ -30,8 +30,7 @@ from nanochat.errors import ConfigError
 ARG_SIZES = (
     ("depth", 2, None, "2 layers: the recipe's code paths, not its quality"),
     ("vocab_size", 512, None, "a tokenizer the small generated corpus can train"),
-    ("seq_len", 128, ("base_train", "mid_train"), "rows a 2-core machine trains in seconds"),
-    ("max_seq_len", 128, ("sft",), "rows a 2-core machine trains in seconds"),
+    ("seq_len", 128, ("base_train", "mid_train", "sft"), "rows a 2-core machine trains in seconds"),
     ("total_batch_size", 2048, ("base_train", "mid_train"), "8 rows of 128 per rank and step at 2 ranks"),
     ("num_steps", 10, ("base_train", "mid_train"), "a few optimizer steps (the YAML's budget is hours of GPU)"),
 )
@@ -81,7 +80,7 @@ def plan_overrides(pipeline) -> list[Override]:
     onto this machine, sizes scaled down; nodes, tasks_per_node, stages and dependencies kept."""
     import dataclasses
     from jobs.spec import config_class
-    from nanochat.auto_batch_size import SERVED_KEYS
+    from nanochat.recipes.probe import SERVED_KEYS
     out: dict[str, Override] = {}
 
     def add(key, shipped, value, why, stage, item):
@@ -193,7 +192,8 @@ def expected_tasks(pipeline, workdir: Path) -> dict[str, list[str]]:
             spec = (yaml.safe_load(core.read_text()) or {}) if core.is_file() else {}
             out[s.name] = [t["label"] for t in spec.get("icl_tasks", [])] + ["CORE"]
         elif s.kind == "chat_eval":
-            from nanochat.evaluate import GENERATIVE, ChatEvalConfig
+            from nanochat.evaluate import GENERATIVE
+            from nanochat.recipes.chat_eval import ChatEvalConfig
             tasks = [t.strip() for t in str(s.args.get("tasks", ChatEvalConfig.tasks)).split(",") if t.strip()]
             extra = [f"{t}.broadcast" for t in tasks if t in GENERATIVE] if s.args.get("compare_broadcast") else []
             out[s.name] = tasks + extra + ["ChatCORE"]
@@ -240,7 +240,7 @@ def _outcome(pipeline, run_dir: Path, workdir: Path) -> dict:
 
 
 def _print_outcome(out: dict) -> None:
-    from nanochat.data_stage import format_fetch_table
+    from nanochat.recipes.data import format_fetch_table
     print("\nsacct:", flush=True)
     for s in out["stages"]:
         print(f"  {s['stage']:<16} {s['job_id']:<8} {s.get('state', '-'):<11} {s.get('nodelist', '-'):<8} "

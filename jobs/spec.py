@@ -29,17 +29,17 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 PIPELINES_DIR = REPO_ROOT / "pipelines" if (REPO_ROOT / "pipelines").is_dir() else Path(__file__).resolve().parent / "pipelines"
 DEFAULT_PIPELINE = PIPELINES_DIR / "smoke.yaml"
 
-# stage kind -> (module, config class). The recipes follow docs/CONTRACTS.md:
+# stage kind -> (module, config class): the recipe of kind K is nanochat.recipes.K (docs/CONTRACTS.md):
 # module.run(cfg, should_stop=None) -> dict | list[dict].
 KINDS: dict[str, tuple[str, str]] = {
-    "data": ("nanochat.data_stage", "DataConfig"),  # fetch and verify datasets (where the network is)
-    "probe": ("nanochat.auto_batch_size", "ProbeConfig"),
-    "base_train": ("nanochat.base_train", "BaseTrainConfig"),
-    "mid_train": ("nanochat.mid_train", "MidTrainConfig"),
-    "sft": ("nanochat.chat_sft", "SFTConfig"),
-    "inference_bench": ("nanochat.inference_bench", "InferenceBenchConfig"),
-    "base_eval": ("nanochat.evaluate", "BaseEvalConfig"),   # CORE (after base/mid training)
-    "chat_eval": ("nanochat.evaluate", "ChatEvalConfig"),   # ARC, MMLU, GSM8K, HumanEval, ChatCORE (after SFT)
+    "data": ("nanochat.recipes.data", "DataConfig"),  # fetch and verify datasets (where the network is)
+    "probe": ("nanochat.recipes.probe", "ProbeConfig"),
+    "base_train": ("nanochat.recipes.base_train", "BaseTrainConfig"),
+    "mid_train": ("nanochat.recipes.mid_train", "MidTrainConfig"),
+    "sft": ("nanochat.recipes.sft", "SFTConfig"),
+    "inference_bench": ("nanochat.recipes.inference_bench", "InferenceBenchConfig"),
+    "base_eval": ("nanochat.recipes.base_eval", "BaseEvalConfig"),   # CORE (after base/mid training)
+    "chat_eval": ("nanochat.recipes.chat_eval", "ChatEvalConfig"),   # ARC, MMLU, GSM8K, HumanEval, ChatCORE (after SFT)
     "noop": ("jobs.stages", "NoopConfig"),  # built in: tests a cluster (sleep, fail, checkpoint, all-reduce)
 }
 # Fields every recipe config has that the jobs layer fills; a spec may not set them.
@@ -199,12 +199,16 @@ def value_matches(value, annotation) -> bool:
 
 
 def _check_fields(err: SpecError, where: str, values: dict, cls, skip=()) -> None:
-    """Unknown keys (with a near-miss suggestion) and wrong types against a dataclass's fields."""
+    """Unknown keys (with a near-miss suggestion), renamed keys (naming the new one: a recipe's
+    renamed_keys) and wrong types against a dataclass's fields."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.name not in skip]
+    renamed = getattr(cls, "renamed_keys", {})
     for k, v in values.items():
         if k in skip:
             raise err(f"{where}.{k}", "is set by the pipeline runner, not the spec")
+        if k in renamed and k not in names:
+            raise err(f"{where}.{k}", f"renamed: write {renamed[k]} instead")
         if k not in names:
             raise err(f"{where}.{k}", f"unknown key{_suggest(str(k), names)}")
         if not value_matches(v, hints[k]):
@@ -479,7 +483,7 @@ def checked_args(stage: Stage, args: dict, fields: set) -> dict:
 def _check_serves(err: SpecError, stages: dict[str, Stage], probe: Stage, own: set) -> None:
     """A probe's `serves` names a base or mid training stage that runs after it; the probe then takes
     its shape from that stage (jobs.stages.probe_args), so it may not set those keys itself."""
-    from nanochat.auto_batch_size import SERVED_KEYS
+    from nanochat.recipes.probe import SERVED_KEYS
     where = f"stages.{probe.name}.args.serves"
     served = probe.args["serves"]
     if not isinstance(served, str) or served not in stages:

@@ -167,7 +167,7 @@ def probe_args(run: dict, pipeline, probe_stage: str | None, args: dict) -> dict
     SERVED_KEYS) comes from that training stage's own config (its first variant with an automatic
     batch) and its world size, so the probe writes exactly the cache entry the stage will read.
     time_limit_s defaults to the probe stage's time limit, less the signal delay and a tenth."""
-    from nanochat.auto_batch_size import SERVED_KEYS
+    from nanochat.recipes.probe import SERVED_KEYS
     out = {}
     served_name = args.get("serves")
     if served_name:

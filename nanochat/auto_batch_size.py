@@ -63,15 +63,17 @@ import torch
 import torch.distributed as dist
 from filelock import Timeout
 
-from nanochat.device import (autodetect_device_type, device_name, device_total_memory, peak_memory_bytes,
-                             reset_peak_memory)
-from nanochat.distributed import print0
+from nanochat.device import device_name, device_total_memory, peak_memory_bytes, reset_peak_memory
+from nanochat.distributed import any_rank, collective_device, dist_active, print0
 from nanochat.errors import ConfigError
 from nanochat.files import atomic_write_json, get_base_dir
 from nanochat.locking import file_lock
+from nanochat.optim import build_optimizers
+from nanochat.training.geometry import divisors, is_positive_int, largest_divisor_at_most, rows_per_rank
+from nanochat.training.routes import autocast_context, compile_model, resolve_compile, train_precision_route
 # At import, not in TrainStep: the budget child imports this module before it sets its limit, and
-# train_loop's own imports (the data loader's pyarrow) map address space that is no trial's.
-from nanochat.train_loop import autocast_context, compile_model, forward_backward
+# the training step's own imports (the data loader's pyarrow) map address space that is no trial's.
+from nanochat.training.step import forward_backward
 
 # Bump when the trial step changes in a way that changes its memory: old cache entries stop matching.
 STEP_VERSION = 2   # 2: the margin on bytes, trials at divisors only, training's forward_backward
@@ -117,37 +119,11 @@ def free_memory(device: torch.device | None = None) -> None:
 
 
 # -----------------------------------------------------------------------------
-# Divisibility: the total batch is kept exact
-
-def rows_per_rank(total_batch_size: int, seq_len: int, world_size: int) -> int:
-    """Rows one rank processes per optimizer step (device_batch_size * grad_accum)."""
-    if seq_len <= 0 or world_size <= 0 or total_batch_size <= 0:
-        raise ConfigError(f"total_batch_size ({total_batch_size}), seq_len ({seq_len}) and world_size ({world_size}) must be positive")
-    if total_batch_size % (seq_len * world_size):
-        raise ConfigError(f"total_batch_size: {total_batch_size} tokens is not a multiple of seq_len x world_size "
-                          f"= {seq_len} x {world_size}; no device batch keeps it exact")
-    return total_batch_size // (seq_len * world_size)
-
-
-def largest_divisor_at_most(n: int, limit: int) -> int:
-    """Largest d with d | n and d <= limit (0 when limit < 1)."""
-    for d in range(min(n, limit), 0, -1):
-        if n % d == 0:
-            return d
-    return 0
-
-
-def divisors(n: int) -> list[int]:
-    """The device batch sizes that keep the total batch exact: every d with d | n, ascending."""
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
-# -----------------------------------------------------------------------------
 # The trial step
 
 @dataclass
 class TrainStep:
-    """The default trial step: base/mid training's own micro-batch (train_loop.forward_backward, the
+    """The default trial step: base/mid training's own micro-batch (training.step.forward_backward, the
     same call and autocast, so a compiled trial runs the graph training runs) and optimizer step, on
     random tokens (memory does not depend on the data). A dataclass, not a closure, so it can be
     pickled into the budget child."""
@@ -199,22 +175,6 @@ def reserve_muon_gather(optimizers) -> torch.Tensor | None:
 
 
 @dataclass
-class DataSampleStep:
-    """A trial step fed by the earlier fork's data_sample_fn(batch_size, seq_len) -> (inputs, targets)."""
-    data_sample_fn: object
-    seq_len: int
-
-    def __call__(self, model, optimizers, batch_size: int) -> None:
-        x, y = self.data_sample_fn(batch_size, self.seq_len)
-        loss = model(x, y)
-        loss.backward()
-        del loss, x, y
-        for opt in optimizers:
-            opt.step()
-        model.zero_grad(set_to_none=True)
-
-
-@dataclass
 class Trial:
     batch_size: int
     ok: bool
@@ -231,29 +191,15 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _dist_active() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
 def _reduce_trial(status: int, seconds: float, peak: int, device: torch.device) -> tuple[int, float, int]:
     """One collective per trial, reached by every rank whatever happened: status MAX (0 ok, 1 OOM,
     2 other error), step time MAX (the slowest rank sets the pace) and peak memory MAX."""
-    if not _dist_active():
+    if not dist_active():
         return status, seconds, peak
-    comm_device = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    comm_device = collective_device(device)
     t = torch.tensor([float(status), seconds, float(peak)], dtype=torch.float64, device=comm_device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t[0].item()), float(t[1].item()), int(t[2].item())
-
-
-def _any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank when it is true on any (one collective; identity without torch.distributed)."""
-    if not _dist_active():
-        return flag
-    comm_device = device if dist.get_backend() == "nccl" else torch.device("cpu")
-    t = torch.tensor([1 if flag else 0], dtype=torch.int64, device=comm_device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
 
 
 def _snapshot(model) -> dict:
@@ -532,7 +478,7 @@ def _search_on_model(model, optimizers_factory, step_fn, seq_len: int, rows: int
             return search_device_batch_size(trial_fn, rows, None if compile else stop_gain,
                                             time_fn=None if compile else time_fn,
                                             confirm_fn=confirm_fn if (compile and not compiled_search) else None,
-                                            deadline=deadline, agree=lambda flag: _any_rank(flag, device),
+                                            deadline=deadline, agree=lambda flag: any_rank(flag, device),
                                             clock=clock)
     finally:
         _restore(model, snapshot)
@@ -697,16 +643,12 @@ def _describe_callable(fn) -> str:
 MAX_ENTRY_BYTES = 4 << 20
 
 
-def _positive_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
 def _check_entry(entry, key: str, rows: int | None) -> None:
     """Raise ValueError unless entry is a well-formed cache entry for key (every field a reader uses)."""
     if not isinstance(entry, dict):
         raise ValueError(f"expected a JSON object, got {type(entry).__name__}")
     bs, accum = entry.get("device_batch_size"), entry.get("grad_accum")
-    if not (_positive_int(bs) and _positive_int(accum)):
+    if not (is_positive_int(bs) and is_positive_int(accum)):
         raise ValueError("device_batch_size/grad_accum must be positive integers")
     if entry.get("key") != key:
         raise ValueError("key does not match the file name")
@@ -809,6 +751,21 @@ def write_cache(cache_dir, key: str, entry: dict, lock_timeout_s: float = 60.0) 
 # -----------------------------------------------------------------------------
 # The entry points
 
+def auto_batch_options(model, seq_len: int, total_batch_size: int, world_size: int, device: torch.device,
+                       compile_setting, precision: str = "auto") -> dict:
+    """The arguments (and so the cache key) of the automatic device batch size for a base or mid
+    training run: THE one place they are derived. The training loop and the probe stage that serves
+    it both call this, so the entry a probe writes is the entry training reads. build_optimizers
+    itself: optimizer memory does not depend on the learning rates; the trial steps run under the
+    training's own autocast (bf16 activations take half the memory of fp32 ones). The step count is not
+    known here, so on a CPU compile auto and precision fast are keyed as the eager fp32 step (the search
+    runs eager there anyway; a compiled or bf16 step usually takes less memory)."""
+    autocast = "bfloat16" if train_precision_route(precision, device) == "bf16" else None
+    return dict(model=model, optimizers_factory=build_optimizers, seq_len=seq_len, total_batch_size=total_batch_size,
+                world_size=world_size, device=device, compile=resolve_compile(compile_setting, device),
+                vocab_size=model.config.vocab_size, autocast_dtype=autocast)
+
+
 @dataclass
 class KeyInputs:
     """What the cache key is made of, and the settings derived on the way (the probe runs with them)."""
@@ -904,7 +861,7 @@ def resolve_device_batch_size(model, optimizers_factory, seq_len: int, total_bat
     memory_budget_gb, parts, key = ki.memory_budget_gb, ki.parts, ki.key
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir(base_dir)
     info = {"cache_key": key, "cache_dir": str(cache_dir), "rows_per_rank": rows, "memory_budget_gb": memory_budget_gb}
-    is_rank0 = not _dist_active() or dist.get_rank() == 0
+    is_rank0 = not dist_active() or dist.get_rank() == 0
 
     # Rank 0 reads the cache and tells the others, so a write racing with the reads cannot split them.
     entry = read_cache(cache_dir, key, rows) if (use_cache and not refresh_cache and is_rank0) else None
@@ -970,9 +927,9 @@ def resolve_device_batch_size(model, optimizers_factory, seq_len: int, total_bat
 
 def _broadcast_ints(values: list[int], device: torch.device) -> list[int]:
     """Rank 0's values on every rank (identity without torch.distributed)."""
-    if not _dist_active():
+    if not dist_active():
         return [int(v) for v in values]
-    comm_device = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    comm_device = collective_device(device)
     t = torch.tensor(values, dtype=torch.int64, device=comm_device)
     dist.broadcast(t, src=0)
     return [int(v) for v in t.tolist()]
@@ -993,7 +950,7 @@ def fallback_after_oom(device_batch_size: int, grad_accum: int, cache_key: str |
     free_memory(device)
     print0(f"auto batch size: out of memory at device batch {device_batch_size}; "
            f"continuing at {new_bs} x {new_accum} accumulation steps (same total batch)")
-    if cache_key and cache_dir and (not _dist_active() or dist.get_rank() == 0):
+    if cache_key and cache_dir and (not dist_active() or dist.get_rank() == 0):
         def record(old: dict | None) -> dict | None:   # runs under the entry's lock, on what is there now
             old = old or {}
             history = list(old.get("fallbacks", [])) + [{"from": device_batch_size, "to": new_bs, "at_unix": time.time(),
@@ -1002,134 +959,3 @@ def fallback_after_oom(device_batch_size: int, grad_accum: int, cache_key: str |
                                                 source="fallback", fallbacks=history))
         update_cache(cache_dir, cache_key, record)
     return new_bs, new_accum
-
-
-def find_optimal_device_batch_size(model, max_seq_len: int, total_batch_size: int, ddp_world_size: int = 1,
-                                   data_sample_fn=None, safety_margin: float = 0.85, device=None,
-                                   override: int | None = None, enable_cache: bool = True, **opts) -> int:
-    """The earlier fork's call. Its safety_margin is the fraction of the maximum kept (0.85); the
-    answer now also divides the total batch exactly. Optimizers are nanochat's (build_optimizers)."""
-    if override:
-        return int(override)
-    from nanochat.optim import build_optimizers
-    keep = safety_margin
-    margin = 1.0 - keep if keep > 0.5 else keep  # accept either convention: 0.85 kept, or 0.15 margin
-    step_fn = DataSampleStep(data_sample_fn, max_seq_len) if data_sample_fn is not None else None
-    bs, _accum, _source, _info = resolve_device_batch_size(
-        model, build_optimizers, max_seq_len, total_batch_size, ddp_world_size, device, step_fn,
-        safety_margin=margin, use_cache=enable_cache, **opts)
-    return bs
-
-
-# -----------------------------------------------------------------------------
-# The probe stage recipe
-
-@dataclass
-class ProbeConfig:
-    base_dir: str = ""
-    out_dir: str = ""
-    serves: str = ""                    # the training stage this probe fills the cache for: in a pipeline,
-                                        # jobs derives every shape key below from that stage (jobs.stages)
-    init_from: str = ""                 # a checkpoint folder: probe that model instead of a fresh one
-    device_type: str = ""
-    depth: int = 4
-    seq_len: int = 512
-    vocab_size: int = 4096
-    total_batch_size: int = 0           # tokens per optimizer step; 0 = seq_len * world_size * 64
-    world_size: int = 1                 # ranks the training will use (the probe itself runs on one)
-    compile: bool | str = "off"         # as the training stage's: auto (on for cuda) | on | off
-    precision: str = "auto"             # as the training stage's (train_loop.train_precision_route): autocast changes memory
-    memory_budget_gb: float = 0.0       # CPU only; 0 = half the total memory
-    safety_margin: float = DEFAULT_SAFETY_MARGIN
-    stop_gain: float = DEFAULT_STOP_GAIN  # < 0 disables the speed check
-    time_limit_s: float = 0.0           # stop searching after this long, keep the best size (0: none;
-                                        # in a pipeline: from the stage's time_min)
-    use_cache: bool = True
-    refresh_cache: bool = False
-    cache_dir: str = ""
-
-
-# The ProbeConfig keys a probe with `serves` takes from the training stage it serves.
-SERVED_KEYS = ("init_from", "device_type", "depth", "seq_len", "vocab_size", "total_batch_size", "world_size", "compile",
-               "precision")
-
-
-def validate_probe_config(cfg: ProbeConfig) -> None:
-    from nanochat.train_loop import COMPILE_CHOICES, PRECISION_CHOICES
-    if cfg.precision not in PRECISION_CHOICES:
-        raise ConfigError(f"probe.precision: expected one of {', '.join(PRECISION_CHOICES)}, got {cfg.precision!r}")
-    for name in ("depth", "seq_len", "vocab_size", "world_size"):
-        if int(getattr(cfg, name)) < 1:
-            raise ConfigError(f"probe.{name}: must be a positive integer, got {getattr(cfg, name)!r}")
-    if not 0.0 <= cfg.safety_margin < 1.0:
-        raise ConfigError(f"probe.safety_margin: must be in [0, 1), got {cfg.safety_margin}")
-    if cfg.memory_budget_gb < 0:
-        raise ConfigError(f"probe.memory_budget_gb: must be >= 0, got {cfg.memory_budget_gb}")
-    if cfg.time_limit_s < 0:
-        raise ConfigError(f"probe.time_limit_s: must be >= 0, got {cfg.time_limit_s}")
-    if cfg.device_type not in ("", "cpu", "cuda", "mps"):
-        raise ConfigError(f"probe.device_type: unknown device {cfg.device_type!r}")
-    if str(cfg.compile).lower() not in COMPILE_CHOICES:
-        raise ConfigError(f"probe.compile: expected auto, on or off, got {cfg.compile!r}")
-
-
-def probe_total_batch_size(cfg: ProbeConfig) -> int:
-    return cfg.total_batch_size or cfg.seq_len * cfg.world_size * 64
-
-
-def probe_model(cfg: ProbeConfig, device: torch.device):
-    """The model the probe trials: the checkpoint's, or a fresh one of the training's shape built as
-    base training builds it (on the meta device it costs no memory: enough for the cache key)."""
-    from nanochat.gpt import GPTConfig, build_model
-    if cfg.init_from:
-        from nanochat.checkpoint import load_model  # the checkpoint module owns the folder format
-        model, _tokenizer, _meta = load_model(cfg.init_from, device)
-        return model
-    return build_model(GPTConfig.from_depth(cfg.depth, cfg.vocab_size, cfg.seq_len), device)
-
-
-def probe_options(cfg: ProbeConfig, model, device: torch.device) -> dict:
-    """resolve_device_batch_size's arguments for this probe: the training's (train_loop.auto_batch_options),
-    plus the probe's own search settings."""
-    from nanochat.train_loop import auto_batch_options
-    return dict(**auto_batch_options(model, cfg.seq_len, probe_total_batch_size(cfg), cfg.world_size, device, cfg.compile,
-                                     cfg.precision),
-                safety_margin=cfg.safety_margin, stop_gain=(cfg.stop_gain if cfg.stop_gain >= 0 else None),
-                memory_budget_gb=(cfg.memory_budget_gb or None))
-
-
-def probe_cache_key(cfg: ProbeConfig, device: torch.device | str | None = None, model=None) -> str:
-    """The key the probe writes (no trial runs; the model is built on the meta device unless given)."""
-    validate_probe_config(cfg)
-    device = torch.device(device or cfg.device_type or autodetect_device_type())
-    model = model if model is not None else probe_model(cfg, torch.device("meta"))
-    return key_inputs(**probe_options(cfg, model, device)).key
-
-
-def run(cfg: ProbeConfig, should_stop=None) -> dict:
-    """Probe (or read from the cache) the device batch size for one model shape; returns a result row."""
-    validate_probe_config(cfg)
-    t0 = time.perf_counter()
-    device_type = cfg.device_type or autodetect_device_type()
-    device = torch.device(device_type)
-    model = probe_model(cfg, device)  # random init: memory does not depend on the weights
-    opts = probe_options(cfg, model, device)
-    total, use_compile = opts["total_batch_size"], opts["compile"]
-    bs, accum, source, info = resolve_device_batch_size(
-        **opts, use_cache=cfg.use_cache, refresh_cache=cfg.refresh_cache,
-        cache_dir=(cfg.cache_dir or None), base_dir=(cfg.base_dir or None), time_limit_s=(cfg.time_limit_s or None))
-    row = dict(
-        kind="probe", state="COMPLETED", device_name=device_name(device), world_size=cfg.world_size,
-        depth=model.config.n_layer, n_params=model.num_params(), seq_len=cfg.seq_len,
-        device_batch_size=bs, batch_size_source=source, total_batch_size=total, grad_accum_steps=accum,
-        compile=use_compile, peak_memory_bytes=peak_memory_bytes(device),
-        wall_time_s=time.perf_counter() - t0,
-        max_found=info.get("max_found"), first_failure=info.get("first_failure"),
-        trials=info.get("trials", []), seconds=info.get("seconds"), cache_key=info["cache_key"],
-        memory_budget_gb=info.get("memory_budget_gb"), stopped_by_speed=info.get("stopped_by_speed"),
-        stopped_by_deadline=info.get("stopped_by_deadline"), compile_confirmed=info.get("compile_confirmed"),
-        baseline_batch_size=info.get("baseline"), speed=info.get("speed"), serves=cfg.serves or None,
-    )
-    if cfg.out_dir:
-        atomic_write_json(Path(cfg.out_dir) / "probe.json", row)
-    return row

@@ -173,3 +173,29 @@ def compute_cleanup() -> None:
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def dist_active() -> bool:
+    """Several ranks in an initialised process group (collectives then mean something)."""
+    import torch.distributed as dist
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def collective_device(device: torch.device) -> torch.device:
+    """Where a small control tensor (a flag, a verdict) is reduced: NCCL reduces on the GPU, gloo on the CPU."""
+    import torch
+    import torch.distributed as dist
+    return device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when it is true on any (one collective, reached by every rank; the flag itself
+    without torch.distributed). How ranks agree on a decision one of them may take alone: an
+    out-of-memory error, a stop request, a trial past the deadline."""
+    if not dist_active():
+        return flag
+    import torch
+    import torch.distributed as dist
+    t = torch.tensor([1 if flag else 0], dtype=torch.int64, device=collective_device(device))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())

@@ -1,5 +1,6 @@
 """
-Evaluation recipes: the model's report card.
+Evaluation: the model's report card, scored for the stage kinds base_eval and chat_eval (their configs
+and entry points: nanochat.recipes.base_eval, nanochat.recipes.chat_eval).
 
 - base_eval (after base or mid training): the CORE metric, the in-context tasks of DCLM's bundle
   scored by completion likelihood (nanochat/tasks/core.py), centered on each task's random baseline.
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -30,56 +31,12 @@ from nanochat.device import autodetect_device_type, device_name
 from nanochat.distributed import compute_cleanup, compute_init
 from nanochat.errors import ConfigError
 
+if TYPE_CHECKING:
+    from nanochat.recipes.base_eval import BaseEvalConfig
+    from nanochat.recipes.chat_eval import ChatEvalConfig
+
 CHAT_TASKS = ("arc_easy", "arc_challenge", "mmlu", "gsm8k", "humaneval")
 GENERATIVE = ("gsm8k", "humaneval")
-
-
-@dataclass
-class BaseEvalConfig:
-    data_dir: str = ""            # "" = <base_dir>/eval_data; "fixtures" = the small sets in the repository
-    max_per_task: int = 0         # examples per task (0 = all)
-    base_dir: str = ""
-    out_dir: str = ""
-    init_from: str = ""           # checkpoint folder (a stage name in a pipeline)
-    device_type: str = ""
-
-
-@dataclass
-class ChatEvalConfig:
-    tasks: str = "arc_easy,arc_challenge,mmlu,gsm8k,humaneval"   # comma-separated
-    data_dir: str = ""            # "" = <base_dir>/eval_data; "fixtures" = the small sets in the repository
-    max_per_task: int = 0         # examples per task (0 = all)
-    batch_size: int = 8           # prompts per forward for the multiple-choice sets
-    num_samples: int = 1          # samples per problem for the generative tasks (pass@k with k = num_samples)
-    max_new_tokens: int = 256
-    temperature: float = 0.0      # 0 = greedy; pass@k with k > 1 needs > 0
-    top_k: int = 50
-    first_token: str = "independent"   # independent | broadcast (the old nanochat bug, for comparison)
-    compare_broadcast: bool = False    # also run the generative tasks with first_token=broadcast
-    sandbox_timeout_s: float = 10.0
-    allow_unsafe_code: bool = False    # run HumanEval's model code even where no sandbox can be made
-    seed: int = 42
-    base_dir: str = ""
-    out_dir: str = ""
-    init_from: str = ""
-    device_type: str = ""
-
-    @staticmethod
-    def check_args(args: dict) -> list[tuple[str, str]]:
-        """(key, problem) for values the run would refuse; the pipeline spec calls it before submitting."""
-        problems = []
-        tasks = [t.strip() for t in str(args.get("tasks", ChatEvalConfig.tasks)).split(",") if t.strip()]
-        unknown = [t for t in tasks if t not in CHAT_TASKS]
-        if unknown or not tasks:
-            problems.append(("tasks", f"unknown task {unknown[0] if unknown else '(none)'!r}; known: {', '.join(CHAT_TASKS)}"))
-        if args.get("first_token", "independent") not in ("independent", "broadcast"):
-            problems.append(("first_token", f"must be independent or broadcast, got {args['first_token']!r}"))
-        for key in ("num_samples", "batch_size", "max_new_tokens"):
-            if key in args and int(args[key]) < 1:
-                problems.append((key, f"must be at least 1, got {args[key]}"))
-        if int(args.get("num_samples", 1)) > 1 and float(args.get("temperature", 0.0)) == 0.0:
-            problems.append(("temperature", "num_samples > 1 needs temperature > 0 (greedy samples are all alike)"))
-        return problems
 
 
 def _reduce(values: list[float], ddp: bool, op: str = "sum") -> list[float]:
@@ -215,7 +172,7 @@ def _code_isolation(cfg: ChatEvalConfig, info) -> tuple[str, str | None]:
 def run_chat_eval(cfg: ChatEvalConfig, info, model, tokenizer) -> list[dict]:
     from nanochat.engine import Engine
     from nanochat.tasks.common import resolve_data_dir
-    for key, message in ChatEvalConfig.check_args(vars(cfg)):
+    for key, message in cfg.check_args(vars(cfg)):
         raise ConfigError(f"{key}: {message}")
     tasks = [t.strip() for t in cfg.tasks.split(",") if t.strip()]
     data_dir = resolve_data_dir(cfg.data_dir, cfg.base_dir)
@@ -265,16 +222,13 @@ def run_chat_eval(cfg: ChatEvalConfig, info, model, tokenizer) -> list[dict]:
     return rows
 
 
-def run(cfg: BaseEvalConfig | ChatEvalConfig, should_stop=None) -> list[dict]:
-    """The recipe for both stage kinds (docs/CONTRACTS.md): one result dict per task, then the
-    combined metric (CORE or ChatCORE, in `centered`)."""
+def run_eval(cfg: BaseEvalConfig | ChatEvalConfig, score: Callable) -> list[dict]:
+    """Both stage kinds' run (docs/CONTRACTS.md): load the checkpoint, score(cfg, info, model, tokenizer)
+    gives one result dict per task, then the combined metric (CORE or ChatCORE, in `centered`)."""
     info = compute_init(cfg.device_type or autodetect_device_type())
     try:
         model, tokenizer, meta = _load(cfg, info)
-        if isinstance(cfg, BaseEvalConfig):
-            rows = run_base_eval(cfg, info, model, tokenizer)
-        else:
-            rows = run_chat_eval(cfg, info, model, tokenizer)
+        rows = score(cfg, info, model, tokenizer)
         for r in rows:
             r["checkpoint"] = meta.get("path")
             r["seq_len"] = model.config.sequence_len

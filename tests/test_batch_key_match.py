@@ -2,7 +2,7 @@
 The batch-size cache entry a probe writes must be the entry its training stage reads: for every
 pipeline in pipelines/ and every probe grid in sbatch/, on CPU and as on a GPU node, run locally and
 under Slurm. Built on the meta device (no memory, no GPU): only the key is computed, by the same
-functions the probe (nanochat.auto_batch_size.run) and the training loop (train_loop.resolve_batch) call.
+functions the probe (nanochat.auto_batch_size.run) and the training loop (training.train_loop.resolve_batch) call.
 """
 from __future__ import annotations
 
@@ -15,13 +15,15 @@ import pytest
 import torch
 
 import nanochat.auto_batch_size as abs_mod
+import nanochat.recipes.probe as probe
 from jobs import cmd_probe
 from jobs.array import load_grid, render_command
 from jobs.spec import REPO_ROOT, load_pipeline, resolve_pipeline_path
 from jobs.stages import build_config
-from nanochat.auto_batch_size import cache_key, probe_cache_key
+from nanochat.auto_batch_size import cache_key
+from nanochat.recipes.probe import probe_cache_key
 from nanochat.gpt import GPTConfig, build_model
-from nanochat.train_loop import batch_cache_key
+from nanochat.training.train_loop import batch_cache_key
 
 PIPELINES = sorted((REPO_ROOT / "pipelines").glob("*.yaml"))
 GRIDS = [g for g in sorted((REPO_ROOT / "sbatch").glob("*grid*.yaml")) if load_grid(g)["kind"] == "probe"]
@@ -39,7 +41,7 @@ def device(request, monkeypatch):
 
 
 def training_model(cfg):
-    """The model base_train builds (nanochat.base_train.run: GPTConfig.from_depth with the tokenizer's
+    """The model base_train builds (nanochat.recipes.base_train.run: GPTConfig.from_depth with the tokenizer's
     vocabulary, which is cfg.vocab_size), here on the meta device."""
     return build_model(GPTConfig.from_depth(cfg.depth, cfg.vocab_size, cfg.seq_len), META)
 
@@ -58,7 +60,7 @@ def auto_tasks(pipeline, stage) -> list[int | None]:
 
 
 def model_depth_in_key(cfg, device) -> dict:
-    return abs_mod.key_inputs(**abs_mod.probe_options(cfg, abs_mod.probe_model(cfg, META), device)).parts
+    return abs_mod.key_inputs(**probe.probe_options(cfg, probe.probe_model(cfg, META), device)).parts
 
 
 @pytest.mark.parametrize("path", PIPELINES, ids=[p.stem for p in PIPELINES])
@@ -147,7 +149,7 @@ def test_probe_grid_rows_write_the_keys_the_named_training_stage_reads(grid_path
 
 def test_key_changes_with_everything_training_reads(device):
     """The key is a function of what changes memory: each of these must give a different key."""
-    from nanochat.auto_batch_size import ProbeConfig
+    from nanochat.recipes.probe import ProbeConfig
     base = dict(depth=2, seq_len=64, vocab_size=512, total_batch_size=64 * 8, world_size=1, compile="auto",
                 device_type=device.type)
     keys = {probe_cache_key(ProbeConfig(**base), device)}

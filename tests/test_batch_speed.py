@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from helpers import StepClock
-from nanochat.auto_batch_size import (ProbeConfig, TrainStep, cache_path, read_cache, resolve_device_batch_size,
-                                      run as run_probe, write_cache)
+from nanochat.auto_batch_size import TrainStep, cache_path, read_cache, resolve_device_batch_size, write_cache
+from nanochat.recipes.probe import ProbeConfig, run as run_probe
 from nanochat.gpt import GPTConfig, build_model
 from nanochat.optim import build_optimizers
 

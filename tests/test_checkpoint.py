@@ -4,7 +4,7 @@ import random
 import pytest
 import torch
 
-from nanochat import base_train
+from nanochat.recipes import base_train
 from nanochat.checkpoint import (latest_valid_checkpoint, list_checkpoints, load_checkpoint, load_model,
                                  save_checkpoint, set_rng_state)
 from nanochat.errors import ConfigError

@@ -60,6 +60,17 @@ def test_bad_spec_is_exit_2_with_one_line_naming_file_and_key(env):
     assert not (env / "results").exists()     # nothing was created, nothing ran
 
 
+def test_a_renamed_stage_key_is_exit_2_naming_the_new_key(env):
+    # sft's max_seq_len became seq_len (one name per quantity): an old spec is refused, never half-read
+    old = {"name": "renamed", "stages": {"sft": {"kind": "sft", "args": {"max_seq_len": 256}}}}
+    path = env / "old.yaml"
+    path.write_text(yaml.safe_dump(old))
+    out = run_cli("submit", str(path), "--executor", "local")
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [f"error: {path}: stages.sft.args.max_seq_len: renamed: write seq_len instead"]
+    assert not (env / "results").exists()
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["submit", "no/such/pipeline.yaml"], "no/such/pipeline.yaml: file not found"),
     (["submit", "NOOP", "--set", "b.stepz=3"], "stages.b.args.stepz: unknown key (did you mean steps?)"),

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import nanochat.cpu_features
-from nanochat import base_train
+from nanochat.recipes import base_train
 from nanochat.prepare import data_dir
-from nanochat import train_loop
-from nanochat.train_loop import CPU_COMPILE_MIN_TRAIN_FLOPS, resolve_compile
+from nanochat.training import routes
+from nanochat.training.routes import CPU_COMPILE_MIN_TRAIN_FLOPS, resolve_compile
 
 from helpers import pretraining_base
 
@@ -37,7 +37,7 @@ def test_cpu_compiles_only_for_long_runs_where_inductor_can(monkeypatch):
 
 
 def test_fast_precision_takes_bf16_on_avx512_bf16_only_when_compiled(monkeypatch):
-    from nanochat.train_loop import train_precision_route
+    from nanochat.training.routes import train_precision_route
     cpu = torch.device("cpu")
     monkeypatch.setattr(nanochat.cpu_features, "cpu_has_amx", lambda: False)
     monkeypatch.setattr(nanochat.cpu_features, "cpu_has_fast_bf16", lambda: True)   # AVX512-BF16, no AMX
@@ -87,7 +87,7 @@ def test_short_cpu_run_stays_fp32_eager_and_exact(base_dir, tmp_path, monkeypatc
     assert auto["compile"] is False and exact["compile"] is False
     assert _losses(tmp_path / "auto") == _losses(tmp_path / "exact")
     # the same short run with no payback needed, on a CPU inductor cannot generate code for: eager
-    monkeypatch.setattr(train_loop, "CPU_COMPILE_MIN_TRAIN_FLOPS", 0.0)
+    monkeypatch.setattr(routes, "CPU_COMPILE_MIN_TRAIN_FLOPS", 0.0)
     monkeypatch.setattr(nanochat.cpu_features, "cpu_can_compile", lambda: False)
     fallback = base_train.run(base_train.BaseTrainConfig(out_dir=str(tmp_path / "fallback"), **common))
     assert fallback["compile"] is False and _losses(tmp_path / "fallback") == _losses(tmp_path / "exact")

@@ -77,12 +77,12 @@ def test_parquet_rows_are_1_based(tmp_path):
 
 def test_the_loaders_give_the_same_error_as_submit(tmp_path):
     """One validator: the stage, if it ever ran on the file, would fail with the line submit names."""
-    from nanochat import chat_sft, mid_train
+    from nanochat.recipes import mid_train, sft
     path = jsonl(tmp_path / "c.jsonl", [GOOD, GOOD, GOOD, BAD_ROLE])
     with pytest.raises(ConfigError) as at_submit:
         check_conversation_file(path)
     with pytest.raises(ConfigError) as in_sft:
-        chat_sft.load_conversations(path)
+        sft.load_conversations(path)
     with pytest.raises(ConfigError) as in_mid:
         mid_train.load_mixture(mid_train.MidTrainConfig(data_path=str(path), num_synthetic=0), 256)
     assert str(at_submit.value) == str(in_sft.value) == str(in_mid.value) == \

@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 # single process reads exactly the rows the two ranks read (dataloader.py).
 CHILD = """
 import json, sys
-from nanochat.base_train import BaseTrainConfig, run
+from nanochat.recipes.base_train import BaseTrainConfig, run
 cfg = BaseTrainConfig(**json.loads(sys.argv[1]))
 print("ROW " + json.dumps(run(cfg), default=str), flush=True)
 """

@@ -15,7 +15,7 @@ import torch
 
 from nanochat.engine import DecodeStep, Engine, KVCache, KVCacheOverflow, generate_naive, sample_next_token
 from nanochat.gpt import GPTConfig, build_model
-from nanochat.inference_bench import InferenceBenchConfig, randomize_weights, run as run_bench, summary
+from nanochat.recipes.inference_bench import InferenceBenchConfig, randomize_weights, run as run_bench, summary
 from nanochat.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -401,7 +401,7 @@ def test_check_decode_catches_a_position_blind_static_cache(position_blind_stati
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_inference_bench_fails_a_broken_static_cache_and_reports_no_speedup(position_blind_static_cache, dtype):
-    from nanochat.inference_bench import DecodeMismatch
+    from nanochat.recipes.inference_bench import DecodeMismatch
     # bfloat16: the timed runs in bf16 as on a GPU, where greedy equality with naive proves nothing;
     # the check still runs in fp32 and must catch the broken cache.
     cfg = InferenceBenchConfig(depth=2, vocab_size=512, prompt_len=8, new_tokens=6, num_samples=2,

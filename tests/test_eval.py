@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from nanochat import evaluate
+from nanochat.recipes import base_eval, chat_eval
 from nanochat.checkpoint import load_model, save_checkpoint
 from nanochat.errors import ConfigError
 from nanochat.gpt import GPTConfig, build_model
@@ -65,7 +66,7 @@ def test_multiple_choice_batched_equals_one_by_one(ckpt):
     model, tok, _ = load_model(ckpt, "cpu")
     examples = multiple_choice.load(FIXTURES_DIR / "arc_easy.jsonl")[:10]
     info = evaluate.compute_init("cpu")
-    cfg = evaluate.ChatEvalConfig(batch_size=4)
+    cfg = chat_eval.ChatEvalConfig(batch_size=4)
     batched = evaluate._multiple_choice(examples, model, tok, cfg, info)
     single = 0
     with torch.no_grad():
@@ -79,10 +80,10 @@ def test_multiple_choice_batched_equals_one_by_one(ckpt):
 
 @pytest.mark.slow
 def test_chat_eval_end_to_end(ckpt):
-    cfg = evaluate.ChatEvalConfig(init_from=str(ckpt), data_dir="fixtures", max_per_task=3, max_new_tokens=8,
+    cfg = chat_eval.ChatEvalConfig(init_from=str(ckpt), data_dir="fixtures", max_per_task=3, max_new_tokens=8,
                                   num_samples=2, temperature=1.0, compare_broadcast=True, device_type="cpu",
                                   sandbox_timeout_s=5)
-    rows = {r["variant"]: r for r in evaluate.run(cfg)}
+    rows = {r["variant"]: r for r in chat_eval.run(cfg)}
     assert set(rows) == {"arc_easy", "arc_challenge", "mmlu", "gsm8k", "gsm8k.broadcast", "humaneval",
                          "humaneval.broadcast", "ChatCORE"}
     for name in ("arc_easy", "mmlu", "gsm8k", "humaneval"):
@@ -116,7 +117,7 @@ def test_humaneval_refused_where_no_sandbox_the_other_tasks_run(ckpt):
 
 
 def test_base_eval_core(ckpt):
-    rows = evaluate.run(evaluate.BaseEvalConfig(init_from=str(ckpt), data_dir="fixtures", max_per_task=4, device_type="cpu"))
+    rows = base_eval.run(base_eval.BaseEvalConfig(init_from=str(ckpt), data_dir="fixtures", max_per_task=4, device_type="cpu"))
     assert [r["variant"] for r in rows] == ["name_a_thing", "why_it_broke", "counting", "CORE"]
     assert all(r["num_examples"] == 4 for r in rows[:3])
 
@@ -134,9 +135,9 @@ def test_cli_bad_input_is_one_line_exit_2(ckpt, tmp_path):
 
 CHILD = """
 import json, sys
-from nanochat import evaluate
-cfg = evaluate.ChatEvalConfig(**json.loads(sys.argv[1]))
-print("ROWS " + json.dumps(evaluate.run(cfg), default=str), flush=True)
+from nanochat.recipes import chat_eval
+cfg = chat_eval.ChatEvalConfig(**json.loads(sys.argv[1]))
+print("ROWS " + json.dumps(chat_eval.run(cfg), default=str), flush=True)
 """
 
 
@@ -223,7 +224,7 @@ def test_independent_first_token_raises_pass_at_k(tmp_path, capsys):
     with open(tmp_path / "gsm8k.jsonl", "w") as f:
         for q, n in questions:
             f.write(json.dumps({"question": q, "answer": f"{n}\n#### {n}"}) + "\n")
-    rows = {r["variant"]: r for r in evaluate.run(evaluate.ChatEvalConfig(
+    rows = {r["variant"]: r for r in chat_eval.run(chat_eval.ChatEvalConfig(
         init_from=str(tmp_path / "ckpt"), data_dir=str(tmp_path), tasks="gsm8k", num_samples=4, temperature=1.0,
         top_k=0, max_new_tokens=8, compare_broadcast=True, device_type="cpu"))}
     ind, bc = rows["gsm8k"], rows["gsm8k.broadcast"]

@@ -33,7 +33,7 @@ def _bundle(hub) -> dict:
 
 
 def test_data_stage_fetches_every_eval_set_and_the_loaders_read_them(hub, tmp_path, monkeypatch):
-    from nanochat.data_stage import DataConfig, run
+    from nanochat.recipes.data import DataConfig, run
     from nanochat.tasks import core, gsm8k, humaneval, multiple_choice
     from nanochat.tasks.common import find_task_file
     hub_files.populate(hub, {}, EVAL_SPLITS, False, rows=6)
@@ -208,7 +208,7 @@ def test_data_source_may_name_the_data_stage(tmp_path):
 # ----------------------------------------------------------------------------- mid-training's epoch guard
 
 def test_mid_train_epoch_guard_at_submit_and_at_its_start(tmp_path, monkeypatch):
-    from nanochat import mid_train
+    from nanochat.recipes import mid_train
     from nanochat.datasets_chat import conversation_chars, converted_path
     from nanochat.prepare import ensure_pretraining_data, ensure_tokenizer
     work = tmp_path / "work"

@@ -10,7 +10,7 @@ import torch
 import nanochat.cpu_features
 from nanochat.engine import Engine, Int8Linear, decode_precision_route, prepare_for_inference
 from nanochat.gpt import GPTConfig, build_model
-from nanochat.inference_bench import InferenceBenchConfig, greedy_agreement, randomize_weights, run as run_bench
+from nanochat.recipes.inference_bench import InferenceBenchConfig, greedy_agreement, randomize_weights, run as run_bench
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -38,7 +38,7 @@ def fast_bf16(monkeypatch):
 def test_int8_on_cuda_is_refused_before_any_work():
     # _weight_int8pack_mm has no CUDA kernel: a ConfigError (exit 2) from the route and the config check
     from nanochat.errors import ConfigError
-    from nanochat.inference_bench import InferenceBenchConfig
+    from nanochat.recipes.inference_bench import InferenceBenchConfig
     with pytest.raises(ConfigError, match="no CUDA kernel"):
         decode_precision_route("int8", "cuda")
     with pytest.raises(ConfigError, match="precision: int8 is for CPUs"):

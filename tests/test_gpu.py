@@ -15,7 +15,7 @@ from nanochat.distributed import local_cuda_index
 from nanochat.peaks import DEVICE_PEAKS, peak_bandwidth, peak_flops
 from nanochat.engine import Engine, KVCache, check_decode, full_fp32_matmuls
 from nanochat.gpt import GPTConfig, build_model
-from nanochat.inference_bench import InferenceBenchConfig, randomize_weights, run as run_bench
+from nanochat.recipes.inference_bench import InferenceBenchConfig, randomize_weights, run as run_bench
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

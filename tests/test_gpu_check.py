@@ -34,12 +34,11 @@ def test_gpu_check_without_cuda_is_one_line_and_exit_0():
 
 
 def test_every_check_config_builds_and_validates(tmp_path):
-    from nanochat.train_loop import validate_common
     gpu_check.inference_config("cpu").validate()
-    validate_common(gpu_check.train_compiled_config(tmp_path, 265, "cpu"))
+    gpu_check.train_compiled_config(tmp_path, 265, "cpu").validate()
     gpu_check.sft_config(tmp_path, str(tmp_path / "base" / "checkpoints"), "cpu").validate()
     cfg = gpu_check.oom_config(tmp_path, 265, 80 * 2**30, "cpu")
-    validate_common(cfg)
+    cfg.validate()
     assert cfg.total_batch_size == cfg.device_batch_size * cfg.seq_len and cfg.compile == "off"
     # cheapest first (a run cut short has the most done), the compiling ones last
     assert list(gpu_check.CHECKS) == ["nvml", "nccl", "inference", "oom_fallback", "train_compiled", "sft_compile",
@@ -57,8 +56,8 @@ def test_oom_batch_is_several_times_the_device_memory(gib):
 
 @pytest.mark.slow
 def test_byte_tokenizer_route_needs_no_rustbpe(tmp_path, monkeypatch):
-    from nanochat.base_train import run as base_run
-    from nanochat.chat_sft import bench as sft_bench
+    from nanochat.recipes.base_train import run as base_run
+    from nanochat.recipes.sft import bench as sft_bench
     monkeypatch.setitem(sys.modules, "rustbpe", None)          # `import rustbpe` now raises ImportError
     torch.set_num_threads(1)
     vocab = gpu_check.prepare_byte_tokenizer(tmp_path)
@@ -122,21 +121,22 @@ def _rss_bytes() -> int:
 
 def _train_in_budget(cfg) -> tuple[dict, int]:
     """Runs in the memory-budget child: base training; its row and the resident bytes before it."""
-    from nanochat.base_train import run
+    from nanochat.recipes.base_train import run
     before = _rss_bytes()
     return run(cfg), before
 
 
 def _sft_in_budget(B: int) -> tuple[dict, int]:
     """Runs in the memory-budget child: SFT of a fresh model at a configured device batch B."""
-    from nanochat.chat_sft import SFTConfig, render_examples, train
+    from nanochat.recipes.sft import SFTConfig, render_examples
+    from nanochat.training.sft_loop import train
     from nanochat.gpt import GPTConfig, build_model
     from nanochat.synthetic import generate_conversations
     from nanochat.tokenizer import Tokenizer
     T, tok = 64, Tokenizer.byte_level()
     convs = generate_conversations(2 * B + 8, seed=1, max_tokens=T)
     model = build_model(GPTConfig.from_depth(1, tok.get_vocab_size(), T))
-    cfg = SFTConfig(mode="eager-dynamic", max_seq_len=T, device_batch_size=B, max_steps=1, save_checkpoint=False,
+    cfg = SFTConfig(mode="eager-dynamic", seq_len=T, device_batch_size=B, max_steps=1, save_checkpoint=False,
                     val_conversations=0)
     before = _rss_bytes()
     return train(cfg, model, tok, render_examples(convs, tok, T, "test"), [], B, "config"), before

@@ -118,11 +118,11 @@ def test_stage_puts_the_samplers_mean_in_its_rows_also_when_it_fails(tmp_path, m
 
     # a recipe that fails while the sampler runs (a bad checkpoint path is refused at submit now, so
     # the failure is the recipe's own)
-    import nanochat.inference_bench
+    import nanochat.recipes.inference_bench
 
     def failing_recipe(cfg, should_stop=None):
         raise RuntimeError("the recipe failed")
-    monkeypatch.setattr(nanochat.inference_bench, "run", failing_recipe)
+    monkeypatch.setattr(nanochat.recipes.inference_bench, "run", failing_recipe)
     _run, run_dir = _pipeline(tmp_path / "b", monkeypatch, TINY)
     with pytest.raises(RuntimeError, match="the recipe failed"):
         stages.run_stage(run_dir, "infer")

@@ -67,7 +67,7 @@ def test_compiled_by_region_matches_eager_under_bf16_autocast(packed):
 def test_captured_decode_reads_only_the_filled_buckets_and_matches_eager(monkeypatch):
     import torch.nn.functional as F
     from nanochat.engine import DecodeStep, Engine, check_decode, full_fp32_matmuls
-    from nanochat.inference_bench import randomize_weights
+    from nanochat.recipes.inference_bench import randomize_weights
     monkeypatch.setattr(DecodeStep, "ATTEND_BUCKET", 16)
     model = cuda_model(n_layer=3)
     randomize_weights(model, 0)
@@ -95,7 +95,8 @@ def test_captured_decode_reads_only_the_filled_buckets_and_matches_eager(monkeyp
 
 def test_sft_batches_reach_the_gpu_from_pinned_memory(monkeypatch):
     # built a step ahead in the prefetch thread and pinned there, so the copy does not block the host
-    from nanochat.chat_sft import SFTConfig, render_examples, synthetic_conversations, train
+    from nanochat.recipes.sft import SFTConfig, render_examples, synthetic_conversations
+    from nanochat.training.sft_loop import train
     from nanochat.packing import Batch
     from nanochat.tokenizer import Tokenizer
     tokenizer = Tokenizer.byte_level()  # no rustbpe on the lent GPU machine
@@ -105,7 +106,7 @@ def test_sft_batches_reach_the_gpu_from_pinned_memory(monkeypatch):
     to = Batch.to
     monkeypatch.setattr(Batch, "to", lambda self, device: pinned.append(self.inputs.is_pinned()) or to(self, device))
     model = build_model(GPTConfig.from_depth(2, tokenizer.get_vocab_size(), T), device="cuda")
-    cfg = SFTConfig(mode="eager-pack", max_seq_len=T, device_batch_size=B, total_batch_size=2 * B * T, max_steps=3,
+    cfg = SFTConfig(mode="eager-pack", seq_len=T, device_batch_size=B, total_batch_size=2 * B * T, max_steps=3,
                     save_checkpoint=False, device_type="cuda")
     row = train(cfg, model, tokenizer, examples, [], B, "config")
     assert row["steps"] == 3 and len(pinned) == 6 and all(pinned)

@@ -232,7 +232,7 @@ def test_sft_pack_mode_on_two_nodes_matches_one_process(slurm2):
     root, env = slurm2
     spec = write_spec(root, "mn-sft", {"sft": {
         "kind": "sft", "resources": TWO_NODES,
-        "args": {"mode": "eager-pack", "depth": 2, "vocab_size": 512, "max_seq_len": 128, "num_conversations": 96,
+        "args": {"mode": "eager-pack", "depth": 2, "vocab_size": 512, "seq_len": 128, "num_conversations": 96,
                  "val_conversations": 8, "device_batch_size": 2, "total_batch_size": 2 * 2 * 128, "max_steps": 4}}})
     info, row, ref_row, two, one = _on_two_nodes_and_in_one_process(root, env, spec, "mn-sft", "sft")
     assert sacct([job := info["jobs"]["sft"]], NODE_FIELDS)[job].items() >= ON_TWO_NODES.items()

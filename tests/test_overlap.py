@@ -28,7 +28,7 @@ import json, sys, threading, time
 import torch, torch.distributed as dist
 import nanochat.optim as optim
 from nanochat.dataloader import StepRows
-from nanochat.base_train import BaseTrainConfig, run
+from nanochat.recipes.base_train import BaseTrainConfig, run
 
 optim.BUCKET_MB = 0.02  # several buckets even for this tiny model
 lock = threading.Lock()

@@ -188,7 +188,8 @@ def test_flex_on_cuda_matches_sdpa_forward_and_backward_compiled():
 def test_compile_pack_sft_on_cuda_takes_flex_attention():
     """The SFT stage's packed, compiled path on CUDA: FlexAttention inside the compiled model, the
     row says so, and it trains."""
-    from nanochat.chat_sft import SFTConfig, render_examples, train
+    from nanochat.recipes.sft import SFTConfig, render_examples
+    from nanochat.training.sft_loop import train
     from nanochat.gpt import GPTConfig, build_model
     from nanochat.synthetic import generate_conversations
     from nanochat.tokenizer import Tokenizer
@@ -197,7 +198,7 @@ def test_compile_pack_sft_on_cuda_takes_flex_attention():
     tok = Tokenizer.byte_level()          # the lent GPU machine has no rustbpe to train one
     torch.manual_seed(0)
     model = build_model(GPTConfig.from_depth(2, tok.get_vocab_size(), T), torch.device("cuda"))
-    cfg = SFTConfig(mode="compile-pack", max_seq_len=T, device_batch_size=4, max_steps=6, save_checkpoint=False,
+    cfg = SFTConfig(mode="compile-pack", seq_len=T, device_batch_size=4, max_steps=6, save_checkpoint=False,
                     val_conversations=0, init_lr_frac=1.0)
     row = train(cfg, model, tok, render_examples(convs, tok, T, "test"), [], 4, "config")
     print({k: row[k] for k in ("num_compiles", "real_tokens_per_s", "padding_fraction", "final_loss")})

@@ -30,13 +30,14 @@ def test_reset_starts_a_new_peak_on_cpu():
 
 
 def _sft_row(device):
-    from nanochat.chat_sft import SFTConfig, render_examples, train
+    from nanochat.recipes.sft import SFTConfig, render_examples
+    from nanochat.training.sft_loop import train
     from nanochat.synthetic import generate_conversations
     from nanochat.tokenizer import Tokenizer
     convs = generate_conversations(24, seed=1, max_tokens=64)
     tok = Tokenizer.byte_level()          # the CUDA twin runs where there is no rustbpe
     model = build_model(GPTConfig.from_depth(1, tok.get_vocab_size(), 64), device)
-    cfg = SFTConfig(mode="eager-dynamic", max_seq_len=64, device_batch_size=2, max_steps=2, save_checkpoint=False,
+    cfg = SFTConfig(mode="eager-dynamic", seq_len=64, device_batch_size=2, max_steps=2, save_checkpoint=False,
                     val_conversations=0)
     return train(cfg, model, tok, render_examples(convs, tok, 64, "test"), [], 2, "config")
 
@@ -55,7 +56,8 @@ def test_train_loop_row_peak_excludes_what_came_before(tmp_path):
     from nanochat.dataloader import pretraining_loader
     from nanochat.dataset import split_shards
     from nanochat.prepare import ensure_pretraining_data, ensure_tokenizer, tokenizer_dir
-    from nanochat.train_loop import TrainConfig, train
+    from nanochat.training.config import TrainConfig
+    from nanochat.training.train_loop import train
     data = ensure_pretraining_data(tmp_path, num_shards=2, max_chars=100_000, row_group_size=16)
     tok = ensure_tokenizer(tmp_path, 300, data_path=data)
     train_shards, val_shard = split_shards(data)

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from jobs import progress, runs, spec
-from nanochat.train_loop import write_metrics
+from nanochat.training.metrics import write_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 

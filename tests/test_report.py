@@ -70,7 +70,7 @@ def make_run(results: Path, run_id: str, speed: float = 1.0, gpu: bool = False) 
                real_tokens_per_s=1150.0 * speed, padding_fraction=0.04, compile=True, num_compiles=1,
                wall_time_s=25.0, **dev),
     ]
-    # The inference benchmark (nanochat.inference_bench): one job, one row per variant; the CUDA-graph
+    # The inference benchmark (nanochat.recipes.inference_bench): one job, one row per variant; the CUDA-graph
     # variant is skipped on CPU; the first-token diversity is measured once and copied onto each row.
     infer = dict(wall_time_s=2.0, first_token_distinct=6, diversity_samples=8, num_samples=1, ttft_s=0.02)
     rows += [

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanochat.chat_sft import (CompileCounter, SFTConfig, bench_ratios, load_conversations, render_examples,
-                               summed_loss, train)
+from nanochat.recipes.sft import SFTConfig, bench_ratios, load_conversations, render_examples
+from nanochat.training.routes import CompileCounter
+from nanochat.training.sft_loop import summed_loss, train
 from nanochat.errors import ConfigError
 from nanochat.gpt import CompiledGPT, GPTConfig, build_model
 from nanochat.packing import MODES
@@ -94,7 +95,7 @@ def test_fifty_varying_batches_compile_once(tokenizer, mode):
     conversations = make_conversations(50 * 12, seed=2, max_words=150)
     examples = render_examples(conversations, tokenizer, T, "test")
     model = tiny_model(tokenizer, T)
-    cfg = SFTConfig(mode=mode, max_seq_len=T, device_batch_size=B, max_steps=50, save_checkpoint=False,
+    cfg = SFTConfig(mode=mode, seq_len=T, device_batch_size=B, max_steps=50, save_checkpoint=False,
                     init_lr_frac=1.0, val_conversations=0)
     before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     row = train(cfg, model, tokenizer, examples, [], B, "config")
@@ -127,7 +128,7 @@ def test_loss_is_normalised_over_the_whole_step(tokenizer, fp32_muon):
     params = []
     for B, total in ((2, 2 * 2 * T), (4, 4 * T)):
         model = tiny_model(tokenizer, T)
-        cfg = SFTConfig(mode="eager-dynamic", max_seq_len=T, device_batch_size=B, total_batch_size=total,
+        cfg = SFTConfig(mode="eager-dynamic", seq_len=T, device_batch_size=B, total_batch_size=total,
                         max_steps=1, save_checkpoint=False, init_lr_frac=1.0, seed=0)
         # the same order for both runs: no shuffle effect because both plan the same permutation of 8
         row = train(cfg, model, tokenizer, examples, [], B, "config")
@@ -143,18 +144,18 @@ def test_batches_are_built_a_step_ahead_off_the_main_thread(tokenizer, monkeypat
     # overlap (the default): each step's micro-batches are made in the prefetch thread, not between
     # two steps on the main thread; overlap: false makes them there; both train the same steps exactly
     import threading
-    import nanochat.chat_sft as chat_sft
+    from nanochat.training import sft_loop
     T, B = 96, 2
     examples = render_examples(make_conversations(40, seed=5, max_words=80), tokenizer, T, "test")
     made = []
-    step_micro_batches = chat_sft._step_micro_batches
-    monkeypatch.setattr(chat_sft, "_step_micro_batches", lambda plans, first, *a: made.append(
+    step_micro_batches = sft_loop._step_micro_batches
+    monkeypatch.setattr(sft_loop, "_step_micro_batches", lambda plans, first, *a: made.append(
         (first, threading.current_thread() is threading.main_thread())) or step_micro_batches(plans, first, *a))
     results = {}
     for overlap in (True, False):
         made.clear()
         model = tiny_model(tokenizer, T)
-        cfg = SFTConfig(mode="eager-pack", max_seq_len=T, device_batch_size=B,
+        cfg = SFTConfig(mode="eager-pack", seq_len=T, device_batch_size=B,
                         total_batch_size=2 * B * T, max_steps=4, save_checkpoint=False, init_lr_frac=1.0,
                         overlap=overlap)
         row = train(cfg, model, tokenizer, examples, [], B, "config")
@@ -211,10 +212,10 @@ def test_bench_ratios():
 
 
 def test_run_writes_a_loadable_checkpoint_and_resumes_after_preemption(tmp_path):
-    from nanochat.chat_sft import run
+    from nanochat.recipes.sft import run
     from nanochat.checkpoint import load_model
     cfg = SFTConfig(out_dir=str(tmp_path / "sft"), mode="eager-dynamic", num_conversations=120,
-                    val_conversations=8, max_seq_len=128, device_batch_size=4, depth=2, vocab_size=512,
+                    val_conversations=8, seq_len=128, device_batch_size=4, depth=2, vocab_size=512,
                     max_steps=6, init_lr_frac=1.0, device_type="cpu")
     calls = []
 
@@ -246,7 +247,7 @@ def _two_rank_worker(rank, world, port, tok_dir, examples, out_path):
     try:
         tok = Tokenizer.load(tok_dir)
         model = tiny_model(tok, 96)
-        cfg = SFTConfig(mode="eager-dynamic", max_seq_len=96, device_batch_size=2, total_batch_size=2 * 96 * world,
+        cfg = SFTConfig(mode="eager-dynamic", seq_len=96, device_batch_size=2, total_batch_size=2 * 96 * world,
                         max_steps=1, save_checkpoint=False, init_lr_frac=1.0)
         row = train(cfg, model, tok, examples, [], 2, "config")
         if rank == 0:
@@ -273,7 +274,7 @@ def test_two_ranks_take_the_same_step_as_one_rank_accumulating(tokenizer, tmp_pa
     ddp = torch.load(tmp_path / "ddp.pt")
     assert ddp["accum"] == 1
     model = tiny_model(tokenizer, T)
-    cfg = SFTConfig(mode="eager-dynamic", max_seq_len=T, device_batch_size=2, total_batch_size=2 * 2 * T,
+    cfg = SFTConfig(mode="eager-dynamic", seq_len=T, device_batch_size=2, total_batch_size=2 * 2 * T,
                     max_steps=1, save_checkpoint=False, init_lr_frac=1.0)
     row = train(cfg, model, tokenizer, examples, [], 2, "config")
     assert row["grad_accum_steps"] == 2

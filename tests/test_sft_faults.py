@@ -22,7 +22,8 @@ import json, os, sys, time
 import torch
 import nanochat.optim
 nanochat.optim._NS_DTYPE_CPU = torch.float32   # as the fp32_muon fixture: equal splits give equal steps
-from nanochat.chat_sft import SFTConfig, conversation_texts, render_examples, train
+from nanochat.recipes.sft import SFTConfig, conversation_texts, render_examples
+from nanochat.training.sft_loop import train
 from nanochat.gpt import GPT, GPTConfig, build_model
 from nanochat.synthetic import generate_conversations
 from nanochat.tokenizer import Tokenizer
@@ -40,7 +41,7 @@ def fresh_model(cls=GPT):
     return model
 
 def config(B, total, **kw):
-    return SFTConfig(mode=kw.pop("mode", "eager-dynamic"), max_seq_len=T, device_batch_size=B, total_batch_size=total,
+    return SFTConfig(mode=kw.pop("mode", "eager-dynamic"), seq_len=T, device_batch_size=B, total_batch_size=total,
                      max_steps=kw.pop("max_steps", 4), init_lr_frac=1.0, val_conversations=0, seed=0, **kw)
 
 def params(model):
@@ -220,9 +221,10 @@ def test_stop_flag_on_one_rank_stops_both_at_the_same_step(tmp_path):
 def test_preempted_run_saves_before_it_evaluates(tmp_path, monkeypatch):
     """On preemption the grace period goes to the checkpoint: an evaluation that would fail (or outlast
     the grace period) after the last step must not cost the trained steps."""
-    import nanochat.chat_sft as chat_sft
+    from nanochat.recipes import sft as chat_sft
+    from nanochat.training import sft_loop
     from nanochat.checkpoint import latest_valid_checkpoint
-    real_evaluate, calls = chat_sft.evaluate, []
+    real_evaluate, calls = sft_loop.evaluate, []
 
     def evaluate_then_die(*args, **kwargs):
         calls.append(1)
@@ -230,9 +232,9 @@ def test_preempted_run_saves_before_it_evaluates(tmp_path, monkeypatch):
             raise RuntimeError("killed at the time limit while evaluating")
         return real_evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(chat_sft, "evaluate", evaluate_then_die)
+    monkeypatch.setattr(sft_loop, "evaluate", evaluate_then_die)
     cfg = chat_sft.SFTConfig(out_dir=str(tmp_path / "sft"), mode="eager-dynamic", num_conversations=60,
-                             val_conversations=4, max_seq_len=128, device_batch_size=4, depth=2, vocab_size=512,
+                             val_conversations=4, seq_len=128, device_batch_size=4, depth=2, vocab_size=512,
                              max_steps=6, device_type="cpu")
     stops = []
     row = chat_sft.run(cfg, should_stop=lambda: (stops.append(1), len(stops) >= 2)[1])
@@ -245,7 +247,7 @@ def test_preempted_run_saves_before_it_evaluates(tmp_path, monkeypatch):
     meta = json.loads(meta_path.read_text())
     meta.update(plan_batch_size="4", plan_grad_accum=[1], device_batch_size=True, batch_size_source="fallback")
     meta_path.write_text(json.dumps(meta))
-    monkeypatch.setattr(chat_sft, "evaluate", real_evaluate)
+    monkeypatch.setattr(sft_loop, "evaluate", real_evaluate)
     row = chat_sft.run(cfg)
     assert row["state"] == "COMPLETED" and row["extra"]["resumed_from_step"] == 2
     assert (row["device_batch_size"], row["batch_size_source"]) == (4, "config")

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from nanochat import base_train, mid_train
+from nanochat.recipes import base_train, mid_train
 from nanochat.checkpoint import list_checkpoints, load_checkpoint, load_model
 from nanochat.distributed import DistInfo
 from nanochat.errors import ConfigError
@@ -14,7 +14,8 @@ from nanochat.dataloader import pretraining_loader
 from nanochat.dataset import split_shards
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.prepare import data_dir, ensure_tokenizer, tokenizer_dir
-from nanochat.train_loop import TrainConfig, lr_multiplier, muon_momentum, train
+from nanochat.training.config import TrainConfig
+from nanochat.training.train_loop import lr_multiplier, muon_momentum, train
 
 from helpers import pretraining_base
 
@@ -180,7 +181,7 @@ def test_bench_train_prints_json(base_dir, capsys):
 
 def test_train_precision_follows_the_hardware(monkeypatch):
     import nanochat.cpu_features
-    from nanochat.train_loop import train_precision_route
+    from nanochat.training.routes import train_precision_route
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     monkeypatch.setattr(nanochat.cpu_features, "cpu_has_amx", lambda: True)
     assert train_precision_route("fast", cpu) == "bf16"
@@ -240,7 +241,7 @@ class StepClock:
 
 def test_metrics_rows_leave_the_warm_up_step_out_of_the_rate(base_dir, tmp_path, monkeypatch):
     import types
-    from nanochat import train_loop
+    from nanochat.training import train_loop
     clock = StepClock()
     monkeypatch.setattr(train_loop, "time", types.SimpleNamespace(time=clock.time))
     monkeypatch.setattr(train_loop, "forward_backward", clock.forward_backward(train_loop.forward_backward))

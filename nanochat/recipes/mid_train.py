@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
 from nanochat.checkpoint import load_model
 from nanochat.distributed import compute_cleanup, compute_init
@@ -19,11 +19,14 @@ from nanochat.files import get_base_dir
 from nanochat.dataloader import conversation_loader
 from nanochat.datasets_chat import read_mixture
 from nanochat.synthetic import generate_conversations
-from nanochat.train_loop import TrainConfig, train
+from nanochat.training.config import TrainConfig
+from nanochat.training.geometry import known_total
+from nanochat.training.train_loop import train
 
 
 @dataclass
 class MidTrainConfig(TrainConfig):
+    kind: ClassVar[str] = "mid_train"
     data_path: str = ""                # JSONL/parquet of conversations, or a mixture: smoltalk+mmlu+gsm8k; "" = synthetic only
     num_synthetic: int = 4000          # synthetic conversations mixed in (0: none)
     val_fraction: float = 0.05         # share of conversations held out for val bpb
@@ -42,9 +45,9 @@ def load_mixture(cfg: MidTrainConfig, max_tokens: int) -> tuple[list[dict], list
     if cfg.num_synthetic:
         convs += generate_conversations(cfg.num_synthetic, seed=cfg.seed, max_tokens=max_tokens)
     if len(convs) < 4:
-        raise ConfigError(f"MidTrainConfig.data_path/num_synthetic: {len(convs)} conversations is too few")
+        raise ConfigError(f"mid_train.data_path/num_synthetic: {len(convs)} conversations is too few")
     if not 0 < cfg.val_fraction < 1:
-        raise ConfigError(f"MidTrainConfig.val_fraction={cfg.val_fraction}: must be in (0, 1)")
+        raise ConfigError(f"mid_train.val_fraction={cfg.val_fraction}: must be in (0, 1)")
     random.Random(cfg.seed).shuffle(convs)
     n_val = max(2, int(len(convs) * cfg.val_fraction))
     return convs[n_val:], convs[:n_val]
@@ -52,13 +55,13 @@ def load_mixture(cfg: MidTrainConfig, max_tokens: int) -> tuple[list[dict], list
 
 def run(cfg: MidTrainConfig, should_stop: Callable[[], bool] | None = None) -> dict:
     if not cfg.init_from:
-        raise ConfigError("MidTrainConfig.init_from: a base checkpoint folder is required")
+        raise ConfigError("mid_train.init_from: a base checkpoint folder is required")
     dist_info = compute_init(cfg.device_type or None, seed=cfg.seed)
     try:
         model, tokenizer, meta = load_model(cfg.init_from, dist_info.device)
         if cfg.seq_len > model.config.sequence_len:
             # the rotary table covers 10x the base length, but keep to what the model was trained on
-            raise ConfigError(f"MidTrainConfig.seq_len={cfg.seq_len} is longer than the base model's "
+            raise ConfigError(f"mid_train.seq_len={cfg.seq_len} is longer than the base model's "
                               f"{model.config.sequence_len} ({meta['path']})")
         train_convs, val_convs = load_mixture(cfg, max_tokens=cfg.seq_len * 4)
         epochs = _data_epochs(cfg, dist_info.world_size, train_convs, tokenizer)
@@ -83,8 +86,7 @@ def _data_epochs(cfg: MidTrainConfig, world_size: int, convs: list[dict], tokeni
     pretraining), when the steps and the tokens per step are known before the batch size is."""
     from nanochat.datasets_chat import conversation_chars
     from nanochat.dataset import data_epochs_guard
-    fixed = cfg.device_batch_size * cfg.seq_len * world_size if cfg.device_batch_size > 0 else 0
-    total = cfg.total_batch_size or fixed
+    total = known_total(cfg.total_batch_size, cfg.device_batch_size, cfg.seq_len, world_size)
     if total <= 0 or cfg.num_steps <= 0:
         return None
     chars = sum(conversation_chars(c) for c in convs)

@@ -3,7 +3,7 @@ The `data` stage: make every dataset a run reads present and verified in the sha
 before any stage needs it (run it where the network is: the login node, or a partition that
 reaches the hub; every other stage then reads the same files with the hub offline).
 
-    from nanochat.data_stage import DataConfig, run
+    from nanochat.recipes.data import DataConfig, run
     run(DataConfig(pretraining="climbmix-400b", num_shards=170, conversations=["smoltalk", "mmlu", "gsm8k"],
                    evals=["core", "arc_easy", "arc_challenge", "mmlu", "gsm8k", "humaneval"], vocab_size=65536))
 

@@ -1,6 +1,6 @@
 """
 Base (pre)training: a GPT of a given depth on the pretraining shards.
-    from nanochat.base_train import BaseTrainConfig, run
+    from nanochat.recipes.base_train import BaseTrainConfig, run
     row = run(BaseTrainConfig(depth=4, num_steps=100, device_batch_size=8, out_dir="runs/base"))
 Data and tokenizer are prepared on first use (nanochat.prepare, idempotent and file-locked).
 """
@@ -8,20 +8,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
 from nanochat.distributed import compute_cleanup, compute_init
-from nanochat.errors import ConfigError
 from nanochat.files import get_base_dir
 from nanochat.dataloader import pretraining_loader
 from nanochat.dataset import chars_per_token, data_epochs_guard, shard_text_bytes, split_shards
 from nanochat.gpt import GPTConfig, build_model
 from nanochat.prepare import ensure_pretraining_data, ensure_tokenizer, tokenizer_dir
-from nanochat.train_loop import TrainConfig, train
+from nanochat.training.config import TrainConfig
+from nanochat.training.geometry import known_total
+from nanochat.training.train_loop import train
 
 
 @dataclass
 class BaseTrainConfig(TrainConfig):
+    kind: ClassVar[str] = "base_train"
     depth: int = 4                     # layers; width = 64 * depth
     vocab_size: int = 4096             # tokenizer size (trained on first use)
     data_source: str = ""              # "" = text shipped with Python; a fetched hub set (fineweb-edu-100b, climbmix-400b); or a folder of shards / .txt / .jsonl
@@ -32,7 +34,7 @@ class BaseTrainConfig(TrainConfig):
 
 def run(cfg: BaseTrainConfig, should_stop: Callable[[], bool] | None = None) -> dict:
     if cfg.depth <= 0:
-        raise ConfigError(f"BaseTrainConfig.depth={cfg.depth}: must be positive")
+        raise cfg.problem("depth", "must be positive")
     base_dir = Path(cfg.base_dir or get_base_dir())
     dist_info = compute_init(cfg.device_type or None, seed=cfg.seed)
     try:
@@ -61,7 +63,7 @@ def _data_epochs(cfg: BaseTrainConfig, n_params: int, world_size: int, data_path
                  tokenizer) -> float | None:
     """Passes over the training shards this run will make (the guard of nanochat.dataset), when the
     tokens per step are known before the batch size is (total_batch_size, or a fixed device batch)."""
-    total = cfg.total_batch_size or (cfg.device_batch_size * cfg.seq_len * world_size if cfg.device_batch_size > 0 else 0)
+    total = known_total(cfg.total_batch_size, cfg.device_batch_size, cfg.seq_len, world_size)
     if total <= 0:
         return None
     steps = cfg.num_steps or max(1, int(cfg.target_param_data_ratio * n_params // total))
