@@ -5,10 +5,10 @@
                     [--max-parallel N] [--dry-run]
     status RUN [--watch] [--json] cancel RUN [--json]          logs RUN [STAGE] [--follow] [--task N]
     resume RUN [--wait] [--json] [--max-parallel N]
-    report RUN [RUN ...] [--baseline RUN] [--json]              (jobs.report)
-    probe ... (jobs.cmd_probe)   chat ... (jobs.cmd_chat)     bench train|sft|inference|batch|all (jobs.cmd_bench)
-    gpu-check [--out FILE] (jobs.gpu_check: every GPU path, short; one line and exit 0 without CUDA)
-    rehearse PIPELINE (jobs.rehearse: the pipeline as shipped, scaled down, on the local Slurm, a local hub)
+    report RUN [RUN ...] [--baseline RUN] [--json]              (jobs/commands/report.py; the report: jobs/report/)
+    probe ...   chat ...   data fetch|plan ...   eval ...   bench train|sft|inference|batch|all   (jobs/commands/)
+    gpu-check [--out FILE] (every GPU path, short; one line and exit 0 without CUDA)
+    rehearse PIPELINE (the pipeline as shipped, scaled down, on the local Slurm, a local hub)
     stage-run RUN_DIR STAGE [--task I]                          (internal: what a local stage process runs)
 
 Every command module is imported when its command runs, so `--help` is fast and a module that is
@@ -32,15 +32,15 @@ from jobs.command import ArgumentParser, UsageError, _call, _fail, _one_line, ru
 
 # command -> module providing add_arguments(parser) and run(args) -> int
 EXTERNAL_COMMANDS = {
-    "report": ("jobs.report", "build the report of one or more runs (CSV, Markdown summary, plots)"),
-    "probe": ("jobs.cmd_probe", "find the largest device batch size that fits (and cache it)"),
-    "chat": ("jobs.cmd_chat", "chat with a trained checkpoint"),
-    "data": ("jobs.cmd_data", "fetch and verify datasets (fetch), or print a pipeline's data plan (plan)"),
-    "eval": ("jobs.cmd_eval", "evaluate a checkpoint: CORE (--tasks core) or the chat tasks, a report card"),
-    "logs": ("jobs.logs", "a stage's stdout/stderr (Slurm or local), earlier attempts first; --follow, --task N"),
-    "bench": ("jobs.cmd_bench", "benchmark each optimization against its baseline: train|sft|inference|batch|all"),
-    "gpu-check": ("jobs.gpu_check", "check every GPU path on this machine's CUDA device, one JSON line (skips without CUDA)"),
-    "rehearse": ("jobs.rehearse", "a pipeline as shipped, scaled down, on the local two-node Slurm with a local hub"),
+    "report": ("jobs.commands.report", "build the report of one or more runs (CSV, Markdown summary, plots)"),
+    "probe": ("jobs.commands.probe", "find the largest device batch size that fits (and cache it)"),
+    "chat": ("jobs.commands.chat", "chat with a trained checkpoint"),
+    "data": ("jobs.commands.data", "fetch and verify datasets (fetch), or print a pipeline's data plan (plan)"),
+    "eval": ("jobs.commands.eval", "evaluate a checkpoint: CORE (--tasks core) or the chat tasks, a report card"),
+    "logs": ("jobs.commands.logs", "a stage's stdout/stderr (Slurm or local), earlier attempts first; --follow, --task N"),
+    "bench": ("jobs.commands.bench", "benchmark each optimization against its baseline: train|sft|inference|batch|all"),
+    "gpu-check": ("jobs.commands.gpu_check", "check every GPU path on this machine's CUDA device, one JSON line (skips without CUDA)"),
+    "rehearse": ("jobs.commands.rehearse", "a pipeline as shipped, scaled down, on the local two-node Slurm with a local hub"),
 }
 
 
@@ -134,7 +134,7 @@ def cmd_submit(args) -> int:
     path = spec.resolve_pipeline_path(args.pipeline)
     pipeline = spec.load_pipeline(path, args.sets)       # validates everything before any submission
     if not getattr(args, "dry_run", False):    # the dry run checks (and prints) the data plan itself
-        importlib.import_module("jobs.cmd_data").check_pipeline_data(pipeline)   # shard counts, epochs over the data
+        importlib.import_module("jobs.data_plan").check_pipeline_data(pipeline)   # shard counts, epochs over the data
     executor = submit.choose_executor(args.executor)
     if args.max_parallel < 1:
         raise spec.ConfigError(f"--max-parallel {args.max_parallel}: must be at least 1")

@@ -1,8 +1,8 @@
 """
-The command line's frame, shared by `python -m jobs` (jobs/cli.py) and every command module's own
-`python -m jobs.<module>` entry: argparse with one-line errors, and the exit codes (0 ok, 1 the
-work failed, 2 bad input, 130 Ctrl-C, 128+N stopped by signal N). It imports no command, so a
-command module (jobs.report, jobs.cmd_probe, ...) can use it without importing jobs.cli.
+The command line's frame, shared by `python -m jobs` (jobs/cli.py) and `python -m jobs bench WHICH`
+(jobs/commands/bench.py): argparse with one-line errors, and the exit codes (0 ok, 1 the work failed,
+2 bad input, 130 Ctrl-C, 128+N stopped by signal N). It imports no command, so a command module
+(jobs/commands/) can use it without importing jobs.cli.
 """
 from __future__ import annotations
 

@@ -46,9 +46,9 @@ def sbatch_test_only(script: str, workdir: Path) -> dict:
 
 def dry_run(pipeline, run_id: str, executor: str, max_parallel: int, log=print) -> dict:
     """Print what `submit` would do and return it as plain data (for --json)."""
-    from jobs import cmd_data, runs
+    from jobs import data_plan, runs
     from jobs.submit import slurm_available
-    plan = cmd_data.check_pipeline_data(pipeline, log=log)        # the same check (and num_shards) as submit
+    plan = data_plan.check_pipeline_data(pipeline, log=log)        # the same check (and num_shards) as submit
     workdir = get_base_dir().resolve()
     run_dir = (runs.results_root(pipeline) / run_id).resolve()
     ask_slurm = slurm_available() and shutil.which("sbatch") is not None
@@ -105,7 +105,7 @@ def dry_run(pipeline, run_id: str, executor: str, max_parallel: int, log=print) 
             out["stages"][name] = info
     out["data_plan"] = plan
     log("")
-    log(cmd_data.format_plan(plan))
+    log(data_plan.format_plan(plan))
     log("")
     answers = [s["test_only"]["ok"] for s in out["stages"].values() if "test_only" in s]
     log(f"{len(out['stages'])} stage(s) would be submitted; sbatch --test-only: "

@@ -148,9 +148,9 @@ TRAIN = {"kind": "base_train", "args": {"seq_len": 32, "device_batch_size": 2, "
 
 
 def _check(tmp_path, stages, monkeypatch):
-    from jobs import cmd_data, spec
+    from jobs import data_plan, spec
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "work"))
-    cmd_data.check_pipeline_data(spec.load_pipeline(_spec(tmp_path, stages)), log=lambda *a: None)
+    data_plan.check_pipeline_data(spec.load_pipeline(_spec(tmp_path, stages)), log=lambda *a: None)
 
 
 @pytest.mark.parametrize("stages, needle", [

@@ -250,7 +250,7 @@ def _print_outcome(out: dict) -> None:
 
 
 def run(args) -> int:
-    from jobs import cli, cmd_data, runs, spec, submit
+    from jobs import cli, data_plan, runs, spec, submit
     from jobs.local_hub import LocalHub
     from nanochat.common import atomic_write_json, get_base_dir
     t0 = time.perf_counter()
@@ -269,8 +269,8 @@ def run(args) -> int:
     pipeline = spec.load_pipeline(path, sets)
     # submit's own data check, here before anything starts: the shard counts it will ask the hub for,
     # and exit 2 for a stage whose data nothing puts in place (what a cluster would find hours later)
-    plan = cmd_data.plan_pipeline(pipeline, workdir, fill=True, log=lambda *a: None)
-    cmd_data.check_sources(pipeline, plan["sources"])
+    plan = data_plan.plan_pipeline(pipeline, workdir, fill=True, log=lambda *a: None)
+    data_plan.check_sources(pipeline, plan["sources"])
     hub = LocalHub().start()
     try:
         extra = _serve(hub, pipeline, sets)
@@ -304,8 +304,3 @@ def run(args) -> int:
     if args.json:
         print(json.dumps({**result, "exit_code": 0 if ok else 1}, sort_keys=True, default=str), flush=True)
     return 0 if ok else 1
-
-
-if __name__ == "__main__":
-    from jobs.command import run_module
-    sys.exit(run_module(sys.modules[__name__], None, "python -m jobs.rehearse"))
