@@ -192,7 +192,7 @@ def cmd_resume(args) -> int:
 
 def cmd_stage_run(args) -> int:
     from jobs.stages import main_stage_run
-    from jobs.submit import Terminated, follow_driver, stop_own_group
+    from jobs.processes import Terminated, follow_driver, stop_own_group
     follow_driver()      # a local stage ends with its driver, and writes its row when stopped
     try:
         return main_stage_run(args.run_dir, args.stage, args.task)

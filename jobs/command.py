@@ -72,7 +72,7 @@ def _call(fn, as_json: bool = False) -> int:
         return _fail("interrupted", 130, as_json)
     except BaseException as e:
         from nanochat.common import ConfigError
-        if type(e).__name__ == "Terminated" and hasattr(e, "signum"):   # jobs.submit.Terminated
+        if type(e).__name__ == "Terminated" and hasattr(e, "signum"):   # jobs.processes.Terminated
             return _fail(f"{e}: the run's running stages were stopped", 128 + e.signum, as_json)
         if isinstance(e, ConfigError):
             return _fail(str(e), 2, as_json)

@@ -14,29 +14,18 @@ failed stage marks its dependants CANCELLED, as Slurm's kill-on-invalid-dep does
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
+from jobs.processes import Terminated, kill_group, process_start_time, raise_terminated, this_process
 from jobs.rows import failed_row_error
+from jobs.slurm import scancel, slurm_available
 from jobs.stages import StageEntry, _one_line, marker_path, read_json
 from nanochat.common import ConfigError, atomic_write_json
-
-
-def slurm_available() -> bool:
-    """sbatch on PATH and sinfo answers (a controller is reachable)."""
-    if not shutil.which("sbatch") or not shutil.which("sinfo"):
-        return False
-    try:
-        out = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return out.returncode == 0
 
 
 def choose_executor(name: str) -> str:
@@ -124,7 +113,7 @@ def submit_slurm(run: dict, run_dir: Path, pipeline, todo: list[str], tasks: dic
             records[name].update(executor="slurm", submitted_at=time.time(), depends_on_jobs=deps)
     except Exception as e:
         if submitted:
-            subprocess.run(["scancel", *submitted], capture_output=True, timeout=60)
+            scancel(submitted)
         raise RuntimeError(f"sbatch failed for stage {name!r}: {str(e).strip().splitlines()[-1] if str(e).strip() else e}"
                            f"; cancelled the {len(submitted)} job(s) already submitted") from e
     _record(run_dir, "slurm", records)
@@ -150,100 +139,6 @@ def _record(run_dir: Path, executor: str, records: dict, **top) -> None:
 def _stage_command(run_dir: Path, name: str, task: int | None) -> list[str]:
     cmd = [sys.executable, "-m", "jobs", "stage-run", str(run_dir), name]
     return cmd + (["--task", str(task)] if task is not None else [])
-
-
-class Terminated(BaseException):
-    """SIGTERM or SIGHUP reached a driver or a stage process. A BaseException, like
-    KeyboardInterrupt, so that no `except Exception` in a recipe swallows it."""
-
-    def __init__(self, signum: int, why: str = ""):
-        self.signum = signum
-        super().__init__(f"stopped by {signal.Signals(signum).name}" + (f" ({why})" if why else ""))
-
-
-def _driver_gone(driver: int, wait_s: float = 1.0) -> bool:
-    """Whether this stage's driver died. PR_SET_PDEATHSIG fires when the *thread* that started us
-    exits: while a killed driver's other threads are still being torn down, getppid() can name the
-    driver for a few milliseconds more, so give the reparenting a moment before answering no."""
-    deadline = time.monotonic() + wait_s
-    while os.getppid() == driver:
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.01)
-    return True
-
-
-def _raise_terminated(signum, frame):
-    driver = os.environ.get("NANOCHAT_DRIVER_PID", "")
-    if driver.isdigit() and _driver_gone(int(driver)):      # a stage whose driver is gone
-        raise Terminated(signum, f"its driver, pid {driver}, died")
-    raise Terminated(signum)
-
-
-def process_start_time(pid: int) -> int | None:
-    """The kernel's start time of a live process (clock ticks after boot, /proc/PID/stat field 22),
-    None when there is no such process or it has exited (a zombie). With the pid it names one
-    process for good: a pid alone may be reused by an unrelated process after a crash."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except (OSError, ValueError):
-        return None
-    fields = text[text.rindex(")") + 2:].split()   # the command name may hold spaces and parentheses
-    return None if fields[0] in ("Z", "X") else int(fields[19])
-
-
-def process_alive(pid: int, start: int | None = None) -> bool:
-    """Is `pid` still the process that started at `start` (where recorded)?"""
-    if not Path("/proc/self/stat").exists():   # no procfs (macOS): the pid alone
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            pass
-        return True
-    now = process_start_time(pid)
-    return now is not None and (start is None or now == start)
-
-
-def this_process() -> dict:
-    return {"pid": os.getpid(), "start": process_start_time(os.getpid()), "host": socket.gethostname()}
-
-
-def follow_driver() -> None:
-    """In a local stage process: end with the driver that started it (kill -9 of the driver must not
-    leave the stage running with no parent) and, on SIGTERM or SIGHUP, raise Terminated so that the
-    stage still writes its FAILED row. Linux: prctl(PR_SET_PDEATHSIG); elsewhere a thread polls
-    the parent pid."""
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _raise_terminated)
-    driver = os.environ.get("NANOCHAT_DRIVER_PID", "")
-    if not driver.isdigit():
-        return
-    try:
-        import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)        # 1 = PR_SET_PDEATHSIG
-        watch = False
-    except (OSError, AttributeError):
-        watch = True
-    if os.getppid() != int(driver):                      # the driver died before prctl took effect
-        os.kill(os.getpid(), signal.SIGTERM)
-    elif watch:
-        import threading
-        def poll():
-            while os.getppid() == int(driver):
-                time.sleep(1.0)
-            os.kill(os.getpid(), signal.SIGTERM)
-        threading.Thread(target=poll, daemon=True, name="follow-driver").start()
-
-
-def stop_own_group() -> None:
-    """A stage process that leads its process group stops what it started (compile workers,
-    the probe's budget child) before it exits (only when the driver started it in a session of its own)."""
-    if os.environ.get("NANOCHAT_DRIVER_PID") and os.getpgrp() == os.getpid() == os.getsid(0):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        _kill_group(os.getpid())
 
 
 def run_local(run: dict, run_dir: Path, pipeline, todo: list[str], max_parallel: int = 1,
@@ -289,7 +184,7 @@ def run_local(run: dict, run_dir: Path, pipeline, todo: list[str], max_parallel:
     cancelled = lambda: (run_dir / "cancel_requested").exists()
     handlers = {}
     if threading.current_thread() is threading.main_thread():
-        handlers = {sig: signal.signal(sig, _raise_terminated) for sig in (signal.SIGTERM, signal.SIGHUP)}
+        handlers = {sig: signal.signal(sig, raise_terminated) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         _record(run_dir, "local", records, driver=this_process())   # one write: no stage without its driver
         while True:
@@ -370,14 +265,14 @@ def run_local(run: dict, run_dir: Path, pipeline, todo: list[str], max_parallel:
 def _stop_all(running: dict, grace_s: float = 10.0) -> None:
     """SIGTERM every stage's process group, give them grace_s to write their rows, then SIGKILL."""
     for proc, _, _ in running.values():
-        _kill_group(proc.pid)
+        kill_group(proc.pid)
     deadline = time.time() + grace_s
     for proc, _, fh in running.values():
         try:
             proc.wait(timeout=max(0.0, deadline - time.time()))
         except subprocess.TimeoutExpired:
             pass
-        _kill_group(proc.pid, signal.SIGKILL)    # and whatever the stage left in its group
+        kill_group(proc.pid, signal.SIGKILL)    # and whatever the stage left in its group
         try:
             proc.wait(timeout=5)
             fh.close()
@@ -400,13 +295,6 @@ def _why_it_ended(log: Path, rc: int) -> str | None:
     except (OSError, TypeError):
         return None
     return lines[-1].strip()[:500] if lines else None
-
-
-def _kill_group(pid: int, sig=signal.SIGTERM) -> None:
-    try:
-        os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def stage_completed(run_dir: Path, pipeline, name: str) -> bool:

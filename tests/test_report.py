@@ -18,7 +18,7 @@ from jobs.report import load as report_load, pairs as report_pairs, plots as rep
 from jobs.report import sacct as report_sacct
 from jobs.rows import make_row, row_path, write_row
 from nanochat.common import ConfigError, atomic_write_json
-from jobs.slurm import SacctResult, is_slurm_job_id, parse_sacct, query_sacct
+from jobs.slurm import SacctResult, is_slurm_job_id, parse_sacct, parse_sacct_table, query_sacct
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -371,6 +371,17 @@ def test_sacct_state_is_joined_for_slurm_job_ids():
     # No wall time in the row: sacct's elapsed time stands in for the GPU-hours.
     assert df["gpu_hours"].iloc[0] == pytest.approx(65 * 8 / 3600) and df["cost"].iloc[0] == pytest.approx(65 * 8 / 1800)
     assert df["gpus"].iloc[1] == 0 and pd.isna(df["gpus"].iloc[2])
+
+
+def test_one_sacct_parser_serves_every_format():
+    """jobs.slurm.parse_sacct_table reads any --format (status's, the rehearsal's): steps skipped, a pending
+    array's A_[0-7] line kept, a short line ignored."""
+    fields = ["JobID", "State", "NodeList", "NNodes", "Elapsed", "ExitCode"]
+    text = "77|COMPLETED|n[1-2]|2|00:01:05|0:0\n77.batch|COMPLETED|n1|1|00:01:05|0:0\n78_[0-7]|PENDING|None|1|00:00:00|0:0\n79|RUNNING\n"
+    table = parse_sacct_table(text, fields)
+    assert table == {"77": {"State": "COMPLETED", "NodeList": "n[1-2]", "NNodes": "2", "Elapsed": "00:01:05", "ExitCode": "0:0"},
+                     "78_[0-7]": {"State": "PENDING", "NodeList": "None", "NNodes": "1", "Elapsed": "00:00:00",
+                                  "ExitCode": "0:0"}}
 
 
 def test_sacct_missing_is_not_fatal(tmp_path, monkeypatch):
