@@ -451,8 +451,8 @@ def parse_pipeline(raw: dict, source: str, check_args: bool = True) -> Pipeline:
             raise err(f"stages.{s.name}.args.init_from",
                       f"stage {init_from!r} must be in depends_on (directly or through another stage)")
 
-    for s in stages.values():
-        if s.kind == "probe" and s.args.get("serves"):
+    for s in stages.values():    # checked at submit; a run folder's re-read skips it (it imports torch)
+        if check_args and s.kind == "probe" and s.args.get("serves"):
             _check_serves(err, stages, s, own_args[s.name])
 
     ordered = {n: stages[n] for n in order}

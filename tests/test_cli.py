@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jobs import cli
+from jobs import cli, runs, spec
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -180,3 +180,25 @@ def test_only_the_command_line_imports_the_commands():
     for path in parts:
         bad = sorted(m for m in _imported_modules(path) if m == "jobs.cli" or m.startswith("jobs.commands"))
         assert not bad, f"{path.relative_to(REPO)} imports {bad}"
+
+
+def _imported_by(*argv: str) -> tuple[subprocess.CompletedProcess, set[str]]:
+    """`python -X importtime -m jobs ARGV` and every module it imported (importtime's stderr lines)."""
+    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "jobs", *argv], capture_output=True, text=True,
+                         cwd=REPO, timeout=120)
+    return out, {line.split("|")[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")}
+
+
+def test_help_and_status_do_not_import_torch(env):
+    """--help and `status RUN` answer in a fraction of a second: neither imports torch (a few seconds), even
+    for a run whose stages are training kinds (status reads their spec without checking args against the
+    recipes' config classes)."""
+    pipeline = spec.load_pipeline(spec.resolve_pipeline_path("smoke"))
+    runs.create_run(pipeline, "notorch", "local", [])
+    out, imported = _imported_by("--help")
+    assert out.returncode == 0 and "jobs.cli" in imported and "torch" not in imported
+    # a run created but never started: status says so (exit 1: the run has no driver, so it counts as FAILED)
+    out, imported = _imported_by("status", "notorch", "--json")
+    assert json.loads(out.stdout.strip().splitlines()[-1])["stages"]["base_train"]["state"] == "NOT_SUBMITTED"
+    assert "jobs.runs" in imported and "torch" not in imported
+
