@@ -14,7 +14,10 @@ import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:      # the annotations only; at run time torch is imported where it is used
+    import torch
 
 # torch is imported inside the functions that use it: the orchestration (jobs/) reads this module
 # for its file helpers and ConfigError, and a command line or a stage process that never touches a

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from nanochat.chat_sft import SFTConfig, bench, bench_ratios
 from nanochat.common import ConfigError
