@@ -28,7 +28,7 @@ import os
 import sys
 import time
 
-from jobs.command import ArgumentParser, UsageError, _call, _fail, _one_line, run_module_named
+from jobs.command import ArgumentParser, UsageError, call_with_exit_codes, print_failure, error_line, run_module_named
 
 # command -> module providing add_arguments(parser) and run(args) -> int
 EXTERNAL_COMMANDS = {
@@ -69,7 +69,7 @@ def add_submit_arguments(p: argparse.ArgumentParser) -> None:
 
 def _emit(args, obj: dict, exit_code: int = 0) -> int:
     """Print the command's JSON object (with --json) and return its exit code. A failing command's
-    object carries "error" (one line) and "exit_code", like the one _call prints for an exception."""
+    object carries "error" (one line) and "exit_code", like the one call_with_exit_codes prints for an exception."""
     obj = {**obj, **getattr(args, "json_extra", {}), "exit_code": exit_code}
     if exit_code and not obj.get("error"):
         obj["error"] = f"run {obj.get('state', 'failed')}"
@@ -126,7 +126,7 @@ def _write_report(run_dir) -> str | None:
         print(f"report: {run_dir}", flush=True)
         return None
     except Exception as e:
-        return f"report not built: {_one_line(e)}"
+        return f"report not built: {error_line(e)}"
 
 
 def cmd_submit(args) -> int:
@@ -255,8 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
     except UsageError as e:
-        return _fail(str(e), 2, "--json" in argv)
-    return _call(lambda: args.func(args), getattr(args, "json", False))
+        return print_failure(str(e), 2, "--json" in argv)
+    return call_with_exit_codes(lambda: args.func(args), getattr(args, "json", False))
 
 
 if __name__ == "__main__":

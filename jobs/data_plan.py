@@ -163,13 +163,13 @@ def data_sources(pipeline, base_dir: Path) -> list[dict]:
     """Every dataset a stage reads, with where it comes from: {"stage", "key", "path", "field", "name",
     "from"}: "from" is the data stage before it that fetches it, "present" (in the work directory
     already), or None: then the stage would fail at its start, and submit refuses the pipeline."""
-    from jobs.spec import _ancestors
+    from jobs.spec import ancestors
     out = []
     for s in pipeline.stages.values():
         if s.kind == "data":
             continue
         _user_data_dir(pipeline, s)
-        before = _ancestors(pipeline.stages, s.name)
+        before = ancestors(pipeline.stages, s.name)
         for need in stage_needs(s, base_dir):
             providers = [d.name for d in pipeline.stages.values() if d.kind == "data" and _provides(d, need)]
             ok = [d for d in providers if d in before]

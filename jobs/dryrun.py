@@ -21,9 +21,9 @@ from nanochat.common import get_base_dir
 def render_sbatch(pipeline, stage, folder: Path, dependency_ids: list[str]) -> str:
     """The sbatch script submitit would submit for this stage (job arrays: one per variant)."""
     import submitit
-    from jobs.submit import _slurm_parameters
+    from jobs.submit import slurm_parameters
     ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=stage.resources.max_requeues)
-    ex.update_parameters(**_slurm_parameters(pipeline, stage, dependency_ids))
+    ex.update_parameters(**slurm_parameters(pipeline, stage, dependency_ids))
     if stage.variants:
         ex.update_parameters(array_parallelism=len(stage.variants))
         ex.parameters["map_count"] = len(stage.variants)      # what map_array sets for an array

@@ -330,7 +330,7 @@ def settle_local_run(run_dir: Path, grace_s: float = 10.0) -> list[str]:
     unfinished stage as `status` shows it (FAILED if it was running, CANCELLED if it never started),
     CANCELLED for one whose process had to be stopped. Returns 'local:PID' for each process stopped
     and 'stage: STATE' for each stage recorded."""
-    from jobs.submit import _update_jobs
+    from jobs.submit import update_jobs
     run, pipeline, jobs = load_run(run_dir)
     if jobs.get("executor", run.get("executor")) != "local":
         return []
@@ -364,7 +364,7 @@ def settle_local_run(run_dir: Path, grace_s: float = 10.0) -> list[str]:
         for name, rec in settled.items():
             data["stages"].setdefault(name, {}).update(rec)
     if settled:
-        _update_jobs(run_dir, update)
+        update_jobs(run_dir, update)
     return ([f"local:{pid}" for pids in orphans.values() for pid in pids]
             + [f"{name}: {rec['state']}" for name, rec in settled.items()])
 

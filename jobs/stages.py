@@ -27,8 +27,6 @@ from pathlib import Path
 
 from jobs.slurm import requeue
 
-RUN_FILES = ("resolved.yaml", "run.json", "jobs.json")
-
 
 # -----------------------------------------------------------------------------
 # The built-in noop kind
@@ -272,7 +270,7 @@ def run_stage(run_dir: str | os.PathLike, stage_name: str, task: int | None = No
         if rank == 0:
             _collect_metrics(run_dir, stage_name, variant, cfg)
             row = make_row(**base, kind=kind, variant=variant.name if variant else None, state="FAILED",
-                           error=_one_line(e), wall_time_s=time.time() - t0)
+                           error=exception_line(e), wall_time_s=time.time() - t0)
             try:
                 write_row(run_dir, row)
             except OSError as w:   # a full disk: the stage's own error still goes up, not this one
@@ -417,7 +415,7 @@ def _module_of(kind: str) -> str:
     return KINDS[kind][0]
 
 
-def _one_line(e: BaseException) -> str:
+def exception_line(e: BaseException) -> str:
     text = f"{type(e).__name__}: {e}".strip().splitlines()
     return text[0][:500] if text else type(e).__name__
 
@@ -438,6 +436,6 @@ def main_stage_run(run_dir: str, stage: str, task: int | None) -> int:
     try:
         run_stage(run_dir, stage, task)
     except Exception as e:
-        print(f"error: {_one_line(e)}", file=sys.stderr, flush=True)   # the log's last line: the console shows it
+        print(f"error: {exception_line(e)}", file=sys.stderr, flush=True)   # the log's last line: the console shows it
         return 1
     return 0

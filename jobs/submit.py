@@ -24,7 +24,7 @@ from pathlib import Path
 from jobs.processes import Terminated, kill_group, process_start_time, raise_terminated, this_process
 from jobs.rows import failed_row_error
 from jobs.slurm import scancel, slurm_available
-from jobs.stages import StageEntry, _one_line, marker_path, read_json
+from jobs.stages import StageEntry, exception_line, marker_path, read_json
 from nanochat.common import ConfigError, atomic_write_json
 
 
@@ -36,7 +36,7 @@ def choose_executor(name: str) -> str:
     return name
 
 
-def _update_jobs(run_dir: Path, update) -> dict:
+def update_jobs(run_dir: Path, update) -> dict:
     """Read-modify-write jobs.json under a file lock (the local runner and cancel both write it)."""
     from nanochat.locking import file_lock
     path = Path(run_dir) / "jobs.json"
@@ -50,7 +50,7 @@ def _update_jobs(run_dir: Path, update) -> dict:
 # -----------------------------------------------------------------------------
 # Slurm
 
-def _slurm_parameters(pipeline, stage, dependency_ids: list[str]) -> dict:
+def slurm_parameters(pipeline, stage, dependency_ids: list[str]) -> dict:
     import submitit  # noqa: F401  (imported here: keeps `python -m jobs --help` fast)
     r = stage.resources
     c = pipeline.cluster
@@ -95,7 +95,7 @@ def submit_slurm(run: dict, run_dir: Path, pipeline, todo: list[str], tasks: dic
             deps = [records[d]["job_id"].split("_")[0] for d in stage.depends_on if d in records]
             folder = Path(run["workdir"]) / run["run_id"] / "submitit" / name
             ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=stage.resources.max_requeues)
-            ex.update_parameters(**_slurm_parameters(pipeline, stage, deps))
+            ex.update_parameters(**slurm_parameters(pipeline, stage, deps))
             entry = StageEntry(str(run_dir), name)
             if stage.variants:
                 idx = tasks.get(name) or list(range(len(stage.variants)))
@@ -130,7 +130,7 @@ def _record(run_dir: Path, executor: str, records: dict, **top) -> None:
             if old and old.get("job_id"):
                 rec["previous_job_ids"] = old.get("previous_job_ids", []) + [old["job_id"]]
             stages[name] = rec
-    _update_jobs(run_dir, update)
+    update_jobs(run_dir, update)
 
 
 # -----------------------------------------------------------------------------
@@ -178,7 +178,7 @@ def run_local(run: dict, run_dir: Path, pipeline, todo: list[str], max_parallel:
         def update(data):
             rec = data["stages"].setdefault(name, {})
             rec.update(state=st, **extra)
-        _update_jobs(run_dir, update)
+        update_jobs(run_dir, update)
         progress(f"[{time.time() - t_start:7.1f}s] {name}: {st}" + (f" ({extra['note']})" if extra.get("note") else ""))
 
     cancelled = lambda: (run_dir / "cancel_requested").exists()
@@ -239,7 +239,7 @@ def run_local(run: dict, run_dir: Path, pipeline, todo: list[str], max_parallel:
                         def add(d, n=name, p=proc.pid, st=start):
                             d["stages"][n].setdefault("pids", []).append(p)
                             d["stages"][n].setdefault("pid_starts", {})[str(p)] = st
-                        _update_jobs(run_dir, add)
+                        update_jobs(run_dir, add)
             if not running and all(s not in ("PENDING", "RUNNING") for s in state.values()):
                 break
             time.sleep(0.2)
@@ -248,7 +248,8 @@ def run_local(run: dict, run_dir: Path, pipeline, todo: list[str], max_parallel:
         for sig in handlers:
             signal.signal(sig, signal.SIG_IGN)   # a second SIGTERM must not cut the clean-up short
         _stop_all(running)
-        why = "interrupted" if isinstance(e, (KeyboardInterrupt, Terminated)) else f"the driver failed: {_one_line(e)}"
+        stopped = isinstance(e, (KeyboardInterrupt, Terminated))
+        why = "interrupted" if stopped else f"the driver failed: {exception_line(e)}"
         try:
             for name in todo:
                 if state[name] in ("PENDING", "RUNNING"):

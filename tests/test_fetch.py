@@ -235,8 +235,8 @@ def test_data_stage_partition_overrides_cluster():
     from jobs import spec, submit
     pipeline = spec.load_pipeline(spec.resolve_pipeline_path("artemis-a100"),
                                   ["data.resources.partition=transfer", "data.resources.constraint=internet"])
-    data = submit._slurm_parameters(pipeline, pipeline.stages["data"], [])
-    base = submit._slurm_parameters(pipeline, pipeline.stages["base_train"], [])
+    data = submit.slurm_parameters(pipeline, pipeline.stages["data"], [])
+    base = submit.slurm_parameters(pipeline, pipeline.stages["base_train"], [])
     assert (data["partition"], data["constraint"]) == ("transfer", "internet")
     assert (base["partition"], base["constraint"]) == ("gpu", "a100-80gb")
     assert "gpus_per_node" not in data
