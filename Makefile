@@ -17,7 +17,7 @@ PYTEST_WORKERS ?= 2
 PYTEST_XDIST = $(if $(filter 0,$(PYTEST_WORKERS)),-p no:xdist,-n $(PYTEST_WORKERS) --dist loadfile)
 STAMP := $(VENV)/.installed
 
-.PHONY: help setup sandbox pipeline rehearse test test-fast report bench gpu-check slurm-up slurm-down clean
+.PHONY: help setup sandbox pipeline rehearse lint test test-fast report bench gpu-check slurm-up slurm-down clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -48,12 +48,15 @@ rehearse: setup ## run a pipeline (REHEARSE, default artemis-a100) as shipped, s
 	bash sbatch/slurm_local.sh up
 	$(PY) -m jobs rehearse $(REHEARSE)
 
-test: setup sandbox ## run the test suite on 2 xdist workers, 25 slowest printed (brings up the local Slurm; required when CI=true)
+lint: setup ## ruff (pyflakes-class errors, pyproject.toml [tool.ruff]): the first step of make test, in seconds
+	$(PY) -m ruff check .
+
+test: setup lint sandbox ## run the test suite on 2 xdist workers, 25 slowest printed (brings up the local Slurm; required when CI=true)
 	@if [ "$${CI:-}" = "true" ]; then bash sbatch/slurm_local.sh up; \
 	 else bash sbatch/slurm_local.sh up || echo "local Slurm not available: slurm tests will be skipped"; fi
 	$(PY) -m pytest $(PYTEST_XDIST) $(PYTEST_ARGS)
 
-test-fast: setup ## the unit tests only (no Slurm, nothing marked slow)
+test-fast: setup lint ## the unit tests only (no Slurm, nothing marked slow)
 	$(PY) -m pytest -m "not slurm and not slow" $(PYTEST_XDIST) $(PYTEST_ARGS)
 
 report: setup ## build the report of RUN=<run id> (or the latest run)

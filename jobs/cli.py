@@ -5,10 +5,10 @@
                     [--max-parallel N] [--dry-run]
     status RUN [--watch] [--json] cancel RUN [--json]          logs RUN [STAGE] [--follow] [--task N]
     resume RUN [--wait] [--json] [--max-parallel N]
-    report RUN [RUN ...] [--baseline RUN] [--json]              (jobs.report)
-    probe ... (jobs.cmd_probe)   chat ... (jobs.cmd_chat)     bench train|sft|inference|batch|all (jobs.cmd_bench)
-    gpu-check [--out FILE] (jobs.gpu_check: every GPU path, short; one line and exit 0 without CUDA)
-    rehearse PIPELINE (jobs.rehearse: the pipeline as shipped, scaled down, on the local Slurm, a local hub)
+    report RUN [RUN ...] [--baseline RUN] [--json]              (jobs/commands/report.py; the report: jobs/report/)
+    probe ...   chat ...   data fetch|plan ...   eval ...   bench train|sft|inference|batch|all   (jobs/commands/)
+    gpu-check [--out FILE] (every GPU path, short; one line and exit 0 without CUDA)
+    rehearse PIPELINE (the pipeline as shipped, scaled down, on the local Slurm, a local hub)
     stage-run RUN_DIR STAGE [--task I]                          (internal: what a local stage process runs)
 
 Every command module is imported when its command runs, so `--help` is fast and a module that is
@@ -28,20 +28,20 @@ import os
 import sys
 import time
 
-from jobs.command import ArgumentParser, UsageError, _call, _fail, run_module_named
+from jobs.command import ArgumentParser, UsageError, call_with_exit_codes, print_failure, run_module_named
 from nanochat.errors import one_line
 
 # command -> module providing add_arguments(parser) and run(args) -> int
 EXTERNAL_COMMANDS = {
-    "report": ("jobs.report", "build the report of one or more runs (CSV, Markdown summary, plots)"),
-    "probe": ("jobs.cmd_probe", "find the largest device batch size that fits (and cache it)"),
-    "chat": ("jobs.cmd_chat", "chat with a trained checkpoint"),
-    "data": ("jobs.cmd_data", "fetch and verify datasets (fetch), or print a pipeline's data plan (plan)"),
-    "eval": ("jobs.cmd_eval", "evaluate a checkpoint: CORE (--tasks core) or the chat tasks, a report card"),
-    "logs": ("jobs.logs", "a stage's stdout/stderr (Slurm or local), earlier attempts first; --follow, --task N"),
-    "bench": ("jobs.cmd_bench", "benchmark each optimization against its baseline: train|sft|inference|batch|all"),
-    "gpu-check": ("jobs.gpu_check", "check every GPU path on this machine's CUDA device, one JSON line (skips without CUDA)"),
-    "rehearse": ("jobs.rehearse", "a pipeline as shipped, scaled down, on the local two-node Slurm with a local hub"),
+    "report": ("jobs.commands.report", "build the report of one or more runs (CSV, Markdown summary, plots)"),
+    "probe": ("jobs.commands.probe", "find the largest device batch size that fits (and cache it)"),
+    "chat": ("jobs.commands.chat", "chat with a trained checkpoint"),
+    "data": ("jobs.commands.data", "fetch and verify datasets (fetch), or print a pipeline's data plan (plan)"),
+    "eval": ("jobs.commands.eval", "evaluate a checkpoint: CORE (--tasks core) or the chat tasks, a report card"),
+    "logs": ("jobs.commands.logs", "a stage's stdout/stderr (Slurm or local), earlier attempts first; --follow, --task N"),
+    "bench": ("jobs.commands.bench", "benchmark each optimization against its baseline: train|sft|inference|batch|all"),
+    "gpu-check": ("jobs.commands.gpu_check", "check every GPU path on this machine's CUDA device, one JSON line (skips without CUDA)"),
+    "rehearse": ("jobs.commands.rehearse", "a pipeline as shipped, scaled down, on the local two-node Slurm with a local hub"),
 }
 
 
@@ -70,7 +70,7 @@ def add_submit_arguments(p: argparse.ArgumentParser) -> None:
 
 def _emit(args, obj: dict, exit_code: int = 0) -> int:
     """Print the command's JSON object (with --json) and return its exit code. A failing command's
-    object carries "error" (one line) and "exit_code", like the one _call prints for an exception."""
+    object carries "error" (one line) and "exit_code", like the one call_with_exit_codes prints for an exception."""
     obj = {**obj, **getattr(args, "json_extra", {}), "exit_code": exit_code}
     if exit_code and not obj.get("error"):
         obj["error"] = f"run {obj.get('state', 'failed')}"
@@ -135,7 +135,7 @@ def cmd_submit(args) -> int:
     path = spec.resolve_pipeline_path(args.pipeline)
     pipeline = spec.load_pipeline(path, args.sets)       # validates everything before any submission
     if not getattr(args, "dry_run", False):    # the dry run checks (and prints) the data plan itself
-        importlib.import_module("jobs.cmd_data").check_pipeline_data(pipeline)   # shard counts, epochs over the data
+        importlib.import_module("jobs.data_plan").check_pipeline_data(pipeline)   # shard counts, epochs over the data
     executor = submit.choose_executor(args.executor)
     if args.max_parallel < 1:
         raise spec.ConfigError(f"--max-parallel {args.max_parallel}: must be at least 1")
@@ -193,7 +193,7 @@ def cmd_resume(args) -> int:
 
 def cmd_stage_run(args) -> int:
     from jobs.stages import main_stage_run
-    from jobs.submit import Terminated, follow_driver, stop_own_group
+    from jobs.processes import Terminated, follow_driver, stop_own_group
     follow_driver()      # a local stage ends with its driver, and writes its row when stopped
     try:
         return main_stage_run(args.run_dir, args.stage, args.task)
@@ -256,8 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
     except UsageError as e:
-        return _fail(str(e), 2, "--json" in argv)
-    return _call(lambda: args.func(args), getattr(args, "json", False))
+        return print_failure(str(e), 2, "--json" in argv)
+    return call_with_exit_codes(lambda: args.func(args), getattr(args, "json", False))
 
 
 if __name__ == "__main__":

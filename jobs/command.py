@@ -1,8 +1,8 @@
 """
-The command line's frame, shared by `python -m jobs` (jobs/cli.py) and every command module's own
-`python -m jobs.<module>` entry: argparse with one-line errors, and the exit codes (0 ok, 1 the
-work failed, 2 bad input, 130 Ctrl-C, 128+N stopped by signal N). It imports no command, so a
-command module (jobs.report, jobs.cmd_probe, ...) can use it without importing jobs.cli.
+The command line's frame, shared by `python -m jobs` (jobs/cli.py) and `python -m jobs bench WHICH`
+(jobs/commands/bench.py): argparse with one-line errors, and the exit codes (0 ok, 1 the work failed,
+2 bad input, 130 Ctrl-C, 128+N stopped by signal N). It imports no command, so a command module
+(jobs/commands/) can use it without importing jobs.cli.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def run_module_named(module_name: str, argv: list[str] | None, prog: str, descri
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        return _fail(f"{prog}: not available ({e})", 2, "--json" in (argv or []))
+        return print_failure(f"{prog}: not available ({e})", 2, "--json" in (argv or []))
     return run_module(module, argv, prog, description)
 
 
@@ -33,8 +33,8 @@ def run_module(module, argv: list[str] | None, prog: str, description: str | Non
     try:
         args = parser.parse_args(argv)
     except UsageError as e:
-        return _fail(str(e), 2, as_json)
-    return _call(lambda: module.run(args), getattr(args, "json", as_json))
+        return print_failure(str(e), 2, as_json)
+    return call_with_exit_codes(lambda: module.run(args), getattr(args, "json", as_json))
 
 
 class UsageError(Exception):
@@ -42,14 +42,14 @@ class UsageError(Exception):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with its errors as one line and exit code 2 through _fail (so --json still ends
+    """argparse with its errors as one line and exit code 2 through print_failure (so --json still ends
     with a JSON object), instead of usage text and sys.exit."""
 
     def error(self, message):
         raise UsageError(f"{self.prog}: {message} (see --help)")
 
 
-def _fail(message: str, code: int, as_json: bool) -> int:
+def print_failure(message: str, code: int, as_json: bool) -> int:
     """A failing command's last words: one line on stderr, and with --json the JSON object
     {"error": ..., "exit_code": ...} as the last line of stdout."""
     print(f"error: {message}", file=sys.stderr, flush=True)
@@ -58,22 +58,22 @@ def _fail(message: str, code: int, as_json: bool) -> int:
     return code
 
 
-def _call(fn, as_json: bool = False) -> int:
+def call_with_exit_codes(fn, as_json: bool = False) -> int:
     """Exit codes: 0 ok, 1 the work failed (also an OSError such as a full disk: one line naming the
     file), 2 bad input (ConfigError), 130 Ctrl-C, 128+N when signal N (SIGTERM, SIGHUP) stopped it."""
     try:
         rc = fn()
     except KeyboardInterrupt:
-        return _fail("interrupted", 130, as_json)
+        return print_failure("interrupted", 130, as_json)
     except BaseException as e:
-        if type(e).__name__ == "Terminated" and hasattr(e, "signum"):   # jobs.submit.Terminated
-            return _fail(f"{e}: the run's running stages were stopped", 128 + e.signum, as_json)
+        if type(e).__name__ == "Terminated" and hasattr(e, "signum"):   # jobs.processes.Terminated
+            return print_failure(f"{e}: the run's running stages were stopped", 128 + e.signum, as_json)
         if isinstance(e, ConfigError):
-            return _fail(str(e), 2, as_json)
+            return print_failure(str(e), 2, as_json)
         if isinstance(e, OSError):
-            return _fail(one_line(e), 1, as_json)
+            return print_failure(one_line(e), 1, as_json)
         if isinstance(e, SystemExit) or not isinstance(e, Exception):
             raise
         traceback.print_exc()        # a bug: keep its traceback, and still end as the contract says
-        return _fail(one_line(e), 1, as_json)
+        return print_failure(one_line(e), 1, as_json)
     return int(rc or 0)

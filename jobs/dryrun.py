@@ -11,19 +11,19 @@ folder is written; the sbatch scripts for --test-only live in a temporary folder
 from __future__ import annotations
 
 import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 
+from jobs import slurm
 from nanochat.files import get_base_dir
 
 
 def render_sbatch(pipeline, stage, folder: Path, dependency_ids: list[str]) -> str:
     """The sbatch script submitit would submit for this stage (job arrays: one per variant)."""
     import submitit
-    from jobs.submit import _slurm_parameters
+    from jobs.submit import slurm_parameters
     ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=stage.resources.max_requeues)
-    ex.update_parameters(**_slurm_parameters(pipeline, stage, dependency_ids))
+    ex.update_parameters(**slurm_parameters(pipeline, stage, dependency_ids))
     if stage.variants:
         ex.update_parameters(array_parallelism=len(stage.variants))
         ex.parameters["map_count"] = len(stage.variants)      # what map_array sets for an array
@@ -36,22 +36,16 @@ def sbatch_test_only(script: str, workdir: Path) -> dict:
     lines = [ln for ln in script.splitlines() if not ln.startswith(("#SBATCH --dependency", "#SBATCH --kill-on-invalid-dep"))]
     path = workdir / "stage.sbatch"
     path.write_text("\n".join(lines) + "\n")
-    try:
-        res = subprocess.run(["sbatch", "--test-only", str(path)], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return {"ok": False, "answer": f"sbatch --test-only did not answer: {e}"}
-    answer = " ".join((res.stderr + res.stdout).split())
-    return {"ok": res.returncode == 0, "answer": answer or f"exit {res.returncode}"}
+    return slurm.sbatch_test_only(path)
 
 
 def dry_run(pipeline, run_id: str, executor: str, max_parallel: int, log=print) -> dict:
     """Print what `submit` would do and return it as plain data (for --json)."""
-    from jobs import cmd_data, runs
-    from jobs.submit import slurm_available
-    plan = cmd_data.check_pipeline_data(pipeline, log=log)        # the same check (and num_shards) as submit
+    from jobs import data_plan, runs
+    plan = data_plan.check_pipeline_data(pipeline, log=log)        # the same check (and num_shards) as submit
     workdir = get_base_dir().resolve()
     run_dir = (runs.results_root(pipeline) / run_id).resolve()
-    ask_slurm = slurm_available() and shutil.which("sbatch") is not None
+    ask_slurm = slurm.slurm_available() and shutil.which("sbatch") is not None
     out = {"dry_run": True, "pipeline": pipeline.name, "spec": pipeline.source, "run_id": run_id,
            "executor": executor, "run_dir": str(run_dir), "workdir": str(workdir / run_id), "stages": {}}
     log(f"dry run of {pipeline.name} ({pipeline.source}): nothing is submitted, no run folder is written")
@@ -105,7 +99,7 @@ def dry_run(pipeline, run_id: str, executor: str, max_parallel: int, log=print) 
             out["stages"][name] = info
     out["data_plan"] = plan
     log("")
-    log(cmd_data.format_plan(plan))
+    log(data_plan.format_plan(plan))
     log("")
     answers = [s["test_only"]["ok"] for s in out["stages"].values() if "test_only" in s]
     log(f"{len(out['stages'])} stage(s) would be submitted; sbatch --test-only: "

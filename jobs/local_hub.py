@@ -1,7 +1,7 @@
 """
 A real HTTP server on 127.0.0.1 that answers what huggingface_hub asks the hub for a dataset (point
 HF_ENDPOINT at it), and serves plain files beside (a zip published outside the hub). The rehearsal
-(jobs.rehearse) and the tests put files in it; nothing else of the hub is imitated.
+(jobs/commands/rehearse.py) and the tests put files in it; nothing else of the hub is imitated.
 
     GET  /api/datasets/<owner>/<name>/revision/<rev>        the commit a revision names
     GET  /api/datasets/<owner>/<name>/tree/<rev>/<folder>   the folder's files (size, git oid, LFS sha256)

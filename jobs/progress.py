@@ -46,9 +46,9 @@ def total_steps(stage) -> int | None:
     if args.get("num_steps"):
         return int(args["num_steps"])
     try:
-        from jobs.cmd_data import training_tokens, _config
+        from jobs.data_plan import stage_config, training_tokens
         tokens, _ = training_tokens(stage)
-        total = _config(stage).total_batch_size
+        total = stage_config(stage).total_batch_size
         return int(tokens // total) if tokens and total else None
     except Exception:       # a kind without these keys: no total, the line still shows the step
         return None

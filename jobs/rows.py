@@ -1,7 +1,7 @@
 """
 Result rows: one JSON object per job (stage or array task), written atomically into
 results/<run>/rows/, whatever the job's outcome. results/README.md documents each column;
-the report (jobs/report.py) reads them with pandas.
+the report (jobs/report/) reads them with pandas.
 """
 from __future__ import annotations
 

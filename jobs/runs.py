@@ -18,7 +18,6 @@ import secrets
 import shutil
 import signal
 import socket
-import subprocess
 import time
 from pathlib import Path
 
@@ -27,7 +26,9 @@ import yaml
 from jobs.spec import REPO_ROOT, Pipeline
 from jobs.stages import load_run_pipeline, read_json
 from jobs.rows import failed_row_error
-from jobs.submit import _kill_group, missing_tasks, process_alive, stage_completed
+from jobs.processes import kill_group, process_alive
+from jobs.slurm import scancel, slurm_job_states
+from jobs.submit import missing_tasks, stage_completed
 from nanochat.errors import ConfigError
 from nanochat.files import atomic_write_json, atomic_write_text, get_base_dir, git_commit
 
@@ -111,46 +112,6 @@ def load_run(run_dir: Path) -> tuple[dict, Pipeline, dict]:
     if run is None:
         raise ConfigError(f"{run_dir}/run.json: missing or unreadable")
     return run, load_run_pipeline(run_dir), read_json(run_dir / "jobs.json", {"stages": {}})
-
-
-# -----------------------------------------------------------------------------
-# Slurm accounting
-
-def slurm_job_states(job_ids: list[str]) -> dict[str, dict]:
-    """{job id (array tasks as A_T): {state, elapsed, start, end, exit_code}} from sacct, with
-    squeue filling in jobs accounting has not recorded yet."""
-    ids = sorted({j.split("_")[0] for j in job_ids if j})
-    out: dict[str, dict] = {}
-    if not ids:
-        return out
-    try:
-        res = subprocess.run(["sacct", "-X", "-n", "-P", "-j", ",".join(ids),
-                              "--format=JobID,State,Elapsed,Start,End,ExitCode"],
-                             capture_output=True, text=True, timeout=30)
-        for line in res.stdout.splitlines():
-            parts = line.split("|")
-            if len(parts) < 6:
-                continue
-            jid, st, elapsed, start, end, code = parts[:6]
-            out[jid] = {"state": st.split()[0] if st else "UNKNOWN", "elapsed": elapsed, "start": start,
-                        "end": end, "exit_code": code}
-    except (OSError, subprocess.TimeoutExpired):
-        pass
-    try:
-        # only this run's jobs (not the whole cluster's queue: thousands of lines on a big cluster).
-        # squeue -j fails with "Invalid job id" when none of the ids is queued any more (Slurm 22.05
-        # with a single id): that is an answer too, "none of them is queued".
-        res = subprocess.run(["squeue", "--me", "-h", "-j", ",".join(ids), "-o", "%i|%T|%M"],
-                             capture_output=True, text=True, timeout=30)
-        if res.returncode == 0 or "Invalid job id" in res.stderr:
-            out["_squeue_ok"] = {"state": "OK"}
-        for line in res.stdout.splitlines():
-            parts = line.strip().split("|")
-            if len(parts) == 3 and parts[0].split("_")[0] in ids:
-                out[parts[0]] = {**out.get(parts[0], {}), "state": parts[1], "elapsed": parts[2]}
-    except (OSError, subprocess.TimeoutExpired):
-        pass
-    return out
 
 
 def _aggregate(states: list[str]) -> str:
@@ -350,7 +311,7 @@ def cancel_run(run_dir: Path) -> list[str]:
         ids = [rec["job_id"] for name, rec in jobs.get("stages", {}).items()
                if rec.get("job_id") and not stage_completed(run_dir, pipeline, name)]
         if ids:
-            subprocess.run(["scancel", *ids], capture_output=True, text=True, timeout=60)
+            scancel(ids)
             done = ids
     else:
         atomic_write_text(run_dir / "cancel_requested", time.strftime("%Y-%m-%dT%H:%M:%SZ\n", time.gmtime()))
@@ -359,7 +320,7 @@ def cancel_run(run_dir: Path) -> list[str]:
         for name, rec in jobs.get("stages", {}).items():
             if rec.get("state") == "RUNNING":
                 for pid in _live_pids(rec):
-                    _kill_group(pid, signal.SIGTERM)
+                    kill_group(pid, signal.SIGTERM)
                     done.append(f"local:{pid}")
     return done
 
@@ -370,7 +331,7 @@ def settle_local_run(run_dir: Path, grace_s: float = 10.0) -> list[str]:
     unfinished stage as `status` shows it (FAILED if it was running, CANCELLED if it never started),
     CANCELLED for one whose process had to be stopped. Returns 'local:PID' for each process stopped
     and 'stage: STATE' for each stage recorded."""
-    from jobs.submit import _update_jobs
+    from jobs.submit import update_jobs
     run, pipeline, jobs = load_run(run_dir)
     if jobs.get("executor", run.get("executor")) != "local":
         return []
@@ -381,13 +342,13 @@ def settle_local_run(run_dir: Path, grace_s: float = 10.0) -> list[str]:
     orphans = {name: _live_pids(rec) for name, rec in recs.items() if rec.get("state") == "RUNNING"}
     for pids in orphans.values():
         for pid in pids:
-            _kill_group(pid, signal.SIGTERM)
+            kill_group(pid, signal.SIGTERM)
     deadline = time.time() + grace_s
     while any(_live_pids(recs[n]) for n in orphans) and time.time() < deadline:
         time.sleep(0.1)
     for name in orphans:
         for pid in _live_pids(recs[name]):
-            _kill_group(pid, signal.SIGKILL)
+            kill_group(pid, signal.SIGKILL)
     status = run_status(run_dir)
     settled = {}
     for name, rec in recs.items():
@@ -404,7 +365,7 @@ def settle_local_run(run_dir: Path, grace_s: float = 10.0) -> list[str]:
         for name, rec in settled.items():
             data["stages"].setdefault(name, {}).update(rec)
     if settled:
-        _update_jobs(run_dir, update)
+        update_jobs(run_dir, update)
     return ([f"local:{pid}" for pids in orphans.values() for pid in pids]
             + [f"{name}: {rec['state']}" for name, rec in settled.items()])
 

@@ -451,12 +451,12 @@ def parse_pipeline(raw: dict, source: str, check_args: bool = True) -> Pipeline:
         resolve_data_source(err, stages)    # a run folder's resolved.yaml, read on the node
     for s in stages.values():
         init_from = s.args.get("init_from")
-        if isinstance(init_from, str) and init_from in stages and init_from not in _ancestors(stages, s.name):
+        if isinstance(init_from, str) and init_from in stages and init_from not in ancestors(stages, s.name):
             raise err(f"stages.{s.name}.args.init_from",
                       f"stage {init_from!r} must be in depends_on (directly or through another stage)")
 
-    for s in stages.values():
-        if s.kind == "probe" and s.args.get("serves"):
+    for s in stages.values():    # checked at submit; a run folder's re-read skips it (it imports torch)
+        if check_args and s.kind == "probe" and s.args.get("serves"):
             _check_serves(err, stages, s, own_args[s.name])
 
     ordered = {n: stages[n] for n in order}
@@ -490,7 +490,7 @@ def _check_serves(err: SpecError, stages: dict[str, Stage], probe: Stage, own: s
         raise err(where, f"unknown stage {served!r}{_suggest(str(served), stages)}")
     if stages[served].kind not in ("base_train", "mid_train"):
         raise err(where, f"stage {served!r} is a {stages[served].kind} stage; a probe serves base_train or mid_train")
-    if probe.name not in _ancestors(stages, served):
+    if probe.name not in ancestors(stages, served):
         raise err(where, f"stage {served!r} must depend on {probe.name!r} (directly or through another stage)")
     for key in SERVED_KEYS:
         if key in own:
@@ -510,7 +510,7 @@ def resolve_data_source(err: SpecError, stages: dict[str, Stage]) -> None:
         where = f"stages.{s.name}.args.data_source"
         if stages[src].kind != "data" or not stages[src].args.get("pretraining"):
             raise err(where, f"stage {src!r} is not a data stage with a pretraining set")
-        if src not in _ancestors(stages, s.name):
+        if src not in ancestors(stages, s.name):
             raise err(where, f"stage {src!r} must be in depends_on (directly or through another stage)")
         s.args["data_source"] = stages[src].args["pretraining"]
 
@@ -558,7 +558,7 @@ def _topological_order(err: SpecError, stages: dict[str, Stage]) -> list[str]:
     return order
 
 
-def _ancestors(stages: dict[str, Stage], name: str) -> set[str]:
+def ancestors(stages: dict[str, Stage], name: str) -> set[str]:
     seen: set[str] = set()
     todo = list(stages[name].depends_on)
     while todo:

@@ -19,16 +19,14 @@ import json
 import math
 import os
 import signal
-import subprocess
 import sys
 import time
 import traceback
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from jobs.slurm import requeue
 from nanochat.errors import one_line
-
-RUN_FILES = ("resolved.yaml", "run.json", "jobs.json")
 
 
 # -----------------------------------------------------------------------------
@@ -221,7 +219,7 @@ def _requeue_self() -> None:
     job = os.environ.get("SLURM_JOB_ID")
     if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
         job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
-    subprocess.run(["scontrol", "requeue", job], check=True, timeout=60)
+    requeue(job)
 
 
 # -----------------------------------------------------------------------------

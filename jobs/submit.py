@@ -14,30 +14,19 @@ failed stage marks its dependants CANCELLED, as Slurm's kill-on-invalid-dep does
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
+from jobs.processes import Terminated, kill_group, process_start_time, raise_terminated, this_process
 from jobs.rows import failed_row_error
+from jobs.slurm import scancel, slurm_available
 from jobs.stages import StageEntry, marker_path, read_json
 from nanochat.errors import ConfigError, one_line
 from nanochat.files import atomic_write_json
-
-
-def slurm_available() -> bool:
-    """sbatch on PATH and sinfo answers (a controller is reachable)."""
-    if not shutil.which("sbatch") or not shutil.which("sinfo"):
-        return False
-    try:
-        out = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return out.returncode == 0
 
 
 def choose_executor(name: str) -> str:
@@ -48,7 +37,7 @@ def choose_executor(name: str) -> str:
     return name
 
 
-def _update_jobs(run_dir: Path, update) -> dict:
+def update_jobs(run_dir: Path, update) -> dict:
     """Read-modify-write jobs.json under a file lock (the local runner and cancel both write it)."""
     from nanochat.locking import file_lock
     path = Path(run_dir) / "jobs.json"
@@ -62,7 +51,7 @@ def _update_jobs(run_dir: Path, update) -> dict:
 # -----------------------------------------------------------------------------
 # Slurm
 
-def _slurm_parameters(pipeline, stage, dependency_ids: list[str]) -> dict:
+def slurm_parameters(pipeline, stage, dependency_ids: list[str]) -> dict:
     import submitit  # noqa: F401  (imported here: keeps `python -m jobs --help` fast)
     r = stage.resources
     c = pipeline.cluster
@@ -107,7 +96,7 @@ def submit_slurm(run: dict, run_dir: Path, pipeline, todo: list[str], tasks: dic
             deps = [records[d]["job_id"].split("_")[0] for d in stage.depends_on if d in records]
             folder = Path(run["workdir"]) / run["run_id"] / "submitit" / name
             ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=stage.resources.max_requeues)
-            ex.update_parameters(**_slurm_parameters(pipeline, stage, deps))
+            ex.update_parameters(**slurm_parameters(pipeline, stage, deps))
             entry = StageEntry(str(run_dir), name)
             if stage.variants:
                 idx = tasks.get(name) or list(range(len(stage.variants)))
@@ -125,7 +114,7 @@ def submit_slurm(run: dict, run_dir: Path, pipeline, todo: list[str], tasks: dic
             records[name].update(executor="slurm", submitted_at=time.time(), depends_on_jobs=deps)
     except Exception as e:
         if submitted:
-            subprocess.run(["scancel", *submitted], capture_output=True, timeout=60)
+            scancel(submitted)
         raise RuntimeError(f"sbatch failed for stage {name!r}: {str(e).strip().splitlines()[-1] if str(e).strip() else e}"
                            f"; cancelled the {len(submitted)} job(s) already submitted") from e
     _record(run_dir, "slurm", records)
@@ -142,7 +131,7 @@ def _record(run_dir: Path, executor: str, records: dict, **top) -> None:
             if old and old.get("job_id"):
                 rec["previous_job_ids"] = old.get("previous_job_ids", []) + [old["job_id"]]
             stages[name] = rec
-    _update_jobs(run_dir, update)
+    update_jobs(run_dir, update)
 
 
 # -----------------------------------------------------------------------------
@@ -151,100 +140,6 @@ def _record(run_dir: Path, executor: str, records: dict, **top) -> None:
 def _stage_command(run_dir: Path, name: str, task: int | None) -> list[str]:
     cmd = [sys.executable, "-m", "jobs", "stage-run", str(run_dir), name]
     return cmd + (["--task", str(task)] if task is not None else [])
-
-
-class Terminated(BaseException):
-    """SIGTERM or SIGHUP reached a driver or a stage process. A BaseException, like
-    KeyboardInterrupt, so that no `except Exception` in a recipe swallows it."""
-
-    def __init__(self, signum: int, why: str = ""):
-        self.signum = signum
-        super().__init__(f"stopped by {signal.Signals(signum).name}" + (f" ({why})" if why else ""))
-
-
-def _driver_gone(driver: int, wait_s: float = 1.0) -> bool:
-    """Whether this stage's driver died. PR_SET_PDEATHSIG fires when the *thread* that started us
-    exits: while a killed driver's other threads are still being torn down, getppid() can name the
-    driver for a few milliseconds more, so give the reparenting a moment before answering no."""
-    deadline = time.monotonic() + wait_s
-    while os.getppid() == driver:
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.01)
-    return True
-
-
-def _raise_terminated(signum, frame):
-    driver = os.environ.get("NANOCHAT_DRIVER_PID", "")
-    if driver.isdigit() and _driver_gone(int(driver)):      # a stage whose driver is gone
-        raise Terminated(signum, f"its driver, pid {driver}, died")
-    raise Terminated(signum)
-
-
-def process_start_time(pid: int) -> int | None:
-    """The kernel's start time of a live process (clock ticks after boot, /proc/PID/stat field 22),
-    None when there is no such process or it has exited (a zombie). With the pid it names one
-    process for good: a pid alone may be reused by an unrelated process after a crash."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except (OSError, ValueError):
-        return None
-    fields = text[text.rindex(")") + 2:].split()   # the command name may hold spaces and parentheses
-    return None if fields[0] in ("Z", "X") else int(fields[19])
-
-
-def process_alive(pid: int, start: int | None = None) -> bool:
-    """Is `pid` still the process that started at `start` (where recorded)?"""
-    if not Path("/proc/self/stat").exists():   # no procfs (macOS): the pid alone
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            pass
-        return True
-    now = process_start_time(pid)
-    return now is not None and (start is None or now == start)
-
-
-def this_process() -> dict:
-    return {"pid": os.getpid(), "start": process_start_time(os.getpid()), "host": socket.gethostname()}
-
-
-def follow_driver() -> None:
-    """In a local stage process: end with the driver that started it (kill -9 of the driver must not
-    leave the stage running with no parent) and, on SIGTERM or SIGHUP, raise Terminated so that the
-    stage still writes its FAILED row. Linux: prctl(PR_SET_PDEATHSIG); elsewhere a thread polls
-    the parent pid."""
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _raise_terminated)
-    driver = os.environ.get("NANOCHAT_DRIVER_PID", "")
-    if not driver.isdigit():
-        return
-    try:
-        import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)        # 1 = PR_SET_PDEATHSIG
-        watch = False
-    except (OSError, AttributeError):
-        watch = True
-    if os.getppid() != int(driver):                      # the driver died before prctl took effect
-        os.kill(os.getpid(), signal.SIGTERM)
-    elif watch:
-        import threading
-        def poll():
-            while os.getppid() == int(driver):
-                time.sleep(1.0)
-            os.kill(os.getpid(), signal.SIGTERM)
-        threading.Thread(target=poll, daemon=True, name="follow-driver").start()
-
-
-def stop_own_group() -> None:
-    """A stage process that leads its process group stops what it started (compile workers,
-    the probe's budget child) before it exits (only when the driver started it in a session of its own)."""
-    if os.environ.get("NANOCHAT_DRIVER_PID") and os.getpgrp() == os.getpid() == os.getsid(0):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        _kill_group(os.getpid())
 
 
 def run_local(run: dict, run_dir: Path, pipeline, todo: list[str], max_parallel: int = 1,
@@ -284,13 +179,13 @@ def run_local(run: dict, run_dir: Path, pipeline, todo: list[str], max_parallel:
         def update(data):
             rec = data["stages"].setdefault(name, {})
             rec.update(state=st, **extra)
-        _update_jobs(run_dir, update)
+        update_jobs(run_dir, update)
         progress(f"[{time.time() - t_start:7.1f}s] {name}: {st}" + (f" ({extra['note']})" if extra.get("note") else ""))
 
     cancelled = lambda: (run_dir / "cancel_requested").exists()
     handlers = {}
     if threading.current_thread() is threading.main_thread():
-        handlers = {sig: signal.signal(sig, _raise_terminated) for sig in (signal.SIGTERM, signal.SIGHUP)}
+        handlers = {sig: signal.signal(sig, raise_terminated) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         _record(run_dir, "local", records, driver=this_process())   # one write: no stage without its driver
         while True:
@@ -345,7 +240,7 @@ def run_local(run: dict, run_dir: Path, pipeline, todo: list[str], max_parallel:
                         def add(d, n=name, p=proc.pid, st=start):
                             d["stages"][n].setdefault("pids", []).append(p)
                             d["stages"][n].setdefault("pid_starts", {})[str(p)] = st
-                        _update_jobs(run_dir, add)
+                        update_jobs(run_dir, add)
             if not running and all(s not in ("PENDING", "RUNNING") for s in state.values()):
                 break
             time.sleep(0.2)
@@ -354,7 +249,8 @@ def run_local(run: dict, run_dir: Path, pipeline, todo: list[str], max_parallel:
         for sig in handlers:
             signal.signal(sig, signal.SIG_IGN)   # a second SIGTERM must not cut the clean-up short
         _stop_all(running)
-        why = "interrupted" if isinstance(e, (KeyboardInterrupt, Terminated)) else f"the driver failed: {one_line(e)}"
+        stopped = isinstance(e, (KeyboardInterrupt, Terminated))
+        why = "interrupted" if stopped else f"the driver failed: {one_line(e)}"
         try:
             for name in todo:
                 if state[name] in ("PENDING", "RUNNING"):
@@ -371,14 +267,14 @@ def run_local(run: dict, run_dir: Path, pipeline, todo: list[str], max_parallel:
 def _stop_all(running: dict, grace_s: float = 10.0) -> None:
     """SIGTERM every stage's process group, give them grace_s to write their rows, then SIGKILL."""
     for proc, _, _ in running.values():
-        _kill_group(proc.pid)
+        kill_group(proc.pid)
     deadline = time.time() + grace_s
     for proc, _, fh in running.values():
         try:
             proc.wait(timeout=max(0.0, deadline - time.time()))
         except subprocess.TimeoutExpired:
             pass
-        _kill_group(proc.pid, signal.SIGKILL)    # and whatever the stage left in its group
+        kill_group(proc.pid, signal.SIGKILL)    # and whatever the stage left in its group
         try:
             proc.wait(timeout=5)
             fh.close()
@@ -401,13 +297,6 @@ def _why_it_ended(log: Path, rc: int) -> str | None:
     except (OSError, TypeError):
         return None
     return lines[-1].strip()[:500] if lines else None
-
-
-def _kill_group(pid: int, sig=signal.SIGTERM) -> None:
-    try:
-        os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def stage_completed(run_dir: Path, pipeline, name: str) -> bool:

@@ -1,3 +1,10 @@
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -30,13 +37,6 @@ def one_thread():
     yield
     torch.set_num_threads(before)
 
-
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
-from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parent.parent
 

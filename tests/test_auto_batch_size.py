@@ -596,20 +596,20 @@ def test_the_margin_is_on_bytes_under_a_real_budget(tmp_path):
 @pytest.mark.slow
 def test_probe_command_json_and_cache(tmp_path, capsys):
     import argparse
-    from jobs import cmd_probe
+    from jobs.commands import probe as probe_command
     parser = argparse.ArgumentParser()
-    cmd_probe.add_arguments(parser)
+    probe_command.add_arguments(parser)
     argv = ["--depth", "2", "--seq-len", "64", "--vocab-size", "512", "--total-batch-size", str(4 * 64),
             "--memory-budget-gb", "0.3", "--stop-gain", "-1", "--cache-dir", str(tmp_path), "--json"]
-    assert cmd_probe.run(parser.parse_args(argv)) == 0
+    assert probe_command.run(parser.parse_args(argv)) == 0
     first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert first["source"] == "probe" and first["batch_size"] * first["grad_accum"] == 4
     assert [t["batch_size"] for t in first["trials"]] == [1, 2, 4]      # never more than the 4 rows
     assert {"batch_size", "max_found", "trials", "seconds", "source", "grad_accum"} <= set(first)
-    assert cmd_probe.run(parser.parse_args(argv)) == 0
+    assert probe_command.run(parser.parse_args(argv)) == 0
     second = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert second["source"] == "cache" and second["batch_size"] == first["batch_size"]
-    assert cmd_probe.run(parser.parse_args(argv + ["--refresh"])) == 0
+    assert probe_command.run(parser.parse_args(argv + ["--refresh"])) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["source"] == "probe"
 
 
@@ -623,7 +623,7 @@ def test_probe_config_validation():
 @pytest.mark.slow
 def test_bench_batch_reports_exact_size_and_cache_hit(capsys):
     import argparse
-    from jobs import bench_batch
+    from jobs.bench import batch as bench_batch
     parser = argparse.ArgumentParser()
     bench_batch.add_arguments(parser)
     args = parser.parse_args(["--depth", "2", "--seq-len", "64", "--vocab-size", "512", "--total-batch-size",
@@ -660,15 +660,15 @@ def test_time_limit_stops_the_search_keeps_the_best_size_and_says_so(tmp_path):
 
 def test_probe_command_pipeline_flags_are_checked():
     import argparse
-    from jobs import cmd_probe
+    from jobs.commands import probe as probe_command
     parser = argparse.ArgumentParser()
-    cmd_probe.add_arguments(parser)
+    probe_command.add_arguments(parser)
     with pytest.raises(ConfigError, match="--depth: not with --pipeline"):
-        cmd_probe.config_from_args(parser.parse_args(["--pipeline", "smoke", "--depth", "4"]))
+        probe_command.config_from_args(parser.parse_args(["--pipeline", "smoke", "--depth", "4"]))
     with pytest.raises(ConfigError, match="--seq-len: required"):
-        cmd_probe.config_from_args(parser.parse_args(["--depth", "4"]))
+        probe_command.config_from_args(parser.parse_args(["--depth", "4"]))
     with pytest.raises(ConfigError, match="--serves sft"):
-        cmd_probe.config_from_args(parser.parse_args(["--pipeline", "smoke", "--serves", "sft"]))
-    cfg = cmd_probe.config_from_args(parser.parse_args(["--pipeline", "artemis-a100", "--set", "defaults.depth=12"]))
+        probe_command.config_from_args(parser.parse_args(["--pipeline", "smoke", "--serves", "sft"]))
+    cfg = probe_command.config_from_args(parser.parse_args(["--pipeline", "artemis-a100", "--set", "defaults.depth=12"]))
     assert (cfg.serves, cfg.depth, cfg.world_size, cfg.vocab_size, cfg.seq_len, cfg.compile) == \
         ("base_train", 12, 2, 65536, 2048, "auto")

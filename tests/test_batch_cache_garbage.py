@@ -112,17 +112,17 @@ def test_fallback_after_oom_over_a_garbage_entry(tmp_path):
 
 @pytest.mark.slow
 def test_probe_command_over_binary_garbage_exits_0_and_rewrites(tmp_path, capsys):
-    from jobs import cmd_probe
+    from jobs.commands import probe as probe_command
     parser = argparse.ArgumentParser()
-    cmd_probe.add_arguments(parser)
+    probe_command.add_arguments(parser)
     argv = ["--depth", "1", "--seq-len", str(SEQ), "--vocab-size", str(VOCAB), "--total-batch-size", str(ROWS * SEQ),
             "--memory-budget-gb", "0.3", "--stop-gain", "-1", "--cache-dir", str(tmp_path), "--json"]
-    assert cmd_probe.run(parser.parse_args(argv)) == 0
+    assert probe_command.run(parser.parse_args(argv)) == 0
     first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     path = cache_path(tmp_path, first["cache_key"])
     path.write_bytes(os.urandom(64) + b"\xff\xfe")
     with pytest.warns(UserWarning, match=str(path)):
-        assert cmd_probe.run(parser.parse_args(argv)) == 0
+        assert probe_command.run(parser.parse_args(argv)) == 0
     again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert again["source"] == "probe" and again["batch_size"] == first["batch_size"]
     assert read_cache(tmp_path, first["cache_key"], ROWS) is not None

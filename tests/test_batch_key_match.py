@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import nanochat.auto_batch_size as abs_mod
-import nanochat.recipes.probe as probe
-from jobs import cmd_probe
+import nanochat.recipes.probe as probe_recipe
+from jobs.commands import probe as probe_command
 from jobs.array import load_grid, render_command
 from jobs.spec import REPO_ROOT, load_pipeline, resolve_pipeline_path
 from jobs.stages import build_config
@@ -60,7 +60,7 @@ def auto_tasks(pipeline, stage) -> list[int | None]:
 
 
 def model_depth_in_key(cfg, device) -> dict:
-    return abs_mod.key_inputs(**probe.probe_options(cfg, probe.probe_model(cfg, META), device)).parts
+    return abs_mod.key_inputs(**probe_recipe.probe_options(cfg, probe_recipe.probe_model(cfg, META), device)).parts
 
 
 @pytest.mark.parametrize("path", PIPELINES, ids=[p.stem for p in PIPELINES])
@@ -126,14 +126,14 @@ def test_probe_grid_rows_write_the_keys_the_named_training_stage_reads(grid_path
     grid = load_grid(grid_path)
     assert grid["command"], f"{grid_path.name}: a probe grid carries its command (pipeline + stage per row)"
     parser = argparse.ArgumentParser()
-    cmd_probe.add_arguments(parser)
+    probe_command.add_arguments(parser)
     depths = set()
     for row in grid["rows"]:
         argv = render_command(grid["command"], {**row, "python": sys.executable, "task": 0, "run_id": "r",
                                                 "results_dir": str(tmp_path)}, str(grid_path))
         assert argv[1:4] == ["-m", "jobs", "probe"], argv
         args = parser.parse_args(argv[4:] + ["--base-dir", str(tmp_path)])
-        probe_cfg = cmd_probe.config_from_args(args)
+        probe_cfg = probe_command.config_from_args(args)
         written = probe_cache_key(probe_cfg, device)
         # what the user then runs on the cluster: submit PIPELINE --set defaults.depth=D
         pipeline = load_pipeline(resolve_pipeline_path(row["pipeline"]), [f"defaults.depth={row['depth']}"])

@@ -1,4 +1,5 @@
 """The command line (jobs/cli.py): dispatch, exit codes, one-line errors, --json. Uses noop stages."""
+import ast
 import json
 import os
 import subprocess
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jobs import cli
+from jobs import cli, runs, spec
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -168,10 +169,47 @@ def test_a_failed_stage_shows_its_error_and_status_exits_1(env):
     assert "error" not in status["stages"]["a"]
 
 
-def test_report_and_the_command_line_do_not_import_each_other():
-    """jobs.report's own entry uses jobs.command (the shared frame), not jobs.cli: no import circle."""
-    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "jobs.report", "--help"], capture_output=True,
-                         text=True, cwd=REPO, timeout=120)
-    assert out.returncode == 0 and "usage: python -m jobs.report" in out.stdout
-    imported = {line.split("|")[-1].strip() for line in out.stderr.splitlines() if "|" in line}
-    assert "jobs.command" in imported and "jobs.cli" not in imported
+def _imported_modules(path: Path) -> set[str]:
+    """Every module a file imports, at its top or inside a function (`from jobs import x` -> jobs.x)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{a.name}" for a in node.names)
+    return names
+
+
+def test_only_the_command_line_imports_the_commands():
+    """jobs/cli.py reaches each command module by name, when its command runs; no other part of jobs/
+    (spec, runs, submit, the report, ...) imports jobs.cli or jobs.commands, so a library part never
+    drags the command line in and the two never import each other."""
+    parts = [p for p in (REPO / "jobs").rglob("*.py")
+             if "commands" not in p.relative_to(REPO / "jobs").parts and p.name not in ("cli.py", "__main__.py")]
+    assert len(parts) > 20
+    for path in parts:
+        bad = sorted(m for m in _imported_modules(path) if m == "jobs.cli" or m.startswith("jobs.commands"))
+        assert not bad, f"{path.relative_to(REPO)} imports {bad}"
+
+
+def _imported_by(*argv: str) -> tuple[subprocess.CompletedProcess, set[str]]:
+    """`python -X importtime -m jobs ARGV` and every module it imported (importtime's stderr lines)."""
+    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "jobs", *argv], capture_output=True, text=True,
+                         cwd=REPO, timeout=120)
+    return out, {line.split("|")[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")}
+
+
+def test_help_and_status_do_not_import_torch(env):
+    """--help and `status RUN` answer in a fraction of a second: neither imports torch (a few seconds), even
+    for a run whose stages are training kinds (status reads their spec without checking args against the
+    recipes' config classes)."""
+    pipeline = spec.load_pipeline(spec.resolve_pipeline_path("smoke"))
+    runs.create_run(pipeline, "notorch", "local", [])
+    out, imported = _imported_by("--help")
+    assert out.returncode == 0 and "jobs.cli" in imported and "torch" not in imported
+    # a run created but never started: status says so (exit 1: the run has no driver, so it counts as FAILED)
+    out, imported = _imported_by("status", "notorch", "--json")
+    assert json.loads(out.stdout.strip().splitlines()[-1])["stages"]["base_train"]["state"] == "NOT_SUBMITTED"
+    assert "jobs.runs" in imported and "torch" not in imported
+

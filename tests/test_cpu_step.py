@@ -95,7 +95,7 @@ def test_short_cpu_run_stays_fp32_eager_and_exact(base_dir, tmp_path, monkeypatc
 
 @pytest.mark.slow
 def test_bench_compare_cpu_step_reports_each_route(base_dir, capsys):
-    from jobs import bench_train
+    from jobs.bench import train as bench_train
     p = argparse.ArgumentParser()
     bench_train.add_arguments(p)
     args = p.parse_args(["--depth", "1", "--seq-len", "32", "--device-batch-size", "2", "--steps", "4",

@@ -284,7 +284,7 @@ class _Lines(io.StringIO):
 
 
 def test_chat_loop_streams_replies_and_stops_at_quit(memorised):
-    from jobs.cmd_chat import chat_loop
+    from jobs.commands.chat import chat_loop
     model, tokenizer = memorised
     out = io.StringIO()
     rc = chat_loop(Engine(model, tokenizer), tokenizer, _Lines("What is 6*7?\n/quit\nnever read\n"), out,
@@ -419,8 +419,8 @@ def test_inference_bench_fails_a_broken_static_cache_and_reports_no_speedup(posi
 
 
 def test_bench_inference_command_exits_1_on_a_broken_cache(position_blind_static_cache, capsys):
-    from jobs import bench_inference
-    rc = bench_inference.main(["--depth", "2", "--vocab-size", "512", "--prompt-len", "6", "--new-tokens", "5",
+    from jobs.cli import main
+    rc = main(["bench", "inference", "--depth", "2", "--vocab-size", "512", "--prompt-len", "6", "--new-tokens", "5",
                                "--num-samples", "2", "--dtype", "bfloat16", "--json"])
     out = capsys.readouterr()
     assert rc == 1 and "kv-static" in out.err

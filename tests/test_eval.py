@@ -166,9 +166,9 @@ def test_pipeline_refuses_bad_eval_args_before_submitting():
 
 
 def test_report_card_in_summary_and_comparison():
-    from jobs.report_markdown import report_card_md
-    from jobs.report_pairs import eval_figures
-    from jobs.report_rows import rows_frame
+    from jobs.report.markdown import report_card_md
+    from jobs.report.pairs import eval_figures
+    from jobs.report.rows import rows_frame
     from jobs.rows import make_row
     rows = [make_row(run_id="r", stage="chat_eval", kind="chat_eval", variant=t, state="COMPLETED",
                      extra={"accuracy": acc, "num_examples": 4, "eval_seconds": 2.0, "examples_per_s": 2.0,

@@ -18,9 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 pytest_plugins = ["hub_server"]   # the `hub` fixture
 
 from jobs import hub_files  # noqa: E402
-from nanochat.errors import ConfigError  # noqa: E402
+from nanochat.errors import ConfigError, FetchError  # noqa: E402
 from nanochat.eval_data import EVAL_SETS, ensure_eval_set, eval_path  # noqa: E402
-from nanochat.errors import FetchError
 from nanochat.fetch import HUB_SPLITS, PRETRAINING_SETS, fetch_pretraining_shards, read_manifest  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -149,9 +148,9 @@ TRAIN = {"kind": "base_train", "args": {"seq_len": 32, "device_batch_size": 2, "
 
 
 def _check(tmp_path, stages, monkeypatch):
-    from jobs import cmd_data, spec
+    from jobs import data_plan, spec
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "work"))
-    cmd_data.check_pipeline_data(spec.load_pipeline(_spec(tmp_path, stages)), log=lambda *a: None)
+    data_plan.check_pipeline_data(spec.load_pipeline(_spec(tmp_path, stages)), log=lambda *a: None)
 
 
 @pytest.mark.parametrize("stages, needle", [

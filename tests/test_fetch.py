@@ -14,9 +14,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 pytest_plugins = ["hub_server"]   # the `hub` fixture
 
-from nanochat.errors import ConfigError  # noqa: E402
-from nanochat.errors import FetchError
-from nanochat.fetch import PRETRAINING_SETS, fetch_pretraining_shards, fetched_shards, pretraining_dir, shard_files
+from nanochat.errors import ConfigError, FetchError  # noqa: E402
+from nanochat.fetch import PRETRAINING_SETS, fetch_pretraining_shards, fetched_shards, pretraining_dir, shard_files  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 FINEWEB = PRETRAINING_SETS["fineweb-edu-100b"]
@@ -235,8 +234,8 @@ def test_data_stage_partition_overrides_cluster():
     from jobs import spec, submit
     pipeline = spec.load_pipeline(spec.resolve_pipeline_path("artemis-a100"),
                                   ["data.resources.partition=transfer", "data.resources.constraint=internet"])
-    data = submit._slurm_parameters(pipeline, pipeline.stages["data"], [])
-    base = submit._slurm_parameters(pipeline, pipeline.stages["base_train"], [])
+    data = submit.slurm_parameters(pipeline, pipeline.stages["data"], [])
+    base = submit.slurm_parameters(pipeline, pipeline.stages["base_train"], [])
     assert (data["partition"], data["constraint"]) == ("transfer", "internet")
     assert (base["partition"], base["constraint"]) == ("gpu", "a100-80gb")
     assert "gpus_per_node" not in data

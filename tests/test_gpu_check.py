@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from jobs import gpu_check
+from jobs.commands import gpu_check
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -47,14 +47,14 @@ def test_the_real_call_sites_lock_where_flock_is_missing(tmp_path):
         import fcntl, errno
         from nanochat import locking
         from nanochat.auto_batch_size import write_cache, read_cache
-        from jobs.submit import _update_jobs
+        from jobs.submit import update_jobs
         for err in {MISSING!r}:
             def no_flock(fd, op, err=err):
                 raise OSError(err, os.strerror(err))
             fcntl.flock = no_flock
             locking._kind_by_device.clear()          # a new process would probe afresh
             write_cache({str(tmp_path / 'cache')!r}, "k", {{"device_batch_size": err, "grad_accum": 2}})
-            _update_jobs({str(tmp_path)!r}, lambda d: d["stages"].update({{str(err): "RUNNING"}}))
+            update_jobs({str(tmp_path)!r}, lambda d: d["stages"].update({{str(err): "RUNNING"}}))
             print(errno.errorcode[err], locking.lock_kind({str(tmp_path)!r}),
                   read_cache({str(tmp_path / 'cache')!r}, "k")["device_batch_size"] == err)
     """)

@@ -1,4 +1,4 @@
-"""`python -m jobs logs` (jobs/logs.py): a stage's stdout/stderr, earlier attempts first, on the real
+"""`python -m jobs logs` (jobs/commands/logs.py): a stage's stdout/stderr, earlier attempts first, on the real
 local Slurm (submitit's files) and for local runs; --task for arrays; --follow to the stage's end."""
 import json
 import os

@@ -51,7 +51,7 @@ def test_stacked_muon_equals_the_per_matrix_step(ns_dtype, monkeypatch):
 def test_bench_train_compare_muon_prints_the_ratio_and_the_weight_gap(capsys):
     import argparse
     import json
-    from jobs import bench_train
+    from jobs.bench import train as bench_train
     p = argparse.ArgumentParser()
     bench_train.add_arguments(p)
     assert bench_train.run(p.parse_args(["--compare-muon", "--depth", "1", "--steps", "2", "--rounds", "1",

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from helpers import jobs_cli, last_json, sacct
-from jobs import rehearse, spec
+from jobs import spec
+from jobs.commands import rehearse
 from nanochat.errors import ConfigError
 
 VENV_BIN = str(Path(sys.executable).parent)

@@ -13,11 +13,13 @@ import pandas as pd
 import pytest
 
 from jobs import report as rp
-from jobs import report_load, report_pairs, report_plots, report_rows, report_sacct
+from jobs.commands import report as report_command
+from jobs.report import load as report_load, pairs as report_pairs, plots as report_plots, rows as report_rows
+from jobs.report import sacct as report_sacct
 from jobs.rows import make_row, row_path, write_row
 from nanochat.errors import ConfigError
 from nanochat.files import atomic_write_json
-from jobs.sacct import SacctResult, is_slurm_job_id, parse_sacct, query_sacct
+from jobs.slurm import SacctResult, is_slurm_job_id, parse_sacct, parse_sacct_table, query_sacct
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -101,7 +103,7 @@ def make_run(results: Path, run_id: str, speed: float = 1.0, gpu: bool = False) 
 
 def report_args(*argv) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    rp.add_arguments(parser)
+    report_command.add_arguments(parser)
     return parser.parse_args(list(argv))
 
 
@@ -109,7 +111,7 @@ def report_args(*argv) -> argparse.Namespace:
 
 def test_report_of_a_run_writes_csv_summary_and_plots(tmp_path, capsys):
     make_run(tmp_path, "r1")
-    assert rp.run(report_args("r1", "--results-dir", str(tmp_path), "--json", "--no-sacct")) == 0
+    assert report_command.run(report_args("r1", "--results-dir", str(tmp_path), "--json", "--no-sacct")) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     folder = tmp_path / "r1"
     for name in ("report.csv", "summary.md", "loss.png", "throughput.png", "batch_size.png"):
@@ -190,7 +192,7 @@ def test_missing_partial_and_corrupt_files_are_listed_not_fatal(tmp_path, capsys
         f.write("20,3.1")
     (folder / "metrics" / "sft.csv").write_bytes(b"\xff\xfe\x00garbage")
 
-    assert rp.run(report_args("r2", "--results-dir", str(tmp_path), "--json", "--no-sacct")) == 0
+    assert report_command.run(report_args("r2", "--results-dir", str(tmp_path), "--json", "--no-sacct")) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     problems = {(p["path"], p["kind"]) for p in out["problems"]}
     assert ("rows/mid__local-201.json", "corrupt") in problems
@@ -261,7 +263,7 @@ def test_failed_baseline_is_not_measured(tmp_path):
 def test_comparison_of_two_runs_against_a_baseline(tmp_path, capsys):
     make_run(tmp_path, "old", speed=1.0)
     make_run(tmp_path, "new", speed=1.25)
-    code = rp.run(report_args("new", "--baseline", "old", "--results-dir", str(tmp_path), "--json", "--no-sacct"))
+    code = report_command.run(report_args("new", "--baseline", "old", "--results-dir", str(tmp_path), "--json", "--no-sacct"))
     assert code == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["baseline"] == "old"
@@ -336,7 +338,7 @@ def test_bad_input_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="not-a-run: no such run"):
         rp.build_report([str(tmp_path / "not-a-run")], tmp_path)
     with pytest.raises(ConfigError, match="no runs found"):
-        rp.run(report_args("--latest", "--results-dir", str(tmp_path)))
+        report_command.run(report_args("--latest", "--results-dir", str(tmp_path)))
     make_run(tmp_path, "r6")
     with pytest.raises(ConfigError, match="--price-per-gpu-hour"):
         rp.build_report(["r6"], tmp_path, price_per_gpu_hour=-1.0)
@@ -348,7 +350,7 @@ def test_latest_picks_the_newest_run(tmp_path, capsys):
     for p in [tmp_path / "older" / "run.json", tmp_path / "older" / "rows"]:
         os.utime(p, (past, past))
     make_run(tmp_path, "newer")
-    assert rp.run(report_args("--latest", "--results-dir", str(tmp_path), "--json", "--no-sacct")) == 0
+    assert report_command.run(report_args("--latest", "--results-dir", str(tmp_path), "--json", "--no-sacct")) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert list(out["runs"]) == ["newer"]
 
@@ -370,6 +372,17 @@ def test_sacct_state_is_joined_for_slurm_job_ids():
     # No wall time in the row: sacct's elapsed time stands in for the GPU-hours.
     assert df["gpu_hours"].iloc[0] == pytest.approx(65 * 8 / 3600) and df["cost"].iloc[0] == pytest.approx(65 * 8 / 1800)
     assert df["gpus"].iloc[1] == 0 and pd.isna(df["gpus"].iloc[2])
+
+
+def test_one_sacct_parser_serves_every_format():
+    """jobs.slurm.parse_sacct_table reads any --format (status's, the rehearsal's): steps skipped, a pending
+    array's A_[0-7] line kept, a short line ignored."""
+    fields = ["JobID", "State", "NodeList", "NNodes", "Elapsed", "ExitCode"]
+    text = "77|COMPLETED|n[1-2]|2|00:01:05|0:0\n77.batch|COMPLETED|n1|1|00:01:05|0:0\n78_[0-7]|PENDING|None|1|00:00:00|0:0\n79|RUNNING\n"
+    table = parse_sacct_table(text, fields)
+    assert table == {"77": {"State": "COMPLETED", "NodeList": "n[1-2]", "NNodes": "2", "Elapsed": "00:01:05", "ExitCode": "0:0"},
+                     "78_[0-7]": {"State": "PENDING", "NodeList": "None", "NNodes": "1", "Elapsed": "00:00:00",
+                                  "ExitCode": "0:0"}}
 
 
 def test_sacct_missing_is_not_fatal(tmp_path, monkeypatch):
@@ -495,7 +508,7 @@ def test_a_job_killed_after_its_requeue_gets_sacct_s_end(tmp_path, monkeypatch):
     that row. Killed before the rerun writes one, the PREEMPTED row would be its last word: the
     report adds sacct's end. (sacct's answer is given here: a requeue cycle takes minutes on the
     local Slurm; tests/test_report_killed_jobs.py asks the real sacct about a real cancelled job.)"""
-    from jobs.sacct import SacctJob, SacctResult
+    from jobs.slurm import SacctJob, SacctResult
     folder = tmp_path / "rq"
     write_row(folder, make_row(run_id="rq", stage="train", kind="base_train", variant="auto", job_id="42",
                                state="PREEMPTED", requeues=0))

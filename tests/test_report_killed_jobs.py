@@ -1,5 +1,5 @@
 """A Slurm job killed outright (scancel here; kill -9 and the time limit end the same way) writes no
-result row of its own. The report must still have its line, built from sacct (jobs/report.py).
+result row of its own. The report must still have its line, built from sacct (jobs/report/).
 Runs on the real local Slurm: a two-task array, one task finishes and writes its row, the other is
 running (a 300 s sleep) when it is cancelled."""
 import json
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jobs import report_rows
+from jobs.report import rows as report_rows
 from helpers import sacct, sacct_state, squeue_state, wait_until
 
 REPO = Path(__file__).resolve().parent.parent

@@ -285,8 +285,8 @@ def test_two_ranks_take_the_same_step_as_one_rank_accumulating(tokenizer, tmp_pa
 
 @pytest.mark.slow
 def test_bench_sft_prints_four_modes_and_three_ratios_as_its_last_json_line(capsys):
-    from jobs import bench_sft
-    rc = bench_sft.main(["--json", "--depth", "2", "--vocab-size", "512", "--seq-len", "128", "--batch-size", "2",
+    from jobs.cli import main
+    rc = main(["bench", "sft", "--json", "--depth", "2", "--vocab-size", "512", "--seq-len", "128", "--batch-size", "2",
                          "--steps", "3", "--conversations", "150"])
     assert rc == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -304,4 +304,4 @@ def test_bench_sft_prints_four_modes_and_three_ratios_as_its_last_json_line(caps
                        ("compile-pack/eager-pack", "compile-pack", "eager-pack"),
                        ("compile-pack/eager-dynamic", "compile-pack", "eager-dynamic")):
         assert out["ratios"][name] == pytest.approx(modes[a]["real_tokens_per_s"] / modes[b]["real_tokens_per_s"])
-    assert bench_sft.main(["--modes", "compile-sometimes"]) == 2
+    assert main(["bench", "sft", "--modes", "compile-sometimes"]) == 2

@@ -5,7 +5,7 @@ import shutil
 from pathlib import Path
 
 from jobs import report as rp
-from jobs import report_pairs
+from jobs.report import pairs as report_pairs
 from jobs import spec
 
 REPO = Path(__file__).resolve().parent.parent

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from helpers import rows
-from jobs import report_load, report_rows
+from jobs.report import load as report_load, rows as report_rows
 
 REPO = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

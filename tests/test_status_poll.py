@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from helpers import StepClock, path_without_slurm
-from jobs import runs, spec, submit
+from jobs import runs, slurm, spec, submit
 
 
 def _recording_squeue(tmp_path: Path) -> Path:
@@ -27,7 +27,7 @@ def test_status_poll_asks_squeue_for_the_runs_jobs_only(tmp_path, local_slurm, m
     job = subprocess.run(["sbatch", "--parsable", "-o", "/dev/null", "--wrap", "sleep 30"],
                          capture_output=True, text=True, timeout=60).stdout.strip().split(";")[0]
     try:
-        states = runs.slurm_job_states([job])
+        states = slurm.slurm_job_states([job])
         calls = (tmp_path / "squeue.calls").read_text().splitlines()
         assert calls == [f"--me -h -j {job} -o %i|%T|%M"]
         assert states[job]["state"] in ("PENDING", "RUNNING") and "_squeue_ok" in states
@@ -38,7 +38,7 @@ def test_status_poll_asks_squeue_for_the_runs_jobs_only(tmp_path, local_slurm, m
     deadline = time.time() + 60
     while time.time() < deadline and subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True).stdout.strip():
         time.sleep(1)
-    assert "_squeue_ok" in runs.slurm_job_states(["999999999"])
+    assert "_squeue_ok" in slurm.slurm_job_states(["999999999"])
 
 
 def test_wait_warns_once_after_a_minute_of_unknown_jobs_and_stops_at_its_timeout(tmp_path, monkeypatch):

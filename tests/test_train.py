@@ -167,7 +167,7 @@ def test_mid_training_from_base(base_dir, tmp_path):
 def test_bench_train_prints_json(base_dir, capsys):
     import argparse
     import json
-    from jobs import bench_train
+    from jobs.bench import train as bench_train
     p = argparse.ArgumentParser()
     bench_train.add_arguments(p)
     args = p.parse_args(["--depth", "2", "--seq-len", "64", "--device-batch-size", "4", "--steps", "2",
@@ -203,7 +203,7 @@ def test_bench_train_compares_fast_precision_with_fp32(base_dir, capsys, fast_as
     import argparse
     import json
     import nanochat.cpu_features
-    from jobs import bench_train
+    from jobs.bench import train as bench_train
     p = argparse.ArgumentParser()
     bench_train.add_arguments(p)
     args = p.parse_args(["--depth", "2", "--seq-len", "64", "--device-batch-size", "4", "--steps", "6",

@@ -9,9 +9,9 @@ import json
 
 import pandas as pd
 
-from jobs.report_rows import ALL_COLUMNS
+from jobs.report.rows import ALL_COLUMNS
 from jobs.rows import RESULT_COLUMNS
-from jobs.sacct import SacctResult
+from jobs.slurm import SacctResult
 
 # Slurm states of a job that ended without success (sacct's words); a job in any other state is
 # still pending or running (or completed: then its missing row is only a problem, not a failure).

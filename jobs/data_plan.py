@@ -1,28 +1,18 @@
 """
-`python -m jobs data fetch|plan ...`: the datasets of a run, by hand and at submit.
-
-    data fetch climbmix-400b --shards 170           pretraining shards into <base_dir>/data/<set>/
-    data fetch smoltalk mmlu gsm8k                   conversation sets, converted to <base_dir>/data/chat/<set>.jsonl
-    data fetch --evals core,arc_easy                 evaluation sets into <base_dir>/eval_data/ (--evals all: every one)
-    data fetch artemis-a100                          every `data` stage of a pipeline, here (the login node)
-    data plan artemis-a100                           sets, shards, bytes, tokens, and the epochs each
-                                                     training stage makes over its data (no network)
-
-On clusters whose compute nodes have no internet, run `data fetch PIPELINE` on the login node
-before `submit`: the pipeline's own data stage then finds everything present and does no network work.
+The data plan of a pipeline (no network): what each stage will read, where it comes from, how many
+pretraining shards a data stage fetches, and the epochs each training stage makes over its data.
 
 check_pipeline_data (called by `submit` before anything is submitted) fills a data stage's
 num_shards from the training stages' token budgets, refuses (exit 2) a stage that will read data
 (pretraining shards, a mixture's sets, evaluation sets) that is neither in the work directory nor
 fetched by a data stage it depends on, warns when a stage will make more than one epoch over its
-data, and refuses past the stage's max_data_epochs.
+data, and refuses past the stage's max_data_epochs. `python -m jobs data plan` prints it
+(format_plan; the command is jobs/commands/data.py).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import sys
-import time
 from pathlib import Path
 
 from nanochat.errors import ConfigError
@@ -31,30 +21,11 @@ from nanochat.files import get_base_dir
 PRETRAIN_KINDS = ("base_train",)
 
 
-def add_arguments(p) -> None:
-    sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    f = sub.add_parser("fetch", help="fetch and verify datasets (sets by name, or a pipeline's data stages)")
-    f.add_argument("names", nargs="*", help="pretraining set, conversation sets, or one pipeline (name or path)")
-    f.add_argument("--shards", type=int, default=0, help="pretraining shards incl. the validation shard")
-    f.add_argument("--evals", default="", help="evaluation sets, comma-separated (core, arc_easy, arc_challenge, "
-                                               "mmlu, gsm8k, humaneval) or all")
-    f.add_argument("--workers", type=int, default=8, help="parallel downloads (default: %(default)s)")
-    f.add_argument("--retries", type=int, default=5, help="attempts per file, with exponential backoff (default: %(default)s)")
-    f.add_argument("--base-dir", default="", help="work directory (default: NANOCHAT_BASE_DIR or ~/.cache/nanochat)")
-    f.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a pipeline value, as in submit")
-    f.add_argument("--json", action="store_true")
-    q = sub.add_parser("plan", help="print the data plan of a pipeline (no network)")
-    q.add_argument("pipeline", nargs="?", default=None)
-    q.add_argument("--base-dir", default="")
-    q.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
-    q.add_argument("--json", action="store_true")
-
-
 # -----------------------------------------------------------------------------
 # Planning (no network): what each stage needs and what its data holds
 
-def _config(stage):
+def stage_config(stage):
+    """The stage's recipe config from its args alone (no run: the jobs-filled fields stay empty)."""
     from jobs.spec import config_class
     cls = config_class(stage.kind)
     names = {f.name for f in dataclasses.fields(cls)}
@@ -70,7 +41,7 @@ def training_tokens(stage) -> tuple[float | None, str]:
     are only known once the batch size is probed."""
     import torch
     from nanochat.gpt import GPT, GPTConfig
-    cfg = _config(stage)
+    cfg = stage_config(stage)
     total = cfg.total_batch_size or (cfg.device_batch_size * cfg.seq_len * _world_size(stage)
                                      if cfg.device_batch_size > 0 else 0)
     if total <= 0:
@@ -94,7 +65,7 @@ def pretraining_data(pipeline, stage, base_dir: Path) -> dict:
     """What a pretraining stage's data holds: {"source", "dir", "shards", "chars", "tokens", "how"}."""
     from nanochat import fetch, prepare
     from nanochat.dataset import SHARD_GLOB, shard_text_bytes
-    cfg = _config(stage)
+    cfg = stage_config(stage)
     src = cfg.data_source
     if src in fetch.PRETRAINING_SETS:
         ds = fetch.PRETRAINING_SETS[src]
@@ -141,7 +112,7 @@ def stage_needs(stage, base_dir: Path) -> list[dict]:
     from nanochat import fetch
     from nanochat.datasets_chat import CHAT_SETS, converted_path, mixture_parts
     from nanochat.eval_data import eval_path
-    cfg = _config(stage)
+    cfg = stage_config(stage)
     needs = []
     if stage.kind in PRETRAIN_KINDS and cfg.data_source in fetch.PRETRAINING_SETS:
         needs.append({"key": "data_source", "path": fetch.pretraining_dir(base_dir, cfg.data_source),
@@ -173,7 +144,7 @@ def _present(need: dict, base_dir: Path) -> bool:
 def _user_data_dir(pipeline, stage) -> None:
     """An evaluation stage's own data_dir (not the work directory's): its files must be there now."""
     from nanochat.tasks.common import find_task_file
-    cfg = _config(stage)
+    cfg = stage_config(stage)
     if stage.kind not in ("base_eval", "chat_eval") or cfg.data_dir in ("", "fixtures"):
         return
     where = f"{pipeline.source}: stages.{stage.name}.args.data_dir"
@@ -193,13 +164,13 @@ def data_sources(pipeline, base_dir: Path) -> list[dict]:
     """Every dataset a stage reads, with where it comes from: {"stage", "key", "path", "field", "name",
     "from"}: "from" is the data stage before it that fetches it, "present" (in the work directory
     already), or None: then the stage would fail at its start, and submit refuses the pipeline."""
-    from jobs.spec import _ancestors
+    from jobs.spec import ancestors
     out = []
     for s in pipeline.stages.values():
         if s.kind == "data":
             continue
         _user_data_dir(pipeline, s)
-        before = _ancestors(pipeline.stages, s.name)
+        before = ancestors(pipeline.stages, s.name)
         for need in stage_needs(s, base_dir):
             providers = [d.name for d in pipeline.stages.values() if d.kind == "data" and _provides(d, need)]
             ok = [d for d in providers if d in before]
@@ -253,7 +224,7 @@ def plan_pipeline(pipeline, base_dir: str | Path = "", fill: bool = True, log=pr
             ds = fetch.pretraining_set(name)
             if shards <= 0:
                 needs = [train[t.name]["tokens"] for t in pipeline.stages.values()
-                         if t.kind in PRETRAIN_KINDS and _config(t).data_source == name and train[t.name]["tokens"]]
+                         if t.kind in PRETRAIN_KINDS and stage_config(t).data_source == name and train[t.name]["tokens"]]
                 if not needs:
                     raise ConfigError(f"{pipeline.source}: stages.{s.name}.args.num_shards: 0 needs a training stage with "
                                       f"data_source: {name} and a known token budget; give num_shards")
@@ -286,12 +257,12 @@ def plan_pipeline(pipeline, base_dir: str | Path = "", fill: bool = True, log=pr
     for name, t in train.items():
         stage = pipeline.stages[name]
         d = pretraining_data(pipeline, stage, base_dir)
-        ds = fetch.PRETRAINING_SETS.get(_config(stage).data_source)
+        ds = fetch.PRETRAINING_SETS.get(stage_config(stage).data_source)
         d["tokens"] = d["chars"] / (ds.chars_per_token if ds else fetch.CHARS_PER_TOKEN)
         t["data"] = d
         if t["tokens"] and d["shards"] >= 2:
             t["epochs"] = data_epochs_guard(name, d["dir"], t["tokens"], d["tokens"],
-                                            float(getattr(_config(stage), "max_data_epochs", 0) or 0), log=log)
+                                            float(getattr(stage_config(stage), "max_data_epochs", 0) or 0), log=log)
     mixtures = {s.name: _mixture_epochs(s, base_dir, log) for s in pipeline.stages.values() if s.kind == "mid_train"}
     sources = data_sources(pipeline, base_dir)
     plan = {"pipeline": pipeline.name, "base_dir": str(base_dir),
@@ -324,7 +295,7 @@ def _mixture_epochs(stage, base_dir: Path, log) -> dict:
     from nanochat import fetch
     from nanochat.dataset import data_epochs_guard
     from nanochat.datasets_chat import mixture_chars
-    cfg = _config(stage)
+    cfg = stage_config(stage)
     total = cfg.total_batch_size or (cfg.device_batch_size * cfg.seq_len * _world_size(stage)
                                      if cfg.device_batch_size > 0 else 0)
     tokens = float(cfg.num_steps * total) if cfg.num_steps and total else None
@@ -380,77 +351,3 @@ def format_plan(plan: dict) -> str:
         lines.append("  missing (nothing puts them in place; submit refuses the pipeline):")
         lines += [f"    stage {s['stage']} {s['key']}: {s['path']}" for s in missing]
     return "\n".join(lines)
-
-
-# -----------------------------------------------------------------------------
-
-def _fetch(args) -> int:
-    from jobs import spec
-    from nanochat import fetch
-    from nanochat.recipes.data import DataConfig, run as run_data
-    from nanochat.datasets_chat import CHAT_SETS
-    from nanochat.eval_data import EVAL_SETS
-    base_dir = args.base_dir or str(get_base_dir())
-    t0 = time.perf_counter()
-    names = args.names
-    evals = list(EVAL_SETS) if args.evals == "all" else [e.strip() for e in args.evals.split(",") if e.strip()]
-    unknown = [e for e in evals if e not in EVAL_SETS]
-    if unknown:
-        raise ConfigError(f"--evals: unknown evaluation set {unknown[0]!r} (known: {', '.join(EVAL_SETS)}, or all)")
-    if not names and not evals:
-        raise ConfigError("data fetch: name sets, a pipeline, or --evals")
-    known = set(fetch.PRETRAINING_SETS) | set(CHAT_SETS)
-    results = []
-    if len(names) == 1 and names[0] not in known:   # a pipeline: run its data stages here
-        pipeline = spec.load_pipeline(spec.resolve_pipeline_path(names[0]), args.sets)
-        plan_pipeline(pipeline, base_dir)
-        stages = [s for s in pipeline.stages.values() if s.kind == "data"]
-        if not stages:
-            raise ConfigError(f"{pipeline.source}: no stage of kind `data` to fetch")
-        for s in stages:
-            cfg = _config(s)
-            results.append(run_data(dataclasses.replace(cfg, base_dir=base_dir, workers=args.workers,
-                                                        retries=args.retries)))
-    else:
-        unknown = [x for x in names if x not in known]
-        if unknown:
-            raise ConfigError(f"{unknown[0]}: unknown set (known: {', '.join(sorted(known))}; or one pipeline name)")
-        pre = [x for x in names if x in fetch.PRETRAINING_SETS]
-        if len(pre) > 1:
-            raise ConfigError(f"{pre[1]}: fetch one pretraining set at a time")
-        if pre and args.shards <= 0:
-            raise ConfigError(f"--shards: give the number of {pre[0]} shards (incl. the validation shard)")
-        results.append(run_data(DataConfig(pretraining=pre[0] if pre else "", num_shards=args.shards,
-                                           conversations=[x for x in names if x in CHAT_SETS], evals=evals,
-                                           workers=args.workers, retries=args.retries, base_dir=base_dir)))
-    seconds = time.perf_counter() - t0
-    files = sum(r.get("files", 0) for r in results)
-    fetched = sum(r.get("fetched", 0) for r in results)
-    sets = sum(len(r.get("sets", [])) for r in results)
-    print(f"data: {sets} sets, {files} files present ({fetched} fetched) in {seconds:.2f} s", flush=True)
-    if args.json:
-        print(json.dumps({"results": results, "seconds": round(seconds, 3)}, sort_keys=True, default=str))
-    return 0
-
-
-def run(args) -> int:
-    from jobs import spec
-    from nanochat.errors import FetchError
-    if args.action == "fetch":
-        try:
-            return _fetch(args)
-        except FetchError as e:   # the work failed (network, a file that never verified): one line, exit 1
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-    pipeline = spec.load_pipeline(spec.resolve_pipeline_path(args.pipeline), args.sets)
-    plan = plan_pipeline(pipeline, args.base_dir, fill=True)
-    print(format_plan(plan), flush=True)
-    check_sources(pipeline, plan["sources"])    # what submit would refuse: exit 2, one line
-    if args.json:
-        print(json.dumps(plan, sort_keys=True, default=str))
-    return 0
-
-
-if __name__ == "__main__":
-    from jobs.command import run_module
-    sys.exit(run_module(sys.modules[__name__], None, "python -m jobs.cmd_data"))

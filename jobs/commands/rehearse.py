@@ -17,12 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from jobs import slurm
 from nanochat.errors import ConfigError
 
 # The sizes: the smallest that still take every code path (several optimizer steps, an eval, a
@@ -124,12 +123,6 @@ def plan_overrides(pipeline) -> list[Override]:
     return list(out.values())
 
 
-def _local_nodes() -> list[str]:
-    out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True, timeout=30).stdout
-    return sorted({ln.split()[0] for ln in out.splitlines()
-                   if len(ln.split()) > 1 and ln.split()[1].rstrip("*~#!%$@^-+") in {"idle", "mix", "alloc", "comp"}})
-
-
 def check_fits(pipeline, nodes: int) -> None:
     """The rehearsal keeps every stage's nodes and ranks: the local Slurm must have the nodes."""
     for s in pipeline.stages.values():
@@ -159,17 +152,6 @@ def hub_sets(pipeline) -> tuple[dict[str, int], list[str], bool]:
             else:
                 splits.append(keys[EVAL_SETS[e].split])
     return pre, sorted(set(splits)), bundle
-
-
-def _sacct(job_ids: list[str]) -> dict[str, dict]:
-    fields = ("JobID", "State", "NodeList", "NNodes", "Elapsed", "ExitCode")
-    out = subprocess.run(["sacct", "-X", "-n", "-P", "-j", ",".join(job_ids), f"--format={','.join(fields)}"],
-                         capture_output=True, text=True, timeout=60).stdout
-    res = {}
-    for line in out.splitlines():
-        values = line.split("|")
-        res[values[0]] = {k.lower(): v for k, v in zip(fields[1:], values[1:])}
-    return res
 
 
 def _report_card(run_dir: Path) -> str:
@@ -224,7 +206,9 @@ def _outcome(pipeline, run_dir: Path, workdir: Path) -> dict:
     jobs_file = run_dir / "jobs.json"
     recs = json.loads(jobs_file.read_text()).get("stages", {}) if jobs_file.is_file() else {}
     ids = {name: str(rec["job_id"]) for name, rec in recs.items() if rec.get("job_id")}
-    acct = _sacct(list(ids.values())) if ids else {}
+    fields = ["JobID", "State", "NodeList", "NNodes", "Elapsed", "ExitCode"]
+    table = (slurm.sacct_table(list(ids.values()), fields, timeout_s=60)[0] or {}) if ids else {}
+    acct = {j: {k.lower(): v for k, v in line.items()} for j, line in table.items()}
     stages = [{"stage": n, "job_id": ids[n], **acct.get(ids[n], {})} for n in pipeline.stages if n in ids]
     rows = [json.loads(p.read_text()) for p in sorted((run_dir / "rows").glob("*.json"))] if run_dir.is_dir() else []
     data_rows = [r for r in rows if r.get("kind") == "data"]
@@ -250,14 +234,14 @@ def _print_outcome(out: dict) -> None:
 
 
 def run(args) -> int:
-    from jobs import cli, cmd_data, runs, spec, submit
+    from jobs import cli, data_plan, runs, spec, submit
     from jobs.local_hub import LocalHub
     from nanochat.files import atomic_write_json, get_base_dir
     t0 = time.perf_counter()
     path = spec.resolve_pipeline_path(args.pipeline)
     shipped = spec.load_pipeline(path, args.sets)
     submit.choose_executor("slurm")            # exit 2 with one line where there is no Slurm
-    nodes = _local_nodes()
+    nodes = slurm.usable_nodes()
     check_fits(shipped, len(nodes))
     overrides = plan_overrides(shipped)
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
@@ -269,8 +253,8 @@ def run(args) -> int:
     pipeline = spec.load_pipeline(path, sets)
     # submit's own data check, here before anything starts: the shard counts it will ask the hub for,
     # and exit 2 for a stage whose data nothing puts in place (what a cluster would find hours later)
-    plan = cmd_data.plan_pipeline(pipeline, workdir, fill=True, log=lambda *a: None)
-    cmd_data.check_sources(pipeline, plan["sources"])
+    plan = data_plan.plan_pipeline(pipeline, workdir, fill=True, log=lambda *a: None)
+    data_plan.check_sources(pipeline, plan["sources"])
     hub = LocalHub().start()
     try:
         extra = _serve(hub, pipeline, sets)
@@ -304,8 +288,3 @@ def run(args) -> int:
     if args.json:
         print(json.dumps({**result, "exit_code": 0 if ok else 1}, sort_keys=True, default=str), flush=True)
     return 0 if ok else 1
-
-
-if __name__ == "__main__":
-    from jobs.command import run_module
-    sys.exit(run_module(sys.modules[__name__], None, "python -m jobs.rehearse"))

@@ -11,8 +11,8 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
-from jobs.report_load import RunData
-from jobs.report_pairs import run_figures
+from jobs.report.load import RunData
+from jobs.report.pairs import run_figures
 from nanochat.files import atomic_write_bytes
 
 def loss_figure(curves: dict[str, pd.DataFrame]) -> Figure:

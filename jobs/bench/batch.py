@@ -148,9 +148,3 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, sort_keys=True), flush=True)
     return 0
-
-
-if __name__ == "__main__":
-    import sys
-    from jobs.command import run_module
-    sys.exit(run_module(sys.modules[__name__], None, "python -m jobs.bench_batch"))

@@ -8,9 +8,9 @@ import math
 
 import pandas as pd
 
-from jobs.report_load import RunData
-from jobs.report_pairs import NOT_MEASURED, Optimization, eval_table, optimizations
-from jobs.report_rows import Problem
+from jobs.report.load import RunData
+from jobs.report.pairs import NOT_MEASURED, Optimization, eval_table, optimizations
+from jobs.report.rows import Problem
 
 def _fmt(x, digits: int = 4) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)) or x is pd.NA:

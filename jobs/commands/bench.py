@@ -1,7 +1,7 @@
 """
 `python -m jobs bench train|sft|inference|batch|all [options]`: each optimization against its
-baseline on this machine. Dispatches to jobs.bench_train, jobs.bench_sft, jobs.bench_inference and
-jobs.bench_batch (each has add_arguments(parser) and run(args) -> int); `all` runs them in turn with
+baseline on this machine. Dispatches to jobs.bench.train, jobs.bench.sft, jobs.bench.inference and
+jobs.bench.batch (each has add_arguments(parser) and run(args) -> int); `all` runs them in turn with
 their defaults and fails if any fails.
 """
 from __future__ import annotations
@@ -11,10 +11,10 @@ import importlib
 import sys
 
 BENCHES = {
-    "train": ("jobs.bench_train", "automatic device batch size vs a fixed one; --compare-precision: fp32 vs bf16 step; --compare-cpu-step: fp32 eager vs compiled/bf16 CPU steps"),
-    "sft": ("jobs.bench_sft", "SFT: eager dynamic shapes vs compiled fixed shapes (packing)"),
-    "inference": ("jobs.bench_inference", "generation with and without the KV cache; int8 CPU decode; 8 samples vs 1"),
-    "batch": ("jobs.bench_batch", "automatic device batch size: the search, a cache hit, and the earlier fork's 85% rule"),
+    "train": ("jobs.bench.train", "automatic device batch size vs a fixed one; --compare-precision: fp32 vs bf16 step; --compare-cpu-step: fp32 eager vs compiled/bf16 CPU steps"),
+    "sft": ("jobs.bench.sft", "SFT: eager dynamic shapes vs compiled fixed shapes (packing)"),
+    "inference": ("jobs.bench.inference", "generation with and without the KV cache; int8 CPU decode; 8 samples vs 1"),
+    "batch": ("jobs.bench.batch", "automatic device batch size: the search, a cache hit, and the earlier fork's 85% rule"),
 }
 
 

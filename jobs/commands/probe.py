@@ -105,9 +105,3 @@ def run(args: argparse.Namespace) -> int:
             "serves": row.get("serves"),
         }, sort_keys=True), flush=True)
     return 0
-
-
-if __name__ == "__main__":
-    import sys
-    from jobs.command import run_module
-    sys.exit(run_module(sys.modules[__name__], None, "python -m jobs.cmd_probe"))

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from nanochat.recipes.sft import SFTConfig, bench, bench_ratios
 from nanochat.errors import ConfigError
@@ -72,12 +71,3 @@ def run(args: argparse.Namespace) -> int:
                           "steps": args.steps, "modes": summary, "ratios": ratios}, sort_keys=True))
     failed = [r["variant"] for r in rows if r["state"] != "COMPLETED"]
     return 1 if failed else 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    from jobs.command import run_module
-    return run_module(sys.modules[__name__], argv, "python -m jobs.bench_sft")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

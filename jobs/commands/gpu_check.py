@@ -43,7 +43,7 @@ from pathlib import Path
 
 from nanochat.errors import one_line
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEFAULT_BUDGET_S = 300          # a hard wall: a run and a rerun fit in 15 device minutes with the machine's start
 DATA_SHARDS, DATA_CHARS = 2, 1_000_000   # enough for every check's few steps, and quick to write
 
@@ -451,12 +451,3 @@ def run(args: argparse.Namespace) -> int:
         if not args.keep_workdir:
             shutil.rmtree(workdir, ignore_errors=True)
     return 1 if report.finish()["failed"] else 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    from jobs.command import run_module
-    return run_module(sys.modules[__name__], argv, "python -m jobs gpu-check")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

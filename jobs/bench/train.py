@@ -163,7 +163,7 @@ def _train_on_ranks(cfg: dict, ranks: int, threads: int) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    repo = str(Path(__file__).resolve().parents[1])
+    repo = str(Path(__file__).resolve().parents[2])   # the checkout: the ranks import its jobs/ and nanochat/
     procs = []
     for rank in range(ranks):
         env = {k: v for k, v in os.environ.items()
@@ -407,8 +407,3 @@ def _compare_cpu_step(args: argparse.Namespace) -> int:
         out["loss_curves"] = {name: routes[name]["losses"] for name in names}
         print(json.dumps(out, sort_keys=True, default=str))
     return 0
-
-
-if __name__ == "__main__":
-    from jobs.command import run_module
-    sys.exit(run_module(sys.modules[__name__], None, "python -m jobs.bench_train"))

@@ -12,9 +12,9 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from jobs.report_rows import DEFAULT_PRICE_PER_GPU_HOUR, Problem, read_rows, rows_frame
-from jobs.report_sacct import join_sacct, rows_for_jobs_without_rows
-from jobs.sacct import SacctResult, query_sacct
+from jobs.report.rows import DEFAULT_PRICE_PER_GPU_HOUR, Problem, read_rows, rows_frame
+from jobs.report.sacct import join_sacct, rows_for_jobs_without_rows
+from jobs.slurm import SacctResult, query_sacct
 from nanochat.errors import ConfigError
 
 # Columns every metrics CSV has (written by the training loops, one line per optimizer step).

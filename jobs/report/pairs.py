@@ -8,8 +8,8 @@ from dataclasses import asdict, dataclass
 
 import pandas as pd
 
-from jobs.report_load import RunData
-from jobs.report_rows import row_extra
+from jobs.report.load import RunData
+from jobs.report.rows import row_extra
 
 # The figures compared between runs, per (stage, variant).
 FIGURE_METRICS = ["tokens_per_s", "real_tokens_per_s", "mfu", "device_batch_size", "final_loss", "val_bpb",

@@ -1,8 +1,6 @@
 """
 The report: turn one run (or several) into tables and plots a person can read at a glance.
 
-    python -m jobs report RUN [RUN ...] [--baseline RUN] [--json] [--price-per-gpu-hour X]
-
 Inputs, per run folder (results/<run>/):
 - rows/*.json     one result row per job (jobs/rows.py). Missing, partial and corrupt files are
                   listed in the report, never fatal.
@@ -17,15 +15,13 @@ Outputs, into the run folder: report.csv (results/README.md documents every colu
 loss.png, throughput.png, batch_size.png. With several runs, each run folder gets its own report
 and the comparison against the baseline run goes into results/compare/<baseline>_vs_<runs>/.
 
-This module writes the outputs and is the command line; the parts it puts together:
-report_rows (row files -> typed columns, report.csv), report_sacct (Slurm's view joined per job),
-report_load (one run folder read), report_pairs (optimization ratios, figures, comparison of runs),
-report_plots (PNGs) and report_markdown (summary.md).
+build_report writes the outputs (the command line is jobs/commands/report.py); the parts it puts
+together: rows (row files -> typed columns, report.csv), sacct (Slurm's view joined per job), load
+(one run folder read), pairs (optimization ratios, figures, comparison of runs), plots (PNGs) and
+markdown (summary.md).
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import re
 from dataclasses import asdict, dataclass, field
@@ -33,11 +29,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from jobs.report_load import RunData, latest_run, load_run, resolve_run
-from jobs.report_markdown import comparison_md, run_summary_md
-from jobs.report_pairs import compare_runs, optimizations
-from jobs.report_plots import batch_size_figure, loss_figure, run_throughput_figure, save_png, throughput_figure
-from jobs.report_rows import DEFAULT_PRICE_PER_GPU_HOUR, Problem, write_report_csv
+from jobs.report.load import RunData, load_run, resolve_run
+from jobs.report.markdown import comparison_md, run_summary_md
+from jobs.report.pairs import compare_runs, optimizations
+from jobs.report.plots import batch_size_figure, loss_figure, run_throughput_figure, save_png, throughput_figure
+from jobs.report.rows import DEFAULT_PRICE_PER_GPU_HOUR, Problem, write_report_csv
 from jobs.runs import results_root
 from nanochat.errors import ConfigError
 from nanochat.files import atomic_write_text
@@ -139,45 +135,3 @@ def build_report(runs: list[str | Path], results_dir: str | Path | None = None, 
         cfiles.update({p.stem + "_png": p for p in plots})
         files["compare"] = cfiles
     return report
-
-
-# -----------------------------------------------------------------------------
-# Command line: python -m jobs report
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("runs", nargs="*", metavar="RUN", help="run id under --results-dir, or a path to a run folder")
-    parser.add_argument("--latest", action="store_true", help="report the most recent run under --results-dir")
-    parser.add_argument("--baseline", metavar="RUN", help="compare every RUN against this run (ratios)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
-    parser.add_argument("--price-per-gpu-hour", type=float, default=DEFAULT_PRICE_PER_GPU_HOUR, metavar="X",
-                        help=f"dollars per GPU-hour for the cost column (default {DEFAULT_PRICE_PER_GPU_HOUR})")
-    parser.add_argument("--results-dir", default=None, metavar="DIR",
-                        help="where runs live (default $NANOCHAT_RESULTS_DIR, else <repo>/results; "
-                             "./results for an installed copy)")
-    parser.add_argument("--out", metavar="DIR", help="folder for the comparison of several runs "
-                        "(default <results-dir>/compare/<baseline>_vs_<runs>)")
-    parser.add_argument("--no-sacct", action="store_true", help="do not ask Slurm accounting")
-
-
-def run(args: argparse.Namespace) -> int:
-    runs = list(args.runs)
-    if args.latest:
-        runs.append(latest_run(args.results_dir or results_root()))
-    if not runs and not args.baseline:
-        raise ConfigError("report: name a RUN, or pass --latest")
-    report = build_report(runs, args.results_dir, baseline=args.baseline,
-                          price_per_gpu_hour=args.price_per_gpu_hour, use_sacct=not args.no_sacct,
-                          out_dir=args.out)
-    for run_id, files in report.files.items():
-        print(f"{run_id}: {files['summary_md']}")
-    for p in report.problems:
-        print(f"problem: {p.run_id} {p.path}: {p.kind}: {p.detail}")
-    if args.json:
-        print(json.dumps(report.to_json(), default=str))
-    return 0
-
-
-if __name__ == "__main__":
-    import sys
-    from jobs.command import run_module
-    sys.exit(run_module(sys.modules[__name__], None, "python -m jobs.report"))

@@ -90,12 +90,3 @@ def run(args: argparse.Namespace) -> int:
     if failed:
         print(f"FAILED: {', '.join(failed)} (decode check in fp32 against a full forward)", file=sys.stderr)
     return 1 if failed or s["decode_check"] is False else 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    from jobs.command import run_module
-    return run_module(sys.modules[__name__], argv, "python -m jobs.bench_inference")
-
-
-if __name__ == "__main__":
-    sys.exit(main())
