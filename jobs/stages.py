@@ -161,7 +161,7 @@ def served_world_size(run: dict, stage) -> int:
 
 
 def probe_args(run: dict, pipeline, probe_stage: str | None, args: dict) -> dict:
-    """A probe stage's derived args. With `serves: STAGE`, every shape key (nanochat.auto_batch_size.
+    """A probe stage's derived args. With `serves: STAGE`, every shape key (nanochat.recipes.probe.
     SERVED_KEYS) comes from that training stage's own config (its first variant with an automatic
     batch) and its world size, so the probe writes exactly the cache entry the stage will read.
     time_limit_s defaults to the probe stage's time limit, less the signal delay and a tenth."""

@@ -15,9 +15,13 @@ import pytest
 import torch
 
 from helpers import StepClock
-from nanochat.auto_batch_size import (Trial, TrainStep, cache_path, fallback_after_oom, is_oom_error, read_cache,
-                                      resolve_device_batch_size, run_under_memory_budget, search_device_batch_size,
-                                      write_cache)
+from nanochat.training.batch_size.budget import run_under_memory_budget
+from nanochat.training.batch_size.cache import cache_path, read_cache, write_cache
+from nanochat.training.batch_size.oom import is_oom_error
+from nanochat.training.batch_size.options import SearchOptions
+from nanochat.training.batch_size.resolve import fallback_after_oom, resolve as resolve_batch_size
+from nanochat.training.batch_size.search import search_device_batch_size
+from nanochat.training.batch_size.trial import Trial, TrainStep
 from nanochat.recipes.probe import ProbeConfig, run as run_probe
 from nanochat.training.geometry import divisors
 from nanochat.errors import ConfigError
@@ -62,8 +66,8 @@ class ThresholdStep:
 def resolve(model, step, rows, tmp_path=None, world_size=1, **kw):
     kw.setdefault("stop_gain", None)
     kw.setdefault("use_cache", tmp_path is not None)
-    return resolve_device_batch_size(model, build_optimizers, SEQ, rows * SEQ * world_size, world_size, "cpu", step,
-                                     cache_dir=tmp_path, memory_budget_gb=0, **kw)
+    return resolve_batch_size(SearchOptions(model, build_optimizers, SEQ, rows * SEQ * world_size, world_size, "cpu",
+                                            step, cache_dir=tmp_path, memory_budget_gb=0, **kw))
 
 
 def tried(info) -> list[int]:
@@ -245,8 +249,8 @@ def test_eager_search_confirmed_by_the_trainings_fixed_shape_module(tmp_path):
 
 def test_config_errors_name_the_key():
     with pytest.raises(ConfigError, match="total_batch_size"):
-        resolve_device_batch_size(tiny_model(), build_optimizers, SEQ, SEQ * 10 + 1, 1, "cpu",
-                                  ThresholdStep(limit=4), use_cache=False, memory_budget_gb=0)
+        resolve_batch_size(SearchOptions(tiny_model(), build_optimizers, SEQ, SEQ * 10 + 1, 1, "cpu",
+                                         ThresholdStep(limit=4), use_cache=False, memory_budget_gb=0))
     with pytest.raises(ConfigError, match="device_batch_size"):
         resolve(tiny_model(), ThresholdStep(limit=0), rows=8)
 
@@ -357,11 +361,11 @@ def _lock_is_free(lock_path: str, queue) -> None:
 
 
 def test_fallback_reads_the_entry_under_its_lock(tmp_path, monkeypatch):
-    import nanochat.auto_batch_size as abs_module
+    import nanochat.training.batch_size.cache as cache_module
     key = "d" * 64
     write_cache(tmp_path, key, {"device_batch_size": 8, "grad_accum": 1, "source": "probe"})
     seen = []
-    real_read = abs_module.read_cache
+    real_read = cache_module.read_cache
 
     def read_and_look(cache_dir, k, rows=None):
         ctx = mp.get_context("fork")   # another process tries the entry's lock while the entry is read
@@ -371,10 +375,10 @@ def test_fallback_reads_the_entry_under_its_lock(tmp_path, monkeypatch):
         seen.append(queue.get(timeout=60))
         p.join(60)
         return real_read(cache_dir, k, rows)
-    monkeypatch.setattr(abs_module, "read_cache", read_and_look)
+    monkeypatch.setattr(cache_module, "read_cache", read_and_look)
     fallback_after_oom(8, 1, key, tmp_path)
     assert seen == [False]            # the lock was held while the entry it updates was read
-    monkeypatch.setattr(abs_module, "read_cache", real_read)
+    monkeypatch.setattr(cache_module, "read_cache", real_read)
     assert read_cache(tmp_path, key, rows=8)["device_batch_size"] == 4
 
 
@@ -456,17 +460,17 @@ def _rank_worker(rank: int, port: int, limits: list[int], queue) -> None:
     try:
         model = tiny_model()
         step = ThresholdStep(limit=limits[rank])
-        bs, accum, source, info = resolve_device_batch_size(
+        bs, accum, source, info = resolve_batch_size(SearchOptions(
             model, build_optimizers, SEQ, 24 * SEQ * 2, 2, "cpu", step, use_cache=False, stop_gain=None,
-            memory_budget_gb=0)
+            memory_budget_gb=0))
         # a rank whose trial fails with something other than OOM: every rank raises, none hangs
         def broken_on_rank1(model, optimizers, batch_size):
             if rank == 1 and batch_size == 4:
                 raise ValueError("a bug in the step")
             TrainStep(SEQ, VOCAB)(model, optimizers, batch_size)
         try:
-            resolve_device_batch_size(model, build_optimizers, SEQ, 24 * SEQ * 2, 2, "cpu", broken_on_rank1,
-                                      use_cache=False, stop_gain=None, memory_budget_gb=0)
+            resolve_batch_size(SearchOptions(model, build_optimizers, SEQ, 24 * SEQ * 2, 2, "cpu", broken_on_rank1,
+                                             use_cache=False, stop_gain=None, memory_budget_gb=0))
             raised = "nothing"
         except Exception as e:  # noqa: BLE001
             raised = f"{type(e).__name__}: {e}"
@@ -477,9 +481,9 @@ def _rank_worker(rank: int, port: int, limits: list[int], queue) -> None:
         def slow_on_rank1(model, optimizers, batch_size):
             TrainStep(SEQ, VOCAB)(model, optimizers, batch_size)
             clock.advance(0.3 if rank == 1 else 0.0)
-        bs3, accum3, _, info3 = resolve_device_batch_size(
+        bs3, accum3, _, info3 = resolve_batch_size(SearchOptions(
             model, build_optimizers, SEQ, 24 * SEQ * 2, 2, "cpu", slow_on_rank1, use_cache=False, stop_gain=0.05,
-            memory_budget_gb=0, time_limit_s=1.5, clock=clock)
+            memory_budget_gb=0, time_limit_s=1.5, clock=clock))
         limited = (bs3, accum3, info3["stopped_by_deadline"], [(t["batch_size"], t["phase"]) for t in info3["trials"]])
         queue.put((rank, bs, accum, source, tried(info), step.calls, raised, limited))
     except BaseException as e:  # noqa: BLE001
@@ -548,9 +552,9 @@ def test_cpu_budget_is_real_grows_with_budget_and_training_fits(tmp_path):
     rows = 16
     found = {}
     for budget in (0.25, 0.5):
-        bs, accum, source, info = resolve_device_batch_size(
+        bs, accum, source, info = resolve_batch_size(SearchOptions(
             model, build_optimizers, BUDGET_SEQ, rows * BUDGET_SEQ, 1, "cpu", memory_budget_gb=budget,
-            stop_gain=None, cache_dir=tmp_path)
+            stop_gain=None, cache_dir=tmp_path))
         assert source == "probe" and bs * accum == rows
         found[budget] = (bs, accum, info)
     small, large = found[0.25], found[0.5]
@@ -577,9 +581,9 @@ def test_the_margin_is_on_bytes_under_a_real_budget(tmp_path):
     model = build_model(GPTConfig.from_depth(2, BUDGET_VOCAB, BUDGET_SEQ))
     budget, found = 0.5, {}
     for margin in (0.0, 0.5):
-        bs, accum, _, info = resolve_device_batch_size(
+        bs, accum, _, info = resolve_batch_size(SearchOptions(
             model, build_optimizers, BUDGET_SEQ, 32 * BUDGET_SEQ, 1, "cpu", memory_budget_gb=budget,
-            safety_margin=margin, stop_gain=None, use_cache=False)
+            safety_margin=margin, stop_gain=None, use_cache=False))
         kept = [t for t in info["trials"] if t["ok"] and t["batch_size"] == bs][-1]
         used = (kept["peak_memory_bytes"] - info["memory_baseline_bytes"]) / (budget * 2**30)
         assert 0 < used <= 1 - margin, (margin, used)

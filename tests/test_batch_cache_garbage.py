@@ -12,7 +12,9 @@ import os
 import pytest
 import torch
 
-from nanochat.auto_batch_size import cache_path, fallback_after_oom, key_inputs, read_cache, resolve_device_batch_size
+from nanochat.training.batch_size.cache import cache_path, read_cache
+from nanochat.training.batch_size.options import SearchOptions
+from nanochat.training.batch_size.resolve import fallback_after_oom, key_inputs, resolve
 from nanochat.gpt import GPTConfig, build_model
 from nanochat.optim import build_optimizers
 
@@ -29,8 +31,8 @@ def model():
 
 
 def probe(model, cache_dir):
-    return resolve_device_batch_size(model, build_optimizers, SEQ, ROWS * SEQ, 1, "cpu", cache_dir=cache_dir,
-                                     memory_budget_gb=0, stop_gain=None)
+    return resolve(SearchOptions(model, build_optimizers, SEQ, ROWS * SEQ, 1, "cpu", cache_dir=cache_dir,
+                                 memory_budget_gb=0, stop_gain=None))
 
 
 def valid_entry(key: str) -> dict:
@@ -64,7 +66,8 @@ GARBAGE = {
 
 @pytest.mark.parametrize("kind", list(GARBAGE))
 def test_garbage_entry_warns_names_the_file_probes_and_rewrites(kind, model, tmp_path):
-    key = key_inputs(model, build_optimizers, SEQ, ROWS * SEQ, 1, "cpu", memory_budget_gb=0, stop_gain=None).key
+    key = key_inputs(SearchOptions(model, build_optimizers, SEQ, ROWS * SEQ, 1, "cpu", memory_budget_gb=0,
+                                   stop_gain=None)).key
     path = cache_path(tmp_path, key)
     path.write_bytes(GARBAGE[kind](key))
     with pytest.warns(UserWarning) as caught:

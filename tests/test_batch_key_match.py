@@ -2,7 +2,7 @@
 The batch-size cache entry a probe writes must be the entry its training stage reads: for every
 pipeline in pipelines/ and every probe grid in sbatch/, on CPU and as on a GPU node, run locally and
 under Slurm. Built on the meta device (no memory, no GPU): only the key is computed, by the same
-functions the probe (nanochat.auto_batch_size.run) and the training loop (training.train_loop.resolve_batch) call.
+functions the probe (nanochat.recipes.probe.run) and the training loop (training.train_loop.resolve_batch) call.
 """
 from __future__ import annotations
 
@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import nanochat.auto_batch_size as abs_mod
+import nanochat.training.batch_size.resolve as abs_mod
 import nanochat.recipes.probe as probe_recipe
 from jobs.commands import probe as probe_command
 from jobs.array import load_grid, render_command
 from jobs.spec import REPO_ROOT, load_pipeline, resolve_pipeline_path
 from jobs.stages import build_config
-from nanochat.auto_batch_size import cache_key
+from nanochat.training.batch_size.cache import cache_key
 from nanochat.recipes.probe import probe_cache_key
 from nanochat.gpt import GPTConfig, build_model
 from nanochat.training.train_loop import batch_cache_key
@@ -60,7 +60,7 @@ def auto_tasks(pipeline, stage) -> list[int | None]:
 
 
 def model_depth_in_key(cfg, device) -> dict:
-    return abs_mod.key_inputs(**probe_recipe.probe_options(cfg, probe_recipe.probe_model(cfg, META), device)).parts
+    return abs_mod.key_inputs(probe_recipe.probe_options(cfg, probe_recipe.probe_model(cfg, META), device)).parts
 
 
 @pytest.mark.parametrize("path", PIPELINES, ids=[p.stem for p in PIPELINES])
@@ -197,7 +197,7 @@ def test_probe_array_on_slurm_fills_the_entry_the_named_stage_reads(local_slurm,
     import subprocess
     import time
     import yaml
-    from nanochat.auto_batch_size import read_cache
+    from nanochat.training.batch_size.cache import read_cache
     shipped = load_grid(REPO_ROOT / "sbatch" / "probe_grid.yaml")
     grid = tmp_path / "grid.yaml"
     grid.write_text(yaml.safe_dump({"name": "probe", "kind": "probe", "command": shipped["command"],

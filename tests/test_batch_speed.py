@@ -15,7 +15,10 @@ import pytest
 import torch
 
 from helpers import StepClock
-from nanochat.auto_batch_size import TrainStep, cache_path, read_cache, resolve_device_batch_size, write_cache
+from nanochat.training.batch_size.cache import cache_path, read_cache, write_cache
+from nanochat.training.batch_size.options import SearchOptions
+from nanochat.training.batch_size.resolve import resolve as resolve_batch_size
+from nanochat.training.batch_size.trial import TrainStep
 from nanochat.recipes.probe import ProbeConfig, run as run_probe
 from nanochat.gpt import GPTConfig, build_model
 from nanochat.optim import build_optimizers
@@ -59,8 +62,8 @@ class SlowLargeStep:
 
 
 def resolve(step, tmp_path, **kw):
-    return resolve_device_batch_size(tiny_model(), build_optimizers, SEQ, 4 * SEQ, 1, "cpu", step,
-                                     memory_budget_gb=0, cache_dir=tmp_path, clock=step.clock, **kw)
+    return resolve_batch_size(SearchOptions(tiny_model(), build_optimizers, SEQ, 4 * SEQ, 1, "cpu", step,
+                                            memory_budget_gb=0, cache_dir=tmp_path, clock=step.clock, **kw))
 
 
 @pytest.mark.slow

@@ -136,7 +136,7 @@ def test_compiled_training_step_matches_eager():
 
 
 def test_a_real_cuda_out_of_memory_is_recognised():
-    from nanochat.auto_batch_size import is_oom_error
+    from nanochat.training.batch_size.oom import is_oom_error
     total = torch.cuda.get_device_properties(0).total_memory
     with pytest.raises(Exception) as info:
         torch.empty(2 * total, dtype=torch.uint8, device="cuda")     # one plain allocation, twice the card

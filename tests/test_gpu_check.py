@@ -147,7 +147,7 @@ def test_oom_fallback_check_passes_a_real_fallback_and_the_peak_is_the_kept_size
     """A real out-of-memory on a CPU (the budget child's allocator) in base training at a configured
     batch: the oom_fallback check's own verdict accepts the row (config+oom_fallback), and the row's peak
     is the size it went on with, not the failed attempts' (the same training configured at that size)."""
-    from nanochat.auto_batch_size import run_under_memory_budget
+    from nanochat.training.batch_size.budget import run_under_memory_budget
     vocab = gpu_check.prepare_byte_tokenizer(tmp_path, 2, 200_000)
     cfg = replace(gpu_check.oom_config(tmp_path, vocab, 1 << 30, "cpu"), depth=1, seq_len=64, device_batch_size=2048,
                   total_batch_size=2048 * 64, num_shards=2, data_max_chars=200_000, max_data_epochs=0)
@@ -163,7 +163,7 @@ def test_oom_fallback_check_passes_a_real_fallback_and_the_peak_is_the_kept_size
 
 @pytest.mark.slow
 def test_sft_row_peak_after_an_oom_fallback_is_the_kept_sizes():
-    from nanochat.auto_batch_size import run_under_memory_budget
+    from nanochat.training.batch_size.budget import run_under_memory_budget
     row, before = run_under_memory_budget(_sft_in_budget, (4096,), 0.4, threads=1)
     assert row["batch_size_source"] == "config+oom_fallback" and row["device_batch_size"] < 1024
     ref, ref_before = run_under_memory_budget(_sft_in_budget, (row["device_batch_size"],), 0.4, threads=1)

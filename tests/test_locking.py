@@ -46,7 +46,7 @@ def test_the_real_call_sites_lock_where_flock_is_missing(tmp_path):
     out = child(f"""
         import fcntl, errno
         from nanochat import locking
-        from nanochat.auto_batch_size import write_cache, read_cache
+        from nanochat.training.batch_size.cache import write_cache, read_cache
         from jobs.submit import update_jobs
         for err in {MISSING!r}:
             def no_flock(fd, op, err=err):

@@ -318,7 +318,7 @@ def test_step_rows_prefetch_state_and_errors():
 
 def test_probe_trial_step_of_several_ranks_holds_the_buffers_without_collectives():
     # the batch-size probe's ranks must never meet in a collective mid-trial: no process group here
-    from nanochat.auto_batch_size import TrainStep, reserve_gradient_buckets, reserve_muon_gather
+    from nanochat.training.batch_size.trial import TrainStep, reserve_gradient_buckets, reserve_muon_gather
     from nanochat.gpt import GPT, GPTConfig
     from nanochat.optim import build_optimizers
     model = GPT(GPTConfig.from_depth(1, 320, 16))

@@ -43,12 +43,13 @@ def test_atomic_helpers_honour_the_umask(tmp_path, umask):
 def test_library_artifacts_honour_the_umask(tmp_path, umask):
     """Shards, tokenizer, batch-size cache and checkpoints: what colleagues share in a work directory."""
     import torch
-    from nanochat import auto_batch_size, checkpoint
+    from nanochat import checkpoint
+    from nanochat.training.batch_size import cache as batch_cache
     from nanochat.dataset import write_shard
     from nanochat.tokenizer import Tokenizer
     write_shard(tmp_path / "data" / "shard_00000.parquet", ["hello world"] * 4)
     Tokenizer.train(iter(["hello world, hello there"] * 50), 300).save(tmp_path / "tok")
-    auto_batch_size.write_cache(tmp_path / "cache", "k" * 16, {"device_batch_size": 4, "grad_accum_steps": 1})
+    batch_cache.write_cache(tmp_path / "cache", "k" * 16, {"device_batch_size": 4, "grad_accum_steps": 1})
     model = torch.nn.Linear(2, 2)
     step = checkpoint.save_checkpoint(tmp_path / "ckpt", 1, model, [torch.optim.SGD(model.parameters(), lr=0.1)],
                                       {"model_config": {}})

@@ -130,7 +130,6 @@ def _train_direct(base_dir, out_dir, model_cls, device_batch_size):
 
 
 def test_oom_fallback_reruns_the_step(base_dir, tmp_path):
-    pytest.importorskip("nanochat.auto_batch_size")
     with pytest.raises(RuntimeError):  # the failure is real
         AllocatesWhenBatchTooBig(GPTConfig.from_depth(2, VOCAB, 64))(torch.zeros(4, 8, dtype=torch.long))
     row, model = _train_direct(base_dir, tmp_path / "oom", AllocatesWhenBatchTooBig, 4)

@@ -23,7 +23,9 @@ from dataclasses import dataclass
 
 import torch
 
-from nanochat.auto_batch_size import DEFAULT_SAFETY_MARGIN, TrainStep, resolve_device_batch_size
+from nanochat.training.batch_size.options import DEFAULT_SAFETY_MARGIN, SearchOptions
+from nanochat.training.batch_size.resolve import resolve
+from nanochat.training.batch_size.trial import TrainStep
 from nanochat.training.geometry import rows_per_rank
 from nanochat.device import autodetect_device_type, device_name, synchronize
 from nanochat.errors import ConfigError
@@ -88,9 +90,9 @@ class RowsRuleStep:
 def rows_rule_size(model, args, total: int, device: torch.device) -> int:
     step = RowsRuleStep(TrainStep(args.seq_len, args.vocab_size, autocast_dtype="bfloat16" if device.type == "cuda"
                                   else None), args.safety_margin)
-    bs, _accum, _source, _info = resolve_device_batch_size(
+    bs, _accum, _source, _info = resolve(SearchOptions(
         model, build_optimizers, args.seq_len, total, 1, device, step, safety_margin=0.0, stop_gain=None,
-        memory_budget_gb=args.memory_budget_gb, use_cache=False)
+        memory_budget_gb=args.memory_budget_gb, use_cache=False))
     return bs
 
 
@@ -108,9 +110,11 @@ def run(args: argparse.Namespace) -> int:
         cache_dir = args.cache_dir or tmp
         opts = dict(safety_margin=args.safety_margin, stop_gain=(args.stop_gain if args.stop_gain >= 0 else None),
                     memory_budget_gb=args.memory_budget_gb, cache_dir=cache_dir, compile=args.compile == "on")
-        bs, accum, source, info = resolve_device_batch_size(model, build_optimizers, args.seq_len, total, 1, device, **opts)
+        bs, accum, source, info = resolve(SearchOptions(model, build_optimizers, args.seq_len, total, 1, device,
+                                                        **opts))
         t0 = time.perf_counter()
-        bs2, accum2, source2, _ = resolve_device_batch_size(model, build_optimizers, args.seq_len, total, 1, device, **opts)
+        bs2, accum2, source2, _ = resolve(SearchOptions(model, build_optimizers, args.seq_len, total, 1, device,
+                                                        **opts))
         hit_s = time.perf_counter() - t0
     assert (bs2, accum2) == (bs, accum), "the cache returned a different size"
     before_bs = rows_rule_size(model, args, total, device)

@@ -2,7 +2,7 @@
 `python -m jobs bench train`: base-training throughput of a GPT of a given depth on this machine
 (real data: the prepared shards and tokenizer under the base dir). Prints one line per variant
 and, with --json, one JSON object as the last line: tokens/s, MFU where the device's bf16 peak is
-known, device batch size and its source. --device-batch-size 0 lets nanochat.auto_batch_size
+known, device batch size and its source. --device-batch-size 0 lets nanochat.training.batch_size
 choose; --baseline-batch-size N also runs a fixed batch of N and reports auto / fixed.
 --compare-precision runs the fp32 step and the `fast` one (bf16 autocast on CUDA and CPUs with AMX,
 fp32 elsewhere: nanochat.training.routes.train_precision_route) alternately, --rounds times each, and reports the best

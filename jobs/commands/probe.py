@@ -1,6 +1,6 @@
 """
 `python -m jobs probe`: find (or read from the cache) the device batch size for a model shape,
-the same way every training stage does (nanochat.auto_batch_size). With --json the last line is
+the same way every training stage does (nanochat.training.batch_size). With --json the last line is
 one JSON object: batch_size, grad_accum, max_found, trials, seconds, source (probe or cache).
 """
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from nanochat.auto_batch_size import DEFAULT_SAFETY_MARGIN, DEFAULT_STOP_GAIN
+from nanochat.training.batch_size.options import DEFAULT_SAFETY_MARGIN, DEFAULT_STOP_GAIN
 from nanochat.recipes.probe import ProbeConfig, run as run_probe
 from nanochat.errors import ConfigError
 

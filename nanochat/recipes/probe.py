@@ -1,18 +1,18 @@
 """
 The probe stage: find (or read from the cache) the device batch size of one training shape and write
-the cache entry its training stage reads (nanochat.auto_batch_size). With `serves`, jobs derives the
+the cache entry its training stage reads (nanochat.training.batch_size). With `serves`, jobs derives the
 shape keys (SERVED_KEYS) from the training stage the probe serves, so the key is the one it looks up.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from nanochat.auto_batch_size import (DEFAULT_SAFETY_MARGIN, DEFAULT_STOP_GAIN, auto_batch_options, key_inputs,
-                                      resolve_device_batch_size)
+from nanochat.training.batch_size.options import DEFAULT_SAFETY_MARGIN, DEFAULT_STOP_GAIN, SearchOptions
+from nanochat.training.batch_size.resolve import key_inputs, resolve, training_options
 from nanochat.device import autodetect_device_type, device_name, peak_memory_bytes
 from nanochat.errors import ConfigError
 from nanochat.files import atomic_write_json
@@ -82,14 +82,16 @@ def probe_model(cfg: ProbeConfig, device: torch.device):
     return build_model(GPTConfig.from_depth(cfg.depth, cfg.vocab_size, cfg.seq_len), device)
 
 
-def probe_options(cfg: ProbeConfig, model, device: torch.device) -> dict:
-    """resolve_device_batch_size's arguments for this probe: the training's (auto_batch_options),
-    plus the probe's own search settings."""
-    training = auto_batch_options(model, cfg.seq_len, probe_total_batch_size(cfg), cfg.world_size, device,
-                                  cfg.compile, cfg.precision)
-    return dict(**training,
-                safety_margin=cfg.safety_margin, stop_gain=(cfg.stop_gain if cfg.stop_gain >= 0 else None),
-                memory_budget_gb=(cfg.memory_budget_gb or None))
+def probe_options(cfg: ProbeConfig, model, device: torch.device) -> SearchOptions:
+    """The search options of this probe: the training's (training_options), plus the probe's own
+    search policy and cache settings (which the key does not depend on)."""
+    training = training_options(model, cfg.seq_len, probe_total_batch_size(cfg), cfg.world_size, device,
+                                cfg.compile, cfg.precision)
+    return replace(training, safety_margin=cfg.safety_margin,
+                   stop_gain=(cfg.stop_gain if cfg.stop_gain >= 0 else None),
+                   memory_budget_gb=(cfg.memory_budget_gb or None), use_cache=cfg.use_cache,
+                   refresh_cache=cfg.refresh_cache, cache_dir=(cfg.cache_dir or None),
+                   base_dir=(cfg.base_dir or None), time_limit_s=(cfg.time_limit_s or None))
 
 
 def probe_cache_key(cfg: ProbeConfig, device: torch.device | str | None = None, model=None) -> str:
@@ -97,7 +99,7 @@ def probe_cache_key(cfg: ProbeConfig, device: torch.device | str | None = None, 
     validate_probe_config(cfg)
     device = torch.device(device or cfg.device_type or autodetect_device_type())
     model = model if model is not None else probe_model(cfg, torch.device("meta"))
-    return key_inputs(**probe_options(cfg, model, device)).key
+    return key_inputs(probe_options(cfg, model, device)).key
 
 
 def run(cfg: ProbeConfig, should_stop=None) -> dict:
@@ -108,10 +110,8 @@ def run(cfg: ProbeConfig, should_stop=None) -> dict:
     device = torch.device(device_type)
     model = probe_model(cfg, device)  # random init: memory does not depend on the weights
     opts = probe_options(cfg, model, device)
-    total, use_compile = opts["total_batch_size"], opts["compile"]
-    bs, accum, source, info = resolve_device_batch_size(
-        **opts, use_cache=cfg.use_cache, refresh_cache=cfg.refresh_cache,
-        cache_dir=(cfg.cache_dir or None), base_dir=(cfg.base_dir or None), time_limit_s=(cfg.time_limit_s or None))
+    total, use_compile = opts.total_batch_size, opts.compile
+    bs, accum, source, info = resolve(opts)
     row = dict(
         kind="probe", state="COMPLETED", device_name=device_name(device), world_size=cfg.world_size,
         depth=model.config.n_layer, n_params=model.num_params(), seq_len=cfg.seq_len,

@@ -1,7 +1,7 @@
 """
 The device batch of a training run and the out-of-memory retry of one optimizer step, for base/mid
 training and SFT alike. A step that runs out of memory on any rank is rerun with the same rows in
-smaller micro-batches (auto_batch_size.fallback_after_oom halves the device batch and keeps the
+smaller micro-batches (batch_size.resolve.fallback_after_oom halves the device batch and keeps the
 total exact), and every rank takes that decision together: the ranks agree on the out-of-memory
 flag before anyone enters the gradient all-reduce, so one rank's OOM cannot leave the others
 waiting there.
@@ -11,10 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, TypeVar
 
-from nanochat.auto_batch_size import fallback_after_oom, is_oom_error
 from nanochat.device import reset_peak_memory
 from nanochat.distributed import any_rank, print0
 from nanochat.optim import zero_gradients
+from nanochat.training.batch_size.oom import is_oom_error
+from nanochat.training.batch_size.resolve import fallback_after_oom
 from nanochat.training.geometry import StepGeometry, is_positive_int
 
 # batch_size_source after a run-time out-of-memory fallback. A configured (fixed) batch stays the

@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Callable
 import torch
 import torch.distributed as dist
 
-from nanochat.auto_batch_size import reserve_gradient_buckets, reserve_muon_gather, resolve_device_batch_size
 from nanochat.checkpoint import save_checkpoint
 from nanochat.dataloader import Prefetcher
 from nanochat.device import device_name, peak_memory_bytes, reset_peak_memory, synchronize
@@ -37,6 +36,9 @@ from nanochat.optim import GradientBuckets, all_reduce_gradients, build_optimize
 from nanochat.packing import PACKED_MODES, Example, batch_for_mode, plan_batches
 from nanochat.peaks import device_peaks
 from nanochat.tokenizer import Tokenizer
+from nanochat.training.batch_size.options import SearchOptions
+from nanochat.training.batch_size.resolve import resolve
+from nanochat.training.batch_size.trial import reserve_gradient_buckets, reserve_muon_gather
 from nanochat.training.geometry import StepGeometry, is_positive_int
 from nanochat.training.metrics import mfu_percent, read_metrics, write_metrics
 from nanochat.training.resume import load_latest_checkpoint
@@ -111,10 +113,10 @@ def resolve_batch_size(cfg: SFTConfig, model: GPT, world_size: int, device: torc
     if cfg.device_batch_size > 0:
         return cfg.device_batch_size, "config", {}
     step = SFTTrialStep(cfg.seq_len, model.config.vocab_size, cfg.mode in PACKED_MODES, world_size)
-    dbs, _accum, source, info = resolve_device_batch_size(
+    dbs, _accum, source, info = resolve(SearchOptions(
         model, build_sft_optimizers, cfg.seq_len, default_total_batch_size(cfg, world_size), world_size, device,
         step_fn=step, compile=probe_compiles(cfg, device), base_dir=cfg.base_dir or None,
-        cache_extra={"recipe": "sft", "mode": cfg.mode}, compiled=compiled, compiled_search=False)
+        cache_extra={"recipe": "sft", "mode": cfg.mode}, compiled=compiled, compiled_search=False))
     return int(dbs), str(source), dict(info or {})
 
 

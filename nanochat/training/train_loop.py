@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
 
@@ -32,7 +32,7 @@ from nanochat.device import device_name, peak_memory_bytes, reset_peak_memory, s
 from nanochat.distributed import DistInfo, any_rank, print0
 from nanochat.optim import GradientBuckets, all_reduce_gradients, build_optimizers, zero_gradients
 from nanochat.peaks import device_peaks
-from nanochat.auto_batch_size import auto_batch_options, key_inputs, resolve_device_batch_size
+from nanochat.training.batch_size.resolve import key_inputs, resolve, training_options
 from nanochat.training.config import TrainConfig
 from nanochat.training.geometry import StepGeometry
 from nanochat.training.metrics import mfu_percent, read_metrics, write_metrics
@@ -64,8 +64,8 @@ def muon_momentum(step: int) -> float:
 
 def batch_cache_key(cfg: TrainConfig, model, world_size: int, device: torch.device) -> str:
     """The batch-size cache key this training config looks up (model may live on the meta device)."""
-    return key_inputs(**auto_batch_options(model, cfg.seq_len, cfg.total_batch_size, world_size, device, cfg.compile,
-                                         cfg.precision)).key
+    opts = training_options(model, cfg.seq_len, cfg.total_batch_size, world_size, device, cfg.compile, cfg.precision)
+    return key_inputs(opts).key
 
 
 def resolve_batch(cfg: TrainConfig, model, world_size: int, device: torch.device,
@@ -79,9 +79,8 @@ def resolve_batch(cfg: TrainConfig, model, world_size: int, device: torch.device
                            "config"), {}
     if cfg.total_batch_size <= 0:
         raise cfg.problem("total_batch_size", "must be set (tokens per step) when device_batch_size is 0 (automatic)")
-    B, accum, source, info = resolve_device_batch_size(
-        **auto_batch_options(model, T, cfg.total_batch_size, world_size, device, cfg.compile, cfg.precision),
-        base_dir=cfg.base_dir or None, compiled=compiled)
+    opts = training_options(model, T, cfg.total_batch_size, world_size, device, cfg.compile, cfg.precision)
+    B, accum, source, info = resolve(replace(opts, base_dir=cfg.base_dir or None, compiled=compiled))
     batch = DeviceBatch(StepGeometry(B, accum, T, world_size), source, info.get("cache_key"), info.get("cache_dir"))
     return batch, info
 
